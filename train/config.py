@@ -1,0 +1,277 @@
+"""Typed configuration: YAML recipes merged into dataclasses, dotted overrides, validation.
+
+Every trainer reads one `Config`. A recipe in `configs/` sets what differs from these
+defaults; `key=value` arguments after `--config` override it. Unknown keys, wrong types,
+missing required values and impossible combinations raise `ConfigError` with the dotted key.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class StudentConfig:
+    preset: str = "bk_small"
+    """Block-removal preset: bk_base, bk_small, bk_tiny, or custom (then set keep_down/keep_up)."""
+    keep_down: Optional[list[list[int]]] = None
+    """custom: per teacher down block, the resnet (and attention) indices the student keeps."""
+    keep_up: Optional[list[list[int]]] = None
+    """custom: per teacher up block, the resnet (and attention) indices kept; the last one must be kept."""
+    mid_block: bool = True
+    """custom: keep the mid block."""
+    deepest_stage: bool = True
+    """custom: keep the deepest down block and its matching up block."""
+    feature_pairs: str = "bk"
+    """Feature-KD pair table: bk (BK-SDM's), segmind, or custom (then set pairs)."""
+    pairs: Optional[list[list[str]]] = None
+    """custom: [teacher_module, student_module] names; checked by shape at start-up."""
+
+
+@dataclass
+class LossConfig:
+    lambda_task: float = 1.0
+    """Weight of MSE(student prediction, diffusion target)."""
+    lambda_out: float = 1.0
+    """Weight of MSE(student prediction, teacher prediction)."""
+    lambda_feat: float = 1.0
+    """Weight of the sum over feature pairs of MSE(student feature, teacher feature)."""
+    snr_gamma: Optional[float] = None
+    """Min-SNR-gamma weighting applied to every term (5.0 is usual); null disables it."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    seed: int = 0
+    """Seed for weights' noise, timesteps, data order and augmentation."""
+    batch_size: int = 4
+    """Samples per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16: autocast for the student; frozen models are cast to it."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in backward to save memory."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    checkpoint_every: int = 500
+    """Write OUTPUT/checkpoint-STEP every this many steps (0: only at the end)."""
+    checkpoints_total_limit: Optional[int] = 3
+    """Keep at most this many checkpoints (oldest removed); null keeps all."""
+    sample_every: int = 500
+    """Save a sample grid every this many steps (0: never during training)."""
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (fused where supported, else foreach), fused, foreach or loop."""
+    lr_scheduler: str = "constant"
+    """diffusers schedule name: constant, linear, cosine, cosine_with_restarts, polynomial."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (counted in optimizer steps)."""
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the student, initialised from it after weight copy."""
+    decay: float = 0.9999
+    """Maximum EMA decay (diffusers EMAModel, warm-up ramp (1+t)/(10+t))."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """synthetic (built-in captioned shapes) or imagefolder (images + metadata.jsonl)."""
+    path: Optional[str] = None
+    """imagefolder: the folder holding the images and metadata.jsonl."""
+    image_column: str = "file_name"
+    """imagefolder: metadata.jsonl field naming the image file."""
+    caption_column: str = "text"
+    """imagefolder: metadata.jsonl field holding the caption."""
+    resolution: int = 512
+    """Training image size in pixels (shorter side resized, then cropped square)."""
+    center_crop: bool = True
+    """Center crop; false takes a random crop."""
+    random_flip: bool = True
+    """Flip horizontally with probability 0.5."""
+    num_samples: int = 256
+    """synthetic: number of samples in the set."""
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(
+        default_factory=lambda: ["a red circle on a blue background", "a portrait photo of an astronaut"]
+    )
+    """Fixed prompts sampled during training."""
+    seed: int = 1234
+    """Seed of the first prompt; prompt i uses seed + i."""
+    steps: int = 25
+    """Sampler steps (DPM-Solver++)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale."""
+    resolution: Optional[int] = None
+    """Image size; null uses data.resolution."""
+
+
+@dataclass
+class LogConfig:
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides OUTPUT/metrics.jsonl: wandb, tensorboard; [] or [none] for none."""
+    project: str = "sdkd"
+    """Tracker project name."""
+
+
+@dataclass
+class Config:
+    teacher: str = MISSING
+    """Teacher pipeline: hub id, local diffusers folder, or "toy" (built locally from a seed)."""
+    output_dir: str = MISSING
+    """Run folder: config.yaml, metrics.jsonl, checkpoint-STEP/, samples/, student/."""
+    resume: Optional[str] = None
+    """latest (the newest complete checkpoint in output_dir, if any) or a checkpoint path."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    if type(err).__name__ == "ConfigKeyError":
+        return f"config key '{key}': unknown key ({msg})"
+    if type(err).__name__ == "MissingMandatoryValue":
+        return f"config key '{key}': required, but no value was given"
+    return f"config key '{key}': {msg}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = Config) -> Any:
+    """YAML file + `key=value` overrides -> a validated `schema` instance."""
+    try:
+        merged = OmegaConf.structured(schema)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+
+
+def _require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {expected}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the schema cannot express."""
+    t, s = cfg.train, cfg.student
+    _require(t.max_steps > 0, "train.max_steps", "must be > 0")
+    _require(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _require(t.grad_accum > 0, "train.grad_accum", "must be > 0")
+    _require(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "expected no, fp16 or bf16")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.sample_every >= 0, "train.sample_every", "must be >= 0")
+    _require(t.log_every > 0, "train.log_every", "must be > 0")
+    _require(t.checkpoints_total_limit is None or t.checkpoints_total_limit > 0,
+             "train.checkpoints_total_limit", "must be > 0 or null")
+    _require(cfg.optim.implementation in ("auto", "fused", "foreach", "loop"),
+             "optim.implementation", "expected auto, fused, foreach or loop")
+    _require(len(cfg.optim.betas) == 2, "optim.betas", "expected two numbers")
+    for name in ("lambda_task", "lambda_out", "lambda_feat"):
+        _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+    _require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
+    custom = s.preset == "custom"
+    _require(custom or s.preset in ("bk_base", "bk_small", "bk_tiny"),
+             "student.preset", f"expected bk_base, bk_small, bk_tiny or custom, got '{s.preset}'")
+    _require(not custom or (s.keep_down is not None and s.keep_up is not None),
+             "student.keep_down", "student.keep_down and student.keep_up are required when student.preset=custom")
+    _require(custom or (s.keep_down is None and s.keep_up is None),
+             "student.keep_down", f"keep_down/keep_up apply only to student.preset=custom, not '{s.preset}'")
+    _require(s.feature_pairs in ("bk", "segmind", "custom"), "student.feature_pairs", "expected bk, segmind or custom")
+    _require((s.feature_pairs == "custom") == (s.pairs is not None),
+             "student.pairs", "give student.pairs exactly when student.feature_pairs=custom")
+    _require(s.pairs is None or all(len(p) == 2 for p in s.pairs),
+             "student.pairs", "each pair is [teacher_module, student_module]")
+    d = cfg.data
+    _require(d.source in ("synthetic", "imagefolder"), "data.source", "expected synthetic or imagefolder")
+    _require(d.source != "imagefolder" or d.path is not None, "data.path", "required when data.source=imagefolder")
+    _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    for name in cfg.log.trackers:
+        _require(name in ("wandb", "tensorboard", "none"), "log.trackers", f"unknown tracker '{name}' (wandb, tensorboard, none)")
+    _require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
+
+
+def parse_args(argv: list[str], description: str) -> tuple[str | None, list[str]]:
+    """`--config FILE key=value ...` -> (file, overrides)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run an entry point; user mistakes become one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,108 @@
+"""The built-in toy teacher: an SD-1.5-shaped pipeline at tiny widths, made locally from a seed.
+
+Same block structure as SD-1.5 (four levels, two resnets per down block, cross-attention in
+the first three, a cross-attention mid block), so every student preset applies to it. Nothing
+is downloaded: the tokenizer's files are written here (byte-level BPE with no merges).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOY_SEED = 0
+
+TOY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=[32, 64, 64, 64],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TOY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[16, 32],
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TOY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+# SD-1.5's training scheduler.
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_toy_tokenizer(folder: str | Path) -> Path:
+    """Write a CLIP tokenizer that can encode any text: one token per byte, no merges."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
+    """The toy teacher pipeline; the same seed always gives the same weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TOY_UNET)
+        vae = AutoencoderKL(**TOY_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TOY_TEXT))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
