@@ -188,15 +188,25 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}"
 
 
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """A recipe may start from another: `inherit: other.yaml` (relative to the file) is merged first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: inherits from itself")
+    node = OmegaConf.load(path)
+    parent = node.pop("inherit", None)
+    if parent is None:
+        return node
+    return OmegaConf.merge(_load_yaml(path.parent / str(parent), seen + (path.resolve(),)), node)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = Config) -> Any:
     """YAML file + `key=value` overrides -> a validated `schema` instance."""
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")

@@ -1,0 +1,336 @@
+"""How close the sdkd KD step comes to the cost of its necessary parts, on CPU.
+
+    python eval/bench_kd_step.py [--model toy|sd15|both] [--latent N] [--batch B] [--repeats R]
+                                 [--warmup W] [--json FILE]
+
+One run, on one set of models and inputs per model, measures:
+
+- the **KD step**: the real `Trainer.optimizer_step` (sdkd.train.loop) on an `Accelerator(cpu=True)`
+  with the prepared student, the `build_optimizer` AdamW (`optim.implementation: auto`), a constant
+  LR schedule, the real `DiffusionObjective` (teacher, feature hooks, `KDLoss`) and the default
+  config (bk_small, BK-SDM's feature pairs, grad clipping at 1.0, grad_accum 1). Its encoder hands
+  back precomputed latents and text embeddings, which is what the latent cache provides, so VAE and
+  text encoding are not in the step; they are timed on their own and printed on a separate line.
+- the **parts** no KD step can do without, each timed alone on the same models and inputs:
+  teacher forward under no_grad with its hooks capturing, student forward with its hooks, backward
+  of the KD loss, optimizer step (`step()` + `zero_grad(set_to_none=True)`). Backward is timed
+  directly on the graph the timed student forward has just built (no subtraction). These are the
+  work BK-SDM's loop does too; everything else in the step (noise draw, loss terms, grad clipping,
+  accelerate's wrappers, the LR schedule, Python glue) is overhead and makes step / sum(parts)
+  exceed 1. Noise + loss terms and clipping are timed as well and printed beside the parts, not
+  added to them, to show where that overhead goes.
+- `optimizer.step()` alone for each AdamW implementation: fused, foreach, and the per-parameter
+  loop that BK-SDM's script gets by default (13.8 s per step on CPU for the 482M student).
+- peak memory: the process's max RSS (`ru_maxrss`) after the step and parts, and after the
+  optimizer comparison, which holds a second AdamW state. Models run smallest first, so each
+  figure is that model's own peak. Everything runs on the CPU, so there is no CUDA figure.
+
+Models: `toy` is the built-in toy teacher with its own VAE and text encoder on synthetic images
+(real latents, 16x16 at 32 px); `sd15` is the SD-1.5 U-Net (860M) built from its config with random
+weights in fp32, latents and (B, 77, 768) embeddings drawn at random, and an SD-1.5-shaped VAE and
+CLIP-L text encoder (random weights) for the encoding line. Hygiene: warm-up iterations untimed,
+median of R repeats, step and parts interleaved in every repeat so that drift hits both alike, the
+same seed (hence noise and timesteps) in every repeat, default thread count, `time.perf_counter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import itertools
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdkd.data.sources import build_dataset, collate
+from sdkd.train.config import Config, DataConfig
+from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.loop import Trainer, build_optimizer, weight_dtype
+from sdkd.train.losses import KDLoss, diffusion_target
+from sdkd.train.objective import BatchEncoder, DiffusionObjective
+from sdkd.train.students import build_student, removal_spec
+from sdkd.train.teacher import PipelineParts, freeze, load_teacher
+from sdkd.train.toy import SD_SCHEDULER, write_toy_tokenizer
+
+SEED = 0
+TARGET = 1.10
+PARTS = {
+    "teacher_forward": "teacher forward (no_grad, hooks)",
+    "student_forward": "student forward (hooks)",
+    "backward": "backward of the KD loss",
+    "optimizer_step": "optimizer step + zero_grad",
+}
+IMPLEMENTATIONS = ("fused", "foreach", "loop")
+DEFAULT_BATCH = {"toy": 8, "sd15": 1}  # toy: configs/toy.yaml; sd15: 128 px, batch 1 as in the issue
+
+# SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder (block-removal.md section 1).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], scaling_factor=0.18215,
+)
+# Token ids follow the toy tokenizer that feeds it (bos 0, eos/pad 1); the tokenizer costs ~nothing.
+SD15_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+
+
+def sd15_parts() -> PipelineParts:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+    return PipelineParts(UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                         CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer, DDPMScheduler(**SD_SCHEDULER))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Clock:
+    """Seconds per named block, one row per iteration (a name timed twice in a row is summed)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def new_row(self) -> None:
+        self.rows.append({})
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        row = self.rows[-1]
+        row[name] = row.get(name, 0.0) + time.perf_counter() - start
+
+    def medians(self, warmup: int) -> dict[str, float]:
+        timed = self.rows[warmup:]
+        return {name: statistics.median(row[name] for row in timed) for name in timed[0]}
+
+    def ranges(self, warmup: int) -> dict[str, tuple[float, float]]:
+        """(min, max) per name: a wide range means something else shared the CPU during the run."""
+        timed = self.rows[warmup:]
+        return {name: (min(row[name] for row in timed), max(row[name] for row in timed)) for name in timed[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(SEED)
+    parts = load_teacher("toy") if name == "toy" else sd15_parts()
+    cfg = Config(teacher=name, output_dir="unused")  # the library defaults are what is measured
+    cfg.train.batch_size = batch_size
+    acc = Accelerator(cpu=True, mixed_precision="no")
+
+    # Set up as train/kd.py does.
+    spec = removal_spec(cfg.student)
+    student = build_student(parts.unet, spec).float()
+    student.train()
+    pairs = feature_pairs(cfg.student, spec)
+    check_pairs(parts.unet, student, pairs, latent)
+    teacher_hooks = FeatureHooks(parts.unet, [t for t, _ in pairs])
+    student_hooks = FeatureHooks(student, [s for _, s in pairs])
+    for frozen in (parts.unet, parts.vae, parts.text_encoder):
+        freeze(frozen, acc.device, weight_dtype(acc))
+    objective = DiffusionObjective(parts.scheduler, KDLoss.from_config(cfg.loss), cfg.loss.snr_gamma,
+                                   teacher=parts.unet, student_hooks=student_hooks, teacher_hooks=teacher_hooks,
+                                   autocast=acc.autocast)
+
+    data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
+    dataset = build_dataset(data, SEED)
+    batch = collate([dataset[i] for i in range(batch_size)])
+    encoder = BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
+    generator = torch.Generator(acc.device).manual_seed(SEED)
+    if name == "toy":
+        latents, embeds = encoder(batch, generator)
+    else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
+        latents = torch.randn(batch_size, 4, latent, latent, generator=generator)
+        embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=generator)
+
+    result = dict(
+        model=name, latent=latent, pixels=data.resolution, batch=batch_size, repeats=repeats, warmup=warmup,
+        threads=torch.get_num_threads(), feature_pairs=len(pairs),
+        teacher_params=sum(p.numel() for p in parts.unet.parameters()),
+        student_params=sum(p.numel() for p in student.parameters()),
+    )
+    params = [p for p in student.parameters() if p.requires_grad]
+    clock = Clock()
+    result["auto_implementation"] = time_step_and_parts(cfg, acc, student, objective, params, parts,
+                                                        latents, embeds, clock, warmup + repeats)
+    medians = clock.medians(warmup)
+    result["parts"] = {part: medians[part] for part in PARTS}
+    result["sum_parts"] = sum(result["parts"].values())
+    result["step"] = medians["step"]
+    result["ratio"] = result["step"] / result["sum_parts"]
+    result["not_in_parts"] = {key: medians[key] for key in ("noise_and_loss_terms", "clip_grad_norm")}
+    result["min_max"] = clock.ranges(warmup)
+    result["peak_rss_step_bytes"] = peak_rss_bytes()
+
+    acc.free_memory()  # accelerate keeps the step's optimizer alive otherwise: 2x the AdamW state below
+    gc.collect()
+    result["optimizer_step_only"] = time_implementations(cfg, student, objective, params, latents, embeds,
+                                                         repeats, warmup)
+    result["encode"] = time_encoding(encoder, batch, repeats, warmup)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def time_step_and_parts(cfg, acc, student, objective, params, parts, latents, embeds, clock, iterations) -> str:
+    """Per iteration: the real KD step, then the same step taken apart. Returns auto's AdamW kernel."""
+    optimizer = build_optimizer(params, cfg.optim)
+    group = optimizer.param_groups[0]
+    implementation = "fused" if group["fused"] else "foreach" if group["foreach"] else "loop"
+    lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer)
+    wrapped, optimizer, lr_schedule = acc.prepare(student, optimizer, lr_schedule)
+    trainer = Trainer(cfg=cfg, accelerator=acc, model=student, objective=objective,
+                      encoder=lambda batch, generator: (latents, embeds),  # what the latent cache hands over
+                      dataset=None, parts=parts, export=None)
+    batches = itertools.repeat({})  # the encoder above ignores the batch
+    generator = torch.Generator(acc.device)
+    for _ in range(iterations):
+        clock.new_row()
+        generator.manual_seed(SEED)
+        with clock("step"):
+            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
+        generator.manual_seed(SEED)
+        take_apart(acc, wrapped, objective, optimizer.optimizer, params, cfg.train.max_grad_norm,
+                   latents, embeds, generator, clock)
+    return implementation
+
+
+def take_apart(acc, student, objective, optimizer, params, max_norm, latents, embeds, generator, clock) -> None:
+    """One KD step in the objective's order, each necessary part in its own clock block."""
+    scheduler = objective.scheduler
+    with clock("noise_and_loss_terms"):  # the objective's own draws, in its order: same noise and timesteps
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+    with clock("student_forward"), objective.student_hooks.capture():
+        pred = student(noisy, timesteps, embeds).sample
+    with clock("teacher_forward"), torch.no_grad(), acc.autocast(), objective.teacher_hooks.capture():
+        teacher_pred = objective.teacher(noisy, timesteps, embeds).sample
+    with clock("noise_and_loss_terms"):
+        loss = objective.loss(pred, target, teacher_pred, objective.student_hooks.features,
+                              objective.teacher_hooks.features)["loss"]
+    with clock("backward"):
+        loss.backward()
+    with clock("clip_grad_norm"):
+        acc.clip_grad_norm_(params, max_norm)
+    with clock("optimizer_step"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def time_implementations(cfg, student, objective, params, latents, embeds, repeats, warmup) -> dict[str, float]:
+    """`optimizer.step()` alone for each AdamW kernel, one at a time, on one set of gradients."""
+    objective(student, latents, embeds, torch.Generator().manual_seed(SEED))["loss"].backward()
+    seconds = {}
+    for implementation in IMPLEMENTATIONS:
+        optimizer = build_optimizer(params, dataclasses.replace(cfg.optim, implementation=implementation))
+        clock = Clock()
+        for _ in range(warmup + repeats):  # the first step also allocates the AdamW state
+            clock.new_row()
+            with clock("step"):
+                optimizer.step()
+        seconds[implementation] = clock.medians(warmup)["step"]
+        del optimizer
+        gc.collect()
+    for p in params:
+        p.grad = None
+    return seconds
+
+
+def time_encoding(encoder: BatchEncoder, batch: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """What the latent cache takes out of every step: VAE encode of the images, text encode of the captions."""
+    pixels = batch["pixel_values"].to(encoder.vae.device)
+    generator = torch.Generator(encoder.vae.device)
+    clock = Clock()
+    for _ in range(warmup + repeats):
+        clock.new_row()
+        generator.manual_seed(SEED)
+        with clock("vae"), torch.no_grad():
+            encoder.vae.encode(pixels).latent_dist.sample(generator=generator)
+        with clock("text"):
+            encoder.embed(batch["captions"])
+    return clock.medians(warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def report(r: dict) -> str:
+    gib = 2 ** 30
+    auto = r["auto_implementation"]
+    spread = r["min_max"]
+    rows = [(label if key != "optimizer_step" else f"{label} ({auto})", r["parts"][key], *spread[key])
+            for key, label in PARTS.items()]
+    rows += [("sum of parts", r["sum_parts"], None, None),
+             ("KD step (Trainer.optimizer_step)", r["step"], *spread["step"])]
+    extra, opt, enc = r["not_in_parts"], r["optimizer_step_only"], r["encode"]
+    lines = [
+        f"== {r['model']}: teacher {r['teacher_params']:,} params -> student bk_small {r['student_params']:,}; "
+        f"{r['feature_pairs']} feature pairs; latent {r['latent']}x{r['latent']} ({r['pixels']} px), "
+        f"batch {r['batch']}; median of {r['repeats']} after {r['warmup']} warm-up; {r['threads']} threads",
+        f"{'seconds':<44}{'median':>10}{'min':>10}{'max':>10}",
+        *(f"{label:<44}{median:>10.4f}" + ("" if low is None else f"{low:>10.4f}{high:>10.4f}")
+          for label, median, low, high in rows),
+        f"in the step, not a part: noise + loss terms {extra['noise_and_loss_terms']:.4f} s, "
+        f"clip_grad_norm_ {extra['clip_grad_norm']:.4f} s",
+        "optimizer.step() alone: " + " | ".join(f"{k} {v:.4f} s" for k, v in opt.items()),
+        f"outside the step, removed by the latent cache: VAE encode {enc['vae']:.4f} s, "
+        f"text encode {enc['text']:.4f} s",
+        f"peak RSS {r['peak_rss_step_bytes'] / gib:.2f} GiB after step and parts, "
+        f"{r['peak_rss_bytes'] / gib:.2f} GiB after the optimizer comparison",
+        f"ratio step/sum(parts) = {r['ratio']:.2f} (target <= {TARGET:.2f})",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["toy", "sd15", "both"], default="both")
+    parser.add_argument("--latent", type=int, default=16, help="latent height and width")
+    parser.add_argument("--batch", type=int, help="batch size (default: toy 8, sd15 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.latent < 1 or (args.batch is not None and args.batch < 1):
+        parser.error("--repeats, --latent and --batch must be >= 1, --warmup >= 0")
+
+    names = ["toy", "sd15"] if args.model == "both" else [args.model]  # smallest first: ru_maxrss only grows
+    results = {}
+    for name in names:
+        results[name] = bench_model(name, args.latent, args.batch or DEFAULT_BATCH[name], args.repeats, args.warmup)
+        print(report(results[name]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

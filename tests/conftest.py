@@ -1,0 +1,37 @@
+"""Shared fixtures: the toy teacher on disk, and running the real entry scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def toy_teacher_dir(tmp_path_factory) -> Path:
+    """The toy teacher saved as a diffusers pipeline folder (loaded like any local teacher)."""
+    from sdkd.train.toy import build_toy_pipeline
+
+    folder = tmp_path_factory.mktemp("toy_teacher")
+    build_toy_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """Run a command as a user would; returns the CompletedProcess (stdout+stderr captured)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(args: list[str], num_processes: int = 1, **kw):
+    """`accelerate launch`; several processes use --multi_gpu (gloo on a CPU-only machine)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+              "--mixed_precision", "no"]
+    launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    return run_script(launch + args, **kw)

@@ -1,0 +1,214 @@
+"""Feature-KD pair tables, forward hooks (capture window, checkpointing, wrappers) and the shape check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from sdkd.train.config import ConfigError, StudentConfig
+from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.students import PRESETS, build_student, removal_spec, student_unet_config
+from sdkd.train.toy import build_toy_pipeline
+from test_students import SD15_UNET, SD21_BASE_UNET, SD21_768_UNET, SDXL_LIKE
+
+DOWN = [(f"down_blocks.{i}",) * 2 for i in range(4)]
+UP = [(f"up_blocks.{j}",) * 2 for j in range(4)]
+SHIFTED_UP = [(f"up_blocks.{j + 1}", f"up_blocks.{j}") for j in range(3)]
+TABLES = {  # block-removal.md section 4
+    ("bk_base", "bk"): DOWN + UP,
+    ("bk_small", "bk"): DOWN + UP,
+    ("bk_tiny", "bk"): DOWN[:2] + [("down_blocks.2.attentions.1.proj_out", "down_blocks.2.attentions.0.proj_out")]
+    + SHIFTED_UP,
+    ("bk_base", "segmind"): DOWN + [("mid_block", "mid_block")] + UP,
+    ("bk_small", "segmind"): DOWN + UP,
+    ("bk_tiny", "segmind"): DOWN[:2] + [("up_blocks.0", "down_blocks.2")] + SHIFTED_UP,
+}
+TOY_LATENT = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: OpenMP threads only contend (seconds per toy forward on a loaded 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pairs_for(preset: str, table: str = "bk") -> list[tuple[str, str]]:
+    cfg = StudentConfig(preset=preset, feature_pairs=table)
+    return feature_pairs(cfg, removal_spec(cfg))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_toy_pipeline().unet.eval()
+
+
+@pytest.fixture(scope="module")
+def students(teacher):
+    return {name: build_student(teacher, spec) for name, spec in PRESETS.items()}
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 4, TOY_LATENT, TOY_LATENT, generator=g), torch.tensor([500]),
+            torch.randn(1, 7, 32, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair tables
+
+
+@pytest.mark.parametrize("preset, table", list(TABLES))
+def test_pair_tables(preset, table):
+    assert pairs_for(preset, table) == TABLES[(preset, table)]
+
+
+def test_custom_specs_equal_to_presets_get_the_preset_pairs():
+    for table in ("bk", "segmind"):
+        cfg = StudentConfig(preset="custom", keep_down=[[0]] * 4, keep_up=[[0, 2]] * 4, mid_block=False,
+                            deepest_stage=False, feature_pairs=table)
+        assert feature_pairs(cfg, removal_spec(cfg)) == TABLES[("bk_tiny", table)]
+
+
+def test_custom_pairs_are_taken_verbatim():
+    cfg = StudentConfig(feature_pairs="custom", pairs=[["mid_block", "up_blocks.0"]])
+    assert feature_pairs(cfg, PRESETS["bk_small"]) == [("mid_block", "up_blocks.0")]
+    with pytest.raises(ConfigError, match=r"student\.pairs"):
+        feature_pairs(StudentConfig(feature_pairs="custom"), PRESETS["bk_small"])
+
+
+SD_DOWN = [(320, 32, 32), (640, 16, 16), (1280, 8, 8), (1280, 8, 8)]
+SD_UP = [(1280, 16, 16), (1280, 32, 32), (640, 64, 64), (320, 64, 64)]
+
+
+@pytest.mark.parametrize("unet, preset, table, latent, shapes", [
+    (SD15_UNET, "bk_base", "bk", 64, SD_DOWN + SD_UP),
+    (SD15_UNET, "bk_base", "segmind", 64, SD_DOWN + [(1280, 8, 8)] + SD_UP),
+    (SD15_UNET, "bk_tiny", "bk", 64, SD_DOWN[:2] + [(1280, 16, 16)] + SD_UP[1:]),
+    (SD15_UNET, "bk_tiny", "segmind", 64, SD_DOWN[:2] + [(1280, 16, 16)] + SD_UP[1:]),
+    # SD-2.x: proj_out is a Linear on tokens, (HW, C).
+    (SD21_BASE_UNET, "bk_tiny", "bk", 64, SD_DOWN[:2] + [(256, 1280)] + SD_UP[1:]),
+    # 768 px: latent 96, every side x1.5.
+    (SD21_768_UNET, "bk_small", "bk", 96, [(c, h * 3 // 2, w * 3 // 2) for c, h, w in SD_DOWN + SD_UP]),
+])
+def test_check_pairs_gives_the_reference_shapes_at_full_size(unet, preset, table, latent, shapes):
+    student = student_unet_config(unet, PRESETS[preset])
+    found = check_pairs(unet, student, pairs_for(preset, table), latent)
+    assert [tuple(t) for t, _ in found] == shapes
+
+
+def test_check_pairs_rejects_mismatched_and_unknown_pairs(teacher, students):
+    with pytest.raises(ConfigError) as err:
+        check_pairs(teacher, students["bk_tiny"], [("down_blocks.0", "down_blocks.0"), ("down_blocks.2", "down_blocks.2")],
+                    TOY_LATENT)
+    assert str(err.value) == ("feature pair 2 (teacher down_blocks.2 -> student down_blocks.2): "
+                              "shapes (64, 2, 2) vs (64, 4, 4) differ")
+    with pytest.raises(ConfigError, match=r"student feature pair module 'up_blocks.3' does not exist"):
+        check_pairs(teacher, students["bk_tiny"], [("up_blocks.3", "up_blocks.3")], TOY_LATENT)
+
+
+def test_check_pairs_on_an_sdxl_like_teacher():
+    teacher = UNet2DConditionModel(**SDXL_LIKE)
+    cfg = StudentConfig(preset="custom", keep_down=[[0], [0], [1]], keep_up=[[1, 2], [0, 2], [0, 2]],
+                        mid_block=False, feature_pairs="segmind")
+    spec = removal_spec(cfg)
+    shapes = check_pairs(teacher, student_unet_config(teacher.config, spec), feature_pairs(cfg, spec), 16)
+    assert [tuple(t) for t, _ in shapes] == [(32, 8, 8), (64, 4, 4), (64, 4, 4), (64, 8, 8), (64, 16, 16), (32, 16, 16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+@pytest.mark.parametrize("preset, table", list(TABLES))
+def test_hooks_capture_paired_shapes_on_the_toy(teacher, students, preset, table):
+    student, pairs = students[preset], pairs_for(preset, table)
+    t_hooks, s_hooks = FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(student, [s for _, s in pairs])
+    with torch.no_grad(), t_hooks.capture(), s_hooks.capture():
+        teacher(*inputs())
+        student(*inputs())
+    real = [(t.shape[1:], s.shape[1:]) for t, s in zip(t_hooks.features, s_hooks.features)]
+    assert all(t == s for t, s in real)
+    assert real == check_pairs(teacher, student, pairs, TOY_LATENT)  # the meta check sees the real shapes
+    t_hooks.remove(), s_hooks.remove()
+
+
+def test_hooks_record_only_inside_capture(students):
+    student = students["bk_small"]
+    hooks = FeatureHooks(student, ["down_blocks.1", "up_blocks.3"])
+    with pytest.raises(RuntimeError, match="capture"):
+        hooks.features
+    with torch.no_grad(), hooks.capture():
+        student(*inputs(0))
+    kept = hooks.features
+    with torch.no_grad():
+        student(*inputs(1))  # outside capture(): nothing replaced
+    assert all(a is b for a, b in zip(hooks.features, kept))
+    with torch.no_grad(), hooks.capture():
+        student(*inputs(1))
+    assert not torch.equal(hooks.features[0], kept[0])
+    hooks.remove()
+    with torch.no_grad(), hooks.capture():
+        student(*inputs(1))
+    with pytest.raises(RuntimeError, match="did not run during capture.*down_blocks.1, up_blocks.3"):
+        hooks.features
+
+
+def test_unknown_module_names_the_valid_blocks(students):
+    with pytest.raises(ConfigError, match=r"'down_blocks.9' does not exist.*down_blocks.0, down_blocks.1, "
+                                          r"down_blocks.2, up_blocks.0, up_blocks.1, up_blocks.2\)"):
+        FeatureHooks(students["bk_tiny"], ["up_blocks.0", "down_blocks.9"])
+
+
+def test_gradient_checkpointing_keeps_features_differentiable(teacher):
+    student = build_student(teacher, PRESETS["bk_tiny"]).train()
+    student.enable_gradient_checkpointing()
+    pairs = pairs_for("bk_tiny")  # includes the proj_out pair inside an attention
+    # Resnets run under checkpointing; backward re-runs them up to their last saved tensor, so
+    # inner modules such as conv1 fire a second time.
+    recomputed = "down_blocks.0.resnets.0.conv1"
+    s_hooks = FeatureHooks(student, [s for _, s in pairs] + [recomputed])
+    t_hooks = FeatureHooks(teacher, [t for t, _ in pairs])
+    calls = []
+    student.down_blocks[0].resnets[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad(), t_hooks.capture():
+        teacher(*inputs())
+    with s_hooks.capture():
+        student(*inputs())
+        first = s_hooks.features
+        assert all(f.requires_grad for f in first)
+        loss = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(first, t_hooks.features)) + first[-1].mean()
+        loss.backward()  # inside capture(): the recomputation must not replace the recorded features
+    assert len(calls) == 2
+    assert all(a is b for a, b in zip(s_hooks.features, first))
+    for module in (student.conv_in, student.down_blocks[2].attentions[0].proj_out, student.up_blocks[2].resnets[1]):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+class Wrapper(nn.Module):
+    """Stands in for DDP: holds the model as `.module` and calls it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_hooks_on_the_inner_model_fire_through_a_wrapper(students):
+    student = students["bk_base"]
+    names = [s for _, s in pairs_for("bk_base", "segmind")]
+    hooks = FeatureHooks(student, names)
+    wrapped = Wrapper(student)
+    with torch.no_grad(), hooks.capture():
+        wrapped(*inputs())
+    assert len(hooks.features) == len(names) == 9
+    hooks.remove()
+    with pytest.raises(TypeError, match="unwrapped"):
+        FeatureHooks(nn.DataParallel(student), names)

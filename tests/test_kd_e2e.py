@@ -1,0 +1,126 @@
+"""End to end: `accelerate launch train/kd.py` on the toy default, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdkd.train.config import StudentConfig
+from sdkd.train.students import build_student, removal_spec
+from sdkd.train.toy import build_toy_pipeline
+
+from conftest import ROOT, accelerate_launch, run_script
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 40
+
+
+def launch_kd(out, *overrides, num_processes=1):
+    result = accelerate_launch(["train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}", *overrides],
+                               num_processes=num_processes)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_run")
+    result = launch_kd(out, f"train.max_steps={STEPS}", "train.checkpoint_every=10", "train.checkpoints_total_limit=2",
+                       "train.sample_every=20", "log.trackers=[tensorboard,wandb]")
+    return out, result
+
+
+def test_run_writes_every_output(toy_run):
+    out, _ = toy_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    for key in ("loss", "task", "out", "feat", "lr", "sec_per_step", "samples_per_sec"):
+        assert all(isinstance(line[key], float) for line in lines), key
+    # toy.yaml: lambda_task 0, lambda_out 1, lambda_feat 1; the task term is still logged.
+    assert all(abs(line["loss"] - (line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
+    assert all(line["task"] > 0 for line in lines)
+    assert "output_dir" in (out / "config.yaml").read_text()
+
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-40"]
+    assert not list(out.glob(".tmp-*"))
+    teacher_png = Image.open(out / "samples" / "teacher.png")
+    for step in (20, 40):
+        grid = Image.open(out / "samples" / f"step-{step}.png")
+        assert grid.size == (teacher_png.width, 2 * teacher_png.height)  # teacher row above the student row
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard events missing"
+
+
+def test_exported_student_loads_and_generates(toy_run):
+    out, _ = toy_run
+    folder = out / "student"
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.unet.config.layers_per_block == 1 and pipe.unet.config.mid_block_type is None  # bk_small's own
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    # The saved weights are exactly the final checkpoint's student.
+    final = load_file(out / "checkpoint-40" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, final[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def output_gap(student, teacher, seed=0, n=16):
+    """Mean squared difference of the two U-Nets' predictions on fixed noisy inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 16, 16, generator=gen)
+    t = torch.randint(0, 1000, (n,), generator=gen)
+    emb = torch.randn(n, 77, 32, generator=gen)
+    with torch.no_grad():
+        return (student(x, t, emb).sample - teacher(x, t, emb).sample).pow(2).mean().item()
+
+
+def test_kd_shrinks_the_student_teacher_gap(toy_run):
+    out, _ = toy_run
+    teacher = build_toy_pipeline().unet.eval()
+    initial = build_student(teacher, removal_spec(StudentConfig(preset="bk_small"))).eval()
+    trained = UNet2DConditionModel.from_pretrained(out / "student" / "unet").eval()
+    before, after = output_gap(initial, teacher), output_gap(trained, teacher)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
+    # A local teacher folder exercises the real loading path; EMA and accumulation are part of the state.
+    common = [f"teacher={toy_teacher_dir}", "train.max_steps=8", "train.checkpoint_every=4", "train.sample_every=0",
+              "train.grad_accum=2", "train.batch_size=4", "data.num_samples=24", "ema.enabled=true",
+              "optim.lr_scheduler=cosine", "optim.warmup_steps=2", "log.trackers=[none]"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch_kd(full, *common)
+    # The state a run stopped after step 4 leaves behind, plus a checkpoint killed mid-write.
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copytree(full / "checkpoint-8", resumed / ".tmp-checkpoint-8")
+    result = launch_kd(resumed, *common, "resume=latest")
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
+
+    for sub in ("unet", "unet_ema"):
+        a = load_file(full / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 6, 7, 8]
+
+
+def test_two_processes_through_launch_sh(tmp_path):
+    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29517", "train/kd.py", "--config",
+                         "configs/toy.yaml", f"output_dir={tmp_path}", "train.max_steps=6", "train.checkpoint_every=3",
+                         "train.sample_every=6", "log.trackers=[none]", "data.num_samples=32"])
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "on 2 processes" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 7))
+    assert (tmp_path / "checkpoint-6" / "generator-1.safetensors").is_file()  # both ranks' state saved
+    assert (tmp_path / "samples" / "step-6.png").is_file()
+    StableDiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)

@@ -1,0 +1,61 @@
+"""Distil a block-removed student U-Net from a Stable Diffusion teacher.
+
+    accelerate launch train/kd.py --config configs/toy.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sdkd.data.sources import build_dataset
+from sdkd.train.config import load_config, parse_args, run_cli
+from sdkd.train.export import save_pipeline
+from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
+from sdkd.train.losses import KDLoss
+from sdkd.train.objective import BatchEncoder, DiffusionObjective
+from sdkd.train.students import build_student, removal_spec
+from sdkd.train.teacher import freeze, load_teacher
+
+
+def main() -> None:
+    cfg = load_config(*parse_args(sys.argv[1:], __doc__))
+    acc = make_accelerator(cfg)
+    teacher = load_teacher(cfg.teacher)
+    spec = removal_spec(cfg.student)
+    student = build_student(teacher.unet, spec).float()
+    student.train()
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+
+    # Hooks go on the plain modules, before accelerate wraps the student in DDP.
+    pairs = feature_pairs(cfg.student, spec) if cfg.loss.lambda_feat > 0 else []
+    latent_hw = cfg.data.resolution // teacher.vae_scale_factor
+    check_pairs(teacher.unet, student, pairs, latent_hw)
+    teacher_hooks = FeatureHooks(teacher.unet, [t for t, _ in pairs]) if pairs else None
+    student_hooks = FeatureHooks(student, [s for _, s in pairs]) if pairs else None
+
+    dtype = weight_dtype(acc)
+    for frozen in (teacher.unet, teacher.vae, teacher.text_encoder):
+        freeze(frozen, acc.device, dtype)
+    acc.print(f"teacher {sum(p.numel() for p in teacher.unet.parameters()):,} params -> "
+              f"student ({cfg.student.preset}) {sum(p.numel() for p in student.parameters()):,}; "
+              f"{len(pairs)} feature pairs; on {acc.num_processes} processes")
+
+    loss = KDLoss.from_config(cfg.loss)
+    objective = DiffusionObjective(
+        teacher.scheduler, loss, cfg.loss.snr_gamma,
+        teacher=teacher.unet if loss.needs_teacher else None,
+        student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
+    )
+    Trainer(
+        cfg=cfg, accelerator=acc, model=student, objective=objective,
+        encoder=BatchEncoder(teacher.vae, teacher.text_encoder, teacher.tokenizer),
+        dataset=build_dataset(cfg.data, cfg.train.seed), parts=teacher,
+        export=lambda unet, folder: save_pipeline(unet, cfg.teacher, folder),
+        reference_unet=teacher.unet,
+    ).fit()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,222 @@
+"""The training loop every trainer shares: accelerate, optimizer, schedule, EMA, logging,
+sampling, checkpoints and the final export. Trainers differ only in the model they train and
+the objective that turns a batch into loss terms.
+
+Loop order (edm2 / torchtitan): step -> log -> sample -> checkpoint -> done?
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sdkd.data.sources import collate
+from sdkd.eval.sampling import make_grid, sample_images
+from sdkd.train import tracking
+from sdkd.train.checkpoints import Checkpointer, resolve_resume
+from sdkd.train.config import Config, OptimConfig, UserError, save_config
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's accelerator; also creates OUTPUT/ and saves the resolved config there."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    out = Path(cfg.output_dir)
+    acc = Accelerator(
+        # Without this, processes started by `accelerate launch --multi_gpu` on a machine with no
+        # GPU each run alone (accelerate 1.15 picks gloo/MULTI_CPU only for cpu=True).
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        # Never sync early at the end of an epoch: an optimizer step is always grad_accum micro-steps.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        log_with=tracking.tracker_list(cfg.log.trackers, out),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if acc.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    return acc
+
+
+def weight_dtype(acc: Accelerator) -> torch.dtype:
+    """The dtype frozen models run in."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; `auto` takes the fused kernel where the device has one (CPU and CUDA do), else foreach.
+
+    The default per-parameter loop costs seconds per step on CPU for an SD-sized U-Net.
+    """
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    params = list(params)
+    if cfg.implementation in ("auto", "fused"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except RuntimeError:
+            if cfg.implementation == "fused":
+                raise UserError("optim.implementation=fused: no fused AdamW for this device; use auto or foreach")
+    return torch.optim.AdamW(params, foreach=cfg.implementation != "loop", **kw)
+
+
+@dataclass
+class Trainer:
+    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, generator)`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    objective: Callable
+    encoder: Callable                 # batch, generator -> (latents, text embeddings)
+    dataset: Dataset
+    parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling
+    export: Callable                  # (model, folder) -> None, at the end, on the main process
+    reference_unet: torch.nn.Module | None = None   # sampled once beside the student (the teacher)
+
+    def fit(self) -> None:
+        cfg, acc, model = self.cfg, self.accelerator, self.model
+        out = Path(cfg.output_dir)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, cfg.optim)
+        # A prepared scheduler steps once per process per optimizer step.
+        lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer,
+                                    num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
+                                    num_training_steps=cfg.train.max_steps * acc.num_processes)
+        loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                            collate_fn=collate, num_workers=cfg.train.num_workers)
+        ema = None
+        if cfg.ema.enabled:
+            ema = EMAModel(model.parameters(), decay=cfg.ema.decay, model_cls=type(model), model_config=model.config)
+            ema.to(acc.device)
+        checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, model, ema)
+        wrapped, optimizer, loader, lr_schedule = acc.prepare(model, optimizer, loader, lr_schedule)
+        if len(loader) == 0:
+            raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
+                            f"({cfg.train.batch_size} x {acc.num_processes} processes)")
+        generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 10_000 * acc.process_index)
+
+        step = 0
+        resume_from = resolve_resume(cfg.resume, out)
+        if resume_from is not None:
+            step = checkpointer.load(resume_from, generator)
+            acc.print(f"resumed from {resume_from} at step {step}")
+        if acc.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", step)
+        acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
+
+        batches = self._batches(loader, step * cfg.train.grad_accum)
+        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process)
+        self._teacher_images = None
+        while step < cfg.train.max_steps:
+            start = time.perf_counter()
+            terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
+            if ema is not None:
+                ema.step(model.parameters())
+            step += 1
+            progress.update(1)
+            if step % cfg.train.log_every == 0:
+                seconds = time.perf_counter() - start
+                logged = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
+                logged |= {"lr": lr_schedule.get_last_lr()[0], "sec_per_step": seconds,
+                           "samples_per_sec": samples_per_step / seconds}
+                acc.log(logged, step=step)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                self._sample(step)
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.max_steps:
+                checkpointer.save(step, generator)
+        progress.close()
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if ema is not None:
+                ema.copy_to(model.parameters())
+            self.export(model, out / "student")
+        acc.end_training()
+
+    def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, generator) -> dict:
+        """grad_accum micro-steps and one optimizer step; returns the mean of each loss term."""
+        acc, max_norm, accum = self.accelerator, self.cfg.train.max_grad_norm, self.cfg.train.grad_accum
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            batch = next(batches)
+            with acc.accumulate(wrapped):
+                latents, embeds = self.encoder(batch, generator)
+                terms = self.objective(wrapped, latents, embeds, generator)
+                acc.backward(terms["loss"])
+                if acc.sync_gradients and max_norm > 0:
+                    acc.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0) + value.detach() / accum
+        return totals
+
+    def _batches(self, loader, start_micro_step: int):
+        """Endless batches; a resumed run continues at the same epoch and position."""
+        epoch, skip = divmod(start_micro_step, len(loader))
+        while True:
+            loader.set_epoch(epoch)  # sampler order
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)  # augmentation randomness
+            yield from (self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+            epoch, skip = epoch + 1, 0
+
+    def _sample(self, step: int) -> None:
+        acc, s = self.accelerator, self.cfg.sample
+        if acc.is_main_process:
+            resolution = s.resolution or self.cfg.data.resolution
+            run = lambda unet: sample_images(unet, self.parts, s.prompts, s.seed, s.steps, s.guidance_scale,
+                                             resolution, autocast=acc.autocast)
+            folder = Path(self.cfg.output_dir) / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [run(self.model)]
+            if self.reference_unet is not None:
+                if self._teacher_images is None:
+                    self._teacher_images = run(self.reference_unet)
+                    make_grid([self._teacher_images]).save(folder / "teacher.png")
+                    tracking.log_images(acc, "samples/teacher", self._teacher_images, step)
+                rows.insert(0, self._teacher_images)
+            make_grid(rows).save(folder / f"step-{step}.png")
+            tracking.log_images(acc, "samples/student", rows[-1], step)
+        acc.wait_for_everyone()
+
+
+def _flat(cfg: Config) -> dict:
+    """Config as flat scalar values for trackers (tensorboard takes no lists)."""
+    from omegaconf import OmegaConf
+
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,83 @@
+"""One training step's loss: encode the batch, noise it, run student (and teacher), KD terms.
+
+Shared by every U-Net trainer: KD uses teacher + feature hooks, fine-tuning the same object
+without a teacher (then only the task term remains).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
+
+
+class BatchEncoder:
+    """Images and captions -> VAE latents (posterior sample, scaled) and text embeddings."""
+
+    def __init__(self, vae, text_encoder, tokenizer):
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.vae.device
+        pixels = batch["pixel_values"].to(device=device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
+        return latents.float(), self.embed(batch["captions"])
+
+    @torch.no_grad()
+    def embed(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+class DiffusionObjective:
+    """Loss of the trained U-Net on one batch of latents and text embeddings.
+
+    `teacher` (frozen) and the hooks are optional: without a teacher only the task term is computed.
+    """
+
+    def __init__(self, scheduler, loss: KDLoss, snr_gamma: float | None = None,
+                 teacher=None, student_hooks=None, teacher_hooks=None, autocast=nullcontext):
+        self.scheduler, self.loss, self.snr_gamma = scheduler, loss, snr_gamma
+        self.teacher, self.student_hooks, self.teacher_hooks = teacher, student_hooks, teacher_hooks
+        self.autocast = autocast
+        self._alphas_on_device = False
+
+    def _prepare_scheduler(self, device: torch.device) -> None:
+        # add_noise moves alphas_cumprod to the device on every call; do it once.
+        if not self._alphas_on_device:
+            self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+            self._alphas_on_device = True
+
+    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        device = latents.device
+        self._prepare_scheduler(device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+
+        with self._capture(self.student_hooks):
+            pred = unet(noisy, timesteps, embeds).sample
+        teacher_pred, student_feats, teacher_feats = None, [], []
+        if self.teacher is not None:
+            with torch.no_grad(), self.autocast(), self._capture(self.teacher_hooks):
+                dtype = self.teacher.dtype
+                teacher_pred = self.teacher(noisy.to(dtype), timesteps, embeds.to(dtype)).sample
+        if self.student_hooks is not None:
+            student_feats, teacher_feats = self.student_hooks.features, self.teacher_hooks.features
+
+        weights = min_snr_weights(self.scheduler, timesteps, self.snr_gamma) if self.snr_gamma else None
+        return self.loss(pred, target, teacher_pred, student_feats, teacher_feats, weights)
+
+    @staticmethod
+    def _capture(hooks):
+        return hooks.capture() if hooks is not None else nullcontext()
