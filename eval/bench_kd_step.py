@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,14 +138,34 @@ class Clock:
 # Measurements
 
 
-def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: int) -> dict:
+@dataclass
+class Bench:
+    """One model's measured objects, set up as train/kd.py sets them up."""
+
+    name: str
+    cfg: Config
+    acc: Accelerator
+    parts: PipelineParts
+    student: UNet2DConditionModel
+    objective: DiffusionObjective
+    encoder: BatchEncoder
+    batch: dict           # collated synthetic images + captions (for the encoding line)
+    latents: torch.Tensor  # what the latent cache hands the step
+    embeds: torch.Tensor
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+
+def build_bench(name: str, latent: int, batch_size: int) -> Bench:
     torch.manual_seed(SEED)
     parts = load_teacher("toy") if name == "toy" else sd15_parts()
     cfg = Config(teacher=name, output_dir="unused")  # the library defaults are what is measured
     cfg.train.batch_size = batch_size
+    cfg.data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
     acc = Accelerator(cpu=True, mixed_precision="no")
 
-    # Set up as train/kd.py does.
     spec = removal_spec(cfg.student)
     student = build_student(parts.unet, spec).float()
     student.train()
@@ -158,8 +179,7 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
                                    teacher=parts.unet, student_hooks=student_hooks, teacher_hooks=teacher_hooks,
                                    autocast=acc.autocast)
 
-    data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
-    dataset = build_dataset(data, SEED)
+    dataset = build_dataset(cfg.data, SEED)
     batch = collate([dataset[i] for i in range(batch_size)])
     encoder = BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
     generator = torch.Generator(acc.device).manual_seed(SEED)
@@ -168,17 +188,19 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
     else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
         latents = torch.randn(batch_size, 4, latent, latent, generator=generator)
         embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=generator)
+    return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, embeds)
 
+
+def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: int) -> dict:
+    b = build_bench(name, latent, batch_size)
     result = dict(
-        model=name, latent=latent, pixels=data.resolution, batch=batch_size, repeats=repeats, warmup=warmup,
-        threads=torch.get_num_threads(), feature_pairs=len(pairs),
-        teacher_params=sum(p.numel() for p in parts.unet.parameters()),
-        student_params=sum(p.numel() for p in student.parameters()),
+        model=name, latent=latent, pixels=b.cfg.data.resolution, batch=batch_size, repeats=repeats, warmup=warmup,
+        threads=torch.get_num_threads(), feature_pairs=len(b.objective.student_hooks.names),
+        teacher_params=sum(p.numel() for p in b.parts.unet.parameters()),
+        student_params=sum(p.numel() for p in b.student.parameters()),
     )
-    params = [p for p in student.parameters() if p.requires_grad]
     clock = Clock()
-    result["auto_implementation"] = time_step_and_parts(cfg, acc, student, objective, params, parts,
-                                                        latents, embeds, clock, warmup + repeats)
+    result["auto_implementation"] = time_step_and_parts(b, clock, warmup + repeats)
     medians = clock.medians(warmup)
     result["parts"] = {part: medians[part] for part in PARTS}
     result["sum_parts"] = sum(result["parts"].values())
@@ -188,68 +210,68 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
     result["min_max"] = clock.ranges(warmup)
     result["peak_rss_step_bytes"] = peak_rss_bytes()
 
-    acc.free_memory()  # accelerate keeps the step's optimizer alive otherwise: 2x the AdamW state below
+    b.acc.free_memory()  # accelerate keeps the step's optimizer alive otherwise: 2x the AdamW state below
     gc.collect()
-    result["optimizer_step_only"] = time_implementations(cfg, student, objective, params, latents, embeds,
-                                                         repeats, warmup)
-    result["encode"] = time_encoding(encoder, batch, repeats, warmup)
+    result["optimizer_step_only"] = time_implementations(b, repeats, warmup)
+    result["encode"] = time_encoding(b, repeats, warmup)
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
-def time_step_and_parts(cfg, acc, student, objective, params, parts, latents, embeds, clock, iterations) -> str:
+def time_step_and_parts(b: Bench, clock: Clock, iterations: int) -> str:
     """Per iteration: the real KD step, then the same step taken apart. Returns auto's AdamW kernel."""
-    optimizer = build_optimizer(params, cfg.optim)
+    params = b.params
+    optimizer = build_optimizer(params, b.cfg.optim)
     group = optimizer.param_groups[0]
     implementation = "fused" if group["fused"] else "foreach" if group["foreach"] else "loop"
-    lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer)
-    wrapped, optimizer, lr_schedule = acc.prepare(student, optimizer, lr_schedule)
-    trainer = Trainer(cfg=cfg, accelerator=acc, model=student, objective=objective,
-                      encoder=lambda batch, generator: (latents, embeds),  # what the latent cache hands over
-                      dataset=None, parts=parts, export=None)
+    lr_schedule = get_scheduler(b.cfg.optim.lr_scheduler, optimizer)
+    wrapped, optimizer, lr_schedule = b.acc.prepare(b.student, optimizer, lr_schedule)
+    trainer = Trainer(cfg=b.cfg, accelerator=b.acc, model=b.student, objective=b.objective,
+                      encoder=lambda batch, generator: (b.latents, b.embeds),  # what the latent cache hands over
+                      dataset=None, parts=b.parts, export=None)
     batches = itertools.repeat({})  # the encoder above ignores the batch
-    generator = torch.Generator(acc.device)
+    generator = torch.Generator(b.acc.device)
     for _ in range(iterations):
         clock.new_row()
         generator.manual_seed(SEED)
         with clock("step"):
             trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
         generator.manual_seed(SEED)
-        take_apart(acc, wrapped, objective, optimizer.optimizer, params, cfg.train.max_grad_norm,
-                   latents, embeds, generator, clock)
+        take_apart(b, wrapped, optimizer.optimizer, params, generator, clock)
     return implementation
 
 
-def take_apart(acc, student, objective, optimizer, params, max_norm, latents, embeds, generator, clock) -> None:
+def take_apart(b: Bench, student, optimizer, params, generator, clock: Clock) -> None:
     """One KD step in the objective's order, each necessary part in its own clock block."""
-    scheduler = objective.scheduler
+    objective, scheduler, latents = b.objective, b.objective.scheduler, b.latents
     with clock("noise_and_loss_terms"):  # the objective's own draws, in its order: same noise and timesteps
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(scheduler, latents, noise, timesteps)
     with clock("student_forward"), objective.student_hooks.capture():
-        pred = student(noisy, timesteps, embeds).sample
-    with clock("teacher_forward"), torch.no_grad(), acc.autocast(), objective.teacher_hooks.capture():
-        teacher_pred = objective.teacher(noisy, timesteps, embeds).sample
+        pred = student(noisy, timesteps, b.embeds).sample
+    with clock("teacher_forward"), torch.no_grad(), b.acc.autocast(), objective.teacher_hooks.capture():
+        teacher_pred = objective.teacher(noisy, timesteps, b.embeds).sample
     with clock("noise_and_loss_terms"):
         loss = objective.loss(pred, target, teacher_pred, objective.student_hooks.features,
                               objective.teacher_hooks.features)["loss"]
     with clock("backward"):
         loss.backward()
     with clock("clip_grad_norm"):
-        acc.clip_grad_norm_(params, max_norm)
+        b.acc.clip_grad_norm_(params, b.cfg.train.max_grad_norm)
     with clock("optimizer_step"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def time_implementations(cfg, student, objective, params, latents, embeds, repeats, warmup) -> dict[str, float]:
+def time_implementations(b: Bench, repeats: int, warmup: int) -> dict[str, float]:
     """`optimizer.step()` alone for each AdamW kernel, one at a time, on one set of gradients."""
-    objective(student, latents, embeds, torch.Generator().manual_seed(SEED))["loss"].backward()
+    params = b.params
+    b.objective(b.student, b.latents, b.embeds, torch.Generator().manual_seed(SEED))["loss"].backward()
     seconds = {}
     for implementation in IMPLEMENTATIONS:
-        optimizer = build_optimizer(params, dataclasses.replace(cfg.optim, implementation=implementation))
+        optimizer = build_optimizer(params, dataclasses.replace(b.cfg.optim, implementation=implementation))
         clock = Clock()
         for _ in range(warmup + repeats):  # the first step also allocates the AdamW state
             clock.new_row()
@@ -263,18 +285,19 @@ def time_implementations(cfg, student, objective, params, latents, embeds, repea
     return seconds
 
 
-def time_encoding(encoder: BatchEncoder, batch: dict, repeats: int, warmup: int) -> dict[str, float]:
+def time_encoding(b: Bench, repeats: int, warmup: int) -> dict[str, float]:
     """What the latent cache takes out of every step: VAE encode of the images, text encode of the captions."""
-    pixels = batch["pixel_values"].to(encoder.vae.device)
-    generator = torch.Generator(encoder.vae.device)
+    vae = b.encoder.vae
+    pixels = b.batch["pixel_values"].to(vae.device)
+    generator = torch.Generator(vae.device)
     clock = Clock()
     for _ in range(warmup + repeats):
         clock.new_row()
         generator.manual_seed(SEED)
         with clock("vae"), torch.no_grad():
-            encoder.vae.encode(pixels).latent_dist.sample(generator=generator)
+            vae.encode(pixels).latent_dist.sample(generator=generator)
         with clock("text"):
-            encoder.embed(batch["captions"])
+            b.encoder.embed(b.batch["captions"])
     return clock.medians(warmup)
 
 

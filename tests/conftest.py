@@ -12,6 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # Tiny models in the test process: OpenMP threads only contend with the subprocesses that
+    # end-to-end tests start (seconds per toy forward on a loaded 2-core machine).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def toy_teacher_dir(tmp_path_factory) -> Path:
     """The toy teacher saved as a diffusers pipeline folder (loaded like any local teacher)."""

@@ -12,7 +12,8 @@ from sdkd.train.config import ConfigError, StudentConfig
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.students import PRESETS, build_student, removal_spec, student_unet_config
 from sdkd.train.toy import build_toy_pipeline
-from test_students import SD15_UNET, SD21_BASE_UNET, SD21_768_UNET, SDXL_LIKE
+from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
+from test_students import SDXL_LIKE
 
 DOWN = [(f"down_blocks.{i}",) * 2 for i in range(4)]
 UP = [(f"up_blocks.{j}",) * 2 for j in range(4)]
@@ -27,15 +28,6 @@ TABLES = {  # block-removal.md section 4
     ("bk_tiny", "segmind"): DOWN[:2] + [("up_blocks.0", "down_blocks.2")] + SHIFTED_UP,
 }
 TOY_LATENT = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: OpenMP threads only contend (seconds per toy forward on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pairs_for(preset: str, table: str = "bk") -> list[tuple[str, str]]:
@@ -94,7 +86,7 @@ SD_UP = [(1280, 16, 16), (1280, 32, 32), (640, 64, 64), (320, 64, 64)]
     # SD-2.x: proj_out is a Linear on tokens, (HW, C).
     (SD21_BASE_UNET, "bk_tiny", "bk", 64, SD_DOWN[:2] + [(256, 1280)] + SD_UP[1:]),
     # 768 px: latent 96, every side x1.5.
-    (SD21_768_UNET, "bk_small", "bk", 96, [(c, h * 3 // 2, w * 3 // 2) for c, h, w in SD_DOWN + SD_UP]),
+    (SD21_UNET, "bk_small", "bk", 96, [(c, h * 3 // 2, w * 3 // 2) for c, h, w in SD_DOWN + SD_UP]),
 ])
 def test_check_pairs_gives_the_reference_shapes_at_full_size(unet, preset, table, latent, shapes):
     student = student_unet_config(unet, PRESETS[preset])

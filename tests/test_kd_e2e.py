@@ -114,13 +114,18 @@ def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
 
 
 def test_two_processes_through_launch_sh(tmp_path):
+    # DDP over 2 gloo processes, with bf16 autocast (teacher, VAE and text encoder cast to bf16),
+    # gradient checkpointing under the feature hooks, and EMA.
     result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29517", "train/kd.py", "--config",
                          "configs/toy.yaml", f"output_dir={tmp_path}", "train.max_steps=6", "train.checkpoint_every=3",
-                         "train.sample_every=6", "log.trackers=[none]", "data.num_samples=32"])
+                         "train.sample_every=6", "log.trackers=[none]", "data.num_samples=32",
+                         "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "ema.enabled=true"])
     assert result.returncode == 0, result.stderr[-5000:]
     assert "on 2 processes" in result.stdout
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 7))
     assert (tmp_path / "checkpoint-6" / "generator-1.safetensors").is_file()  # both ranks' state saved
     assert (tmp_path / "samples" / "step-6.png").is_file()
-    StableDiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert lines[-1]["feat"] < lines[0]["feat"]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert pipe.vae.dtype == torch.float32  # the export reads the frozen parts again, not their bf16 copies

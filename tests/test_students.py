@@ -14,29 +14,9 @@ from conftest import ROOT, run_script
 from sdkd.train.config import ConfigError, StudentConfig, run_cli
 from sdkd.train.students import (PRESETS, RemovalSpec, build_student, count_params, main, removal_spec,
                                  removed_modules, student_unet_config, weight_map)
+from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
 from sdkd.train.toy import build_toy_pipeline
 
-# SD-1.x / SD-2.x U-Net configs as in block-removal.md section 1 (other arguments: diffusers defaults).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 640, 1280, 1280],
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
-)
-SD21_BASE_UNET = {**SD15_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                  "use_linear_projection": True}
-SD21_768_UNET = {**SD21_BASE_UNET, "sample_size": 96, "upcast_attention": True}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: OpenMP threads only contend (seconds per toy forward on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +41,7 @@ def custom(**kw) -> RemovalSpec:
     (SD21_BASE_UNET, "bk_base", 583_480_964),
     (SD21_BASE_UNET, "bk_small", 485_787_524),
     (SD21_BASE_UNET, "bk_tiny", 326_825_604),
-    (SD21_768_UNET, "bk_tiny", 326_825_604),  # sample_size / upcast_attention add no parameters
+    (SD21_UNET, "bk_tiny", 326_825_604),  # sample_size / upcast_attention add no parameters
 ])
 def test_parameter_counts_match_bk_sdm(config, preset, expected):
     unet_config = config if preset is None else student_unet_config(config, PRESETS[preset])
@@ -69,7 +49,7 @@ def test_parameter_counts_match_bk_sdm(config, preset, expected):
 
 
 def test_bk_tiny_config_drops_the_deepest_stage_and_inherits_v2_settings():
-    config = student_unet_config(SD21_768_UNET, PRESETS["bk_tiny"])
+    config = student_unet_config(SD21_UNET, PRESETS["bk_tiny"])
     assert config["block_out_channels"] == [320, 640, 1280]
     assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
     assert config["up_block_types"] == ["CrossAttnUpBlock2D"] * 3

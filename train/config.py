@@ -115,21 +115,49 @@ class EMAConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """synthetic (built-in captioned shapes) or imagefolder (images + metadata.jsonl)."""
+    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
+    hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
     path: Optional[str] = None
-    """imagefolder: the folder holding the images and metadata.jsonl."""
-    image_column: str = "file_name"
-    """imagefolder: metadata.jsonl field naming the image file."""
-    caption_column: str = "text"
-    """imagefolder: metadata.jsonl field holding the caption."""
+    """imagefolder: the folder; hf: hub name, local folder or .parquet/.arrow file; webdataset: a
+    folder of shards with manifest.json, brace-expanded names (shard-{000000..000099}.tar) or a glob."""
+    split: str = "train"
+    """hf: the split to read."""
+    manifest: Optional[str] = None
+    """webdataset: manifest.json with per-shard sample counts (data/make_shards.py writes it); null:
+    manifest.json beside the shards."""
+    image_column: Optional[str] = None
+    """Field naming or holding the image; null: the source's default (imagefolder file_name, hf image,
+    webdataset jpg;jpeg;png;webp). Several candidates as 'a;b': the first present one is used."""
+    caption_column: str = "text;txt;caption"
+    """Field(s) holding the caption, several as 'a;b;c' (a webdataset field is a file extension or a key
+    of the sample's .json). A field may hold a list of captions. See caption_pick."""
+    caption_pick: str = "first"
+    """first: the first caption field present (one of its captions at random if it holds a list);
+    random: one at random from all captions of all fields present. Drawn per sample and epoch."""
+    caption_dropout: float = 0.0
+    """Probability of replacing the caption with the empty prompt (for classifier-free guidance)."""
     resolution: int = 512
     """Training image size in pixels (shorter side resized, then cropped square)."""
     center_crop: bool = True
     """Center crop; false takes a random crop."""
     random_flip: bool = True
     """Flip horizontally with probability 0.5."""
+    min_size: int = 0
+    """Skip images whose shorter side is below this many pixels (0: keep all)."""
+    strict: bool = False
+    """Stop the run at the first bad sample (unreadable image, missing caption, image below min_size)
+    instead of skipping it (skips are counted as data_skipped in metrics.jsonl and named in a warning)."""
     num_samples: int = 256
     """synthetic: number of samples in the set."""
+    resampled: bool = True
+    """webdataset: every process and worker draws shards with replacement (an endless stream cut into
+    epochs of manifest-many samples); false: shards split by process then by worker, each read once
+    per epoch (needs at least processes x workers shards)."""
+    shuffle_buffer: int = 1000
+    """webdataset: samples held in the shuffle buffer of each worker (0: no sample shuffle)."""
+    cache: Optional[str] = None
+    """Folder of precomputed latents and text embeddings (data/cache_latents.py writes it); trainers then
+    read it instead of `source` and load no VAE or text encoder for the step."""
 
 
 @dataclass
@@ -259,9 +287,18 @@ def validate(cfg: Config) -> None:
     _require(s.pairs is None or all(len(p) == 2 for p in s.pairs),
              "student.pairs", "each pair is [teacher_module, student_module]")
     d = cfg.data
-    _require(d.source in ("synthetic", "imagefolder"), "data.source", "expected synthetic or imagefolder")
-    _require(d.source != "imagefolder" or d.path is not None, "data.path", "required when data.source=imagefolder")
+    from sdkd.data.sources import SOURCES  # lazy: the data package imports this module
+
+    _require(d.source in SOURCES, "data.source", f"expected {', '.join(SOURCES)}, got '{d.source}'")
+    _require(d.source == "synthetic" or d.path is not None, "data.path", f"required when data.source={d.source}")
     _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    _require(d.caption_pick in ("first", "random"), "data.caption_pick", "expected first or random")
+    _require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")
+    _require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
+    _require(d.min_size >= 0, "data.min_size", "must be >= 0")
+    _require(d.num_samples > 0, "data.num_samples", "must be > 0")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     for name in cfg.log.trackers:
         _require(name in ("wandb", "tensorboard", "none"), "log.trackers", f"unknown tracker '{name}' (wandb, tensorboard, none)")
     _require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
