@@ -1,16 +1,19 @@
 """Captioned-image datasets, a registry of sources, and the batch collate function.
 
-Every source is a map-style `Dataset` whose item `i` is
-`{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "original_size": (h, w), "crop_top_left": (top, left)}`.
-All per-sample randomness (augmentation, caption choice) comes from
-`np.random.default_rng([seed, epoch, index])`, so a resumed run that calls `set_epoch` sees
-exactly the samples the interrupted one would have.
+Map-style sources (synthetic, imagefolder, hf, and the latent cache) are `Dataset`s whose item `i` is
+`{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "original_size": (h, w), "crop_top_left": (top, left),
+"key": name}`, or a skip marker `{"skip": "name: reason"}` for a bad sample (see `transforms.BadSample`).
+All per-sample randomness (augmentation, caption choice) comes from `np.random.default_rng([seed, epoch,
+index])`, so a resumed run that calls `set_epoch` sees exactly the samples the interrupted one would have.
+The webdataset source (`webdataset_source.py`) is an `IterableDataset` yielding the same items.
 
 New sources register a builder `(DataConfig, seed) -> Dataset` with `@register_source("name")`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
-from sdkd.data.transforms import ImageTransform
+from sdkd.data.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
 from sdkd.train.config import DataConfig, UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -28,120 +31,148 @@ from sdkd.train.config import DataConfig, UserError
 
 
 class CaptionedImageDataset(Dataset):
-    """Base class: subclasses give `__len__` and `load(index, rng) -> (image, caption)`."""
+    """Base class: subclasses give `__len__` and `load(index, rng) -> (image, caption, name)`, choosing
+    the caption with `self.preprocess.caption` and raising `BadSample` for a sample to skip."""
 
-    def __init__(self, transform: ImageTransform, seed: int):
-        self.transform = transform
+    def __init__(self, preprocess: Preprocess | ImageTransform, seed: int):
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess(preprocess)
         self.seed = seed
         self.epoch = 0
+
+    @property
+    def transform(self) -> ImageTransform:
+        return self.preprocess.transform
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentation. DataLoader workers copy the dataset when an iterator
         starts, so call this before `iter(loader)` and do not use persistent workers."""
         self.epoch = epoch
 
-    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, caption = self.load(index, rng)
-        pixel_values, original_size, crop_top_left = self.transform(image, rng)
-        return {
-            "pixel_values": pixel_values,
-            "caption": caption,
-            "original_size": original_size,
-            "crop_top_left": crop_top_left,
-        }
+        try:
+            image, caption, name = self.load(index, rng)
+            return self.preprocess(image, caption, rng, dropout_rng(self.seed, self.epoch, index), name)
+        except BadSample as err:
+            return skip_marker(err)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> {"pixel_values": [B,3,R,R], "captions": list[str], "original_size" and
-    "crop_top_left": LongTensor [B, 2]}."""
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
-        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
-        "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
+    """Samples -> a batch: tensors stacked ("pixel_values" [B,3,R,R], or a cache's latents), pairs as
+    LongTensor [B, 2] ("original_size", "crop_top_left"), "captions" and "keys" as lists, and "skipped":
+    the reasons of the skip markers dropped from the batch (a batch may hold fewer than B samples, or none)."""
+    kept = [s for s in samples if "skip" not in s]
+    batch: dict[str, Any] = {
+        "skipped": [s["skip"] for s in samples if "skip" in s],
+        "captions": [s["caption"] for s in kept],
+        "keys": [s.get("key") for s in kept],
     }
+    for name in (kept[0] if kept else {}):
+        if name in ("caption", "key"):
+            continue
+        values = [s[name] for s in kept]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
 # Image folder: images + metadata.jsonl (the HF `imagefolder` layout)
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(BadSample, OSError):
     """An image file that exists but cannot be decoded; the message names the file."""
 
 
 class ImageFolder(CaptionedImageDataset):
-    """A folder with `metadata.jsonl` lines like `{"file_name": "0001.png", "text": "a caption"}`.
+    """A folder with `metadata.jsonl` lines like `{"file_name": "0001.png", "text": "a caption"}`, or a
+    `metadata.csv` with the same columns (the Hugging Face `imagefolder` layout).
 
-    The caption field may also hold a list of captions; one is drawn per sample and epoch.
-    Layout mistakes (missing files, malformed lines, missing fields) raise `UserError` here, at
-    start-up, naming the file and line.
+    A caption field may also hold a list of captions; one is drawn per sample and epoch. Layout
+    mistakes (malformed lines, a missing image column, missing files, no caption field on any line)
+    raise `UserError` here, at start-up, naming the file and line. A line without a caption and an
+    image that cannot be decoded or is too small are bad samples, skipped when read.
     """
 
     def __init__(
         self,
         path: str | Path,
-        transform: ImageTransform,
+        preprocess: Preprocess | ImageTransform,
         seed: int = 0,
         image_column: str = "file_name",
-        caption_column: str = "text",
+        caption_column: str | None = None,
     ):
-        super().__init__(transform, seed)
+        super().__init__(preprocess, seed)
+        if caption_column is not None:  # a shorthand for tests and scripts
+            self.preprocess = Preprocess(self.preprocess.transform, tuple(caption_column.split(";")),
+                                         self.preprocess.caption_pick, self.preprocess.caption_dropout,
+                                         self.preprocess.min_size)
         self.root = Path(path)
-        self._records = _PackedJson(_read_metadata(self.root, image_column, caption_column))
+        self._records = _PackedJson(_read_metadata(self.root, image_column, self.preprocess.caption_fields))
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
-        file_name, caption = self._records[index]
-        if isinstance(caption, list):
-            caption = caption[rng.integers(len(caption))]
-        return open_image(self.root / file_name), caption
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+        file_name, captions = self._records[index]
+        path = self.root / file_name
+        caption = self.preprocess.caption(captions, rng, str(path))
+        return open_image(path), caption, str(path)
 
 
-def _read_metadata(root: Path, image_column: str, caption_column: str) -> list[list]:
-    """`metadata.jsonl` -> [[file_name, caption or captions], ...], checked line by line."""
+def _read_metadata(root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list[list]:
+    """`metadata.jsonl` or `metadata.csv` -> [[file_name, {caption field: value}], ...], checked line by line."""
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
     meta = root / "metadata.jsonl"
+    if not meta.is_file() and (root / "metadata.csv").is_file():
+        meta = root / "metadata.csv"
     if not meta.is_file():
-        raise UserError(f"{meta}: not found (an image folder needs metadata.jsonl)")
+        raise UserError(f"{root / 'metadata.jsonl'}: not found (an image folder needs metadata.jsonl or metadata.csv)")
     try:
-        lines = meta.read_text(encoding="utf-8-sig").splitlines()
+        text = meta.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{meta}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            records.append(_parse_line(line, f"{meta}, line {number}", root, image_column, caption_column))
+    if meta.suffix == ".csv":
+        # An empty cell is a missing value; the header is line 1.
+        rows = [(f"{meta}, line {n}", {k: v for k, v in row.items() if v not in ("", None)})
+                for n, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+    else:
+        rows = [(f"{meta}, line {n}", _json_line(line, f"{meta}, line {n}"))
+                for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = [_check_row(row, where, root, image_column, caption_fields) for where, row in rows]
     if not records:
         raise UserError(f"{meta}: no samples")
+    if not any(captions for _, captions in records):
+        raise UserError(f"{meta}: no line has a caption field {', '.join(caption_fields)} (data.caption_column)")
     return records
 
 
-def _parse_line(line: str, where: str, root: Path, image_column: str, caption_column: str) -> list:
+def _json_line(line: str, where: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for column, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
-        if column not in row:
-            raise UserError(f"{where}: no '{column}' field ({key}); fields are {sorted(row)}")
-    file_name, caption = row[image_column], row[caption_column]
+    return row
+
+
+def _check_row(row: dict, where: str, root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list:
+    if image_column not in row:
+        raise UserError(f"{where}: no '{image_column}' field (data.image_column); fields are {sorted(row)}")
+    file_name = row[image_column]
     if not isinstance(file_name, str) or not (root / file_name).is_file():
         raise UserError(f"{where}: image file not found: {root / str(file_name)}")
-    if not _is_caption(caption):
-        raise UserError(f"{where}: '{caption_column}' must be a string or a non-empty list of strings")
-    return [file_name, caption]
+    captions = {f: row[f] for f in caption_fields if row.get(f) is not None}
+    for field, value in captions.items():
+        if not _is_caption(value):
+            raise UserError(f"{where}: '{field}' must be a string or a non-empty list of strings")
+    return [file_name, captions]
 
 
 def _is_caption(value: Any) -> bool:
@@ -150,14 +181,15 @@ def _is_caption(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode an image fully (closing the file), upright per its EXIF orientation."""
+def open_image(source: Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode an image file or its bytes fully (closing the file), upright per its EXIF orientation.
+    Raises `CorruptImageError` naming `name` (default: the path)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
             image.load()
             return ImageOps.exif_transpose(image)
     except Exception as err:  # PIL raises many types; the caller needs the file name
-        raise CorruptImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+        raise CorruptImageError(f"{name or source}: cannot read image ({type(err).__name__}: {err})") from err
 
 
 class _PackedJson:
@@ -209,13 +241,13 @@ class SyntheticCaptions(CaptionedImageDataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
         # A stream of its own (spawn_key) so content never correlates with augmentation draws.
         content = np.random.default_rng(np.random.SeedSequence([self.seed, index], spawn_key=(1,)))
         shape = SHAPES[content.integers(len(SHAPES))]
         fg, bg = (list(COLOURS)[i] for i in content.choice(len(COLOURS), size=2, replace=False))
         image = draw_shape(shape, COLOURS[fg], COLOURS[bg], self.transform.resolution, content)
-        return image, f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background"
+        return image, f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background", f"synthetic/{index}"
 
 
 def _article(word: str) -> str:
@@ -258,25 +290,50 @@ def register_source(name: str) -> Callable[[SourceBuilder], SourceBuilder]:
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The dataset `cfg.source` names, augmented per `cfg`, seeded with `seed`."""
+    """The dataset `cfg.source` names, preprocessed per `cfg`, seeded with `seed`; with `cfg.cache` set,
+    the latent cache instead (see `latent_cache.py`)."""
+    if cfg.cache is not None:
+        from sdkd.data.latent_cache import CachedLatents
+
+        return CachedLatents(cfg.cache, seed, cfg.caption_dropout)
     if cfg.source not in SOURCES:
         raise UserError(f"config key 'data.source': unknown source '{cfg.source}' (known: {', '.join(SOURCES)})")
     return SOURCES[cfg.source](cfg, seed)
 
 
-def _transform(cfg: DataConfig) -> ImageTransform:
-    return ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
+def preprocess_from(cfg: DataConfig) -> Preprocess:
+    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip),
+                      tuple(f for f in cfg.caption_column.split(";") if f), cfg.caption_pick, cfg.caption_dropout,
+                      cfg.min_size)
+
+
+def _require_path(cfg: DataConfig) -> str:
+    if cfg.path is None:
+        raise UserError(f"config key 'data.path': required when data.source={cfg.source}")
+    return cfg.path
 
 
 @register_source("synthetic")
 def _build_synthetic(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.num_samples <= 0:
         raise UserError("config key 'data.num_samples': must be > 0")
-    return SyntheticCaptions(cfg.num_samples, _transform(cfg), seed)
+    return SyntheticCaptions(cfg.num_samples, preprocess_from(cfg), seed)
 
 
 @register_source("imagefolder")
 def _build_imagefolder(cfg: DataConfig, seed: int) -> Dataset:
-    if cfg.path is None:
-        raise UserError("config key 'data.path': required when data.source=imagefolder")
-    return ImageFolder(cfg.path, _transform(cfg), seed, cfg.image_column, cfg.caption_column)
+    return ImageFolder(_require_path(cfg), preprocess_from(cfg), seed, cfg.image_column or "file_name")
+
+
+@register_source("hf")
+def _build_hf(cfg: DataConfig, seed: int) -> Dataset:
+    from sdkd.data.hf_source import HFImageDataset
+
+    return HFImageDataset(_require_path(cfg), cfg.split, preprocess_from(cfg), seed, cfg.image_column or "image")
+
+
+@register_source("webdataset")
+def _build_webdataset(cfg: DataConfig, seed: int) -> Dataset:
+    from sdkd.data.webdataset_source import WebDatasetSource
+
+    return WebDatasetSource.from_config(cfg, preprocess_from(cfg), seed)

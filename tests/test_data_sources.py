@@ -19,6 +19,7 @@ from sdkd.data.sources import (
     SyntheticCaptions,
     build_dataset,
     collate,
+    open_image,
 )
 from sdkd.data.transforms import ImageTransform
 from sdkd.train.config import DataConfig, UserError
@@ -206,15 +207,24 @@ def test_line_not_an_object(folder):
     assert f"{folder / 'metadata.jsonl'}, line 3" in error_of(folder)
 
 
-@pytest.mark.parametrize("column,kw", [("file_name", {}), ("text", {}), ("caption", {"caption_column": "caption"})])
-def test_line_without_configured_column(folder, column, kw):
-    rows = [{"file_name": "wide.png", "text": "ok"}, {"file_name": "tall.png", "text": "ok"}]
-    rows[1].pop(column, None)
-    write_metadata(folder, rows)
+def test_line_without_image_column(folder):
+    write_metadata(folder, [{"file_name": "wide.png", "text": "ok"}, {"text": "ok"}])
+    message = error_of(folder)
+    assert f"{folder / 'metadata.jsonl'}, line 2" in message and "'file_name'" in message
+
+
+@pytest.mark.parametrize("kw", [{}, {"caption_column": "caption"}])
+def test_no_line_with_a_caption_field(folder, kw):
+    write_metadata(folder, [{"file_name": "wide.png", "other": "x"}, {"file_name": "tall.png"}])
     message = error_of(folder, **kw)
-    assert f"{folder / 'metadata.jsonl'}, line " in message and f"'{column}'" in message
-    if not kw:
-        assert "line 2" in message
+    assert "no line has a caption field" in message and "data.caption_column" in message
+
+
+def test_line_without_caption_is_a_skipped_sample(folder):
+    write_metadata(folder, [{"file_name": "wide.png", "text": "ok"}, {"file_name": "tall.png", "text": None}])
+    ds = make_folder_ds(folder)
+    assert ds[0]["caption"] == "ok"
+    assert ds[1] == {"skip": f"{folder / 'tall.png'}: no caption (fields text)"}
 
 
 def test_image_file_not_found(folder):
@@ -233,11 +243,13 @@ def test_empty_metadata(folder):
     assert "no samples" in error_of(folder)
 
 
-def test_corrupt_image_names_the_file(folder):
+def test_corrupt_image_is_a_skip_marker_naming_the_file(folder):
     (folder / "tall.png").write_bytes(b"not a png")
     ds = make_folder_ds(folder)  # start-up does not decode images
+    marker = ds[1]
+    assert set(marker) == {"skip"} and str(folder / "tall.png") in marker["skip"] and "cannot read" in marker["skip"]
     with pytest.raises(CorruptImageError, match="tall.png"):
-        ds[1]
+        open_image(folder / "tall.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,3 +365,42 @@ def test_dataloader_with_workers(folder):
     for key, value in got.items():
         assert torch.equal(value, expected[key]), key
     assert sum((b["captions"] for b in batches), []) == expected["captions"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data: planted corrupt files are skipped, named and reported by collate
+
+
+def test_planted_bad_files_are_skipped_and_named(tmp_path):
+    noise(64, 48, 0).save(tmp_path / "good.jpg")
+    noise(64, 64, 1).save(tmp_path / "trunc.jpg")
+    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "trunc.jpg").read_bytes()[:300])
+    (tmp_path / "text.png").write_text("not an image at all")
+    noise(10, 12, 2).save(tmp_path / "tiny.png")
+    noise(40, 40, 3).save(tmp_path / "nocap.png")
+    write_metadata(tmp_path, [{"file_name": n, "text": "c"} for n in ("good.jpg", "trunc.jpg", "text.png", "tiny.png")]
+                   + [{"file_name": "nocap.png"}])
+    ds = build_dataset(DataConfig(source="imagefolder", path=str(tmp_path), resolution=R, min_size=16), seed=0)
+    batches = list(DataLoader(ds, batch_size=5, collate_fn=collate, num_workers=2))
+    (batch,) = batches
+    assert batch["captions"] == ["c"] and batch["pixel_values"].shape == (1, 3, R, R)
+    assert batch["keys"] == [str(tmp_path / "good.jpg")]
+    trunc, text, tiny, nocap = batch["skipped"]
+    assert trunc.startswith(f"{tmp_path / 'trunc.jpg'}: cannot read image")
+    assert text.startswith(f"{tmp_path / 'text.png'}: cannot read image")
+    assert tiny == f"{tmp_path / 'tiny.png'}: image 10x12 is smaller than data.min_size=16"
+    assert nocap == f"{tmp_path / 'nocap.png'}: no caption (fields text, txt, caption)"
+
+
+def test_a_batch_of_only_bad_samples_collates_empty():
+    batch = collate([{"skip": "a: x"}, {"skip": "b: y"}])
+    assert batch == {"skipped": ["a: x", "b: y"], "captions": [], "keys": []}
+
+
+def test_metadata_csv(tmp_path):
+    noise(40, 30, 0).save(tmp_path / "a.png")
+    noise(30, 40, 1).save(tmp_path / "b.png")
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a, with comma"\nb.png,\n')
+    ds = make_folder_ds(tmp_path)
+    assert len(ds) == 2 and ds[0]["caption"] == "a, with comma"
+    assert "no caption" in ds[1]["skip"]  # an empty cell is a missing caption

@@ -134,3 +134,45 @@ def test_same_generator_seed_same_output():
 def test_rejects_bad_resolution():
     with pytest.raises(ValueError, match="resolution"):
         ImageTransform(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocess: caption choice, dropout, size check
+
+
+from sdkd.data.transforms import BadSample, Preprocess, caption_candidates, dropout_rng  # noqa: E402
+
+
+def test_caption_candidates_first_and_random():
+    fields = {"a": "", "b": ["x", "y"], "c": "z", "d": None}
+    assert caption_candidates(fields, ["d", "b", "c"], "first") == ["x", "y"]
+    assert caption_candidates(fields, ["a", "c"], "first") == [""]  # an empty string is a caption
+    assert caption_candidates(fields, ["b", "c"], "random") == ["x", "y", "z"]
+    assert caption_candidates(fields, ["d", "e"], "first") == []
+
+
+def test_preprocess_caption_and_errors():
+    p = Preprocess(ImageTransform(8), ("text", "alt"), "random")
+    drawn = {p.caption({"text": "t", "alt": ["u", "v"]}, rng(s), "k") for s in range(30)}
+    assert drawn == {"t", "u", "v"}
+    with pytest.raises(BadSample, match="^k: no caption"):
+        p.caption({"other": "t"}, rng(0), "k")
+    small = Preprocess(ImageTransform(8), min_size=16)
+    with pytest.raises(BadSample, match="^k: image 15x20 is smaller than data.min_size=16"):
+        small(Image.new("RGB", (15, 20)), "c", rng(0), rng(1), "k")
+    out = small(Image.new("RGB", (16, 20)), "c", rng(0), rng(1), "k")
+    assert out["caption"] == "c" and out["key"] == "k" and out["pixel_values"].shape == (3, 8, 8)
+
+
+def test_caption_dropout_rate_and_own_stream():
+    p = Preprocess(ImageTransform(8, random_flip=True), caption_dropout=0.3)
+    image = halves(8)
+    dropped = [p(image, "c", rng(i), dropout_rng(0, 0, i), "k")["caption"] == "" for i in range(400)]
+    assert 0.22 < sum(dropped) / 400 < 0.38
+    # Dropout draws do not move the augmentation: same pixels with and without dropout.
+    plain = Preprocess(ImageTransform(8, random_flip=True))
+    for i in range(20):
+        a = p(image, "c", rng(i), dropout_rng(0, 0, i), "k")["pixel_values"]
+        b = plain(image, "c", rng(i), dropout_rng(0, 0, i), "k")["pixel_values"]
+        assert torch.equal(a, b)
+    assert Preprocess(ImageTransform(8), caption_dropout=1.0)(image, "c", rng(0), rng(0), "k")["caption"] == ""

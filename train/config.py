@@ -290,7 +290,8 @@ def validate(cfg: Config) -> None:
     from sdkd.data.sources import SOURCES  # lazy: the data package imports this module
 
     _require(d.source in SOURCES, "data.source", f"expected {', '.join(SOURCES)}, got '{d.source}'")
-    _require(d.source == "synthetic" or d.path is not None, "data.path", f"required when data.source={d.source}")
+    _require(d.source == "synthetic" or d.cache is not None or d.path is not None, "data.path",
+             f"required when data.source={d.source}")
     _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
     _require(d.caption_pick in ("first", "random"), "data.caption_pick", "expected first or random")
     _require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")

@@ -13,7 +13,7 @@ from sdkd.train.export import save_pipeline
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.losses import KDLoss
-from sdkd.train.objective import BatchEncoder, DiffusionObjective
+from sdkd.train.objective import DiffusionObjective, build_encoder
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import freeze, load_teacher
 
@@ -21,7 +21,11 @@ from sdkd.train.teacher import freeze, load_teacher
 def main() -> None:
     cfg = load_config(*parse_args(sys.argv[1:], __doc__))
     acc = make_accelerator(cfg)
-    teacher = load_teacher(cfg.teacher)
+    with acc.main_process_first():  # data mistakes fail fast; a hf source prepares its arrow cache once
+        dataset = build_dataset(cfg.data, cfg.train.seed)
+    # From a latent cache no VAE or text encoder runs in the step: they are not loaded (sample grids
+    # load them on the main process when first due).
+    teacher = load_teacher(cfg.teacher, with_encoders=cfg.data.cache is None)
     spec = removal_spec(cfg.student)
     student = build_student(teacher.unet, spec).float()
     student.train()
@@ -37,10 +41,14 @@ def main() -> None:
 
     dtype = weight_dtype(acc)
     for frozen in (teacher.unet, teacher.vae, teacher.text_encoder):
-        freeze(frozen, acc.device, dtype)
+        if frozen is not None:
+            freeze(frozen, acc.device, dtype)
     acc.print(f"teacher {sum(p.numel() for p in teacher.unet.parameters()):,} params -> "
               f"student ({cfg.student.preset}) {sum(p.numel() for p in student.parameters()):,}; "
               f"{len(pairs)} feature pairs; on {acc.num_processes} processes")
+    acc.print(f"data: {len(dataset):,} samples per epoch from "
+              + (f"the latent cache {cfg.data.cache} (no VAE or text encoder loaded)" if cfg.data.cache
+                 else f"data.source={cfg.data.source}"))
 
     loss = KDLoss.from_config(cfg.loss)
     objective = DiffusionObjective(
@@ -50,8 +58,8 @@ def main() -> None:
     )
     Trainer(
         cfg=cfg, accelerator=acc, model=student, objective=objective,
-        encoder=BatchEncoder(teacher.vae, teacher.text_encoder, teacher.tokenizer),
-        dataset=build_dataset(cfg.data, cfg.train.seed), parts=teacher,
+        encoder=build_encoder(cfg.data, teacher, dataset, acc.device),
+        dataset=dataset, parts=teacher,
         export=lambda unet, folder: save_pipeline(unet, cfg.teacher, folder),
         reference_unet=teacher.unet,
     ).fit()

@@ -7,9 +7,12 @@ Loop order (edm2 / torchtitan): step -> log -> sample -> checkpoint -> done?
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from sdkd.data.sources import collate
@@ -80,8 +83,9 @@ class Trainer:
     model: torch.nn.Module
     objective: Callable
     encoder: Callable                 # batch, generator -> (latents, text embeddings)
-    dataset: Dataset
-    parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling
+    dataset: Dataset                  # map-style (a prepared, sharded DataLoader) or iterable (splits itself)
+    parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling (loaded
+                                      # from cfg.teacher when sampling is due if they were left out)
     export: Callable                  # (model, folder) -> None, at the end, on the main process
     reference_unet: torch.nn.Module | None = None   # sampled once beside the student (the teacher)
 
@@ -94,15 +98,14 @@ class Trainer:
         lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=cfg.train.max_steps * acc.num_processes)
-        loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate, num_workers=cfg.train.num_workers)
         ema = None
         if cfg.ema.enabled:
             ema = EMAModel(model.parameters(), decay=cfg.ema.decay, model_cls=type(model), model_config=model.config)
             ema.to(acc.device)
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, model, ema)
-        wrapped, optimizer, loader, lr_schedule = acc.prepare(model, optimizer, loader, lr_schedule)
-        if len(loader) == 0:
+        wrapped, optimizer, lr_schedule = acc.prepare(model, optimizer, lr_schedule)
+        loader, self.batches_per_epoch = self._loader()
+        if self.batches_per_epoch == 0:
             raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
                             f"({cfg.train.batch_size} x {acc.num_processes} processes)")
         generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 10_000 * acc.process_index)
@@ -116,6 +119,7 @@ class Trainer:
             _truncate_metrics(out / "metrics.jsonl", step)
         acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
 
+        self._skipped, self._batches_read = 0, step * cfg.train.grad_accum
         batches = self._batches(loader, step * cfg.train.grad_accum)
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process)
@@ -131,7 +135,10 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 logged = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
                 logged |= {"lr": lr_schedule.get_last_lr()[0], "sec_per_step": seconds,
-                           "samples_per_sec": samples_per_step / seconds}
+                           "samples_per_sec": samples_per_step / seconds,
+                           "epoch": self._batches_read / self.batches_per_epoch,
+                           "data_skipped": int(acc.reduce(torch.tensor(self._skipped, device=acc.device), "sum"))}
+                self._skipped = 0
                 acc.log(logged, step=step)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
@@ -166,21 +173,74 @@ class Trainer:
                 totals[name] = totals.get(name, 0) + value.detach() / accum
         return totals
 
+    def _loader(self) -> tuple[DataLoader, int]:
+        """The DataLoader and the batches each process reads per epoch.
+
+        A map-style dataset goes through `accelerator.prepare`, which shards it over processes with a
+        seedable sampler. An iterable one (webdataset) splits itself by process and worker, so it is
+        never prepared; its epoch length comes from its manifest (`set_batching`)."""
+        cfg, acc = self.cfg.train, self.accelerator
+        if isinstance(self.dataset, IterableDataset):
+            loader = DataLoader(self.dataset, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
+                                num_workers=cfg.num_workers)
+            return loader, self.dataset.set_batching(cfg.batch_size, acc.num_processes, cfg.num_workers)
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                            collate_fn=collate, num_workers=cfg.num_workers)
+        loader = acc.prepare(loader)
+        return loader, len(loader)
+
     def _batches(self, loader, start_micro_step: int):
-        """Endless batches; a resumed run continues at the same epoch and position."""
-        epoch, skip = divmod(start_micro_step, len(loader))
+        """Endless batches; a resumed run continues at the same epoch and position (an iterable dataset
+        restarts the epoch's stream reseeded by that position instead: see webdataset_source.py).
+
+        Bad samples were dropped by `collate` and arrive as `batch["skipped"]`: each is named in a warning
+        and counted (`data_skipped` in the metrics), or stops the run when `data.strict` is set. A batch
+        left with no sample is passed over; it still counts as read for the epoch."""
+        epoch, skip = divmod(start_micro_step, self.batches_per_epoch)
+        iterable = isinstance(self.dataset, IterableDataset)
         while True:
-            loader.set_epoch(epoch)  # sampler order
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)  # augmentation randomness
-            yield from (self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+            if iterable:
+                self.dataset.set_epoch(epoch, skip)
+                epoch_batches = iter(loader)
+            else:
+                loader.set_epoch(epoch)  # sampler order
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)  # augmentation randomness
+                epoch_batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in islice(epoch_batches, self.batches_per_epoch - skip):
+                self._batches_read += 1
+                self._note_skipped(batch["skipped"])
+                if batch["captions"]:
+                    yield batch
             epoch, skip = epoch + 1, 0
+
+    def _note_skipped(self, reasons: list[str]) -> None:
+        if reasons and self.cfg.data.strict:
+            raise UserError(f"bad sample (data.strict=true): {reasons[0]}")
+        for reason in reasons:
+            print(f"warning: process {self.accelerator.process_index} skipped a sample: {reason}",
+                  file=sys.stderr, flush=True)
+        self._skipped += len(reasons)
+
+    def _sampling_parts(self):
+        """The frozen VAE and text encoder for sampling. A run from a latent cache left them out; the
+        main process loads them from cfg.teacher the first time a sample grid is due."""
+        if not self.parts.has_encoders:
+            from sdkd.train.teacher import freeze, load_teacher
+
+            loaded = load_teacher(self.cfg.teacher, with_unet=False)
+            for frozen in (loaded.vae, loaded.text_encoder):
+                freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
+            self.parts = dataclasses.replace(self.parts, vae=loaded.vae, text_encoder=loaded.text_encoder,
+                                             tokenizer=loaded.tokenizer)
+        return self.parts
 
     def _sample(self, step: int) -> None:
         acc, s = self.accelerator, self.cfg.sample
         if acc.is_main_process:
             resolution = s.resolution or self.cfg.data.resolution
-            run = lambda unet: sample_images(unet, self.parts, s.prompts, s.seed, s.steps, s.guidance_scale,
+            parts = self._sampling_parts()
+            run = lambda unet: sample_images(unet, parts, s.prompts, s.seed, s.steps, s.guidance_scale,
                                              resolution, autocast=acc.autocast)
             folder = Path(self.cfg.output_dir) / "samples"
             folder.mkdir(parents=True, exist_ok=True)

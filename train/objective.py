@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
 
@@ -25,7 +26,16 @@ class BatchEncoder:
         pixels = batch["pixel_values"].to(device=device, dtype=self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
-        return latents.float(), self.embed(batch["captions"])
+        # The VAE may hand back a channels-last tensor; the U-Nets then pick other kernels than for the
+        # cache's contiguous latents. One layout for both keeps cached and uncached runs identical.
+        return latents.float().contiguous(), self.embed(batch["captions"])
+
+    @torch.no_grad()
+    def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and standard deviation (unscaled): what the latent cache stores."""
+        pixels = batch["pixel_values"].to(device=self.vae.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> torch.Tensor:
@@ -34,6 +44,35 @@ class BatchEncoder:
             truncation=True, return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+class CachedEncoder:
+    """A latent cache's batch -> the latents `BatchEncoder` would sample, and the cached embeddings.
+
+    Draws the posterior sample exactly as diffusers' `DiagonalGaussianDistribution.sample` does (one
+    `randn_tensor` of the latent shape from the step generator), so from the same mean, std and
+    generator state it returns the same latents, bit for bit.
+    """
+
+    def __init__(self, scaling_factor: float, device: torch.device | str = "cpu"):
+        self.scaling_factor, self.device = scaling_factor, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = batch["latent_mean"].to(self.device, torch.float32)
+        std = batch["latent_std"].to(self.device, torch.float32)
+        noise = randn_tensor(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
+        latents = (mean + std * noise) * self.scaling_factor
+        return latents.contiguous(), batch["embeds"].to(self.device, torch.float32).contiguous()
+
+
+def build_encoder(data_cfg, parts, dataset, device: torch.device):
+    """The trainer's encoder: the teacher's VAE and text encoder, or the latent cache's when `data.cache`
+    is set (then checked against the teacher: resolution, VAE scaling factor, text width)."""
+    if data_cfg.cache is None:
+        return BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
+    dataset.check_teacher(parts, data_cfg.resolution)
+    return CachedEncoder(parts.vae_config["scaling_factor"], device)
 
 
 class DiffusionObjective:

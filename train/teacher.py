@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -14,26 +15,40 @@ from sdkd.train.config import UserError
 
 @dataclass
 class PipelineParts:
-    """The pieces of an SD-1.x/2.x pipeline a trainer needs; `unet` may be left out."""
+    """The pieces of an SD-1.x/2.x pipeline a trainer needs. `unet` may be left out, and so may the VAE,
+    text encoder and tokenizer (a run from a latent cache); `vae_config` is kept either way."""
 
     unet: UNet2DConditionModel | None
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextModel | None
+    tokenizer: CLIPTokenizer | None
     scheduler: DDPMScheduler
+    vae_config: Any = None
+    """The VAE's config (a dict-like); taken from `vae` when not given."""
+
+    def __post_init__(self) -> None:
+        if self.vae_config is None:
+            self.vae_config = self.vae.config
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def has_encoders(self) -> bool:
+        return self.vae is not None
 
 
-def load_teacher(source: str, with_unet: bool = True) -> PipelineParts:
-    """`source`: "toy", a local diffusers pipeline folder, or a hub id (cached or downloaded)."""
+def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True) -> PipelineParts:
+    """`source`: "toy", a local diffusers pipeline folder, or a hub id (cached or downloaded).
+
+    `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read)."""
     if source == "toy":
         from sdkd.train.toy import build_toy_pipeline
 
         p = build_toy_pipeline()
-        return PipelineParts(p.unet if with_unet else None, p.vae, p.text_encoder, p.tokenizer, p.scheduler)
+        enc = (p.vae, p.text_encoder, p.tokenizer) if with_encoders else (None, None, None)
+        return PipelineParts(p.unet if with_unet else None, *enc, p.scheduler, vae_config=p.vae.config)
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
         raise UserError(f"teacher '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
@@ -41,10 +56,11 @@ def load_teacher(source: str, with_unet: bool = True) -> PipelineParts:
         kw = dict(local_files_only=local.exists())
         return PipelineParts(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw) if with_unet else None,
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw) if with_encoders else None,
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw) if with_encoders else None,
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw) if with_encoders else None,
             scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            vae_config=None if with_encoders else AutoencoderKL.load_config(source, subfolder="vae", **kw),
         )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,109 @@
+"""Latent cache: written by write_cache, read back as a map-style dataset; the latents it yields are
+the ones BatchEncoder samples (same mean/std, same draw from the same generator state)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sdkd.data.latent_cache import CachedLatents, write_cache
+from sdkd.data.sources import SyntheticCaptions, build_dataset, collate
+from sdkd.data.transforms import ImageTransform, Preprocess
+from sdkd.train.config import DataConfig, UserError
+from sdkd.train.objective import BatchEncoder, CachedEncoder, build_encoder
+from sdkd.train.teacher import load_teacher
+
+R, N = 32, 10
+
+
+@pytest.fixture(scope="module")
+def toy():
+    parts = load_teacher("toy")
+    for m in (parts.vae, parts.text_encoder):
+        m.requires_grad_(False).eval()
+    return parts
+
+
+def source(dropout=0.0):
+    return SyntheticCaptions(N, Preprocess(ImageTransform(R, True, False), caption_dropout=dropout), seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, toy):
+    out = tmp_path_factory.mktemp("cache")
+    write_cache(source(), BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer), out, batch_size=4, shard_size=4,
+                info={"resolution": R, "teacher": "toy"})
+    return out
+
+
+def test_layout_and_manifest(cache, toy):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["samples"] == N and [s["samples"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["scaling_factor"] == toy.vae.config.scaling_factor
+    assert manifest["latent_shape"] == [4, R // 2, R // 2] and manifest["embed_shape"] == [77, 32]
+    assert sorted(p.name for p in cache.iterdir()) == ["empty_prompt.safetensors", "latents-000000.safetensors",
+                                                       "latents-000001.safetensors", "latents-000002.safetensors",
+                                                       "manifest.json"]
+
+
+def test_cached_latents_equal_batch_encoder_latents(cache, toy):
+    ds = build_dataset(DataConfig(cache=str(cache), resolution=R), seed=3)
+    assert isinstance(ds, CachedLatents) and len(ds) == N
+    src = source()
+    indices = [7, 0, 4, 9]  # across shards, out of order: as a shuffled batch
+    cached = collate([ds[i] for i in indices])
+    plain = collate([src[i] for i in indices])
+    assert cached["captions"] == plain["captions"] and cached["keys"] == plain["keys"]
+    assert torch.equal(cached["original_size"], plain["original_size"])
+    encoder = BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer)
+    mean, std = encoder.posterior(plain)
+    assert torch.equal(cached["latent_mean"], mean) and torch.equal(cached["latent_std"], std)
+    a = encoder(plain, torch.Generator().manual_seed(11))
+    b = CachedEncoder(toy.vae.config.scaling_factor)(cached, torch.Generator().manual_seed(11))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_caption_dropout_matches_uncached_draws(cache, toy):
+    ds = CachedLatents(cache, seed=3, caption_dropout=0.5)
+    src = source(dropout=0.5)
+    empty = BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer).embed([""])[0]
+    dropped = 0
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        src.set_epoch(epoch)
+        for i in range(N):
+            c, p = ds[i], src[i]
+            assert c["caption"] == p["caption"]
+            if c["caption"] == "":
+                assert torch.equal(c["embeds"], empty)
+                dropped += 1
+    assert 0 < dropped < 3 * N
+
+
+def test_loader_with_workers_and_fp16(tmp_path, toy):
+    write_cache(source(), BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer), tmp_path, batch_size=3,
+                shard_size=3, dtype="fp16", info={"resolution": R})
+    ds = CachedLatents(tmp_path)
+    batches = list(DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2))
+    assert [len(b["captions"]) for b in batches] == [4, 4, 2]
+    assert batches[0]["latent_mean"].dtype == torch.float16 and batches[0]["embeds"].shape == (4, 77, 32)
+
+
+def test_checked_against_the_teacher(cache, toy):
+    ds = CachedLatents(cache)
+    parts = load_teacher("toy", with_encoders=False)
+    cfg = DataConfig(cache=str(cache), resolution=R)
+    assert isinstance(build_encoder(cfg, parts, ds, torch.device("cpu")), CachedEncoder)
+    with pytest.raises(UserError, match="data.resolution"):
+        build_encoder(DataConfig(cache=str(cache), resolution=64), parts, ds, torch.device("cpu"))
+    parts.vae_config = {**parts.vae_config, "scaling_factor": 0.13025}
+    with pytest.raises(UserError, match="scaling factor"):
+        build_encoder(cfg, parts, ds, torch.device("cpu"))
+
+
+def test_unfinished_cache_is_refused(tmp_path):
+    with pytest.raises(UserError, match="not a finished latent cache"):
+        CachedLatents(tmp_path)
