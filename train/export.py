@@ -1,12 +1,54 @@
-"""Writing trained students out as complete diffusers pipeline folders."""
+"""Exporting students: diffusers folders and single `.safetensors` files (LDM layout, two numberings).
+
+    python train/export.py SRC --format diffusers   --out DEST_FOLDER [--half] [--ema] [--vae FOLDER]
+    python train/export.py SRC --format single-file --out DEST.safetensors [--target ldm|sdcpp] [--half] [--ema]
+
+SRC is a run folder (config.yaml; its `student/`, or with --ema the newest checkpoint's `unet_ema/`),
+a `checkpoint-STEP` folder (its `unet/` or `unet_ema/`, the other parts from the run's `student/` or
+teacher) or a diffusers pipeline folder (model_index.json).
+
+- diffusers: a pipeline folder with contiguous safetensors and a model card `README.md`.
+- single-file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder in one flat LDM state
+  dict; the diffusers configs and the tokenizer are stored in the safetensors metadata (k-diffusion's
+  trick), so `sdkd.eval.pipeline.load_pipeline(file)` rebuilds the student from the file alone.
+  `--target ldm` (default): packed numbering, for diffusers `from_single_file(file, config=FOLDER)`
+  and other LDM tools. `--target sdcpp`: teacher-slot numbering, for stable-diffusion.cpp; refused
+  for layouts sd.cpp has no model for (no file is written then).
+
+`save_pipeline(unet, teacher, folder)` is what the trainers call at the end of a run.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdkd.train import ldm_layout
+from sdkd.train.config import UserError, run_cli
 from sdkd.train.teacher import load_teacher
+
+FORMAT_VERSION = "1"
+META = "sdkd."  # metadata key prefix
+
+
+def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        # Sliced or transposed tensors (e.g. after weight copies) must be written contiguous.
+        p.data = p.data.contiguous()
+    for b in module.buffers():
+        b.data = b.data.contiguous()
+    return module
 
 
 def save_pipeline(unet, teacher: str, folder: str | Path) -> Path:
@@ -16,12 +58,426 @@ def save_pipeline(unet, teacher: str, folder: str | Path) -> Path:
     were cast to the mixed-precision dtype, which must not leak into the export.
     """
     parts = load_teacher(teacher, with_unet=False)
-    for p in unet.parameters():
-        # Sliced or transposed tensors (e.g. after weight copies) must be written contiguous.
-        p.data = p.data.contiguous()
+    _contiguous(unet)
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    pipe: StableDiffusionPipeline
+    description: str
+    """Where the weights came from, for the model card."""
+    info: dict = field(default_factory=dict)
+    """preset, teacher, training summary (whatever is known)."""
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_pipeline_folder(folder: Path) -> StableDiffusionPipeline:
+    try:
+        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, SafetensorError, KeyError, RuntimeError) as err:
+        raise UserError(f"'{folder}' could not be loaded as a diffusers pipeline folder: {_first_line(err)}") from None
+
+
+def _load_unet(folder: Path) -> UNet2DConditionModel:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"no U-Net at '{folder}' (expected config.json and diffusion_pytorch_model.safetensors)")
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise UserError(f"U-Net '{folder}' could not be loaded: {_first_line(err)}") from None
+
+
+def _run_info(run: Path) -> dict:
+    """Preset, teacher and a training summary from a run folder's config.yaml and metrics.jsonl."""
+    from omegaconf import OmegaConf
+
+    info: dict = {}
+    cfg_file = run / "config.yaml"
+    if cfg_file.is_file():
+        cfg = OmegaConf.load(cfg_file)
+        info["teacher"] = cfg.get("teacher")
+        info["preset"] = OmegaConf.select(cfg, "student.preset")
+        summary = {k: OmegaConf.select(cfg, k) for k in (
+            "train.max_steps", "train.batch_size", "train.grad_accum", "train.mixed_precision", "optim.lr",
+            "loss.lambda_task", "loss.lambda_out", "loss.lambda_feat", "student.feature_pairs", "ema.enabled",
+            "data.source", "data.resolution")}
+        info["training"] = {k: v for k, v in summary.items() if v is not None}
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        if lines:
+            try:
+                info["last_metrics"] = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                pass
+    return info
+
+
+def _other_parts(run: Path, info: dict) -> StableDiffusionPipeline:
+    """VAE, text encoder, tokenizer and scheduler of a run: its student/ folder, else its teacher."""
+    if (run / "student" / "model_index.json").is_file():
+        return _load_pipeline_folder(run / "student")
+    teacher = info.get("teacher")
+    if not teacher:
+        raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
+                        f"VAE and text encoder to export with the U-Net")
+    parts = load_teacher(teacher, with_unet=False)
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=None, scheduler=parts.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None) -> Source:
+    """A run folder, a checkpoint folder or a diffusers pipeline folder -> one pipeline to export."""
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"'{src}' not found: expected a run folder (config.yaml), a checkpoint-STEP folder or a "
+                        f"diffusers pipeline folder (model_index.json)")
+    if path.is_file():
+        raise UserError(f"'{src}' is a file: expected a run folder, a checkpoint-STEP folder or a diffusers "
+                        f"pipeline folder")
+    if (path / "model_index.json").is_file():
+        if ema:
+            raise UserError(f"--ema needs a run folder or a checkpoint; '{src}' is a pipeline folder, which holds "
+                            f"one set of weights")
+        pipe = _load_pipeline_folder(path)
+        run = path.parent if (path.parent / "config.yaml").is_file() else None
+        source = Source(pipe, f"diffusers folder `{path.name}`", _run_info(run) if run else {})
+    elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
+        sub = "unet_ema" if ema else "unet"
+        if not (path / sub).is_dir():
+            raise UserError(f"checkpoint '{src}' has no {sub}/ (the run was trained without ema.enabled)")
+        info = _run_info(path.parent)
+        pipe = _other_parts(path.parent, info)
+        pipe.unet = _load_unet(path / sub)
+        source = Source(pipe, f"checkpoint `{path.name}` ({sub})", info)
+    elif (path / "config.yaml").is_file():  # a run
+        from sdkd.train.checkpoints import find_latest
+
+        info = _run_info(path)
+        latest = find_latest(path)
+        if ema:
+            if latest is None or not (latest / "unet_ema").is_dir():
+                raise UserError(f"run '{src}' has no EMA weights (no checkpoint with unet_ema/; train with "
+                                f"ema.enabled=true)")
+            pipe = _other_parts(path, info)
+            pipe.unet = _load_unet(latest / "unet_ema")
+            source = Source(pipe, f"run `{path.name}`, EMA weights of `{latest.name}`", info)
+        elif (path / "student" / "model_index.json").is_file():
+            source = Source(_load_pipeline_folder(path / "student"), f"run `{path.name}`, final `student/`", info)
+        elif latest is not None:
+            pipe = _other_parts(path, info)
+            pipe.unet = _load_unet(latest / "unet")
+            source = Source(pipe, f"run `{path.name}`, `{latest.name}`", info)
+        else:
+            raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to export")
+    else:
+        raise UserError(f"'{src}' is not a run folder (config.yaml), a checkpoint (unet/) or a diffusers pipeline "
+                        f"folder (model_index.json)")
+    if vae is not None:
+        source.pipe.vae = load_vae(vae)
+    return source
+
+
+def load_vae(folder: str | Path):
+    """AutoencoderKL or AutoencoderTiny from a diffusers folder (its config names the class)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "vae" / "config.json").is_file():
+        folder, config_file = folder / "vae", folder / "vae" / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"no VAE at '{folder}' (expected a diffusers VAE folder with config.json)")
+    cls_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+    if cls_name not in classes:
+        raise UserError(f"VAE '{folder}' is a {cls_name}; expected AutoencoderKL or AutoencoderTiny")
+    try:
+        return classes[cls_name].from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise UserError(f"VAE '{folder}' could not be loaded: {_first_line(err)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _teacher_params(teacher: str | None) -> int | None:
+    from sdkd.train.students import count_params
+
+    if not teacher:
+        return None
+    try:
+        if teacher == "toy":
+            from sdkd.train.toy import TOY_UNET
+
+            return count_params(TOY_UNET)
+        config = UNet2DConditionModel.load_config(teacher, subfolder="unet", local_files_only=True)
+        return count_params(config)
+    except Exception:  # an uncached hub id: the card just leaves it out
+        return None
+
+
+def card_info(source: Source) -> dict:
+    pipe, info = source.pipe, dict(source.info)
+    unet_config = dict(pipe.unet.config)
+    info.setdefault("preset", None)
+    info["layout"] = ldm_layout.unet_layout(unet_config)
+    info["preset"] = info["preset"] or info["layout"]
+    info["source"] = source.description
+    info["unet_params"] = _params(pipe.unet)
+    teacher_params = _teacher_params(info.get("teacher"))
+    if teacher_params:
+        info["teacher_unet_params"] = teacher_params
+    info["vae"] = f"{type(pipe.vae).__name__} ({_params(pipe.vae):,} params)"
+    info["text_encoder_params"] = _params(pipe.text_encoder)
+    return info
+
+
+def model_card(info: dict, half: bool) -> str:
+    ratio = (f" ({info['unet_params'] / info['teacher_unet_params']:.1%} of the teacher's "
+             f"{info['teacher_unet_params']:,})") if info.get("teacher_unet_params") else ""
+    one_step = info["layout"] in ("sdxs", "sdxs09")
+    lines = [
+        "---", "library_name: diffusers", "tags:", "- stable-diffusion", "- knowledge-distillation", "- sdkd", "---",
+        "", f"# sdkd student: {info['preset']}", "",
+        "A block-removed Stable Diffusion student distilled with sdkd.", "",
+        "| | |", "|---|---|",
+        f"| preset | `{info['preset']}` (U-Net layout `{info['layout']}`) |",
+        f"| U-Net parameters | {info['unet_params']:,}{ratio} |",
+        f"| teacher | `{info.get('teacher') or 'unknown'}` |",
+        f"| VAE | {info['vae']} |",
+        f"| text encoder parameters | {info['text_encoder_params']:,} |",
+        f"| weights | {info['source']}, {'fp16' if half else 'stored dtype'} |",
+        "",
+    ]
+    if info.get("training"):
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in info["training"].items()]
+        if info.get("last_metrics"):
+            lines += ["", "Last logged metrics: " + ", ".join(
+                f"`{k}` {v:.4g}" if isinstance(v, float) else f"`{k}` {v}" for k, v in info["last_metrics"].items())]
+        lines.append("")
+    steps, cfg = ("1", "0.0") if one_step else ("25", "7.5")
+    lines += [
+        "## Use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
+        'pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
+        f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={cfg}).images[0]', "```", "",
+        "or `python eval/sample.py --model PATH/TO/THIS/FOLDER --prompt \"a photo of a cat\" --out samples/` "
+        "(sdkd's pipeline).", "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _cast(pipe: StableDiffusionPipeline, half: bool) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to("cpu")
+        if half:
+            module.to(torch.float16)
+        _contiguous(module)
+
+
+def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; --format diffusers writes a folder")
+    pipe = source.pipe
+    _cast(pipe, half)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").write_text(model_card(card_info(source), half))
+    return out
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _config_json(config) -> str:
+    return json.dumps({k: v for k, v in dict(config).items()}, default=list)
+
+
+def single_file_state(pipe: StableDiffusionPipeline, target: str) -> tuple[dict, dict]:
+    """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
+    vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
+    unet_config = dict(pipe.unet.config)
+    flat = ldm_layout.to_ldm(
+        pipe.unet.state_dict(), unet_config, target,
+        vae=pipe.vae.state_dict(), vae_config=dict(pipe.vae.config), vae_tiny=vae_tiny,
+        text=pipe.text_encoder.state_dict(), text_config=pipe.text_encoder.config.to_dict())
+    meta = {
+        "format": "pt",
+        META + "format_version": FORMAT_VERSION,
+        META + "numbering": target,
+        META + "unet_config": _config_json(unet_config),
+        META + "vae_class": type(pipe.vae).__name__,
+        META + "vae_config": _config_json(pipe.vae.config),
+        META + "text_encoder_config": pipe.text_encoder.config.to_json_string(use_diff=False),
+        META + "scheduler_class": type(pipe.scheduler).__name__,
+        META + "scheduler_config": _config_json(pipe.scheduler.config),
+        META + "tokenizer": json.dumps(_tokenizer_files(pipe.tokenizer)),
+    }
+    return flat, meta
+
+
+def export_single_file(source: Source, out: str | Path, target: str = "ldm", half: bool = False) -> Path:
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
+    pipe = source.pipe
+    if target == "sdcpp":  # before anything is written: never a file that fails later
+        for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
+            print(f"warning: {warning}", file=sys.stderr)
+    _cast(pipe, half)
+    flat, meta = single_file_state(pipe, target)
+    info = card_info(source)
+    meta[META + "info"] = json.dumps(info, default=str)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file(flat, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading our single files back
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file '{path}' not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable .safetensors file ({_first_line(err)}); re-export it with "
+                        f"python train/export.py") from None
+
+
+def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer from its metadata)."""
+    import diffusers
+
+    path = Path(path)
+    meta = read_metadata(path)
+    if META + "unet_config" not in meta:
+        raise UserError(f"'{path}' has no sdkd metadata, so its U-Net layout is unknown; export the model with "
+                        f"python train/export.py --format single-file, or load the file with diffusers "
+                        f"from_single_file(file, config=DIFFUSERS_FOLDER)")
+    try:
+        unet_config = json.loads(meta[META + "unet_config"])
+        vae_class = meta[META + "vae_class"]
+        vae_config = json.loads(meta[META + "vae_config"])
+        text_config = json.loads(meta[META + "text_encoder_config"])
+        numbering = meta[META + "numbering"]
+        tokenizer_files = json.loads(meta[META + "tokenizer"])
+        scheduler_cls = getattr(diffusers, meta[META + "scheduler_class"])
+        scheduler_config = json.loads(meta[META + "scheduler_config"])
+    except (KeyError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"'{path}': damaged sdkd metadata ({_first_line(err)}); re-export the model") from None
+    if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise UserError(f"'{path}': unknown VAE class {vae_class}")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = (AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL).from_config(vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+    try:
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' could not be read ({_first_line(err)}); the file is damaged: re-export it") from None
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    src = str(path)
+    unet.load_state_dict(ldm_layout.unet_from_ldm(flat, unet_config, numbering, shapes(unet), src),
+                         strict=True, assign=True)
+    vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_class == "AutoencoderTiny", shapes(vae), src),
+                        strict=True, assign=True)
+    te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text_encoder), src)
+    missing = text_encoder.load_state_dict(te_state, strict=False, assign=True)
+    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("position_ids")]:
+        raise UserError(f"'{path}': text-encoder tensors do not fit its config; re-export the model")
+    for name, buf in text_encoder.named_buffers():  # non-persistent buffers are not in the file
+        if buf.is_meta:
+            parent = text_encoder.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in tokenizer_files.items():
+            (Path(tmp) / name).write_text(text)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler_cls.from_config(scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def export(src: str, fmt: str, out: str, target: str | None = None, half: bool = False, ema: bool = False,
+           vae: str | None = None) -> Path:
+    if fmt not in ("diffusers", "single-file"):
+        raise UserError(f"--format must be diffusers or single-file, got '{fmt}'")
+    if fmt == "diffusers" and target is not None:
+        raise UserError("--target applies to --format single-file only (a diffusers folder has one layout)")
+    target = target or "ldm"
+    if target not in ldm_layout.NUMBERINGS:
+        raise UserError(f"--target must be ldm or sdcpp, got '{target}'")
+    if fmt == "single-file" and (Path(out).is_dir() or Path(out).suffix != ".safetensors"):
+        raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
+    source = load_source(src, ema=ema, vae=vae)
+    if fmt == "diffusers":
+        return export_diffusers(source, out, half)
+    return export_single_file(source, out, target, half)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export a student as a diffusers folder or a single .safetensors "
+                                                 "file (LDM layout: --target ldm for diffusers/A1111/ComfyUI, "
+                                                 "--target sdcpp for stable-diffusion.cpp).")
+    parser.add_argument("src", help="run folder, checkpoint-STEP folder, or diffusers pipeline folder")
+    parser.add_argument("--format", required=True, choices=["diffusers", "single-file"])
+    parser.add_argument("--out", required=True, help="folder (diffusers) or FILE.safetensors (single-file)")
+    parser.add_argument("--target", choices=list(ldm_layout.NUMBERINGS),
+                        help="single-file U-Net numbering: ldm (default; diffusers from_single_file, LDM tools) "
+                             "or sdcpp (stable-diffusion.cpp)")
+    parser.add_argument("--half", action="store_true", help="store every tensor as fp16")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (run folder or checkpoint)")
+    parser.add_argument("--vae", help="replace the VAE: a diffusers AutoencoderKL or AutoencoderTiny folder")
+    args = parser.parse_args(argv)
+    out = export(args.src, args.format, args.out, args.target, args.half, args.ema, args.vae)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,4 +1,4 @@
-"""U-Net configs of the public SD-1.x / SD-2.x teachers (block-removal.md section 1).
+"""Configs of the public SD-1.x / SD-2.x models (block-removal.md section 1) and the SDXS-512 layout.
 
 Enough to count parameters on the meta device or to build random-weight models at real widths
 for benchmarks and export tests, with nothing downloaded.
@@ -15,3 +15,30 @@ SD15_UNET = dict(
 SD21_BASE_UNET = {**SD15_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
                   "use_linear_projection": True}
 SD21_UNET = {**SD21_BASE_UNET, "sample_size": 96, "upcast_attention": True}
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+# CLIP-L; bos/eos/pad as the toy tokenizer numbers them (the vocabulary size is CLIP's).
+SD15_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+SDXS_TYPES = dict(  # the SDXS-512 U-Net layout: bk_tiny without the 320-channel attention
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+)

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdkd.train.sd_configs import SD15_TEXT, SD15_VAE
+
 TOY_SEED = 0
 
 TOY_UNET = dict(
@@ -106,3 +108,45 @@ def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# SD-1.5 widths (random weights): the real consumers (stable-diffusion.cpp, benchmarks) need the
+# real architecture; weights may be random. Configs in sd_configs.py.
+
+
+def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill a meta-built module with small random weights: much faster than the default init."""
+    module.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norms
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for name, b in module.named_buffers():
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+    return module
+
+
+def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: bool = False,
+                          seed: int = TOY_SEED) -> StableDiffusionPipeline:
+    """A pipeline around `unet_config` with random weights: SD-1.5-width ("sd15") or toy parts."""
+    from diffusers import AutoencoderTiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+    vae_cfg, text_cfg = (SD15_VAE, SD15_TEXT) if widths == "sd15" else (TOY_VAE, TOY_TEXT)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+        vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        _random_init(m, seed + i)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

@@ -1,0 +1,58 @@
+"""Generate images with sdkd's inference pipeline.
+
+    python eval/sample.py --model PATH --prompt "a red fox" [--prompt ...] --steps 25 --seed 0 --out DIR
+
+PATH is a diffusers pipeline folder or an sdkd single file (python train/export.py). `--steps 1`
+is the one-step mode (guidance off). Image i is seeded `seed + i` whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from sdkd.train.config import run_cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate images from a student (diffusers folder or sdkd file).")
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder or sdkd .safetensors file")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--negative-prompt", help="one negative prompt for every image")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps; 1 = one-step mode (guidance off)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 0 with --steps 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="images per pipeline call (default: all)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument("--tiny-vae", help="AutoencoderTiny folder to decode with")
+    parser.add_argument("--lora", help="LoRA weights (diffusers/peft .safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--out", required=True, help="folder for the PNGs (and samples.json)")
+    args = parser.parse_args(argv)
+
+    from sdkd.eval.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae,
+                         compile=args.compile, lora=args.lora, lora_scale=args.lora_scale)
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    start = time.perf_counter()
+    images = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
+                  seed=args.seed, batch_size=args.batch_size, height=args.height, width=args.width)
+    seconds = time.perf_counter() - start
+    paths = save_images(images, args.out)
+    record = [dict(file=p.name, prompt=pr, seed=args.seed + i) for i, (p, pr) in enumerate(zip(paths, prompts))]
+    (paths[0].parent / "samples.json").write_text(json.dumps(dict(
+        model=str(args.model), steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
+        device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), seconds=seconds, images=record),
+        indent=1))
+    print(f"wrote {len(paths)} images to {args.out} ({seconds:.2f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,43 @@
+"""eval/bench_inference.py on the toy teacher: every figure present, ratios against the teacher."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from conftest import run_script
+from sdkd.eval.bench_inference import unet_macs
+
+
+def test_macs_of_a_one_conv_unet_are_counted():
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8,), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                                cross_attention_dim=8, mid_block_type=None)
+    macs = unet_macs(unet, 64, 8, torch.device("cpu"), torch.float32)
+    conv_in = 8 * 8 * 8 * 4 * 3 * 3  # H*W*Cout*Cin*k*k at latent 8x8
+    assert macs > conv_in
+
+
+def test_benchmark_toy_json_and_table(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_small,bk_tiny",
+                    "--resolution", "32", "--steps", "2", "--repeats", "1", "--e2e-repeats", "1", "--json", str(out)])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [row["model"] for row in rows] == ["teacher", "bk_small", "bk_tiny"]
+    for row in rows:
+        for key in ("unet_params", "unet_gmacs", "unet_ms_per_step", "latency_ms_per_image", "images_per_s",
+                    "peak_mem_mb", "macs_ratio", "unet_latency_ratio", "latency_vs_macs"):
+            assert row[key] > 0 or key == "latency_vs_macs", key
+    assert rows[0]["macs_ratio"] == 1.0 and rows[0]["params_ratio"] == 1.0
+    assert all(row["unet_gmacs"] < rows[0]["unet_gmacs"] for row in rows[1:])
+    assert all(row["unet_params"] < rows[0]["unet_params"] for row in rows[1:])
+    assert "| teacher" in r.stdout and "time vs MACs" in r.stdout
+
+
+def test_benchmark_bad_preset():
+    r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_huge"])
+    assert r.returncode == 2 and "unknown preset 'bk_huge'" in r.stderr

@@ -1,0 +1,262 @@
+"""Export: diffusers folders, single files in both numberings, read back by the real consumers.
+
+Toy widths cover every layout and source kind (same code paths as SD-1.5 widths). The `sd15`
+tests build SD-1.5-width models with random weights and hand them to diffusers `from_single_file`
+(--target ldm) and to stable-diffusion.cpp through cyllama (--target sdcpp); they run in this one
+process, one layout at a time, freeing memory in between.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from safetensors import safe_open
+
+from conftest import run_script
+from sdkd.train import export as E
+from sdkd.train import ldm_layout as L
+from sdkd.train.config import UserError
+from sdkd.train.students import PRESETS, build_student, student_unet_config
+from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
+from sdkd.train.toy import TOY_UNET, build_random_pipeline
+
+LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]
+
+
+def layout_pipeline(layout: str, teacher_dir=None, widths: str = "toy") -> StableDiffusionPipeline:
+    """A pipeline of `layout`: students built from the toy teacher folder; sdxs / sd15 with random weights."""
+    if teacher_dir is not None and layout in PRESETS:
+        pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+        pipe.unet = build_student(pipe.unet, PRESETS[layout])
+        return pipe
+    if teacher_dir is not None and layout == "teacher":
+        return StableDiffusionPipeline.from_pretrained(teacher_dir)
+    base = TOY_UNET if widths == "toy" else SD15_UNET
+    config = dict(base) if layout == "teacher" else student_unet_config(
+        base, PRESETS["bk_tiny" if layout == "sdxs" else layout])
+    if layout == "sdxs":
+        config.update(SDXS_TYPES)
+    return build_random_pipeline(config, widths=widths, tiny_vae=layout == "sdxs")
+
+
+@pytest.fixture(scope="module")
+def layout_dirs(toy_teacher_dir, tmp_path_factory):
+    """Every layout at toy widths as a diffusers pipeline folder."""
+    root = tmp_path_factory.mktemp("layouts")
+    dirs = {}
+    for layout in LAYOUTS:
+        layout_pipeline(layout, toy_teacher_dir).save_pretrained(root / layout, safe_serialization=True)
+        dirs[layout] = root / layout
+    return dirs
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].float(), sb[k].float()), k
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+def test_diffusers_export_is_contiguous_with_model_card(layout_dirs, tmp_path):
+    out = E.export(str(layout_dirs["bk_tiny"]), "diffusers", str(tmp_path / "out"))
+    for f in out.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            assert all(st.get_tensor(k).is_contiguous() for k in st.keys())
+    card = (out / "README.md").read_text()
+    assert "bk_tiny" in card and "U-Net parameters" in card and "library_name: diffusers" in card
+    reloaded = StableDiffusionPipeline.from_pretrained(out)
+    assert_same_state(reloaded.unet, UNet2DConditionModel.from_pretrained(layout_dirs["bk_tiny"] / "unet"))
+
+
+def test_diffusers_export_half(layout_dirs, tmp_path):
+    out = E.export(str(layout_dirs["bk_small"]), "diffusers", str(tmp_path / "half"), half=True)
+    for f in out.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
+
+
+# ---------------------------------------------------------------------------------------------
+# single files
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ldm_single_file_reads_back_in_diffusers(layout, layout_dirs, tmp_path):
+    folder = E.export(str(layout_dirs[layout]), "diffusers", str(tmp_path / "folder"))
+    file = E.export(str(layout_dirs[layout]), "single-file", str(tmp_path / "model.safetensors"), target="ldm")
+    unet = UNet2DConditionModel.from_single_file(str(file), config=str(folder), subfolder="unet",
+                                                 local_files_only=True)
+    assert_same_state(unet, UNet2DConditionModel.from_pretrained(layout_dirs[layout] / "unet"))
+
+
+def test_ldm_single_file_whole_pipeline_in_diffusers(layout_dirs, tmp_path):
+    folder = E.export(str(layout_dirs["bk_small"]), "diffusers", str(tmp_path / "folder"))
+    file = E.export(str(layout_dirs["bk_small"]), "single-file", str(tmp_path / "m.safetensors"))
+    pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), local_files_only=True,
+                                                    safety_checker=None)
+    ref = StableDiffusionPipeline.from_pretrained(layout_dirs["bk_small"])
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(pipe, name), getattr(ref, name))
+
+
+@pytest.mark.parametrize("layout, target", [(layout, target) for layout in LAYOUTS for target in L.NUMBERINGS
+                                             if not (target == "sdcpp" and layout in ("bk_base", "bk_small"))])
+def test_single_file_metadata_rebuilds_the_pipeline(layout, target, layout_dirs, tmp_path):
+    """(bk_base / bk_small are refused for sdcpp: tested below.)"""
+    file = E.export(str(layout_dirs[layout]), "single-file", str(tmp_path / "m.safetensors"), target=target)
+    meta = E.read_metadata(file)
+    assert meta["sdkd.numbering"] == target
+    assert json.loads(meta["sdkd.unet_config"])["block_out_channels"] == json.loads(
+        (layout_dirs[layout] / "unet" / "config.json").read_text())["block_out_channels"]
+    pipe = E.load_single_file(file)
+    ref = StableDiffusionPipeline.from_pretrained(layout_dirs[layout])
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(pipe, name), getattr(ref, name))
+    assert pipe.tokenizer("a cat").input_ids == ref.tokenizer("a cat").input_ids
+
+
+def test_sdcpp_file_uses_teacher_slots(layout_dirs, tmp_path):
+    file = E.export(str(layout_dirs["bk_tiny"]), "single-file", str(tmp_path / "t.safetensors"), target="sdcpp")
+    with safe_open(str(file), framework="pt") as st:
+        keys = set(st.keys())
+    p = L.UNET_PREFIX
+    assert p + "output_blocks.2.1.conv.weight" in keys and p + "output_blocks.5.2.conv.weight" in keys
+    assert p + "output_blocks.0.1.proj_in.weight" in keys  # up-block-0 attention, as sd.cpp wants it
+    assert p + "input_blocks.4.0.in_layers.0.weight" in keys and p + "input_blocks.2.0.in_layers.0.weight" not in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    assert L.VAE_PREFIX + "decoder.up.0.block.0.conv1.weight" in keys
+
+
+@pytest.mark.parametrize("layout", ["bk_base", "bk_small"])
+def test_sdcpp_export_refused_and_no_file(layout, layout_dirs, tmp_path):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(L.UnsupportedLayout, match=f"cannot run '{layout}'"):
+        E.export(str(layout_dirs[layout]), "single-file", str(out), target="sdcpp")
+    assert not list(tmp_path.iterdir())
+
+
+def test_sdcpp_export_refused_cli_one_line(layout_dirs, tmp_path):
+    out = tmp_path / "x.safetensors"
+    r = run_script([sys.executable, "train/export.py", str(layout_dirs["bk_small"]), "--format", "single-file",
+                    "--target", "sdcpp", "--out", str(out)])
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stable-diffusion.cpp cannot run") and "bk_tiny" in last and "--target ldm" in last
+    assert not list(tmp_path.iterdir())
+
+
+def test_half_single_file(layout_dirs, tmp_path):
+    file = E.export(str(layout_dirs["bk_tiny"]), "single-file", str(tmp_path / "h.safetensors"), half=True)
+    with safe_open(str(file), framework="pt") as st:
+        assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: run folders and checkpoints
+
+
+@pytest.fixture
+def run_dir(toy_teacher_dir, tmp_path):
+    """A run folder as the trainer leaves it (config.yaml, metrics.jsonl, checkpoint-5 with unet_ema/)."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint-5"
+    teacher = StableDiffusionPipeline.from_pretrained(toy_teacher_dir).unet
+    student = build_student(teacher, PRESETS["bk_tiny"])
+    student.save_pretrained(ckpt / "unet")
+    ema = EMAModel(student.parameters(), model_cls=UNet2DConditionModel, model_config=student.config)
+    for p in ema.shadow_params:
+        p.data.add_(0.5)
+    ema.save_pretrained(str(ckpt / "unet_ema"))
+    (ckpt / "trainer_state.json").write_text('{"step": 5}')
+    (run / "config.yaml").write_text(f"teacher: {toy_teacher_dir}\noutput_dir: {run}\nstudent:\n  preset: bk_tiny\n"
+                                     f"train:\n  max_steps: 5\n  batch_size: 2\nema:\n  enabled: true\n")
+    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 0.25, "task": 0.1}\n')
+    return run
+
+
+def test_export_run_folder_ema_and_checkpoint(run_dir, tmp_path):
+    plain = E.load_source(run_dir)
+    ema = E.load_source(run_dir, ema=True)
+    delta = (ema.pipe.unet.conv_in.weight - plain.pipe.unet.conv_in.weight).abs().mean()
+    assert torch.isclose(delta, torch.tensor(0.5))
+    r = run_script([sys.executable, "train/export.py", str(run_dir / "checkpoint-5"), "--format", "diffusers",
+                    "--ema", "--out", str(tmp_path / "out")])
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "bk_tiny" in card and "train.max_steps" in card and "unet_ema" in card and "loss" in card
+    assert "teacher's" in card  # parameter ratio against the teacher
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+    assert_same_state(reloaded, ema.pipe.unet)
+
+
+def test_export_errors(layout_dirs, run_dir, tmp_path):
+    cases = [
+        (["missing-folder", "--format", "diffusers", "--out", str(tmp_path / "o")], "not found"),
+        ([str(layout_dirs["bk_tiny"]), "--format", "single-file", "--out", str(tmp_path / "o.bin")], ".safetensors"),
+        ([str(layout_dirs["bk_tiny"]), "--format", "diffusers", "--target", "sdcpp", "--out", str(tmp_path / "o")],
+         "--target applies"),
+        ([str(layout_dirs["bk_tiny"]), "--format", "diffusers", "--ema", "--out", str(tmp_path / "o")], "--ema"),
+        ([str(tmp_path), "--format", "diffusers", "--out", str(tmp_path / "o")], "not a run folder"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(UserError, match=expected.replace(".", r"\.")):
+            E.main(args)
+    (run_dir / "checkpoint-5" / "unet_ema").rename(run_dir / "checkpoint-5" / "gone")
+    with pytest.raises(UserError, match="no EMA weights"):
+        E.load_source(run_dir, ema=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD-1.5 widths against the real consumers
+
+
+@pytest.mark.sd15
+def test_sd15_ldm_file_reads_back_in_diffusers(tmp_path):
+    """Real widths, the layout sd.cpp cannot run: diffusers from_single_file gets the exact weights."""
+    pipe = layout_pipeline("bk_small", widths="sd15")
+    source = E.Source(pipe, "test")
+    E.export_diffusers(source, tmp_path / "folder", half=True)
+    file = E.export_single_file(source, tmp_path / "m.safetensors", target="ldm", half=True)
+    unet = UNet2DConditionModel.from_single_file(str(file), config=str(tmp_path / "folder"), subfolder="unet",
+                                                 local_files_only=True, torch_dtype=torch.float16)
+    assert_same_state(unet, pipe.unet)
+    del unet, pipe, source
+    gc.collect()
+
+
+@pytest.mark.sd15
+@pytest.mark.parametrize("layout, version", [("bk_tiny", "SD 1.x Tiny UNet"), ("sdxs", "SDXS (512-DS)"),
+                                             ("teacher", "SD 1.x")])
+def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, version, tmp_path):
+    sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
+                                                  "pip install -e '.[sdcpp]'")
+    pipe = layout_pipeline(layout, widths="sd15")
+    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / f"{layout}.safetensors", target="sdcpp",
+                                half=True)
+    del pipe
+    gc.collect()
+    logs = []
+    sd.set_log_callback(lambda level, message: logs.append(str(message)))
+    try:
+        params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
+        with sd.SDContext(params) as ctx:
+            images = ctx.generate("a red fox", width=64, height=64, seed=1, sample_steps=1, cfg_scale=1.0)
+    finally:
+        sd.set_log_callback(None)
+    assert len(images) == 1 and images[0].to_numpy().shape == (64, 64, 3)
+    detected = [m for m in logs if "Version:" in m]
+    assert detected and detected[0].split("Version:")[1].strip() == version, detected
+    # our own pipeline loads the same file
+    ours = E.load_single_file(file)
+    assert L.unet_layout(ours.unet.config) == layout
+    del ours
+    gc.collect()
