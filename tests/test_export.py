@@ -1,9 +1,10 @@
 """Export: diffusers folders, single files in both numberings, read back by the real consumers.
 
-Toy widths cover every layout and source kind (same code paths as SD-1.5 widths). The `sd15`
-tests build SD-1.5-width models with random weights and hand them to diffusers `from_single_file`
-(--target ldm) and to stable-diffusion.cpp through cyllama (--target sdcpp); they run in this one
-process, one layout at a time, freeing memory in between.
+Toy widths cover every layout and source kind (same code paths as SD-1.5 widths), and the SD-2.x
+traits (linear projections, OpenCLIP text-encoder names) at toy widths. The `sd15` tests build
+SD-1.5- and SD-2.1-base-width models with random weights and hand them to diffusers
+`from_single_file` (--target ldm) and to stable-diffusion.cpp through cyllama (--target sdcpp); they
+run in this one process, one layout at a time, freeing memory in between.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ from sdkd.train import export as E
 from sdkd.train import ldm_layout as L
 from sdkd.train.config import UserError
 from sdkd.train.students import PRESETS, build_student, student_unet_config
-from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
-from sdkd.train.toy import TOY_UNET, build_random_pipeline
+from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
+from sdkd.train.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
 
 LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]
+BASE_UNETS = {"toy": TOY_UNET, "toy_sd2": TOY_SD2_UNET, "sd15": SD15_UNET, "sd21": SD21_BASE_UNET}
 
 
 def layout_pipeline(layout: str, teacher_dir=None, widths: str = "toy") -> StableDiffusionPipeline:
-    """A pipeline of `layout`: students built from the toy teacher folder; sdxs / sd15 with random weights."""
+    """A pipeline of `layout`: students built from the toy teacher folder; otherwise random weights at
+    `widths` (toy, toy_sd2, sd15 or sd21: SD-2.1-base)."""
     if teacher_dir is not None and layout in PRESETS:
         pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
         pipe.unet = build_student(pipe.unet, PRESETS[layout])
         return pipe
     if teacher_dir is not None and layout == "teacher":
         return StableDiffusionPipeline.from_pretrained(teacher_dir)
-    base = TOY_UNET if widths == "toy" else SD15_UNET
+    base = BASE_UNETS[widths]
     config = dict(base) if layout == "teacher" else student_unet_config(
         base, PRESETS["bk_tiny" if layout == "sdxs" else layout])
     if layout == "sdxs":
@@ -122,6 +125,26 @@ def test_single_file_metadata_rebuilds_the_pipeline(layout, target, layout_dirs,
     for name in ("unet", "vae", "text_encoder"):
         assert_same_state(getattr(pipe, name), getattr(ref, name))
     assert pipe.tokenizer("a cat").input_ids == ref.tokenizer("a cat").input_ids
+
+
+@pytest.mark.parametrize("target", L.NUMBERINGS)
+@pytest.mark.parametrize("layout", ["teacher", "bk_tiny"])
+def test_sd2_single_file_round_trips(layout, target, tmp_path):
+    """SD-2.x traits at toy widths: linear proj_in/proj_out stay 2-D, the text encoder is written in
+    OpenCLIP names (q/k/v fused into in_proj), and our loader gets every tensor back."""
+    pipe = layout_pipeline(layout, widths="toy_sd2")
+    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / "m.safetensors", target=target)
+    with safe_open(str(file), framework="pt") as st:
+        keys = set(st.keys())
+        proj_in = st.get_tensor(L.UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
+        in_proj = st.get_tensor(L.OPENCLIP_PREFIX + "transformer.resblocks.0.attn.in_proj_weight")
+    assert proj_in.dim() == 2 and in_proj.shape == (3 * 32, 32)
+    assert L.OPENCLIP_PREFIX + "token_embedding.weight" in keys
+    assert not [k for k in keys if k.startswith("cond_stage_model.transformer.")]
+    ours = E.load_single_file(file)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(ours, name), getattr(pipe, name))
+    assert L.unet_layout(ours.unet.config) == layout and L.family(ours.unet.config) == "sd2"
 
 
 def test_sdcpp_file_uses_teacher_slots(layout_dirs, tmp_path):
@@ -216,7 +239,7 @@ def test_export_errors(layout_dirs, run_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SD-1.5 widths against the real consumers
+# SD-1.5 / SD-2.1-base widths against the real consumers
 
 
 @pytest.mark.sd15
@@ -234,14 +257,18 @@ def test_sd15_ldm_file_reads_back_in_diffusers(tmp_path):
 
 
 @pytest.mark.sd15
-@pytest.mark.parametrize("layout, version", [("bk_tiny", "SD 1.x Tiny UNet"), ("sdxs", "SDXS (512-DS)"),
-                                             ("teacher", "SD 1.x")])
-def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, version, tmp_path):
+@pytest.mark.parametrize("layout, widths, version", [
+    ("bk_tiny", "sd15", "SD 1.x Tiny UNet"), ("sdxs", "sd15", "SDXS (512-DS)"), ("teacher", "sd15", "SD 1.x"),
+    # SD-2.1-base: OpenCLIP-H text encoder (23 layers, as diffusers ships it; sd.cpp skips the 24th),
+    # linear projections, 64-dim heads
+    ("bk_tiny", "sd21", "SD 2.x Tiny UNet"), ("teacher", "sd21", "SD 2.x"),
+])
+def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, version, tmp_path):
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
-    pipe = layout_pipeline(layout, widths="sd15")
-    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / f"{layout}.safetensors", target="sdcpp",
-                                half=True)
+    pipe = layout_pipeline(layout, widths=widths)
+    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / f"{layout}-{widths}.safetensors",
+                                target="sdcpp", half=True)
     del pipe
     gc.collect()
     logs = []
@@ -258,5 +285,7 @@ def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, version, tmp_
     # our own pipeline loads the same file
     ours = E.load_single_file(file)
     assert L.unet_layout(ours.unet.config) == layout
+    assert L.family(ours.unet.config) == ("sd2" if widths == "sd21" else "sd1")
+    assert ours.text_encoder.config.hidden_size == (1024 if widths == "sd21" else 768)
     del ours
     gc.collect()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                 convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdkd.train import ldm_layout as L
 from sdkd.train.students import PRESETS, student_unet_config
-from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
-from sdkd.train.toy import TOY_TEXT, TOY_UNET, TOY_VAE
+from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_TEXT, SDXS_TYPES
+from sdkd.train.toy import TOY_SD2_TEXT, TOY_SD2_UNET, TOY_TEXT, TOY_UNET, TOY_VAE
 
 LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]
 
@@ -41,7 +42,7 @@ def block_indices(names, numbering_prefix: str) -> list[str]:
     return sorted(found, key=lambda s: tuple(int(x) for x in s.split(".")))
 
 
-# The teacher-slot table of shared/reference/export-sdcpp.md section 1.2, at SD-1.5 widths.
+# The teacher-slot table of shared/reference/export-sdcpp.md section 1.2 (SD-1.5 and SD-2.1-base widths).
 SDCPP_TABLE = {
     "teacher": (list(range(12)), True,
                 [f"{i}.0" for i in range(12)] + ["2.1", "5.2", "8.2"] + [f"{i}.1" for i in range(3, 12)]),
@@ -60,7 +61,25 @@ SDCPP_TABLE = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sdcpp_numbering_matches_reference_table_at_sd15_widths(layout):
-    config = layout_config(layout, SD15_UNET)
+    check_sdcpp_table(layout, SD15_UNET)
+
+
+@pytest.mark.parametrize("layout", ["teacher", "bk_tiny"])
+def test_sdcpp_numbering_matches_reference_table_at_sd21_widths(layout):
+    """The SD-2.x layouts sd.cpp runs: same slots; proj_in/proj_out linear (2-D), cross-attention from 1024."""
+    check_sdcpp_table(layout, SD21_BASE_UNET)
+    config = layout_config(layout, SD21_BASE_UNET)
+    state = meta_unet(config).state_dict()
+    names = {v: state[k] for k, v in L.unet_names(state, config, "sdcpp").items()}
+    projs = [n for n in names if n.endswith((".proj_in.weight", ".proj_out.weight"))]
+    assert projs and all(names[n].dim() == 2 for n in projs)
+    assert names[L.UNET_PREFIX + "input_blocks.1.1.proj_in.weight"].shape == (320, 320)
+    assert names[L.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)
+    assert L.family(config) == "sd2" and L.check_sdcpp(config, vae_tiny=False) == []
+
+
+def check_sdcpp_table(layout: str, teacher: dict) -> None:
+    config = layout_config(layout, teacher)
     names = L.unet_names(meta_unet(config).state_dict(), config, "sdcpp").values()
     inputs, mid, outputs = SDCPP_TABLE[layout]
     assert [int(i) for i in block_indices(names, "input_blocks")] == inputs
@@ -96,8 +115,17 @@ def test_teacher_numberings_coincide():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ldm_numbering_reads_back_with_diffusers_converter(layout):
+    check_diffusers_converter(layout_config(layout, TOY_UNET))
+
+
+@pytest.mark.parametrize("layout", ["teacher", "bk_tiny"])
+def test_sd2_ldm_numbering_reads_back_with_diffusers_converter(layout):
+    check_diffusers_converter(layout_config(layout, TOY_SD2_UNET))
+
+
+def check_diffusers_converter(config: dict) -> None:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(layout_config(layout, TOY_UNET))
+    unet = UNet2DConditionModel.from_config(config)
     state = unet.state_dict()
     flat = L.to_ldm(state, unet.config, "ldm")
     back = convert_ldm_unet_checkpoint(flat, dict(unet.config))
@@ -170,6 +198,30 @@ def test_openclip_layout_round_trips():
     assert {k for k in state if not k.endswith("position_ids")} == set(back)
 
 
+def test_openclip_layout_matches_diffusers_converter():
+    """diffusers' reader of real SD-2 single files (an independent implementation) gets every tensor back."""
+    text = CLIPTextModel(CLIPTextConfig(**TOY_SD2_TEXT))
+    state = text.state_dict()
+    flat = L.to_ldm({}, {}, "sdcpp", text=state, text_config=text.config.to_dict())
+    back = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text, flat).items()}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}  # transformers 5 drops the prefix
+    assert set(back) == {k for k in state if not k.endswith("position_ids")}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+
+
+def test_sd21_text_config_is_openclip_h_as_sd2_ships_it():
+    config = CLIPTextConfig(**SD21_TEXT)
+    assert L.is_openclip(config.to_dict())
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
+            config.projection_dim) == (1024, 23, 16, 4096, 512)
+    with torch.device("meta"):
+        state = CLIPTextModel(config).state_dict()
+    names = {L.text_name(k, True)[0] for k in state if not k.endswith("position_ids")}
+    # sd.cpp's OpenCLIP-H has 24 layers and skips a missing 24th (SD-2 uses the penultimate layer's output)
+    assert L.OPENCLIP_PREFIX + "transformer.resblocks.22.ln_2.weight" in names
+    assert not [n for n in names if ".resblocks.23." in n]
+
+
 def test_unknown_keys_are_refused():
     config = dict(TOY_UNET)
     with pytest.raises(L.UnsupportedLayout, match="add_embedding"):
@@ -189,6 +241,11 @@ def test_sdcpp_support_and_vae_kind():
     assert L.check_sdcpp(dict(SD15_UNET), vae_tiny=False) == []
     assert L.check_sdcpp(layout_config("bk_tiny", SD15_UNET), vae_tiny=False) == []
     assert L.check_sdcpp(layout_config("sdxs", SD15_UNET), vae_tiny=True) == []
+    assert L.check_sdcpp(dict(SD21_BASE_UNET), vae_tiny=False) == []
+    assert L.check_sdcpp(layout_config("bk_tiny", SD21_BASE_UNET), vae_tiny=False) == []
+    # SD-2 without the 320-channel attention: sd.cpp's SD2 tiny U-Net expects it, SDXS-0.9 wants cross-only
+    with pytest.raises(L.UnsupportedLayout, match="'sdxs' \\(SD2\\)"):
+        L.check_sdcpp(layout_config("sdxs", SD21_BASE_UNET), vae_tiny=True)
     with pytest.raises(L.UnsupportedLayout, match="AutoencoderTiny"):
         L.check_sdcpp(layout_config("sdxs", SD15_UNET), vae_tiny=False)
     with pytest.raises(L.UnsupportedLayout, match="AutoencoderKL"):

@@ -38,6 +38,10 @@ SD15_TEXT = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
+# OpenCLIP-H as SD-2.x ships it in diffusers: 23 of its 24 layers (SD-2 conditions on the penultimate
+# layer's output, so the last layer is dropped), GELU; bos/eos/pad as the toy tokenizer numbers them.
+SD21_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+             "num_hidden_layers": 23, "hidden_act": "gelu", "projection_dim": 512}
 SDXS_TYPES = dict(  # the SDXS-512 U-Net layout: bk_tiny without the 320-channel attention
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],

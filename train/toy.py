@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdkd.train.sd_configs import SD15_TEXT, SD15_VAE
+from sdkd.train.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT
 
 TOY_SEED = 0
 
@@ -53,7 +53,12 @@ TOY_TEXT = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
-# SD-1.5's training scheduler.
+# The toy teacher with SD-2.x's distinguishing traits: linear proj_in/proj_out, per-level head counts
+# (diffusers' SD-2 `attention_head_dim` list; 16-dim heads here) and a GELU text encoder, which the
+# single file stores in OpenCLIP names (`cond_stage_model.model.*`).
+TOY_SD2_UNET = {**TOY_UNET, "use_linear_projection": True, "attention_head_dim": [2, 4, 4, 4]}
+TOY_SD2_TEXT = {**TOY_TEXT, "hidden_act": "gelu"}
+# SD-1.5's training scheduler (SD-2.1-base's too: epsilon prediction, the same betas).
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -111,8 +116,8 @@ def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
 
 
 # ---------------------------------------------------------------------------------------------
-# SD-1.5 widths (random weights): the real consumers (stable-diffusion.cpp, benchmarks) need the
-# real architecture; weights may be random. Configs in sd_configs.py.
+# SD-1.5 / SD-2.1-base widths (random weights): the real consumers (stable-diffusion.cpp, benchmarks)
+# need the real architecture; weights may be random. Configs in sd_configs.py.
 
 
 def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -133,14 +138,28 @@ def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+# widths -> (VAE config, text-encoder config) around the U-Net. SD-2.1-base shares SD-1.5's VAE and
+# training scheduler (epsilon prediction, scaled-linear betas); its text encoder is OpenCLIP-H.
+RANDOM_WIDTHS = {
+    "sd15": (SD15_VAE, SD15_TEXT),
+    "sd21": (SD15_VAE, SD21_TEXT),
+    "toy": (TOY_VAE, TOY_TEXT),
+    "toy_sd2": (TOY_VAE, TOY_SD2_TEXT),
+}
+
+
 def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: bool = False,
                           seed: int = TOY_SEED) -> StableDiffusionPipeline:
-    """A pipeline around `unet_config` with random weights: SD-1.5-width ("sd15") or toy parts."""
+    """A pipeline around `unet_config` with random weights and the VAE / text encoder of `widths`:
+    "sd15" (SD-1.5: CLIP-L), "sd21" (SD-2.1-base: OpenCLIP-H; pair it with an SD21_BASE_UNET-derived
+    U-Net), "toy" or "toy_sd2" (pair it with a TOY_SD2_UNET-derived U-Net)."""
     from diffusers import AutoencoderTiny
 
+    if widths not in RANDOM_WIDTHS:
+        raise ValueError(f"widths must be one of {sorted(RANDOM_WIDTHS)}, got {widths!r}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
-    vae_cfg, text_cfg = (SD15_VAE, SD15_TEXT) if widths == "sd15" else (TOY_VAE, TOY_TEXT)
+    vae_cfg, text_cfg = RANDOM_WIDTHS[widths]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
