@@ -86,3 +86,26 @@ def test_entry_script_reports_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: config key 'train.bogus': unknown key (Key 'bogus' not in 'TrainConfig')"
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_and_lora_recipes_load_with_their_schemas():
+    from sdkd.train.config import FinetuneConfig, LoraTrainConfig
+
+    portrait = load_config(ROOT / "configs/portrait.yaml", ["data.path=/data/portraits"], schema=FinetuneConfig)
+    assert (portrait.data.resolution, portrait.optim.lr, portrait.train.batch_size, portrait.train.grad_accum,
+            portrait.train.max_steps, portrait.train.mixed_precision, portrait.loss.snr_gamma) == \
+        (768, 1e-4, 32, 4, 131000, "fp16", 5.0)
+    assert portrait.teacher is None and (portrait.loss.lambda_out, portrait.loss.lambda_feat) == (0, 0)
+    toy = load_config(ROOT / "configs/portrait_toy.yaml", schema=FinetuneConfig)
+    assert toy.model == "toy" and toy.data.source == "synthetic"
+    lora = load_config(ROOT / "configs/lora.yaml", ["model=runs/tiny/student", "data.path=/d"], schema=LoraTrainConfig)
+    assert (lora.lora.rank, lora.lora.alpha, lora.optim.lr) == (16, 27, 1e-4)
+    lora_toy = load_config(ROOT / "configs/lora_toy.yaml", schema=LoraTrainConfig)
+    assert lora_toy.model == "runs/toy/student" and lora_toy.data.resolution == 32
+    with pytest.raises(ConfigError, match="config key 'model': required"):
+        load_config(ROOT / "configs/lora.yaml", ["data.path=/d"], schema=LoraTrainConfig)
+    with pytest.raises(ConfigError, match="config key 'lora': unknown key"):
+        load_config(ROOT / "configs/toy.yaml", ["lora.rank=4"])  # KD's schema has no LoRA
+    with pytest.raises(ConfigError, match="config key 'data.cache': a latent cache holds text embeddings"):
+        load_config(ROOT / "configs/lora_toy.yaml", ["lora.train_text_encoder=true", "data.cache=/c"],
+                    schema=LoraTrainConfig)

@@ -1,8 +1,9 @@
 """Checkpoints: `OUTPUT/checkpoint-STEP/`, written whole or not at all, rotated, resumable.
 
 accelerate's save_state/load_state carry the optimizer, LR scheduler and RNG states; save/load
-hooks store the trained U-Net (and its EMA) as diffusers folders (`unet/`, `unet_ema/`,
-safetensors), so a checkpoint is also a loadable model. A checkpoint is written into a hidden
+hooks store the trained model (and its EMA) through a `ModelState`: by default the whole U-Net as
+diffusers folders (`unet/`, `unet_ema/`, safetensors), so a checkpoint is also a loadable model; a
+LoRA run stores only its adapter (`train/lora_io.py`). A checkpoint is written into a hidden
 temporary folder and renamed into place when every process has finished, so a run killed
 mid-write never leaves a `checkpoint-STEP` that `latest` would pick.
 """
@@ -49,36 +50,62 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+class ModelState:
+    """How a trainer's model is made an EMA of, checkpointed and restored: here the whole U-Net.
+
+    `model` must offer `save_pretrained(dir)` and keep its weights in `dir/diffusion_pytorch_model.safetensors`.
+    Other trainers subclass this (train/lora_io.py `LoraState` keeps only the adapter).
+    """
+
+    def __init__(self, model, subfolder: str = "unet"):
+        self.model, self.subfolder = model, subfolder
+
+    def ema_parameters(self):
+        """The parameters the EMA tracks (and copies into the model at the end of training)."""
+        return self.model.parameters()
+
+    def make_ema(self, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.model.parameters(), decay=decay, model_cls=type(self.model),
+                        model_config=self.model.config)
+
+    def save(self, folder: Path, ema=None) -> None:
+        self.model.save_pretrained(folder / self.subfolder)
+        if ema is not None:
+            ema.save_pretrained(str(folder / f"{self.subfolder}_ema"))
+
+    def load(self, folder: Path, ema=None, device=None) -> None:
+        self.model.load_state_dict(load_file(folder / self.subfolder / "diffusion_pytorch_model.safetensors"),
+                                   strict=True)
+        if ema is not None:
+            loaded = type(ema).from_pretrained(str(folder / f"{self.subfolder}_ema"), model_cls=type(self.model))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(device)
+
+
 class Checkpointer:
     """Saves and restores the whole training state through one accelerator.
 
-    `model` is the unwrapped trained module; it must offer `save_pretrained(dir)` and keep its
-    weights in `dir/diffusion_pytorch_model.safetensors`.
+    `model` is a `ModelState`, or the unwrapped trained module (then stored whole: `ModelState(model)`).
     """
 
     def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None,
                  model, ema=None, subfolder: str = "unet"):
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
-        self.model, self.ema, self.subfolder = model, ema, subfolder
+        self.state = model if isinstance(model, ModelState) else ModelState(model, subfolder)
+        self.ema = ema
         accelerator.register_save_state_pre_hook(self._save_models)
         accelerator.register_load_state_pre_hook(self._load_models)
 
     # accelerate hooks: store models ourselves, so accelerate does not pickle them as well.
     def _save_models(self, models, weights, output_dir):
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(Path(output_dir) / self.subfolder)
-            if self.ema is not None:
-                self.ema.save_pretrained(str(Path(output_dir) / f"{self.subfolder}_ema"))
+            self.state.save(Path(output_dir), self.ema)
         weights.clear()
 
     def _load_models(self, models, input_dir):
-        folder = Path(input_dir) / self.subfolder
-        self.model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-        if self.ema is not None:
-            ema_dir = Path(input_dir) / f"{self.subfolder}_ema"
-            loaded = type(self.ema).from_pretrained(str(ema_dir), model_cls=type(self.model))
-            self.ema.load_state_dict(loaded.state_dict())
-            self.ema.to(self.accelerator.device)
+        self.state.load(Path(input_dir), self.ema, self.accelerator.device)
         models.clear()
 
     def save(self, step: int, generator: torch.Generator) -> Path:

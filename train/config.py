@@ -1,7 +1,8 @@
 """Typed configuration: YAML recipes merged into dataclasses, dotted overrides, validation.
 
-Every trainer reads one `Config`. A recipe in `configs/` sets what differs from these
-defaults; `key=value` arguments after `--config` override it. Unknown keys, wrong types,
+Every trainer reads one schema: `Config` (train/kd.py), `FinetuneConfig` (train/finetune.py: `Config`
+plus `model`, teacher optional) or `LoraTrainConfig` (train/lora.py: plus `lora`). A recipe in `configs/`
+sets what differs from these defaults; `key=value` arguments after `--config` override it. Unknown keys, wrong types,
 missing required values and impossible combinations raise `ConfigError` with the dotted key.
 """
 
@@ -202,6 +203,53 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class FinetuneConfig(Config):
+    """train/finetune.py: train `model` on its own data with the task loss, optionally continuing KD from
+    a teacher (output KD; feature KD when `student` describes `model`'s layout relative to the teacher)."""
+
+    teacher: Optional[str] = None
+    """Optional teacher for continued KD (loss.lambda_out, loss.lambda_feat): hub id, diffusers folder or "toy"."""
+    model: str = MISSING
+    """The pipeline to train: a diffusers folder (e.g. a distilled student's OUTPUT/student), a hub id, or "toy".
+    Its VAE, text encoder, tokenizer and scheduler are used for training, sampling and the export."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Only read when loss.lambda_feat > 0: the block removal that makes `model`'s layout from the teacher's,
+    which gives the feature pairs (checked by shape at start-up)."""
+    loss: LossConfig = field(default_factory=lambda: LossConfig(lambda_out=0.0, lambda_feat=0.0))
+    """Fine-tuning defaults: task loss only; lambda_out / lambda_feat > 0 need a teacher."""
+
+
+@dataclass
+class LoraSection:
+    rank: int = 16
+    """LoRA rank r of every adapted layer."""
+    alpha: Optional[float] = None
+    """LoRA alpha (the update is scaled by alpha / rank); null: equal to rank (scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """U-Net module names (or name suffixes) to adapt. The attention projections exist in every block-removed
+    student that keeps attention (bk_base/small/tiny, SDXS); each entry must match at least one module."""
+    train_text_encoder: bool = False
+    """Also put a LoRA on the text encoder (then data.cache cannot be used: the text encoder runs each step)."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder module names (or suffixes) to adapt when train_text_encoder is set."""
+    sdcpp: bool = True
+    """Also write OUTPUT/lora_sdcpp.safetensors (kohya naming, teacher-slot LDM numbering, alpha tensors) for
+    stable-diffusion.cpp when the model's layout runs there (teacher, bk_tiny, SDXS)."""
+
+
+@dataclass
+class LoraTrainConfig(FinetuneConfig):
+    """train/lora.py: a LoRA (peft) on `model`'s U-Net (and optionally its text encoder); everything else as
+    train/finetune.py, whose `model` stays frozen."""
+
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    """LoRA default: lr 1e-4 (BK-SDM's and segmind's LoRA recipes)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -303,6 +351,29 @@ def validate(cfg: Config) -> None:
     for name in cfg.log.trackers:
         _require(name in ("wandb", "tensorboard", "none"), "log.trackers", f"unknown tracker '{name}' (wandb, tensorboard, none)")
     _require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
+    if isinstance(cfg, FinetuneConfig):
+        _validate_finetune(cfg)
+
+
+def _validate_finetune(cfg: FinetuneConfig) -> None:
+    for name in ("lambda_out", "lambda_feat"):
+        _require(cfg.teacher is not None or getattr(cfg.loss, name) == 0, f"loss.{name}",
+                 "continued KD needs a teacher: set teacher, or set this to 0")
+    _require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
+             "every loss weight is 0: nothing to train")
+    if isinstance(cfg, LoraTrainConfig):
+        lo = cfg.lora
+        _require(lo.rank > 0, "lora.rank", "must be > 0")
+        _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 or null")
+        _require(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(bool(lo.target_modules), "lora.target_modules", "at least one module name")
+        _require(not lo.train_text_encoder or bool(lo.text_encoder_target_modules),
+                 "lora.text_encoder_target_modules", "at least one module name")
+        _require(not (lo.train_text_encoder and cfg.data.cache is not None), "data.cache",
+                 "a latent cache holds text embeddings: it cannot be used with lora.train_text_encoder=true")
+        _require(not (lo.train_text_encoder and cfg.teacher is not None), "teacher",
+                 "continued KD with lora.train_text_encoder=true is not supported (the teacher would need the "
+                 "adapted text embeddings); drop the teacher or the text-encoder LoRA")
 
 
 def parse_args(argv: list[str], description: str) -> tuple[str | None, list[str]]:

@@ -60,7 +60,7 @@ def main() -> None:
         cfg=cfg, accelerator=acc, model=student, objective=objective,
         encoder=build_encoder(cfg.data, teacher, dataset, acc.device),
         dataset=dataset, parts=teacher,
-        export=lambda unet, folder: save_pipeline(unet, cfg.teacher, folder),
+        export=lambda unet, out: save_pipeline(unet, cfg.teacher, out / "student"),
         reference_unet=teacher.unet,
     ).fit()
 

@@ -20,14 +20,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from sdkd.data.sources import collate
 from sdkd.eval.sampling import make_grid, sample_images
 from sdkd.train import tracking
-from sdkd.train.checkpoints import Checkpointer, resolve_resume
+from sdkd.train.checkpoints import Checkpointer, ModelState, resolve_resume
 from sdkd.train.config import Config, OptimConfig, UserError, save_config
 
 
@@ -76,7 +75,10 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class Trainer:
-    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, generator)`."""
+    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, generator)`.
+
+    Every trainer is this loop: kd.py trains a student from a teacher, finetune.py any pipeline's U-Net,
+    lora.py an adapter (its `state` checkpoints only the adapter; its `export` writes a LoRA file)."""
 
     cfg: Config
     accelerator: Accelerator
@@ -85,9 +87,12 @@ class Trainer:
     encoder: Callable                 # batch, generator -> (latents, text embeddings)
     dataset: Dataset                  # map-style (a prepared, sharded DataLoader) or iterable (splits itself)
     parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling (loaded
-                                      # from cfg.teacher when sampling is due if they were left out)
-    export: Callable                  # (model, folder) -> None, at the end, on the main process
+                                      # from `frozen_source` when sampling is due if they were left out)
+    export: Callable                  # (model, OUTPUT) -> None, at the end, on the main process
     reference_unet: torch.nn.Module | None = None   # sampled once beside the student (the teacher)
+    state: ModelState | None = None   # how `model` is checkpointed and EMA-tracked (default: the whole U-Net)
+    sample_unet: torch.nn.Module | None = None      # the U-Net sample grids use (default: model)
+    frozen_source: str | None = None  # pipeline the VAE/text encoder come from (default: cfg.teacher)
 
     def fit(self) -> None:
         cfg, acc, model = self.cfg, self.accelerator, self.model
@@ -98,11 +103,12 @@ class Trainer:
         lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=cfg.train.max_steps * acc.num_processes)
+        state = self.state or ModelState(model)
         ema = None
         if cfg.ema.enabled:
-            ema = EMAModel(model.parameters(), decay=cfg.ema.decay, model_cls=type(model), model_config=model.config)
+            ema = state.make_ema(cfg.ema.decay)
             ema.to(acc.device)
-        checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, model, ema)
+        checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, state, ema)
         wrapped, optimizer, lr_schedule = acc.prepare(model, optimizer, lr_schedule)
         loader, self.batches_per_epoch = self._loader()
         if self.batches_per_epoch == 0:
@@ -128,7 +134,7 @@ class Trainer:
             start = time.perf_counter()
             terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
             if ema is not None:
-                ema.step(model.parameters())
+                ema.step(state.ema_parameters())
             step += 1
             progress.update(1)
             if step % cfg.train.log_every == 0:
@@ -150,8 +156,8 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             if ema is not None:
-                ema.copy_to(model.parameters())
-            self.export(model, out / "student")
+                ema.copy_to(state.ema_parameters())
+            self.export(model, out)
         acc.end_training()
 
     def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, generator) -> dict:
@@ -224,11 +230,11 @@ class Trainer:
 
     def _sampling_parts(self):
         """The frozen VAE and text encoder for sampling. A run from a latent cache left them out; the
-        main process loads them from cfg.teacher the first time a sample grid is due."""
+        main process loads them from `frozen_source` (cfg.teacher) the first time a sample grid is due."""
         if not self.parts.has_encoders:
             from sdkd.train.teacher import freeze, load_teacher
 
-            loaded = load_teacher(self.cfg.teacher, with_unet=False)
+            loaded = load_teacher(self.frozen_source or self.cfg.teacher, with_unet=False)
             for frozen in (loaded.vae, loaded.text_encoder):
                 freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
             self.parts = dataclasses.replace(self.parts, vae=loaded.vae, text_encoder=loaded.text_encoder,
@@ -244,7 +250,10 @@ class Trainer:
                                              resolution, autocast=acc.autocast)
             folder = Path(self.cfg.output_dir) / "samples"
             folder.mkdir(parents=True, exist_ok=True)
-            rows = [run(self.model)]
+            was_training = self.model.training
+            self.model.eval()  # the whole trained module (a LoRA'd text encoder too), not only the U-Net
+            rows = [run(self.sample_unet or self.model)]
+            self.model.train(was_training)
             if self.reference_unet is not None:
                 if self._teacher_images is None:
                     self._teacher_images = run(self.reference_unet)

@@ -22,13 +22,17 @@ class BatchEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latents(batch, generator), self.embed(batch["captions"])
+
+    @torch.no_grad()
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = self.vae.device
         pixels = batch["pixel_values"].to(device=device, dtype=self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
         # The VAE may hand back a channels-last tensor; the U-Nets then pick other kernels than for the
         # cache's contiguous latents. One layout for both keeps cached and uncached runs identical.
-        return latents.float().contiguous(), self.embed(batch["captions"])
+        return latents.float().contiguous()
 
     @torch.no_grad()
     def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +43,15 @@ class BatchEncoder:
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenize(captions))[0]
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids, padded to the tokenizer's length, on the text encoder's device."""
         ids = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return ids.to(self.text_encoder.device)
 
 
 class CachedEncoder:

@@ -39,10 +39,11 @@ class PipelineParts:
         return self.vae is not None
 
 
-def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True) -> PipelineParts:
+def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True, what: str = "teacher") -> PipelineParts:
     """`source`: "toy", a local diffusers pipeline folder, or a hub id (cached or downloaded).
 
-    `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read)."""
+    `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read).
+    `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
     if source == "toy":
         from sdkd.train.toy import build_toy_pipeline
 
@@ -51,7 +52,7 @@ def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True
         return PipelineParts(p.unet if with_unet else None, *enc, p.scheduler, vae_config=p.vae.config)
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
-        raise UserError(f"teacher '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
+        raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
     try:
         kw = dict(local_files_only=local.exists())
         return PipelineParts(
@@ -64,7 +65,7 @@ def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True
         )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"teacher '{source}' could not be loaded: {first}") from None
+        raise UserError(f"{what} '{source}' could not be loaded: {first}") from None
 
 
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

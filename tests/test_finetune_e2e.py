@@ -1,0 +1,83 @@
+"""End to end: `accelerate launch train/finetune.py` on the toy portrait recipe, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from sdkd.train.export import save_pipeline
+from sdkd.train.students import PRESETS, build_student
+from sdkd.train.toy import build_toy_pipeline
+
+from conftest import accelerate_launch, run_script
+
+pytestmark = pytest.mark.e2e
+
+
+def launch_finetune(out, *overrides, ok=True):
+    result = accelerate_launch(["train/finetune.py", "--config", "configs/portrait_toy.yaml", f"output_dir={out}",
+                                *overrides])
+    if ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    """A bk_small toy student as a pipeline folder: what train/kd.py leaves in OUTPUT/student."""
+    folder = tmp_path_factory.mktemp("student")
+    save_pipeline(build_student(build_toy_pipeline().unet, PRESETS["bk_small"]), "toy", folder)
+    return folder
+
+
+def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_dir, toy_teacher_dir):
+    # A distilled student fine-tuned with the task loss plus continued output and feature KD from its teacher,
+    # min-SNR weighting, EMA, accumulation and a cosine schedule: all part of the resumed state.
+    common = [f"model={student_dir}", f"teacher={toy_teacher_dir}", "loss.lambda_out=1.0", "loss.lambda_feat=0.5",
+              "student.preset=bk_small", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=6",
+              "train.batch_size=2", "data.num_samples=16", "optim.lr_scheduler=cosine", "optim.warmup_steps=1",
+              "log.trackers=[none]"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = launch_finetune(full, *common)
+    assert "continued KD from" in result.stdout
+
+    lines = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 7))
+    assert all({"task", "out", "feat", "loss"} <= line.keys() for line in lines)
+    assert (full / "samples" / "step-6.png").is_file() and (full / "samples" / "teacher.png").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(full / "student", local_files_only=True)
+    assert pipe.unet.config.mid_block_type is None  # still the bk_small student
+    final_ema = load_file(full / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, final_ema[k]) for k, v in pipe.unet.state_dict().items())  # EMA weights exported
+
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    result = launch_finetune(resumed, *common, "resume=latest")
+    assert "resumed from" in result.stdout + result.stderr
+    for sub in ("unet", "unet_ema"):
+        a = load_file(full / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_portrait_toy_as_shipped(tmp_path):
+    # The toy recipe itself (the toy pipeline, task loss with min-SNR, EMA), shortened.
+    launch_finetune(tmp_path, "train.max_steps=4", "train.checkpoint_every=0", "train.sample_every=0")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and set(lines[0]) >= {"task", "loss"} and "out" not in lines[0]
+    assert (tmp_path / "checkpoint-4" / "unet").is_dir() and (tmp_path / "student" / "model_index.json").is_file()
+    assert "model: toy" in (tmp_path / "config.yaml").read_text()
+
+
+def test_finetune_config_errors_are_one_line(tmp_path):
+    result = run_script([sys.executable, "train/finetune.py", "--config", "configs/portrait_toy.yaml",
+                         f"output_dir={tmp_path}", "loss.lambda_out=1.0"], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: config key 'loss.lambda_out': continued KD needs a "
+                                                      "teacher: set teacher, or set this to 0")

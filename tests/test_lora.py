@@ -1,0 +1,215 @@
+"""LoRA pieces (train/lora_io.py): targets on every student layout, the diffusers file, layout errors,
+checkpoint state with EMA, the stable-diffusion.cpp file (names here; sd.cpp itself at SD-1.5 widths)."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from sdkd.train import ldm_layout, lora_io
+from sdkd.train.config import LoraSection, UserError
+from sdkd.train.students import PRESETS, build_student, student_unet_config
+from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
+from sdkd.train.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline
+
+
+def toy_pipe(layout: str):
+    pipe = build_toy_pipeline()
+    if layout in PRESETS:
+        pipe.unet = build_student(pipe.unet, PRESETS[layout])
+    elif layout == "sdxs":
+        config = student_unet_config(TOY_UNET, PRESETS["bk_tiny"]) | SDXS_TYPES
+        pipe.unet = build_random_pipeline(config, widths="toy").unet
+    return pipe
+
+
+def randomize_b(*models, seed=0, std=0.3):
+    """LoRA B starts at zero (no change); give it values so the adapter does something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, std, generator=gen)
+
+
+def predict(unet, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), emb).sample
+
+
+@pytest.mark.parametrize("layout", ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"])
+def test_default_targets_fit_every_layout(layout):
+    pipe = toy_pipe(layout)
+    assert ldm_layout.unet_layout(dict(pipe.unet.config)) == layout
+    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, train_text_encoder=True))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
+    assert adapted and all(any(n.endswith(t) for t in LoraSection().target_modules) for n in adapted)
+    assert any(".lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
+    # only the adapter trains; a fresh adapter leaves the model unchanged (B = 0)
+    assert all(".lora_" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
+
+
+def test_unknown_target_is_one_clear_error():
+    pipe = toy_pipe("bk_tiny")
+    with pytest.raises(UserError, match=r"lora.target_modules.*no module 'to_qq'.*bk_tiny"):
+        lora_io.add_adapters(pipe.unet, None, LoraSection(target_modules=["to_q", "to_qq"]))
+
+
+def test_save_load_round_trip_and_metadata(tmp_path):
+    pipe = toy_pipe("bk_tiny")
+    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True))
+    randomize_b(pipe.unet, pipe.text_encoder)
+    file = lora_io.save_lora(tmp_path, pipe.unet, pipe.text_encoder, base="runs/toy/student")
+    assert file == tmp_path / "pytorch_lora_weights.safetensors"
+    meta = lora_io.read_metadata(file)
+    assert meta["sdkd.base_model"] == "runs/toy/student" and meta["sdkd.layout"] == "bk_tiny"
+    assert json.loads(meta["sdkd.unet_config"])["down_block_types"] == list(pipe.unet.config.down_block_types)
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8  # diffusers' own metadata kept
+    keys = load_file(file).keys()
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+
+    fresh = toy_pipe("bk_tiny")
+    lora_io.add_adapters(fresh.unet, fresh.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True), seed=5)
+    lora_io.load_lora_state(file, fresh.unet, fresh.text_encoder)
+    for a, b in ((pipe.unet, fresh.unet), (pipe.text_encoder, fresh.text_encoder)):
+        sa, sb = get_peft_model_state_dict(a), get_peft_model_state_dict(b)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(predict(pipe.unet), predict(fresh.unet))
+
+
+@pytest.mark.parametrize("trained_on, loaded_into, missing", [
+    ("bk_tiny", "teacher", "up_blocks.0.attentions.0"),   # the teacher's first up block has no attention
+    ("teacher", "bk_tiny", "down_blocks.0.attentions.1"),  # bk_tiny keeps one attention per level
+    ("bk_small", "bk_tiny", "up_blocks.3"),        # bk_tiny has no deepest stage
+])
+def test_lora_into_another_layout_fails_clearly(tmp_path, trained_on, loaded_into, missing):
+    src = toy_pipe(trained_on)
+    lora_io.add_adapters(src.unet, None, LoraSection(rank=4))
+    file = lora_io.save_lora(tmp_path, src.unet, None, base=f"the toy {trained_on}")
+    dst = toy_pipe(loaded_into)
+    state, meta = lora_io.read_lora(file)
+    with pytest.raises(UserError) as err:
+        lora_io.check_lora(state, dst.unet, dst.text_encoder, str(file), meta)
+    msg = str(err.value)
+    assert "\n" not in msg and missing in msg and f"'{loaded_into}'" in msg and f"'{trained_on}'" in msg, msg
+    # resume into the wrong model and the diffusers route refuse it the same way, before loading anything
+    lora_io.add_adapters(dst.unet, None, LoraSection(rank=4))
+    with pytest.raises(UserError, match="does not fit this model"):
+        lora_io.load_lora_state(file, dst.unet)
+    with pytest.raises(UserError, match="does not fit this model"):
+        lora_io.load_lora(toy_pipe(loaded_into), file)
+
+
+def test_width_mismatch_fails_clearly(tmp_path):
+    src = toy_pipe("bk_tiny")
+    lora_io.add_adapters(src.unet, None, LoraSection(rank=4))
+    file = lora_io.save_lora(tmp_path, src.unet, None)
+    state, meta = lora_io.read_lora(file)
+    key = next(k for k in state if k.endswith("lora.down.weight"))
+    state[key] = torch.zeros(4, state[key].shape[1] + 1)
+    with pytest.raises(UserError, match=r"inputs in this U-Net \(layout 'bk_tiny'\)"):
+        lora_io.check_lora(state, toy_pipe("bk_tiny").unet, None, "x", meta)
+
+
+def test_checkpoint_state_with_ema(tmp_path):
+    pipe = toy_pipe("bk_tiny")
+    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, train_text_encoder=True))
+    state = lora_io.LoraState(pipe.unet, pipe.text_encoder, "base")
+    ema = state.make_ema(0.9)
+    randomize_b(pipe.unet, pipe.text_encoder)
+    for _ in range(3):
+        ema.step(state.ema_parameters())
+    state.save(tmp_path, ema)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_ema.safetensors", "pytorch_lora_weights.safetensors"]
+
+    other = toy_pipe("bk_tiny")
+    lora_io.add_adapters(other.unet, other.text_encoder, LoraSection(rank=4, train_text_encoder=True), seed=3)
+    restored = lora_io.LoraState(other.unet, other.text_encoder, "base")
+    ema2 = restored.make_ema(0.9)
+    restored.load(tmp_path, ema2, "cpu")
+    assert ema2.optimization_step == ema.optimization_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, ema2.shadow_params))
+    assert all(torch.equal(a, b) for a, b in zip(state.ema_parameters(), restored.ema_parameters()))
+    assert isinstance(ema2, EMAModel)
+
+
+def test_sdcpp_file_names_and_alphas(tmp_path):
+    pipe = toy_pipe("bk_tiny")
+    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=6, train_text_encoder=True))
+    file = lora_io.save_lora(tmp_path, pipe.unet, pipe.text_encoder)
+    out = load_file(lora_io.export_sdcpp(file, tmp_path / "sdcpp.safetensors"))
+    n_unet = sum(1 for k in load_file(file) if k.startswith("unet."))
+    assert sum(1 for k in out if k.startswith("lora_unet_") and not k.endswith(".alpha")) == n_unet
+    # teacher-slot numbering (sd.cpp's): student up_blocks.2.attentions.0 -> output_blocks.6.1
+    stem = "lora_unet_output_blocks_6_1_transformer_blocks_0_attn1_to_q"
+    assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= out.keys()
+    assert out[f"{stem}.alpha"].item() == 6.0
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in out
+    # a layout sd.cpp has no model for: refused, no file
+    small = toy_pipe("bk_small")
+    lora_io.add_adapters(small.unet, None, LoraSection(rank=4))
+    small_file = lora_io.save_lora(tmp_path / "small", small.unet, None)
+    with pytest.raises(ldm_layout.UnsupportedLayout, match="bk_small"):
+        lora_io.export_sdcpp(small_file, tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+@pytest.mark.sd15
+def test_sd15_sdcpp_lora_matches_the_fused_model_in_stable_diffusion_cpp(tmp_path):
+    """sd.cpp applies every tensor of our LoRA file, and base + LoRA renders like the model with the LoRA
+    fused in by diffusers (exported as a plain sd.cpp single file)."""
+    sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
+                                                  "pip install -e '.[sdcpp]'")
+    import sdkd.train.export as E
+
+    def bk_tiny():
+        config = student_unet_config(SD15_UNET, PRESETS["bk_tiny"])
+        return build_random_pipeline(config, widths="sd15")
+
+    pipe = bk_tiny()
+    base = E.export_single_file(E.Source(pipe, "test"), tmp_path / "base.safetensors", target="sdcpp", half=True)
+    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True))
+    randomize_b(pipe.unet, pipe.text_encoder, std=0.05)  # larger updates overflow fp16 weights
+    lora_file = lora_io.save_lora(tmp_path / "lora", pipe.unet, pipe.text_encoder)
+    sdcpp_lora = lora_io.export_sdcpp(lora_file, tmp_path / "lora_sdcpp.safetensors")
+    del pipe
+    gc.collect()
+    fused = bk_tiny()
+    lora_io.load_lora(fused, lora_file)  # checked, loaded and fused by diffusers
+    fused.unload_lora_weights()  # keeps the fused weights, drops the peft layers (their keys would hang sd.cpp)
+    assert not any("lora" in k for k in list(fused.unet.state_dict()) + list(fused.text_encoder.state_dict()))
+    fused_file = E.export_single_file(E.Source(fused, "test"), tmp_path / "fused.safetensors", target="sdcpp",
+                                      half=True)
+    del fused
+    gc.collect()
+
+    logs = []
+    sd.set_log_callback(lambda level, message: logs.append(str(message)))
+
+    def generate(model, loras=()):
+        params = sd.SDContextParams(model_path=str(model), n_threads=2, vae_decode_only=True)
+        with sd.SDContext(params) as ctx:
+            gen = sd.SDImageGenParams(prompt="a red fox", width=64, height=64, seed=1, sample_steps=1, cfg_scale=1.0)
+            if loras:
+                gen.set_loras([{"path": str(p), "multiplier": 1.0} for p in loras])
+            return ctx.generate_with_params(gen)[0].to_numpy().astype(np.float32)
+
+    try:
+        plain, with_lora, fused_image = generate(base), generate(base, [sdcpp_lora]), generate(fused_file)
+    finally:
+        sd.set_log_callback(None)
+    applied = [m for m in logs if "LoRA tensors have been applied" in m]
+    n = len(load_file(sdcpp_lora))
+    assert applied and f"({n} / {n})" in applied[0], applied
+    change, error = np.abs(with_lora - plain).mean(), np.abs(with_lora - fused_image).mean()
+    assert change > 1.0 and error < 0.1 * change, (change, error)

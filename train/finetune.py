@@ -1,0 +1,97 @@
+"""Fine-tune a Stable Diffusion U-Net (a distilled student, or any SD-1.x/2.x pipeline) on your data.
+
+    accelerate launch train/finetune.py --config configs/portrait.yaml data.path=/data/portraits [key=value ...]
+
+The task loss (min-SNR weighted with `loss.snr_gamma`), optionally continued KD from `teacher`
+(`loss.lambda_out`; `loss.lambda_feat` with `student` describing `model`'s layout). Loop, EMA,
+checkpoints, resume, sample grids, trackers and data are train/kd.py's (`Trainer`). Writes
+OUTPUT/student/, a complete pipeline folder with `model`'s VAE, text encoder, tokenizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+from sdkd.data.sources import build_dataset
+from sdkd.train.config import FinetuneConfig, UserError, load_config, parse_args, run_cli
+from sdkd.train.export import save_pipeline
+from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
+from sdkd.train.losses import KDLoss
+from sdkd.train.objective import DiffusionObjective, build_encoder
+from sdkd.train.students import removal_spec
+from sdkd.train.teacher import PipelineParts, freeze, load_teacher
+
+
+@dataclass
+class Run:
+    """What the fine-tune and LoRA trainers share: data, `model`'s parts, the optional teacher, the objective."""
+
+    dataset: object
+    parts: PipelineParts       # `model`: U-Net (trained, or frozen under a LoRA), frozen VAE and text encoder
+    teacher: PipelineParts | None
+    objective: DiffusionObjective
+
+
+def prepare_run(cfg: FinetuneConfig, acc) -> Run:
+    """Load data, `model` and the teacher (only when a KD term is on); freeze all but `model`'s U-Net.
+
+    The U-Net is returned as loaded (fp32 on CPU); the caller makes it trainable or puts an adapter on it."""
+    with acc.main_process_first():  # data mistakes fail fast; a hf source prepares its arrow cache once
+        dataset = build_dataset(cfg.data, cfg.train.seed)
+    # From a latent cache no VAE or text encoder runs in the step (sample grids load them when due).
+    parts = load_teacher(cfg.model, with_encoders=cfg.data.cache is None, what="model")
+    loss = KDLoss.from_config(cfg.loss)
+    teacher = load_teacher(cfg.teacher, with_encoders=False) if loss.needs_teacher else None
+    if teacher is not None:
+        ours, theirs = parts.scheduler.config.prediction_type, teacher.scheduler.config.prediction_type
+        if ours != theirs:
+            raise UserError(f"teacher '{cfg.teacher}' predicts {theirs}, model '{cfg.model}' {ours}: continued KD "
+                            f"needs the same prediction type")
+
+    # Feature KD: `student` says how `model` was cut from the teacher; the pairs are checked by shape.
+    pairs = feature_pairs(cfg.student, removal_spec(cfg.student)) if cfg.loss.lambda_feat > 0 else []
+    latent_hw = cfg.data.resolution // parts.vae_scale_factor
+    if pairs:
+        check_pairs(teacher.unet, parts.unet, pairs, latent_hw)
+    teacher_hooks = FeatureHooks(teacher.unet, [t for t, _ in pairs]) if pairs else None
+    student_hooks = FeatureHooks(parts.unet, [s for _, s in pairs]) if pairs else None
+
+    dtype = weight_dtype(acc)
+    for frozen in (parts.vae, parts.text_encoder, teacher.unet if teacher else None):
+        if frozen is not None:
+            freeze(frozen, acc.device, dtype)
+    acc.print(f"model {cfg.model}: U-Net {sum(p.numel() for p in parts.unet.parameters()):,} params"
+              + (f"; continued KD from {cfg.teacher} ({len(pairs)} feature pairs)" if teacher else "")
+              + f"; on {acc.num_processes} processes")
+    acc.print(f"data: {len(dataset):,} samples per epoch from "
+              + (f"the latent cache {cfg.data.cache}" if cfg.data.cache else f"data.source={cfg.data.source}"))
+    objective = DiffusionObjective(
+        parts.scheduler, loss, cfg.loss.snr_gamma, teacher=teacher.unet if teacher else None,
+        student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
+    )
+    return Run(dataset, parts, teacher, objective)
+
+
+def main() -> None:
+    cfg = load_config(*parse_args(sys.argv[1:], __doc__), schema=FinetuneConfig)
+    acc = make_accelerator(cfg)
+    run = prepare_run(cfg, acc)
+    unet = run.parts.unet.float()
+    unet.requires_grad_(True)
+    unet.train()
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    Trainer(
+        cfg=cfg, accelerator=acc, model=unet, objective=run.objective,
+        encoder=build_encoder(cfg.data, run.parts, run.dataset, acc.device),
+        dataset=run.dataset, parts=run.parts,
+        export=lambda trained, out: save_pipeline(trained, cfg.model, out / "student"),
+        reference_unet=run.teacher.unet if run.teacher else None, frozen_source=cfg.model,
+    ).fit()
+
+
+if __name__ == "__main__":
+    run_cli(main)
