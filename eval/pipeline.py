@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -23,8 +22,9 @@ from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffus
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from sdkd.train.config import UserError
-from sdkd.train.export import _first_line, load_single_file, load_vae
+from sdkd.train.config import UserError, first_line
+from sdkd.train.export import load_single_file, load_vae
+from sdkd.train.lora_io import load_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
@@ -58,56 +58,12 @@ def load_model(model: str | Path) -> StableDiffusionPipeline:
             return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
                                                            feature_extractor=None, requires_safety_checker=False)
         except Exception as err:  # diffusers raises many kinds for a damaged folder
-            raise UserError(f"model '{model}' could not be loaded ({_first_line(err)}); re-export it with "
+            raise UserError(f"model '{model}' could not be loaded ({first_line(err)}); re-export it with "
                             f"python train/export.py") from None
     if path.suffix != ".safetensors":
         raise UserError(f"model '{model}': expected a .safetensors file written by python train/export.py, "
                         f"or a diffusers folder")
     return load_single_file(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA
-
-
-_LORA_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(\.[^.]+)?\.weight$")
-
-
-def check_lora(unet, state_dict: dict, source: str) -> None:
-    """Every LoRA target must exist in this U-Net with the LoRA's input width: else a one-line error."""
-    for key, t in state_dict.items():
-        if not key.startswith("unet.") or not (m := _LORA_SUFFIX.search(key)):
-            continue
-        name = key[len("unet."):m.start()].replace(".processor.", ".").removesuffix(".processor")
-        name = re.sub(r"\.to_(q|k|v|out)_lora$", r".to_\1", name)
-        try:
-            module = unet.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"LoRA '{source}' was made for another U-Net architecture: it targets '{name}', which "
-                            f"this model does not have; use a LoRA trained on this student") from None
-        down = m[1] in ("lora_A", "lora.down", "lora_down")
-        width = getattr(module, "in_features", getattr(module, "in_channels", None))
-        if down and width is not None and t.shape[1] != width:
-            raise UserError(f"LoRA '{source}' was made for another U-Net architecture: '{name}' takes {width} "
-                            f"inputs here, {t.shape[1]} in the LoRA; use a LoRA trained on this student")
-
-
-def load_lora(pipe: StableDiffusionPipeline, path: str | Path, scale: float = 1.0) -> None:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"LoRA '{path}' not found")
-    try:
-        state, _ = pipe.lora_state_dict(str(path), local_files_only=True)
-    except Exception as err:
-        raise UserError(f"LoRA '{path}' could not be read ({_first_line(err)})") from None
-    if not any(k.startswith("unet.") for k in state):
-        raise UserError(f"LoRA '{path}' holds no U-Net weights (expected diffusers/peft LoRA keys 'unet.*')")
-    check_lora(pipe.unet, state, str(path))
-    try:
-        pipe.load_lora_weights(str(path), adapter_name="lora")
-        pipe.fuse_lora(lora_scale=scale)
-    except Exception as err:
-        raise UserError(f"LoRA '{path}' could not be applied ({_first_line(err)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +129,7 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
             raise UserError(f"--tiny-vae '{tiny_vae}' is a {type(vae).__name__}, not an AutoencoderTiny")
         pipe.vae = vae
     if lora is not None:
-        load_lora(pipe, lora, lora_scale)
+        load_lora(pipe, lora, lora_scale)  # checked against this model's layout first
     pipe.to(dev)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         if module.dtype != torch_dtype:  # a no-op cast still makes diffusers warn

@@ -153,7 +153,7 @@ def test_caption_fields_from_members_and_json(tmp_path):
                 "txt": f"txt {i}"}
 
     write_shards(tmp_path, n_shards=1, per_shard=4, make=make)
-    first = keys_captions = read_epoch(source(tmp_path, resampled=False, shuffle_buffer=0), batch_size=4)[1][0]["captions"]
+    first = read_epoch(source(tmp_path, resampled=False, shuffle_buffer=0), batch_size=4)[1][0]["captions"]
     assert first == [f"txt {i}" for i in range(4)]  # text;txt;caption: txt comes first
     by_json = read_epoch(source(tmp_path, resampled=False, shuffle_buffer=0, caption_column="caption"), batch_size=4)
     assert by_json[1][0]["captions"] == [f"json {i}" for i in range(4)]

@@ -15,7 +15,7 @@ from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.toy import build_toy_pipeline
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import accelerate_launch, run_script
 
 pytestmark = pytest.mark.e2e
 

@@ -25,6 +25,12 @@ class ConfigError(UserError):
     pass
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to one line, for wrapping library errors into a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # Schema
 

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.train import ldm_layout
-from sdkd.train.config import UserError, run_cli
+from sdkd.train.config import UserError, first_line, run_cli
 from sdkd.train.teacher import load_teacher
 
 FORMAT_VERSION = "1"
@@ -80,17 +80,12 @@ class Source:
     """preset, teacher, training summary (whatever is known)."""
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _load_pipeline_folder(folder: Path) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                        feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, SafetensorError, KeyError, RuntimeError) as err:
-        raise UserError(f"'{folder}' could not be loaded as a diffusers pipeline folder: {_first_line(err)}") from None
+        raise UserError(f"'{folder}' could not be loaded as a diffusers pipeline folder: {first_line(err)}") from None
 
 
 def _load_unet(folder: Path) -> UNet2DConditionModel:
@@ -99,7 +94,7 @@ def _load_unet(folder: Path) -> UNet2DConditionModel:
     try:
         return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
-        raise UserError(f"U-Net '{folder}' could not be loaded: {_first_line(err)}") from None
+        raise UserError(f"U-Net '{folder}' could not be loaded: {first_line(err)}") from None
 
 
 def _run_info(run: Path) -> dict:
@@ -209,7 +204,7 @@ def load_vae(folder: str | Path):
     try:
         return classes[cls_name].from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
-        raise UserError(f"VAE '{folder}' could not be loaded: {_first_line(err)}") from None
+        raise UserError(f"VAE '{folder}' could not be loaded: {first_line(err)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +372,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable .safetensors file ({_first_line(err)}); re-export it with "
+        raise UserError(f"'{path}' is not a readable .safetensors file ({first_line(err)}); re-export it with "
                         f"python train/export.py") from None
 
 
@@ -401,7 +396,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
         scheduler_cls = getattr(diffusers, meta[META + "scheduler_class"])
         scheduler_config = json.loads(meta[META + "scheduler_config"])
     except (KeyError, json.JSONDecodeError, AttributeError) as err:
-        raise UserError(f"'{path}': damaged sdkd metadata ({_first_line(err)}); re-export the model") from None
+        raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
     if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
         raise UserError(f"'{path}': unknown VAE class {vae_class}")
     with torch.device("meta"):
@@ -413,7 +408,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
 
         flat = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' could not be read ({_first_line(err)}); the file is damaged: re-export it") from None
+        raise UserError(f"'{path}' could not be read ({first_line(err)}); the file is damaged: re-export it") from None
     shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
     src = str(path)
     unet.load_state_dict(ldm_layout.unet_from_ldm(flat, unet_config, numbering, shapes(unet), src),

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from sdkd.train import ldm_layout
 from sdkd.train.checkpoints import ModelState
-from sdkd.train.config import LoraSection, UserError, run_cli
+from sdkd.train.config import LoraSection, UserError, first_line, run_cli
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SDCPP_FILE = "lora_sdcpp.safetensors"
@@ -166,9 +166,10 @@ def _find(model, name: str):
 def check_lora(state: dict, unet, text_encoder=None, source: str = "LoRA", meta: dict | None = None) -> None:
     """Raise UserError unless every adapted module exists in `unet` / `text_encoder` with the LoRA's widths."""
     meta = meta or {}
-    theirs = meta.get(META + "layout") or "unknown"
+    theirs = meta.get(META + "layout")
     base = meta.get(META + "base_model")
-    made_for = f"the LoRA was trained on a '{theirs}' U-Net" + (f" (base model {base})" if base else "")
+    made_for = (f"the LoRA was trained on a '{theirs}' U-Net" + (f" (base model {base})" if base else "")
+                if theirs else "the LoRA was trained on another model")
     here = layout_of(unet)
     parts = {"unet": unet, "text_encoder": text_encoder}
     targets = []  # (module name, what, module, tensor, is_down): missing modules are named before wrong widths
@@ -222,8 +223,11 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     state, meta = read_lora(path)
     check_lora(state, pipe.unet, pipe.text_encoder, str(path), meta)
     file = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
-    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
-    pipe.fuse_lora(lora_scale=scale)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
+        pipe.fuse_lora(lora_scale=scale)
+    except Exception as err:  # diffusers/peft raise many kinds for a file they cannot apply
+        raise UserError(f"LoRA '{path}' could not be applied ({first_line(err)})") from None
 
 
 # ---------------------------------------------------------------------------------------------

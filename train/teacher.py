@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdkd.train.config import UserError
+from sdkd.train.config import UserError, first_line
 
 
 @dataclass
@@ -64,8 +64,7 @@ def load_teacher(source: str, with_unet: bool = True, with_encoders: bool = True
             vae_config=None if with_encoders else AutoencoderKL.load_config(source, subfolder="vae", **kw),
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} '{source}' could not be loaded: {first}") from None
+        raise UserError(f"{what} '{source}' could not be loaded: {first_line(err)}") from None
 
 
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
