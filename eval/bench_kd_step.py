@@ -13,7 +13,7 @@ One run, on one set of models and inputs per model, measures:
   text encoding are not in the step; they are timed on their own and printed on a separate line.
 - the **parts** no KD step can do without, each timed alone on the same models and inputs:
   teacher forward under no_grad with its hooks capturing, student forward with its hooks, backward
-  of the KD loss, optimizer step (`step()` + `zero_grad(set_to_none=True)`). Backward is timed
+  of the KD loss, optimizer step (the plain AdamW's `step()` + `zero_grad(set_to_none=True)`). Backward is timed
   directly on the graph the timed student forward has just built (no subtraction). These are the
   work BK-SDM's loop does too; everything else in the step (noise draw, loss terms, grad clipping,
   accelerate's wrappers, the LR schedule, Python glue) is overhead and makes step / sum(parts)
@@ -22,8 +22,9 @@ One run, on one set of models and inputs per model, measures:
 - `optimizer.step()` alone for each AdamW implementation: fused, foreach, and the per-parameter
   loop that BK-SDM's script gets by default (13.8 s per step on CPU for the 482M student).
 - peak memory: the process's max RSS (`ru_maxrss`) after the step and parts, and after the
-  optimizer comparison, which holds a second AdamW state. Models run smallest first, so each
-  figure is that model's own peak. Everything runs on the CPU, so there is no CUDA figure.
+  optimizer comparison (a fresh AdamW state per kernel, plus foreach's full-size temporaries).
+  Models run smallest first, so each figure is that model's own peak. Everything runs on the CPU
+  (`Accelerator(cpu=True)`), so there is no `torch.cuda.max_memory_allocated` figure.
 
 Models: `toy` is the built-in toy teacher with its own VAE and text encoder on synthetic images
 (real latents, 16x16 at 32 px); `sd15` is the SD-1.5 U-Net (860M) built from its config with random
@@ -31,29 +32,29 @@ weights in fp32, latents and (B, 77, 768) embeddings drawn at random, and an SD-
 CLIP-L text encoder (random weights) for the encoding line. Hygiene: warm-up iterations untimed,
 median of R repeats, step and parts interleaved in every repeat so that drift hits both alike, the
 same seed (hence noise and timesteps) in every repeat, default thread count, `time.perf_counter`.
+Min/max per row and the CPU share other processes took during the timing are printed too: on a
+shared machine they say whether a figure can be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import itertools
 import json
+import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.data.sources import build_dataset, collate
 from sdkd.train.config import Config, DataConfig
@@ -63,7 +64,8 @@ from sdkd.train.losses import KDLoss, diffusion_target
 from sdkd.train.objective import BatchEncoder, DiffusionObjective
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import PipelineParts, freeze, load_teacher
-from sdkd.train.toy import SD_SCHEDULER, write_toy_tokenizer
+from sdkd.train.sd_configs import SD15_UNET
+from sdkd.train.toy import build_random_pipeline
 
 SEED = 0
 TARGET = 1.10
@@ -76,32 +78,17 @@ PARTS = {
 IMPLEMENTATIONS = ("fused", "foreach", "loop")
 DEFAULT_BATCH = {"toy": 8, "sd15": 1}  # toy: configs/toy.yaml; sd15: 128 px, batch 1 as in the issue
 
-# SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder (block-removal.md section 1).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 640, 1280, 1280],
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512], scaling_factor=0.18215,
-)
-# Token ids follow the toy tokenizer that feeds it (bos 0, eos/pad 1); the tokenizer costs ~nothing.
-SD15_TEXT = dict(
-    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    bos_token_id=0, eos_token_id=1, pad_token_id=1,
-)
-
-
 def sd15_parts() -> PipelineParts:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
-    return PipelineParts(UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
-                         CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer, DDPMScheduler(**SD_SCHEDULER))
+    """SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder at their real widths, random weights."""
+    p = build_random_pipeline(SD15_UNET, widths="sd15")
+    return PipelineParts(p.unet, p.vae, p.text_encoder, p.tokenizer, p.scheduler)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(all processes' busy CPU seconds from /proc/stat, this process's CPU seconds) so far."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -109,7 +96,7 @@ def peak_rss_bytes() -> int:
 
 
 class Clock:
-    """Seconds per named block, one row per iteration (a name timed twice in a row is summed)."""
+    """Seconds per named block, one row per iteration (a name timed twice in one iteration is summed)."""
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []
@@ -200,7 +187,12 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
         student_params=sum(p.numel() for p in b.student.parameters()),
     )
     clock = Clock()
+    # The CPU share other processes took during the timing: on a shared machine it inflates some
+    # iterations (see min/max) and can tilt the ratio.
+    (busy0, own0), wall0 = cpu_seconds(), time.perf_counter()
     result["auto_implementation"] = time_step_and_parts(b, clock, warmup + repeats)
+    (busy1, own1), wall1 = cpu_seconds(), time.perf_counter()
+    result["other_processes_cpu_share"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * os.cpu_count())
     medians = clock.medians(warmup)
     result["parts"] = {part: medians[part] for part in PARTS}
     result["sum_parts"] = sum(result["parts"].values())
@@ -208,6 +200,10 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
     result["ratio"] = result["step"] / result["sum_parts"]
     result["not_in_parts"] = {key: medians[key] for key in ("noise_and_loss_terms", "clip_grad_norm")}
     result["min_max"] = clock.ranges(warmup)
+    result["iterations"] = clock.rows  # every iteration's seconds, the `warmup` untimed ones first
+    # Step and parts of one iteration run back to back: a burst of contention skews their ratio less.
+    result["ratio_median_per_repeat"] = statistics.median(
+        row["step"] / sum(row[part] for part in PARTS) for row in clock.rows[warmup:])
     result["peak_rss_step_bytes"] = peak_rss_bytes()
 
     b.acc.free_memory()  # accelerate keeps the step's optimizer alive otherwise: 2x the AdamW state below
@@ -271,7 +267,7 @@ def time_implementations(b: Bench, repeats: int, warmup: int) -> dict[str, float
     b.objective(b.student, b.latents, b.embeds, torch.Generator().manual_seed(SEED))["loss"].backward()
     seconds = {}
     for implementation in IMPLEMENTATIONS:
-        optimizer = build_optimizer(params, dataclasses.replace(b.cfg.optim, implementation=implementation))
+        optimizer = build_optimizer(params, replace(b.cfg.optim, implementation=implementation))
         clock = Clock()
         for _ in range(warmup + repeats):  # the first step also allocates the AdamW state
             clock.new_row()
@@ -328,6 +324,8 @@ def report(r: dict) -> str:
         f"text encode {enc['text']:.4f} s",
         f"peak RSS {r['peak_rss_step_bytes'] / gib:.2f} GiB after step and parts, "
         f"{r['peak_rss_bytes'] / gib:.2f} GiB after the optimizer comparison",
+        f"other processes used {100 * r['other_processes_cpu_share']:.0f}% of the {os.cpu_count()} CPUs while "
+        f"step and parts ran; median of per-repeat ratios {r['ratio_median_per_repeat']:.2f}",
         f"ratio step/sum(parts) = {r['ratio']:.2f} (target <= {TARGET:.2f})",
     ]
     return "\n".join(lines)

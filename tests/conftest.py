@@ -44,3 +44,22 @@ def accelerate_launch(args: list[str], num_processes: int = 1, **kw):
               "--mixed_precision", "no"]
     launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
     return run_script(launch + args, **kw)
+
+
+def launch_trainer(script: str, config: str, out, *overrides, num_processes: int = 1, check: bool = True):
+    """`accelerate launch SCRIPT --config CONFIG output_dir=OUT ...`; asserts success unless check=False."""
+    result = accelerate_launch([script, "--config", config, f"output_dir={out}", *overrides],
+                               num_processes=num_processes)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def save_toy_student(folder: Path, preset: str) -> Path:
+    """A toy student pipeline folder: what train/kd.py leaves in OUTPUT/student."""
+    from sdkd.train.export import save_pipeline
+    from sdkd.train.students import PRESETS, build_student
+    from sdkd.train.toy import build_toy_pipeline
+
+    save_pipeline(build_student(build_toy_pipeline().unet, PRESETS[preset]), "toy", folder)
+    return folder

@@ -11,29 +11,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from sdkd.train.export import save_pipeline
-from sdkd.train.students import PRESETS, build_student
-from sdkd.train.toy import build_toy_pipeline
 
-from conftest import accelerate_launch, run_script
+from conftest import launch_trainer, run_script, save_toy_student
 
 pytestmark = pytest.mark.e2e
 
 
 def launch_finetune(out, *overrides, ok=True):
-    result = accelerate_launch(["train/finetune.py", "--config", "configs/portrait_toy.yaml", f"output_dir={out}",
-                                *overrides])
-    if ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return launch_trainer("train/finetune.py", "configs/portrait_toy.yaml", out, *overrides, check=ok)
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    """A bk_small toy student as a pipeline folder: what train/kd.py leaves in OUTPUT/student."""
-    folder = tmp_path_factory.mktemp("student")
-    save_pipeline(build_student(build_toy_pipeline().unet, PRESETS["bk_small"]), "toy", folder)
-    return folder
+    return save_toy_student(tmp_path_factory.mktemp("student"), "bk_small")
 
 
 def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_dir, toy_teacher_dir):

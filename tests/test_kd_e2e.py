@@ -15,7 +15,7 @@ from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.toy import build_toy_pipeline
 
-from conftest import accelerate_launch, run_script
+from conftest import launch_trainer, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -23,10 +23,7 @@ STEPS = 40
 
 
 def launch_kd(out, *overrides, num_processes=1):
-    result = accelerate_launch(["train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}", *overrides],
-                               num_processes=num_processes)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return launch_trainer("train/kd.py", "configs/toy.yaml", out, *overrides, num_processes=num_processes)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from sdkd.train import lora_io
-from sdkd.train.export import save_pipeline
-from sdkd.train.students import PRESETS, build_student
-from sdkd.train.toy import build_toy_pipeline
 
-from conftest import accelerate_launch, run_script
+from conftest import launch_trainer, run_script, save_toy_student
 
 pytestmark = pytest.mark.e2e
 
@@ -27,17 +24,12 @@ COMMON = ["lora.train_text_encoder=true", "ema.enabled=true", "train.max_steps=6
 
 
 def launch_lora(out, *overrides):
-    result = accelerate_launch(["train/lora.py", "--config", "configs/lora_toy.yaml", f"output_dir={out}", *overrides])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return launch_trainer("train/lora.py", "configs/lora_toy.yaml", out, *overrides)
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    """A bk_tiny toy student pipeline folder (what train/kd.py writes to OUTPUT/student)."""
-    folder = tmp_path_factory.mktemp("bk_tiny_student")
-    save_pipeline(build_student(build_toy_pipeline().unet, PRESETS["bk_tiny"]), "toy", folder)
-    return folder
+    return save_toy_student(tmp_path_factory.mktemp("bk_tiny_student"), "bk_tiny")
 
 
 @pytest.fixture(scope="module")
