@@ -44,4 +44,8 @@ case "$backend" in
   deepspeed) args+=(--use_deepspeed) ;;
   *) echo "error: --backend '$backend': expected ddp, fsdp or deepspeed" >&2; exit 2 ;;
 esac
-exec accelerate launch "${args[@]}" "$@"
+# A bad config stops here, once, with its one-line error, before any process starts.
+python -m sdkd.train.config "$@" || exit $?
+# --quiet: a trainer that stops on a user mistake has printed its one-line error; without it the
+# launcher adds a traceback of its own (CalledProcessError).
+exec accelerate launch --quiet "${args[@]}" "$@"

@@ -109,3 +109,12 @@ def test_finetune_and_lora_recipes_load_with_their_schemas():
     with pytest.raises(ConfigError, match="config key 'data.cache': a latent cache holds text embeddings"):
         load_config(ROOT / "configs/lora_toy.yaml", ["lora.train_text_encoder=true", "data.cache=/c"],
                     schema=LoraTrainConfig)
+
+
+def test_launch_sh_checks_the_config_before_starting_processes(tmp_path):
+    result = run_script(["bash", "launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml",
+                         f"output_dir={tmp_path}", "train.max_steps=zero"], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: config key 'train.max_steps': Value 'zero' of type 'str' could not be converted to Integer"]
+    assert not (tmp_path / "config.yaml").exists()  # no process started

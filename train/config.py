@@ -393,6 +393,16 @@ def parse_args(argv: list[str], description: str) -> tuple[str | None, list[str]
     return args.config, args.overrides
 
 
+# The schema each trainer script reads (by file name), so launch.sh can check a config before it
+# starts any process.
+TRAINER_SCHEMAS = {"kd": Config, "finetune": FinetuneConfig, "lora": LoraTrainConfig}
+
+
+def load_trainer_config(script: str, argv: list[str], description: str) -> Config:
+    """`--config FILE key=value ...` for the trainer `script`, validated against its schema."""
+    return load_config(*parse_args(argv, description), schema=TRAINER_SCHEMAS[Path(script).stem])
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point; user mistakes become one line on stderr and exit code 2."""
     try:
@@ -400,3 +410,14 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _check_launch() -> None:
+    """`python -m sdkd.train.config SCRIPT ARGS...`: fail on a bad config once, before a multi-process
+    launch (where every rank would report it and the launcher add its own failure report)."""
+    if len(sys.argv) > 1 and Path(sys.argv[1]).stem in TRAINER_SCHEMAS:
+        load_trainer_config(sys.argv[1], sys.argv[2:], "config check")
+
+
+if __name__ == "__main__":
+    run_cli(_check_launch)

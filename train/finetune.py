@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import FinetuneConfig, UserError, load_config, parse_args, run_cli
+from sdkd.train.config import FinetuneConfig, UserError, load_trainer_config, run_cli
 from sdkd.train.export import save_pipeline
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
@@ -76,7 +76,7 @@ def prepare_run(cfg: FinetuneConfig, acc) -> Run:
 
 
 def main() -> None:
-    cfg = load_config(*parse_args(sys.argv[1:], __doc__), schema=FinetuneConfig)
+    cfg = load_trainer_config(__file__, sys.argv[1:], __doc__)
     acc = make_accelerator(cfg)
     run = prepare_run(cfg, acc)
     unet = run.parts.unet.float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import load_config, parse_args, run_cli
+from sdkd.train.config import load_trainer_config, run_cli
 from sdkd.train.export import save_pipeline
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
@@ -19,7 +19,7 @@ from sdkd.train.teacher import freeze, load_teacher
 
 
 def main() -> None:
-    cfg = load_config(*parse_args(sys.argv[1:], __doc__))
+    cfg = load_trainer_config(__file__, sys.argv[1:], __doc__)
     acc = make_accelerator(cfg)
     with acc.main_process_first():  # data mistakes fail fast; a hf source prepares its arrow cache once
         dataset = build_dataset(cfg.data, cfg.train.seed)

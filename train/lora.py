@@ -17,7 +17,7 @@ import sys
 import torch
 
 from sdkd.train import lora_io
-from sdkd.train.config import LoraTrainConfig, load_config, parse_args, run_cli
+from sdkd.train.config import load_trainer_config, run_cli
 from sdkd.train.finetune import prepare_run
 from sdkd.train.ldm_layout import UnsupportedLayout
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
@@ -33,7 +33,7 @@ class TokenEncoder(BatchEncoder):
 
 
 def main() -> None:
-    cfg = load_config(*parse_args(sys.argv[1:], __doc__), schema=LoraTrainConfig)
+    cfg = load_trainer_config(__file__, sys.argv[1:], __doc__)
     acc = make_accelerator(cfg)
     run = prepare_run(cfg, acc)
     unet, text_encoder = run.parts.unet, run.parts.text_encoder if cfg.lora.train_text_encoder else None
