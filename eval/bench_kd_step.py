@@ -62,9 +62,9 @@ from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, build_optimizer, weight_dtype
 from sdkd.train.losses import KDLoss, diffusion_target
 from sdkd.train.objective import BatchEncoder, DiffusionObjective
+from sdkd.train.sd_configs import SD15_UNET
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import PipelineParts, freeze, load_teacher
-from sdkd.train.sd_configs import SD15_UNET
 from sdkd.train.toy import build_random_pipeline
 
 SEED = 0
@@ -77,6 +77,7 @@ PARTS = {
 }
 IMPLEMENTATIONS = ("fused", "foreach", "loop")
 DEFAULT_BATCH = {"toy": 8, "sd15": 1}  # toy: configs/toy.yaml; sd15: 128 px, batch 1 as in the issue
+
 
 def sd15_parts() -> PipelineParts:
     """SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder at their real widths, random weights."""
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["toy", "sd15", "both"], default="both")
     parser.add_argument("--latent", type=int, default=16, help="latent height and width")
     parser.add_argument("--batch", type=int, help="batch size (default: toy 8, sd15 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed iterations; the median is reported")
+    parser.add_argument("--repeats", type=int, default=11, help="timed iterations; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args(argv)
