@@ -263,3 +263,10 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
     ]:
         code, _, err = run_main(["--teacher", "toy", *args], capsys)
         assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_config_knows_exactly_the_presets_students_builds():
+    # config.py names them without importing diffusers (launch.sh checks configs with it alone).
+    from sdkd.train.config import STUDENT_PRESETS
+
+    assert tuple(PRESETS) == STUDENT_PRESETS

@@ -310,6 +310,22 @@ def _require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(f"config key '{key}': {expected}")
 
 
+STUDENT_PRESETS = ("bk_base", "bk_small", "bk_tiny")
+
+
+def check_student(s: StudentConfig) -> None:
+    """A preset, or `custom` with its keep_* fields; a preset sets the custom fields itself."""
+    if s.preset == "custom":
+        _require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
+                 "student.keep_down and student.keep_up are required when student.preset=custom")
+        return
+    _require(s.preset in STUDENT_PRESETS, "student.preset",
+             f"expected {', '.join(STUDENT_PRESETS)} or custom, got '{s.preset}'")
+    _require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage, "student.preset",
+             f"keep_down, keep_up, mid_block and deepest_stage apply only to student.preset=custom; "
+             f"'{s.preset}' sets them itself")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks the schema cannot express."""
     t, s = cfg.train, cfg.student
@@ -328,13 +344,7 @@ def validate(cfg: Config) -> None:
     for name in ("lambda_task", "lambda_out", "lambda_feat"):
         _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     _require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
-    custom = s.preset == "custom"
-    _require(custom or s.preset in ("bk_base", "bk_small", "bk_tiny"),
-             "student.preset", f"expected bk_base, bk_small, bk_tiny or custom, got '{s.preset}'")
-    _require(not custom or (s.keep_down is not None and s.keep_up is not None),
-             "student.keep_down", "student.keep_down and student.keep_up are required when student.preset=custom")
-    _require(custom or (s.keep_down is None and s.keep_up is None),
-             "student.keep_down", f"keep_down/keep_up apply only to student.preset=custom, not '{s.preset}'")
+    check_student(s)
     _require(s.feature_pairs in ("bk", "segmind", "custom"), "student.feature_pairs", "expected bk, segmind or custom")
     _require((s.feature_pairs == "custom") == (s.pairs is not None),
              "student.pairs", "give student.pairs exactly when student.feature_pairs=custom")

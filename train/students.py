@@ -30,7 +30,7 @@ from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.train.config import ConfigError, StudentConfig, UserError, run_cli
+from sdkd.train.config import ConfigError, StudentConfig, UserError, check_student, run_cli
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -74,16 +74,9 @@ PRESETS: dict[str, RemovalSpec] = {
 
 def removal_spec(cfg: StudentConfig) -> RemovalSpec:
     """The spec named by `student.preset`, or the custom one given by its keep_* fields."""
+    check_student(cfg)
     if cfg.preset == "custom":
-        if cfg.keep_down is None or cfg.keep_up is None:
-            raise ConfigError("config key 'student.keep_down': student.keep_down and student.keep_up are "
-                              "required when student.preset=custom")
         return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage)
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"config key 'student.preset': expected {', '.join(PRESETS)} or custom, got '{cfg.preset}'")
-    if cfg.keep_down is not None or cfg.keep_up is not None or not cfg.mid_block or not cfg.deepest_stage:
-        raise ConfigError(f"config key 'student.preset': keep_down, keep_up, mid_block and deepest_stage apply "
-                          f"only to student.preset=custom; '{cfg.preset}' sets them itself")
     return PRESETS[cfg.preset]
 
 
