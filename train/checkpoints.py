@@ -3,9 +3,13 @@
 accelerate's save_state/load_state carry the optimizer, LR scheduler and RNG states; save/load
 hooks store the trained model (and its EMA) through a `ModelState`: by default the whole U-Net as
 diffusers folders (`unet/`, `unet_ema/`, safetensors), so a checkpoint is also a loadable model; a
-LoRA run stores only its adapter (`train/lora_io.py`). A checkpoint is written into a hidden
-temporary folder and renamed into place when every process has finished, so a run killed
-mid-write never leaves a `checkpoint-STEP` that `latest` would pick.
+LoRA run stores only its adapter (`train/lora_io.py`).
+
+A checkpoint is complete by its contents, not its name: `trainer_state.json`, written last, lists
+every file with its size, and only a folder whose files all match is used. A checkpoint is written
+into a hidden temporary folder and renamed into place; one it replaces (a step saved again) and
+ones rotated out are first renamed to hidden names, so a kill at any point leaves every
+`checkpoint-STEP` either complete or gone, and the next start puts a replaced one back.
 """
 
 from __future__ import annotations
@@ -13,24 +17,48 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdkd.train.config import UserError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+_REPLACED, _DELETING, _TMP = ".replaced-", ".deleting-", ".tmp-"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(output_dir)
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when every file its state lists is there whole."""
+    try:
+        files = json.loads((path / STATE_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (not a checkpoint, or its write was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is unreadable"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _named_checkpoints(root: Path) -> list[Path]:
+    """`checkpoint-STEP` folders, complete or not, oldest first."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for p in _named_checkpoints(Path(output_dir)) if checkpoint_problem(p) is None]
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -39,15 +67,43 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`latest` -> newest complete checkpoint (None when there is none yet); a path must exist."""
+    """`latest` -> the newest checkpoint (None when there is none yet), which must be complete;
+    `latest_complete` -> the newest complete one, naming each newer broken one passed over;
+    a path must be a complete checkpoint."""
     if resume is None:
         return None
-    if resume == "latest":
-        return find_latest(output_dir)
+    if resume in ("latest", "latest_complete"):
+        named = _named_checkpoints(Path(output_dir))
+        for path in reversed(named):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if resume == "latest":
+                raise UserError(f"resume=latest: the newest checkpoint '{path}' is incomplete ({problem}); "
+                                f"remove it, or set resume=latest_complete to use the newest complete one")
+            print(f"warning: resume=latest_complete: passing over '{path}' ({problem})", file=sys.stderr)
+        return None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"resume '{resume}': not a checkpoint folder (no {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"resume '{resume}': not a complete checkpoint ({problem})")
     return path
+
+
+def recover(output_dir: Path) -> None:
+    """Undo what a kill left half-done: put back a checkpoint that was being replaced when its
+    replacement never arrived, and finish removing rotated-out and half-written ones."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.iterdir():
+        if path.name.startswith(_REPLACED):
+            final = output_dir / path.name.removeprefix(_REPLACED)
+            if final.exists():
+                shutil.rmtree(path)
+            else:
+                path.rename(final)
+        elif path.name.startswith((_DELETING, _TMP)):
+            shutil.rmtree(path)
 
 
 class ModelState:
@@ -95,6 +151,9 @@ class Checkpointer:
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
         self.state = model if isinstance(model, ModelState) else ModelState(model, subfolder)
         self.ema = ema
+        if accelerator.is_main_process:
+            recover(self.output_dir)
+        accelerator.wait_for_everyone()
         accelerator.register_save_state_pre_hook(self._save_models)
         accelerator.register_load_state_pre_hook(self._load_models)
 
@@ -111,7 +170,7 @@ class Checkpointer:
     def save(self, step: int, generator: torch.Generator) -> Path:
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{step}"
+        tmp = self.output_dir / f"{_TMP}checkpoint-{step}"
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed mid-write
         acc.wait_for_everyone()
@@ -119,10 +178,14 @@ class Checkpointer:
         save_file({"state": generator.get_state()}, tmp / f"generator-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files}))
+            replaced = self.output_dir / f"{_REPLACED}{final.name}"
             if final.exists():
-                shutil.rmtree(final)
+                final.rename(replaced)  # `recover` puts it back if we are killed before the next rename
             tmp.rename(final)
+            if replaced.exists():
+                shutil.rmtree(replaced)
             self._rotate()
         acc.wait_for_everyone()
         return final
@@ -131,15 +194,24 @@ class Checkpointer:
         if self.total_limit is None:
             return
         for old in list_checkpoints(self.output_dir)[: -self.total_limit]:
-            shutil.rmtree(old)
+            # Renamed first: a kill mid-removal leaves a hidden folder, never a partial checkpoint-STEP.
+            doomed = old.rename(self.output_dir / f"{_DELETING}{old.name}")
+            shutil.rmtree(doomed)
 
     def load(self, path: Path, generator: torch.Generator) -> int:
         """Restore everything saved at `path`; returns its step."""
         acc = self.accelerator
-        acc.load_state(str(path))
         rng = path / f"generator-{acc.process_index}.safetensors"
         if not rng.is_file():
             raise UserError(f"resume '{path}': written by {len(list(path.glob('generator-*')))} processes, "
                             f"resumed with {acc.num_processes}")
-        generator.set_state(load_file(rng)["state"])
+        try:
+            acc.load_state(str(path))
+            generator.set_state(load_file(rng)["state"])
+        except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
+            # A layout other than this run's (size mismatch) or damaged contents of the right size.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            # torch's state-dict errors put the first mismatch on their second line.
+            detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+            raise UserError(f"resume '{path}': cannot be loaded into this run: {detail}") from None
         return json.loads((path / STATE_FILE).read_text())["step"]
