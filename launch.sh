@@ -29,11 +29,20 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ $# -eq 0 ]]; then echo "error: no trainer given (e.g. train/kd.py --config configs/toy.yaml)" >&2; exit 2; fi
+# A bad config stops here, once, with its one-line error, before any process starts. The trainer's
+# --help and --print-config are answered here too, once, and nothing starts.
+python -m sdkd.train.config "$@" || exit $?
+for arg in "$@"; do
+  case "$arg" in -h|--help|--print-config) exit 0 ;; esac
+done
 if [[ -z "$gpus" ]]; then
   gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 total=$(( gpus * nodes ))
 args=(--num_processes "$total" --num_machines "$nodes" --machine_rank "$rank" --main_process_port "$port")
+# Every value accelerate would otherwise default, and list in a warning block. The trainer sets mixed
+# precision from its config (train.mixed_precision; the Accelerator's argument wins over the launcher's).
+args+=(--mixed_precision no --dynamo_backend no)
 if (( nodes > 1 )); then
   [[ -n "$main_ip" ]] || { echo "error: --nodes $nodes needs --main-ip" >&2; exit 2; }
   args+=(--main_process_ip "$main_ip")
@@ -44,8 +53,6 @@ case "$backend" in
   deepspeed) args+=(--use_deepspeed) ;;
   *) echo "error: --backend '$backend': expected ddp, fsdp or deepspeed" >&2; exit 2 ;;
 esac
-# A bad config stops here, once, with its one-line error, before any process starts.
-python -m sdkd.train.config "$@" || exit $?
-# --quiet: a trainer that stops on a user mistake has printed its one-line error; without it the
-# launcher adds a traceback of its own (CalledProcessError).
-exec accelerate launch --quiet "${args[@]}" "$@"
+# accelerate's launcher, through a wrapper that exits 2 when the trainer stopped on a user mistake
+# (it has printed its one line) instead of adding a traceback of its own and exiting 1.
+exec python -m sdkd.train.launch "${args[@]}" "$@"

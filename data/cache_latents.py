@@ -27,9 +27,10 @@ import torch
 
 from sdkd.data.latent_cache import DTYPES, write_cache
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import UserError, load_config, run_cli
+from sdkd.train.config import load_config
+from sdkd.train.errors import UserError, run_cli
 from sdkd.train.objective import BatchEncoder
-from sdkd.train.teacher import freeze, load_teacher
+from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
     if args.shard_size <= 0:
         raise UserError("--shard-size must be > 0")
-    # Caption dropout happens at train time; a webdataset is read once, in order.
-    source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, resampled=False, shuffle_buffer=0)
+    # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
+    source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
+                                 shuffle_buffer=0)
     dataset = build_dataset(source, cfg.train.seed)
-    teacher = load_teacher(cfg.teacher, with_unet=False)
+    teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for frozen in (teacher.vae, teacher.text_encoder):
         freeze(frozen, device, torch.float32)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.data.transforms import dropout_rng
-from sdkd.train.config import UserError
+from sdkd.train.errors import UserError
 
 FORMAT = "sdkd-latent-cache"
 MANIFEST = "manifest.json"

@@ -21,10 +21,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.data.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Shared behaviour
@@ -60,6 +61,19 @@ class CaptionedImageDataset(Dataset):
             return self.preprocess(image, caption, rng, dropout_rng(self.seed, self.epoch, index), name)
         except BadSample as err:
             return skip_marker(err)
+
+
+class FirstSamples(Subset):
+    """The first `n` samples of a map-style dataset (data.max_train_samples), always the same ones. Other
+    attributes are the dataset's, so the trainer's `set_epoch` and a latent cache's `check_teacher` reach it."""
+
+    def __init__(self, dataset: Dataset, n: int):
+        super().__init__(dataset, range(min(n, len(dataset))))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet while unpickling (in a spawned DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,18 +305,23 @@ def register_source(name: str) -> Callable[[SourceBuilder], SourceBuilder]:
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset `cfg.source` names, preprocessed per `cfg`, seeded with `seed`; with `cfg.cache` set,
-    the latent cache instead (see `latent_cache.py`)."""
+    the latent cache instead (see `latent_cache.py`). `cfg.max_train_samples` keeps the first samples of a
+    map-style dataset; the webdataset source shortens its epochs to it itself."""
     if cfg.cache is not None:
         from sdkd.data.latent_cache import CachedLatents
 
-        return CachedLatents(cfg.cache, seed, cfg.caption_dropout)
-    if cfg.source not in SOURCES:
+        dataset = CachedLatents(cfg.cache, seed, cfg.caption_dropout)
+    elif cfg.source in SOURCES:
+        dataset = SOURCES[cfg.source](cfg, seed)
+    else:
         raise UserError(f"config key 'data.source': unknown source '{cfg.source}' (known: {', '.join(SOURCES)})")
-    return SOURCES[cfg.source](cfg, seed)
+    if cfg.max_train_samples is None or isinstance(dataset, IterableDataset):
+        return dataset
+    return FirstSamples(dataset, cfg.max_train_samples)
 
 
 def preprocess_from(cfg: DataConfig) -> Preprocess:
-    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip),
+    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation),
                       tuple(f for f in cfg.caption_column.split(";") if f), cfg.caption_pick, cfg.caption_dropout,
                       cfg.min_size)
 

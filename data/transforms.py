@@ -1,7 +1,7 @@
 """Preprocessing: image augmentation without torchvision (resize, square crop, flip, to [-1, 1]),
 caption choice and dropout, and the checks that reject a bad sample.
 
-Reproduces the diffusers/BK-SDM pipeline `Resize(R, bilinear) -> CenterCrop(R) | RandomCrop(R)
+Reproduces the diffusers/BK-SDM pipeline `Resize(R, interpolation) -> CenterCrop(R) | RandomCrop(R)
 -> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5])` with PIL and numpy. Randomness
 comes only from the `numpy.random.Generator` passed with each image, so a sample is a pure
 function of (image, generator seed): reproducible across workers, restarts and resumes.
@@ -18,6 +18,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+
+
+# PIL's resampling filters (`Image.Resampling`), by diffusers' --image_interpolation_mode names.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
 class Augmented(NamedTuple):
@@ -37,14 +41,18 @@ class ImageTransform:
     """Center crop; false takes a random crop."""
     random_flip: bool = True
     """Flip horizontally with probability 0.5."""
+    interpolation: str = "bilinear"
+    """Resampling filter of the resize, one of `INTERPOLATIONS`."""
 
     def __post_init__(self) -> None:
         if self.resolution <= 0:
             raise ValueError(f"resolution must be > 0, got {self.resolution}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{self.interpolation}'")
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> Augmented:
         original_size = (image.height, image.width)
-        image = resize_shorter_side(image.convert("RGB"), self.resolution)
+        image = resize_shorter_side(image.convert("RGB"), self.resolution, self.interpolation)
         # Flip before cropping, as diffusers' SDXL script does: the crop offset then refers
         # to the image the model actually sees.
         if self.random_flip and rng.random() < 0.5:
@@ -61,15 +69,15 @@ class ImageTransform:
         return int(rng.integers(0, spare_h + 1)), int(rng.integers(0, spare_w + 1))
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """Resize so the shorter side is `size`, keeping the aspect ratio (torchvision's truncation)."""
     w, h = image.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    # PIL widens the bilinear kernel when shrinking, i.e. it antialiases.
-    return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    # PIL widens the kernel when shrinking, i.e. it antialiases (as torchvision's Resize on PIL images).
+    return image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -9,7 +9,9 @@ local glob (`/data/laion/*.tar`). A sample is the shard members sharing a key (i
 `KEY.jpg`, `KEY.txt`, `KEY.json`); a caption field is a member's extension or a key of `KEY.json`.
 
 The manifest (written by `data/make_shards.py`) gives each shard's sample count, from which the trainer
-takes its epoch: every process reads `batches_per_epoch` batches per epoch.
+takes its epoch: every process reads `batches_per_epoch` batches per epoch. `data.max_train_samples` caps
+the epoch at that many samples (over all processes), as `num_train_examples` does in diffusers' LCM script;
+which samples those are varies with the epoch, as the stream does.
 
 - `resampled=true` (default, as in diffusers' LCM script): every process and DataLoader worker draws
   shards with replacement (`wds.ResampledShards`), an endless stream cut with `with_epoch` into epochs
@@ -42,7 +44,8 @@ from webdataset.utils import make_seed, pytorch_worker_info
 
 from sdkd.data.sources import open_image
 from sdkd.data.transforms import BadSample, Preprocess, dropout_rng, skip_marker
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 
 IMAGE_FIELDS = "jpg;jpeg;png;webp"
 MANIFEST = "manifest.json"
@@ -89,22 +92,26 @@ class WebDatasetSource(IterableDataset):
     `drop_last=True`. Call `set_batching` once and `set_epoch` before each epoch's `iter(loader)`."""
 
     def __init__(self, urls: list[str], counts: list[int], preprocess: Preprocess, seed: int = 0,
-                 resampled: bool = True, shuffle_buffer: int = 1000, image_fields: str = IMAGE_FIELDS):
+                 resampled: bool = True, shuffle_buffer: int = 1000, image_fields: str = IMAGE_FIELDS,
+                 max_bad_in_a_row: int = 1000, max_samples: int | None = None):
         super().__init__()
         self.urls, self.counts, self.preprocess, self.seed = list(urls), list(counts), preprocess, seed
-        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.resampled, self.shuffle_buffer, self.max_bad_in_a_row = resampled, shuffle_buffer, max_bad_in_a_row
         self.image_fields = [f for f in image_fields.split(";") if f]
+        self.max_samples = max_samples
         self.epoch, self.resume_batch = 0, 0
         self.batch_size, self.world_size, self.num_workers = 1, 1, 1
 
     @classmethod
     def from_config(cls, cfg: DataConfig, preprocess: Preprocess, seed: int) -> "WebDatasetSource":
         urls, counts, _ = resolve_shards(cfg.path, cfg.manifest)
-        return cls(urls, counts, preprocess, seed, cfg.resampled, cfg.shuffle_buffer, cfg.image_column or IMAGE_FIELDS)
+        return cls(urls, counts, preprocess, seed, cfg.resampled, cfg.shuffle_buffer, cfg.image_column or IMAGE_FIELDS,
+                   cfg.max_bad_in_a_row, cfg.max_train_samples)
 
     def __len__(self) -> int:
-        """Samples per epoch over all processes: the manifest's count."""
-        return sum(self.counts)
+        """Samples per epoch over all processes: the manifest's count, at most `max_samples`."""
+        total = sum(self.counts)
+        return total if self.max_samples is None else min(total, self.max_samples)
 
     # -----------------------------------------------------------------------------------------
     # Epoch accounting
@@ -117,14 +124,15 @@ class WebDatasetSource(IterableDataset):
     def batches_per_epoch(self) -> int:
         b, world, workers = self.batch_size, self.world_size, self.num_workers
         if self.resampled:
-            return sum(self.counts) // (b * world)
+            return len(self) // (b * world)
         # The same split as split_by_node then split_by_worker; each worker's DataLoader drops its last
         # partial batch.
         per_rank = []
         for rank in range(world):
             mine = self.counts[rank::world]
             per_rank.append(sum(sum(mine[w::workers]) // b for w in range(workers)))
-        return min(per_rank)
+        # max_samples cuts the epoch short: the trainer reads only this many batches of each process's stream.
+        return min(min(per_rank), len(self) // (b * world))
 
     def set_epoch(self, epoch: int, resume_batch: int = 0) -> None:
         """Select the epoch's stream; `resume_batch` > 0 reseeds it for a run resumed mid-epoch."""
@@ -144,7 +152,7 @@ class WebDatasetSource(IterableDataset):
             stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker,
                       wds.shuffle(len(self.urls), initial=len(self.urls), rng=random.Random(stream_seed))]
         errors: list[str] = []
-        stages.append(wds.tarfile_to_samples(handler=_collect(errors)))
+        stages.append(wds.tarfile_to_samples(handler=_collect(errors, self.max_bad_in_a_row)))
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                       rng=random.Random(make_seed(stream_seed, 1))))
@@ -152,10 +160,13 @@ class WebDatasetSource(IterableDataset):
         if self.resampled:
             per_worker = math.ceil(self.batches_per_epoch() / self.num_workers) * self.batch_size
             pipeline = pipeline.with_epoch(per_worker)
-        for raw in pipeline:
-            while errors:  # shards (or members) that could not be read, named
-                yield {"skip": errors.pop(0)}
-            yield self.sample(raw)
+        try:
+            for raw in pipeline:
+                while errors:  # shards (or members) that could not be read, named
+                    yield {"skip": errors.pop(0)}
+                yield self.sample(raw)
+        except _Unreadable:
+            pass  # the skip markers below make the trainer stop the run, naming them
         while errors:
             yield {"skip": errors.pop(0)}
 
@@ -195,12 +206,20 @@ def _caption_fields(raw: dict[str, Any], fields: tuple[str, ...]) -> dict[str, A
     return found
 
 
-def _collect(errors: list[str]):
-    """A webdataset handler that keeps going and remembers what went wrong, for a skip marker."""
+class _Unreadable(Exception):
+    """Nothing but read errors, `max_bad_in_a_row` of them: a resampled stream of broken shards would
+    otherwise retry them forever without yielding a sample."""
+
+
+def _collect(errors: list[str], max_bad_in_a_row: int):
+    """A webdataset handler that keeps going and remembers what went wrong, for a skip marker. `errors`
+    is emptied whenever a sample arrives, so its length counts the errors since the last one."""
 
     def handler(exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and ("/" in a or "." in a)), None)
         errors.append(f"{Path(where).name if where else 'shard'}: cannot read ({type(exn).__name__}: {exn.args[0] if exn.args else exn})")
+        if len(errors) >= max_bad_in_a_row:
+            raise _Unreadable
         return True
 
     return handler

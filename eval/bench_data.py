@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             print(report_cache(results[f"cache_{name}"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ ratios, and how far the latency ratio is from the MACs ratio.
 
 `--teacher sd15` builds SD-1.5 widths with random weights (no download), `toy` the toy teacher,
 or give a diffusers folder. Students are built from the teacher by the presets' weight maps;
-`--model PATH` adds exported models (diffusers folders or sdkd single files).
+`--model PATH` adds models (run, checkpoint-STEP or diffusers folders, sdkd single files).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdkd.train.config import UserError, run_cli
+from sdkd.train.errors import UserError, run_cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +180,9 @@ def _teacher_pipe(teacher: str):
         return build_random_pipeline(SD15_UNET, widths="sd15")
     if teacher == "toy":
         return build_toy_pipeline()
-    from sdkd.eval.pipeline import load_model
+    from sdkd.train.export import load_source
 
-    return load_model(teacher)
+    return load_source(teacher).pipe
 
 
 def models(args):
@@ -197,9 +197,9 @@ def models(args):
     unets = {"teacher": base.unet}
     for preset in presets:
         unets[preset] = build_student(base.unet, PRESETS[preset])
-    from sdkd.eval.pipeline import load_model
+    from sdkd.train.export import load_source
 
-    extra = {Path(path).name: load_model(path) for path in args.model or []}
+    extra = {Path(path).name: load_source(path).pipe for path in args.model or []}
     return base, unets, extra
 
 
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "images/s, peak memory, parameters, MACs.")
     parser.add_argument("--teacher", default="sd15", help="sd15 (random SD-1.5 widths), toy, or a diffusers folder")
     parser.add_argument("--presets", default="bk_base,bk_small,bk_tiny", help="comma-separated student presets")
-    parser.add_argument("--model", action="append", help="also benchmark an exported model (folder or sdkd file)")
+    parser.add_argument("--model", action="append",
+                        help="also benchmark a model (run, checkpoint, diffusers folder, sdkd file)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (1 = one-step mode, no guidance)")
     parser.add_argument("--guidance", type=float, default=7.5)

@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
                                         indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""sdkd's inference pipeline: a diffusers folder or an sdkd single file, set up for speed.
+"""sdkd's inference pipeline: any model sdkd writes, set up for speed.
 
     from sdkd.eval.pipeline import load_pipeline
-    pipe = load_pipeline("runs/tiny/student")                  # or "tiny.safetensors"
+    pipe = load_pipeline("runs/tiny")       # or "runs/tiny/checkpoint-500" (ema=True: unet_ema/), "tiny.safetensors"
     images = pipe(["a red fox", "a lighthouse"], steps=25, seed=0, negative_prompt="blurry")
 
+- Models: a run folder (its final `student/`), a `checkpoint-STEP` folder, a diffusers pipeline
+  folder or an sdkd single file, resolved by train/export.py's `load_source` (export takes the same).
 - fp16 (or bf16) on a GPU, fp32 on CPU; PyTorch SDPA attention; channels_last on GPU;
   optional `torch.compile` of the U-Net.
 - DPM-Solver++ (multistep, 2nd order) by default; `steps=1` is the one-step mode for one-step
@@ -22,8 +24,8 @@ from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffus
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from sdkd.train.config import UserError, first_line
-from sdkd.train.export import load_single_file, load_vae
+from sdkd.train.errors import UserError
+from sdkd.train.export import load_source, load_vae
 from sdkd.train.lora_io import load_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,35 +48,17 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return dev, DTYPES[dtype]
 
 
-def load_model(model: str | Path) -> StableDiffusionPipeline:
-    """A diffusers pipeline folder (model_index.json) or an sdkd `.safetensors` single file."""
-    path = Path(model)
-    if not path.exists():
-        raise UserError(f"model '{model}' not found: give a diffusers pipeline folder or an sdkd .safetensors file")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"model '{model}' is a folder without model_index.json: not a diffusers pipeline folder")
-        try:
-            return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                           feature_extractor=None, requires_safety_checker=False)
-        except Exception as err:  # diffusers raises many kinds for a damaged folder
-            raise UserError(f"model '{model}' could not be loaded ({first_line(err)}); re-export it with "
-                            f"python train/export.py") from None
-    if path.suffix != ".safetensors":
-        raise UserError(f"model '{model}': expected a .safetensors file written by python train/export.py, "
-                        f"or a diffusers folder")
-    return load_single_file(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
 
 class Pipeline:
-    """A loaded model ready to generate; `__call__` returns PIL images."""
+    """A loaded model ready to generate; `__call__` returns PIL images. `loaded` says what was loaded
+    (model source, LoRA, tiny VAE) and `settings()` what a call uses, for records such as samples.json."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
-        self.pipe, self.device, self.dtype = pipe, device, dtype
+    def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype,
+                 loaded: dict | None = None):
+        self.pipe, self.device, self.dtype, self.loaded = pipe, device, dtype, loaded or {}
         self._multi = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                               solver_order=2)
         self._one = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
@@ -86,6 +70,19 @@ class Pipeline:
     def unet(self):
         return self.pipe.unet
 
+    def _scheduler(self, steps: int) -> DPMSolverMultistepScheduler:
+        return self._one if steps == 1 else self._multi
+
+    def settings(self, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, height: int | None = None,
+                 width: int | None = None) -> dict:
+        """The steps, guidance, size and scheduler a call with these arguments uses, defaults resolved."""
+        scheduler = self._scheduler(steps)
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        guidance = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        return dict(steps=steps, guidance_scale=0.0 if steps == 1 else guidance, height=height or size,
+                    width=width or size, scheduler={"class": type(scheduler).__name__, **config})
+
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
@@ -96,14 +93,19 @@ class Pipeline:
             raise UserError("no prompt given")
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
+        multiple = self.pipe.vae_scale_factor
+        for name, value in (("--height", height), ("--width", width)):
+            if value is not None and (value < multiple or value % multiple):
+                raise UserError(f"{name} must be a positive multiple of {multiple} (the VAE's scale), got {value}")
+        if batch_size is not None and batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        if guidance_scale is not None and guidance_scale < 0:
+            raise UserError(f"--guidance must be >= 0, got {guidance_scale}")
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         if len(negatives) != len(prompts):
             raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        one_step = steps == 1
-        guidance = 0.0 if one_step else (DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
-        self.pipe.scheduler = self._one if one_step else self._multi
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        height, width = height or size, width or size
+        run = self.settings(steps, guidance_scale, height, width)
+        self.pipe.scheduler = self._scheduler(steps)
         batch = batch_size or len(prompts)
         gen_device = "cpu" if self.device.type == "cpu" else self.device
         images = []
@@ -112,17 +114,19 @@ class Pipeline:
             negs = negatives[start:start + batch]
             gens = [torch.Generator(gen_device).manual_seed(seed + start + i) for i in range(len(chunk))]
             out = self.pipe(chunk, negative_prompt=None if all(n is None for n in negs) else [n or "" for n in negs],
-                            num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                            height=height, width=width, output_type=output_type)
+                            num_inference_steps=steps, guidance_scale=run["guidance_scale"], generator=gens,
+                            height=run["height"], width=run["width"], output_type=output_type)
             images.extend(out.images)
         return images
 
 
 def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", tiny_vae: str | Path | None = None,
                   compile: bool = False, channels_last: bool | None = None, lora: str | Path | None = None,
-                  lora_scale: float = 1.0) -> Pipeline:
+                  lora_scale: float = 1.0, ema: bool = False) -> Pipeline:
+    """`model`: a run folder, a checkpoint folder (`ema`: its unet_ema/), a diffusers folder or an sdkd file."""
     dev, torch_dtype = resolve_device_dtype(device, dtype)
-    pipe = load_model(model)
+    source = load_source(model, ema=ema)
+    pipe = source.pipe
     if tiny_vae is not None:
         vae = load_vae(tiny_vae)
         if not isinstance(vae, AutoencoderTiny):
@@ -130,7 +134,8 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
         pipe.vae = vae
     if lora is not None:
         load_lora(pipe, lora, lora_scale)  # checked against this model's layout first
-    pipe.to(dev)
+    # diffusers warns, per fp16 part, that fp16 cannot run on CPU: such parts are cast to fp32 just below.
+    pipe.to(dev, silence_dtype_warnings=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         if module.dtype != torch_dtype:  # a no-op cast still makes diffusers warn
             module.to(dtype=torch_dtype)
@@ -143,7 +148,10 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
     if compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if dev.type == "cuda" else "default",
                                   fullgraph=False)
-    return Pipeline(pipe, dev, torch_dtype)
+    loaded = dict(model=str(model), source=source.description, unet=source.unet_path, parts=source.parts_path,
+                  ema=ema, lora=None if lora is None else str(lora), lora_scale=None if lora is None else lora_scale,
+                  tiny_vae=None if tiny_vae is None else str(tiny_vae), compile=compile)
+    return Pipeline(pipe, dev, torch_dtype, loaded)
 
 
 def save_images(images: list[Image.Image], out: str | Path, stem: str = "image") -> list[Path]:

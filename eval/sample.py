@@ -2,8 +2,11 @@
 
     python eval/sample.py --model PATH --prompt "a red fox" [--prompt ...] --steps 25 --seed 0 --out DIR
 
-PATH is a diffusers pipeline folder or an sdkd single file (python train/export.py). `--steps 1`
+PATH is a run folder (its final `student/`), a `checkpoint-STEP` folder (its `unet/`, or `unet_ema/`
+with --ema), a diffusers pipeline folder or an sdkd single file (python train/export.py). `--steps 1`
 is the one-step mode (guidance off). Image i is seeded `seed + i` whatever the batch size.
+DIR/samples.json records everything that shaped the images: the resolved model, LoRA, tiny VAE,
+steps, guidance, scheduler, size, seeds, dtype, device and the sdkd version.
 """
 
 from __future__ import annotations
@@ -11,13 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from importlib.metadata import version
+from pathlib import Path
 
-from sdkd.train.config import run_cli
+from sdkd.train.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate images from a student (diffusers folder or sdkd file).")
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder or sdkd .safetensors file")
+    parser = argparse.ArgumentParser(description="Generate images from a student (run, checkpoint, diffusers folder "
+                                                 "or sdkd file).")
+    parser.add_argument("--model", required=True, help="run folder, checkpoint-STEP folder, diffusers pipeline folder "
+                                                       "or sdkd .safetensors file")
+    parser.add_argument("--ema", action="store_true", help="the EMA weights of a checkpoint (or a run's newest one)")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", help="one negative prompt for every image")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -34,12 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--out", required=True, help="folder for the PNGs (and samples.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    # Checked before the model loads (seconds to minutes), and nothing of an earlier run is replaced unasked.
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.glob("image-*.png")) and not args.overwrite:
+        raise UserError(f"--out '{out}' already holds samples; choose another folder or pass --overwrite")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out '{out}': cannot be written ({err.strerror or err})") from None
 
     from sdkd.eval.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae,
-                         compile=args.compile, lora=args.lora, lora_scale=args.lora_scale)
+                         compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     start = time.perf_counter()
     images = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
@@ -47,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     paths = save_images(images, args.out)
     record = [dict(file=p.name, prompt=pr, seed=args.seed + i) for i, (p, pr) in enumerate(zip(paths, prompts))]
+    settings = pipe.settings(args.steps, args.guidance, args.height, args.width)
     (paths[0].parent / "samples.json").write_text(json.dumps(dict(
-        model=str(args.model), steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
-        device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), seconds=seconds, images=record),
-        indent=1))
+        **pipe.loaded, **settings, negative_prompt=args.negative_prompt, batch_size=args.batch_size or len(prompts),
+        device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), sdkd_version=version("sdkd"),
+        seconds=seconds, images=record), indent=1))
     print(f"wrote {len(paths)} images to {args.out} ({seconds:.2f} s)")
 
 

@@ -1,4 +1,4 @@
-"""Sampling fixed prompts from a U-Net with frozen pipeline parts, and image grids.
+"""Sampling fixed prompts from a U-Net with frozen pipeline parts, and image grids labelled with them.
 
 Each prompt is generated alone (batch 1) with its own seed: the batch size changes the
 latents and so the images (BK-SDM's FID moved 16.97-17.16 with it).
@@ -10,7 +10,10 @@ from contextlib import nullcontext
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_CELL = 128  # labelled grids upscale smaller images (toy runs: 32 px) so a prompt has room to be read
+PAD = 4
 
 
 def sample_images(unet, parts, prompts: list[str], seed: int, steps: int, guidance_scale: float,
@@ -35,12 +38,50 @@ def sample_images(unet, parts, prompts: list[str], seed: int, steps: int, guidan
     return images
 
 
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    """Rows of equal-size images -> one image."""
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text` cut to `width` pixels, ending in '...' when cut."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 3) -> str:
+    """Word-wrap `text` to `width` pixels, at most `max_lines` lines (the last one cut with '...')."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if draw.textlength(joined, font=font) <= width or not lines[-1]:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [lines[max_lines - 1] + "..."]
+    return "\n".join(_fit(draw, line, font, width) for line in lines)
+
+
+def make_grid(rows: list[list[Image.Image]], prompts: list[str] | None = None,
+              row_labels: list[str] | None = None) -> Image.Image:
+    """Rows of equal-size images -> one image. `prompts` label the columns in a band above the images,
+    `row_labels` (e.g. "teacher", "student step 500") the rows in a band on their left; PIL's default font."""
     w, h = rows[0][0].size
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * w, len(rows) * h))
+    scale = -(-LABEL_CELL // w) if (prompts or row_labels) and w < LABEL_CELL else 1
+    w, h = w * scale, h * scale
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text
+    labels = [_wrap(draw, p, font, w - 2 * PAD) for p in prompts or []]
+    top = max(draw.multiline_textbbox((0, 0), t, font=font)[3] for t in labels) + 2 * PAD if labels else 0
+    names = [_fit(draw, r, font, LABEL_CELL - 2 * PAD) for r in row_labels or []]
+    left = LABEL_CELL if names else 0  # fixed: grids of one run line up (teacher.png, step-N.png)
+    grid = Image.new("RGB", (left + cols * w, top + len(rows) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for x, text in enumerate(labels):
+        draw.multiline_text((left + x * w + PAD, PAD), text, fill="black", font=font)
+    for y, name in enumerate(names):
+        draw.text((PAD, top + y * h + h // 2), name, fill="black", font=font, anchor="lm")
     for y, row in enumerate(rows):
         for x, im in enumerate(row):
-            grid.paste(im, (x * w, y * h))
+            grid.paste(im.resize((w, h), Image.NEAREST) if scale > 1 else im, (left + x * w, top + y * h))
     return grid

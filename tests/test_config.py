@@ -1,9 +1,12 @@
+import os
+import re
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from sdkd.train.config import Config, ConfigError, load_config, save_config
+from sdkd.train.config import (LR_SCHEDULERS, TRAINER_SCHEMAS, Config, load_config, load_trainer_config, parse_args, save_config)
+from sdkd.train.errors import ConfigError
 
 from conftest import ROOT, run_script
 
@@ -39,14 +42,69 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["data.caption_dropout=1.5"], "config key 'data.caption_dropout': must be in [0, 1]"),
     (["data.min_size=-1"], "config key 'data.min_size'"),
     (["train.mixed_precision=fp8"], "config key 'train.mixed_precision'"),
+    (["train.seed=yes"], "config key 'train.seed': Value 'yes' of type 'str' could not be converted to Integer"),
+    (["ema.enabled=maybe"], "config key 'ema.enabled': Value 'maybe' is not a valid bool"),
     (["log.trackers=[mlflow]"], "config key 'log.trackers': unknown tracker 'mlflow'"),
+    (["data.interpolation=cubic"], "config key 'data.interpolation': expected nearest, bilinear, bicubic, lanczos, "
+                                   "box, hamming, got 'cubic'"),
+    (["data.max_train_samples=0"], "config key 'data.max_train_samples': must be > 0 or null"),
+    (["train.max_steps=5", "train.num_epochs=2"], "config key 'train.num_epochs': train.max_steps and "
+                                                  "train.num_epochs are both set: set one, the other to null"),
+    (["train.num_epochs=0"], "config key 'train.num_epochs': must be > 0 or null"),
+    (["loss.noise_offset=-0.1"], "config key 'loss.noise_offset': must be >= 0"),
+    (["loss.input_perturbation=-0.1"], "config key 'loss.input_perturbation': must be >= 0"),
+    (["loss.prediction_type=sample"], "config key 'loss.prediction_type': expected epsilon, v_prediction or null, "
+                                      "got 'sample'"),
+    (["model_variant=fp16"], "config key 'model_variant': unknown key"),  # KD has no `model`
     (["train.max_steps"], "override 'train.max_steps' is not of the form key=value"),
+    (["optim.lr=-1e-4"], "config key 'optim.lr': must be > 0"),
+    (["optim.betas=[0.9,1.0]"], "config key 'optim.betas': expected two numbers in [0, 1)"),
+    (["optim.betas=[-0.1,0.9]"], "config key 'optim.betas'"),
+    (["optim.lr_scheduler=cosin"], "config key 'optim.lr_scheduler': expected constant, constant_with_warmup, "
+                                   "linear, cosine, cosine_with_restarts, polynomial, got 'cosin'"),
+    (["optim.warmup_steps=-5"], "config key 'optim.warmup_steps': must be >= 0"),
+    (["optim.eps=0"], "config key 'optim.eps': must be > 0"),
+    (["optim.weight_decay=-1"], "config key 'optim.weight_decay': must be >= 0"),
+    (["ema.decay=1.5"], "config key 'ema.decay': must be in [0, 1]"),
+    (["train.max_grad_norm=-1"], "config key 'train.max_grad_norm': must be >= 0"),
+    (["train.seed=-3"], "config key 'train.seed': must be >= 0"),
+    (["sample.steps=0"], "config key 'sample.steps': must be > 0"),
+    (["sample.guidance_scale=-2"], "config key 'sample.guidance_scale': must be >= 0"),
+    (["sample.resolution=100"], "config key 'sample.resolution': must be a multiple of 8"),
+    (["loss.lambda_task=0", "loss.lambda_out=0", "loss.lambda_feat=0"],
+     "config key 'loss.lambda_task': every loss weight (loss.lambda_task, lambda_out, lambda_feat) is 0"),
+    (["overwrite=true", "resume=latest"], "config key 'overwrite': overwrite=true replaces the run"),
+    (["data.max_bad_in_a_row=0"], "config key 'data.max_bad_in_a_row': must be > 0"),
+    (["train.max_steps=[1"], "override 'train.max_steps=[1': YAML syntax error: did not find expected ','"),
 ])
 def test_errors_name_the_key(tmp_path, overrides, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, BASE), overrides)
     assert str(err.value).startswith(expected), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_diffusers_options_and_their_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert (cfg.loss.noise_offset, cfg.loss.input_perturbation, cfg.loss.prediction_type) == (0.0, 0.0, None)
+    assert (cfg.data.max_train_samples, cfg.data.interpolation) == (None, "bilinear")
+    assert (cfg.train.max_steps, cfg.train.num_epochs, cfg.teacher_revision, cfg.teacher_variant) == (None,) * 4
+    cfg = load_config(write(tmp_path, BASE), ["loss.noise_offset=0.05", "loss.input_perturbation=0.1",
+                                              "loss.prediction_type=v_prediction", "data.max_train_samples=8",
+                                              "data.interpolation=lanczos", "train.num_epochs=3",
+                                              "teacher_revision=main", "teacher_variant=fp16"])
+    assert (cfg.loss.noise_offset, cfg.loss.input_perturbation, cfg.loss.prediction_type, cfg.data.max_train_samples,
+            cfg.data.interpolation, cfg.train.num_epochs, cfg.teacher_revision, cfg.teacher_variant) == \
+        (0.05, 0.1, "v_prediction", 8, "lanczos", 3, "main", "fp16")
+
+
+def test_max_steps_from_epochs_rounds_up_per_epoch():
+    from sdkd.train.config import TrainConfig, resolve_max_steps
+
+    assert resolve_max_steps(TrainConfig(num_epochs=3, grad_accum=2), batches_per_epoch=5) == 9  # 3 x ceil(5/2)
+    assert resolve_max_steps(TrainConfig(num_epochs=2), batches_per_epoch=5) == 10
+    assert resolve_max_steps(TrainConfig(max_steps=7), batches_per_epoch=5) == 7
+    assert resolve_max_steps(TrainConfig(), batches_per_epoch=5) == 100
 
 
 def test_missing_required_value(tmp_path):
@@ -118,3 +176,103 @@ def test_launch_sh_checks_the_config_before_starting_processes(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: config key 'train.max_steps': Value 'zero' of type 'str' could not be converted to Integer"]
     assert not (tmp_path / "config.yaml").exists()  # no process started
+
+
+def _keys(node, prefix=""):
+    for key, value in node.items():
+        yield from _keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+
+@pytest.mark.parametrize("script", sorted(TRAINER_SCHEMAS))
+def test_help_lists_every_key_with_default_and_docstring(script, capsys):
+    schema = TRAINER_SCHEMAS[script]
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"], "a trainer", schema)
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for key in _keys(OmegaConf.to_container(OmegaConf.structured(schema))):
+        assert f"\n  {key} = " in text, key
+    assert ("\n  train.batch_size = 4\n      Samples per process per micro-step: the global batch is batch_size x "
+            "grad_accum x processes.") in text
+    assert "\n  train.mixed_precision = no\n      no, fp16 or bf16" in text
+    assert "KEY=VALUE, dotted inside a section" in text and "train.batch_size is per process" in text
+    # Each schema's own defaults and docstrings, not Config's.
+    assert {"kd": "\n  teacher = (required)\n      Teacher pipeline",
+            "finetune": "\n  model = (required)\n      The pipeline to train",
+            "lora": "\n  optim.lr = 0.0001\n      Peak learning rate."}[script] in text
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    result = run_script([sys.executable, "-X", "importtime", "-m", "sdkd.train.config", "train/lora.py", "--help"],
+                        timeout=60)
+    assert result.returncode == 0 and "\n  lora.rank = 16\n" in result.stdout
+    assert not re.search(r"\|\s+(torch|diffusers)$", result.stderr, re.M)
+
+
+def test_print_config_prints_the_resolved_config(tmp_path, capsys):
+    write(tmp_path, BASE + "train:\n  max_steps: 9\n  seed: 5\n", "parent.yaml")
+    child = write(tmp_path, "inherit: parent.yaml\ntrain:\n  grad_accum: 2\n")
+    with pytest.raises(SystemExit) as done:
+        load_trainer_config("train/kd.py", ["--config", str(child), "--print-config", "train.seed=8"], "kd")
+    assert done.value.code == 0
+    printed = load_config(write(tmp_path, capsys.readouterr().out, "printed.yaml"))
+    assert printed == load_config(child, ["train.seed=8"])
+    assert (printed.teacher, printed.train.max_steps, printed.train.grad_accum, printed.train.seed) == ("toy", 9, 2, 8)
+
+
+def test_yaml_boolean_words_stay_text_for_str_keys(tmp_path):
+    """`no`, `off`, `Yes`... are YAML 1.1 booleans; a str key gets the word typed, a bool key the boolean."""
+    recipe = write(tmp_path, BASE + "train:\n  mixed_precision: no\ndata:\n  split: 'on'\n  center_crop: off\n")
+    cfg = load_config(recipe)
+    assert (cfg.train.mixed_precision, cfg.data.split, cfg.data.center_crop) == ("no", "on", False)
+    cfg = load_config(recipe, ["train.mixed_precision=no", "data.split=Yes", "data.manifest=OFF", "ema.enabled=yes"])
+    assert (cfg.train.mixed_precision, cfg.data.split, cfg.data.manifest, cfg.ema.enabled) == ("no", "Yes", "OFF", True)
+
+
+def test_print_config_from_the_trainer_starts_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", "--print-config",
+                         "train.max_steps=7", f"output_dir={out}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = load_config(write(tmp_path, result.stdout, "printed.yaml"))
+    assert printed == load_config(ROOT / "configs/toy.yaml", ["train.max_steps=7", f"output_dir={out}"])
+    assert printed.train.max_steps == 7 and printed.train.mixed_precision == "no"
+    assert not out.exists()
+
+
+def test_launch_sh_answers_print_config_and_help_once(tmp_path):
+    out = tmp_path / "run"
+    path = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    launch = ["bash", "launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml"]
+    result = run_script(launch + ["--print-config", "train.max_steps=7", f"output_dir={out}"], timeout=120, env=path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(re.findall(r"^teacher: toy$", result.stdout, re.M)) == 1
+    assert load_config(write(tmp_path, result.stdout, "printed.yaml")).train.max_steps == 7
+    assert not out.exists()  # no process started
+    result = run_script(launch + ["--help"], timeout=120, env=path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("usage: kd.py") == 1 and "\n  train.batch_size = 4\n" in result.stdout
+
+
+def test_lr_scheduler_names_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("teacher: toy\ntrain:\n  max_steps: [1, 2\n", r"config file .*bad.yaml: YAML syntax error at line 4, column 1"),
+    ("teacher: toy\n  output_dir: x\n", r"config file .*bad.yaml: YAML syntax error at line 2, column 13"),
+    ("- teacher: toy\n- output_dir: x\n", r"config file .*bad.yaml: expected keys and values at the top level, got a list"),
+])
+def test_a_broken_config_file_is_one_line_with_file_line_and_column(tmp_path, text, expected):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(tmp_path / "bad.yaml", [f"output_dir={tmp_path}"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_binary_config_file_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="config file .*bad.yaml: cannot be read as text"):
+        load_config(tmp_path / "bad.yaml", [])

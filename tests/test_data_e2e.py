@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -109,3 +110,33 @@ def test_training_from_the_latent_cache_matches_training_without_it(tmp_path, to
     la, lb = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("plain", "cached"))
     assert la == lb
+
+
+def stall_error(result):
+    """The run stopped as a user mistake, before any step, with one error line."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_source_with_no_usable_sample_stops_the_run(tmp_path, shards):
+    """A truncated only shard (default webdataset settings: resampled) and a folder of unreadable images
+    each stop the run with one line naming the source and its last reasons, instead of skipping forever."""
+    broken = tmp_path / "broken_shards"
+    broken.mkdir()
+    (broken / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:700])
+    (broken / "manifest.json").write_text(json.dumps({"samples": 8, "shards": [{"name": "shard-000000.tar", "samples": 8}]}))
+    folder = tmp_path / "bad_images"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(b"not a png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n" for i in range(6)))
+    common = ["train/kd.py", "--config", "configs/toy.yaml", "train.batch_size=2", "train.max_steps=3",
+              "train.sample_every=0", "log.trackers=[none]", "data.max_bad_in_a_row=20"]
+    run = lambda args: run_script([sys.executable] + common + args)  # noqa: E731
+    error = stall_error(run([f"output_dir={tmp_path / 'a'}", "data.source=webdataset", f"data.path={broken}"]))
+    assert "data.source=webdataset" in error and "no usable sample" in error and "shard-000000.tar" in error
+    error = stall_error(run([f"output_dir={tmp_path / 'b'}", "data.source=imagefolder", f"data.path={folder}"]))
+    assert "data.source=imagefolder" in error and "a whole epoch" in error and ".png" in error

@@ -12,7 +12,8 @@ from PIL import Image
 
 from sdkd.data.hf_source import HFImageDataset
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 
 R = 16
 

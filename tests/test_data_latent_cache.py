@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from sdkd.data.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources import SyntheticCaptions, build_dataset, collate
 from sdkd.data.transforms import ImageTransform, Preprocess
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 from sdkd.train.objective import BatchEncoder, CachedEncoder, build_encoder
 from sdkd.train.teacher import load_teacher
 

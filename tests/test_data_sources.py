@@ -1,6 +1,7 @@
 """Sources: ImageFolder (real files), SyntheticCaptions, epochs and resumability, user errors,
 the registry, collate and a multi-worker DataLoader."""
 
+import dataclasses
 import json
 import pickle
 
@@ -22,7 +23,8 @@ from sdkd.data.sources import (
     open_image,
 )
 from sdkd.data.transforms import ImageTransform
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 
 R = 32
 
@@ -336,6 +338,25 @@ def test_registry_builds_each_source(folder):
 def test_registry_user_errors(cfg, key):
     with pytest.raises(UserError, match=key):
         build_dataset(cfg, seed=0)
+
+
+def test_max_train_samples_keeps_the_first_n(folder):
+    cfg = DataConfig(source="imagefolder", path=str(folder), resolution=R, interpolation="lanczos")
+    full = build_dataset(cfg, seed=0)
+    assert full.transform.interpolation == "lanczos"
+    cut = build_dataset(dataclasses.replace(cfg, max_train_samples=4), seed=0)
+    assert len(cut) == 4 and len(full) == len(FILES)
+    for epoch in (0, 1):
+        full.set_epoch(epoch)
+        cut.set_epoch(epoch)  # reaches the dataset: the same augmentation
+        assert all(same_sample(cut[i], full[i]) for i in range(4))
+    with pytest.raises(IndexError):
+        cut[4]
+    copy = pickle.loads(pickle.dumps(cut))
+    assert len(copy) == 4 and same_sample(copy[3], cut[3])
+    assert [len(b["captions"]) for b in DataLoader(cut, batch_size=3, collate_fn=collate)] == [3, 1]
+    more = build_dataset(DataConfig(source="synthetic", resolution=R, num_samples=5, max_train_samples=50), seed=0)
+    assert len(more) == 5
 
 
 def test_collate(folder):

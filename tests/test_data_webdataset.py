@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from sdkd.data.sources import build_dataset, collate
 from sdkd.data.webdataset_source import WebDatasetSource, resolve_shards
-from sdkd.train.config import DataConfig, UserError
+from sdkd.train.config import DataConfig
+from sdkd.train.errors import UserError
 
 R = 16
 
@@ -121,6 +122,18 @@ def test_resampled_epoch_length_and_seeded_streams(tmp_path):
     assert [k for b in DataLoader(ds, batch_size=4, collate_fn=collate) for k in b["keys"]] != keys(batches)
 
 
+@pytest.mark.parametrize("resampled", [True, False])
+def test_max_train_samples_shortens_the_epoch(tmp_path, resampled):
+    write_shards(tmp_path)
+    ds = source(tmp_path, resampled=resampled, max_train_samples=10)
+    assert len(ds) == 10
+    assert ds.set_batching(2, 1, 1) == 5 and ds.set_batching(2, 2, 1) == 2  # 10 samples over 1 or 2 processes
+    per_epoch, batches = read_epoch(ds, batch_size=2)
+    assert per_epoch == 5  # the trainer reads this many batches per epoch
+    if resampled:
+        assert len(batches) == 5  # with_epoch cuts the endless stream there too
+
+
 def test_bad_samples_become_named_skips(tmp_path):
     def make(i):
         sample = {"__key__": f"k{i:04d}", "jpg": jpeg(i), "txt": f"caption {i}"}
@@ -170,3 +183,19 @@ def test_corrupt_shard_is_counted_not_fatal(tmp_path):
     (tmp_path / "shard-000001.tar").write_bytes(data[: len(data) // 3])
     _, batches = read_epoch(source(tmp_path, resampled=False, shuffle_buffer=0), batch_size=1)
     assert len(keys(batches)) >= 6 and any("shard-000001.tar" in r for b in batches for r in b["skipped"])
+
+
+def test_a_resampled_stream_of_unreadable_shards_ends_with_named_skips(tmp_path):
+    """Resampling retries broken shards forever unless the reader gives up after max_bad_in_a_row errors."""
+    import signal
+
+    write_shards(tmp_path, n_shards=1)
+    (tmp_path / "shard-000000.tar").write_bytes(b"not a tar file at all" * 10)
+    signal.alarm(120)  # a regression hangs here: fail instead of stalling the suite
+    try:
+        _, batches = read_epoch(source(tmp_path, max_bad_in_a_row=5), batch_size=2)
+    finally:
+        signal.alarm(0)
+    reasons = [r for b in batches for r in b["skipped"]]
+    assert not keys(batches) and len(reasons) >= 4  # 5 skips, the last partial batch dropped
+    assert all("shard-000000.tar: cannot read" in r for r in reasons)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from conftest import run_script
 from sdkd.train import export as E
 from sdkd.train import ldm_layout as L
-from sdkd.train.config import UserError
+from sdkd.train.errors import UserError
 from sdkd.train.students import PRESETS, build_student, student_unet_config
 from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
 from sdkd.train.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
@@ -199,7 +199,7 @@ def run_dir(toy_teacher_dir, tmp_path):
     for p in ema.shadow_params:
         p.data.add_(0.5)
     ema.save_pretrained(str(ckpt / "unet_ema"))
-    (ckpt / "trainer_state.json").write_text('{"step": 5}')
+    (ckpt / "trainer_state.json").write_text('{"step": 5, "files": {}}')  # complete: lists no files to check
     (run / "config.yaml").write_text(f"teacher: {toy_teacher_dir}\noutput_dir: {run}\nstudent:\n  preset: bk_tiny\n"
                                      f"train:\n  max_steps: 5\n  batch_size: 2\nema:\n  enabled: true\n")
     (run / "metrics.jsonl").write_text('{"step": 5, "loss": 0.25, "task": 0.1}\n')

@@ -45,6 +45,10 @@ def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_di
     assert pipe.unet.config.mid_block_type is None  # still the bk_small student
     final_ema = load_file(full / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(v, final_ema[k]) for k, v in pipe.unet.state_dict().items())  # EMA weights exported
+    card = (full / "student" / "README.md").read_text()  # the model card: base model, recipe, steps, license, grid
+    assert f"| base model | `{student_dir}` |" in card and "| trained | 6 steps with `train/finetune.py` |" in card
+    assert "license: creativeml-openrail-m" in card and "![samples](samples.png)" in card
+    assert (full / "student" / "samples.png").is_file() and f"model        {full / 'student'}" in result.stdout
 
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdkd.eval.sampling import LABEL_CELL
 from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.toy import build_toy_pipeline
@@ -50,7 +51,9 @@ def test_run_writes_every_output(toy_run):
     teacher_png = Image.open(out / "samples" / "teacher.png")
     for step in (20, 40):
         grid = Image.open(out / "samples" / f"step-{step}.png")
-        assert grid.size == (teacher_png.width, 2 * teacher_png.height)  # teacher row above the student row
+        # the teacher row above the student row (32 px images drawn at LABEL_CELL px, under the prompts)
+        assert grid.size == (teacher_png.width, teacher_png.height + LABEL_CELL)
+        assert grid.crop((0, 0, *teacher_png.size)).tobytes() == teacher_png.tobytes()  # prompts, labels, images
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard events missing"
 
@@ -110,6 +113,31 @@ def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
     assert steps == [5, 6, 7, 8]
 
 
+def test_num_epochs_on_max_train_samples_gives_the_steps(tmp_path):
+    # 12 of 32 samples in batches of 4: 3 batches per epoch; grad_accum 2: ceil(3 / 2) = 2 steps per epoch.
+    result = launch_kd(tmp_path, "train.max_steps=null", "train.num_epochs=2", "data.num_samples=32",
+                       "data.max_train_samples=12", "train.batch_size=4", "train.grad_accum=2",
+                       "optim.lr_scheduler=linear", "train.checkpoint_every=0", "train.sample_every=0",
+                       "log.trackers=[none]", "loss.noise_offset=0.1", "loss.input_perturbation=0.1")
+    assert "data: 12 samples per epoch" in result.stdout
+    assert "train.max_steps=4: train.num_epochs=2 x ceil(3 batches per epoch / train.grad_accum=2)" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert lines[-1]["epoch"] == pytest.approx(8 / 3)  # 8 micro-batches read, 3 per epoch
+    assert lines[0]["lr"] == pytest.approx(0.75e-3) and lines[-1]["lr"] == 0.0  # the schedule ends at step 4
+
+
+def test_prediction_type_unlike_the_teacher_stops_kd_with_one_line(tmp_path):
+    import sys
+
+    result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={tmp_path}",
+                         "loss.prediction_type=v_prediction"], timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config key 'loss.prediction_type': v_prediction, but teacher 'toy' predicts epsilon; output and "
+        "feature KD (loss.lambda_out, loss.lambda_feat) need the same")
+
+
 def test_two_processes_through_launch_sh(tmp_path):
     # DDP over 2 gloo processes, with bf16 autocast (teacher, VAE and text encoder cast to bf16),
     # gradient checkpointing under the feature hooks, and EMA.
@@ -126,3 +154,21 @@ def test_two_processes_through_launch_sh(tmp_path):
     assert lines[-1]["feat"] < lines[0]["feat"]
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
     assert pipe.vae.dtype == torch.float32  # the export reads the frozen parts again, not their bf16 copies
+
+
+def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run):
+    """Starting into the run's folder without resume, or resuming it with another student layout, stops
+    with one line (exit 2) and leaves every file of the run as it was, config.yaml included."""
+    import sys
+
+    out, _ = toy_run
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    for extra, expected in ((["train.max_steps=2"], "holds another run"),
+                            (["resume=latest", "student.preset=bk_tiny"], "cannot be loaded into this run")):
+        result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}",
+                             "log.trackers=[none]", *extra])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert after == before

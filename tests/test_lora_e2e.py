@@ -55,6 +55,10 @@ def test_lora_run_writes_adapter_outputs(lora_run, student_dir):
     sdcpp = load_file(out / lora_io.SDCPP_FILE)  # bk_tiny runs in stable-diffusion.cpp
     assert any(k.startswith("lora_unet_output_blocks_") for k in sdcpp) and any(k.startswith("lora_te_") for k in sdcpp)
     assert not (out / "student").exists()
+    card = (out / "README.md").read_text()  # the model card beside the LoRA files
+    assert f"| base model | `{student_dir}` |" in card and "| trained | 6 steps with `train/lora.py` |" in card
+    assert f"`{lora_io.LORA_FILE}`, `{lora_io.SDCPP_FILE}`" in card and "license: creativeml-openrail-m" in card
+    assert "![samples](samples.png)" in card and (out / "samples.png").is_file()
 
 
 def diffusers_image(pipe, seed=0):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from conftest import run_script
 from sdkd.eval.pipeline import load_pipeline, resolve_device_dtype
 from sdkd.train import export as E
-from sdkd.train.config import UserError
+from sdkd.train.errors import UserError
 from sdkd.train.students import PRESETS, build_student
 
 
@@ -138,6 +138,6 @@ def test_sample_cli(models, tmp_path):
     assert (out / "samples.json").is_file()
     if not torch.cuda.is_available():
         r = run_script([sys.executable, "eval/sample.py", "--model", str(models["ldm"]), "--prompt", "x",
-                        "--dtype", "fp16", "--out", str(out)])
+                        "--dtype", "fp16", "--out", str(tmp_path / "fp16")])
         assert r.returncode == 2
         assert r.stderr.strip().splitlines()[-1].startswith("error: --dtype fp16 needs a GPU")

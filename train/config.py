@@ -8,27 +8,26 @@ missing required values and impossible combinations raise `ConfigError` with the
 
 from __future__ import annotations
 
+import ast
+import functools
+import json
+import math
 import sys
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sdkd.train.errors import ConfigError, first_line, run_cli
 
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
-
-
-class ConfigError(UserError):
-    pass
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message cut to one line, for wrapping library errors into a UserError."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+try:
+    from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
+except ImportError:
+    from omegaconf._utils import get_yaml_loader  # omegaconf 2.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,16 +62,29 @@ class LossConfig:
     """Weight of the sum over feature pairs of MSE(student feature, teacher feature)."""
     snr_gamma: Optional[float] = None
     """Min-SNR-gamma weighting applied to every term (5.0 is usual); null disables it."""
+    noise_offset: float = 0.0
+    """diffusers' noise offset: noise += noise_offset * randn(B, C, 1, 1), a per-sample, per-channel shift
+    (lets the model learn very dark and bright images; 0.05-0.1 is usual). Target and teacher see the same noise."""
+    input_perturbation: float = 0.0
+    """diffusers' input perturbation (arXiv 2301.11706): the U-Nets' input is noised from
+    noise + input_perturbation * randn_like(noise), the target from the unperturbed noise (0.1 is usual)."""
+    prediction_type: Optional[str] = None
+    """epsilon or v_prediction: train to predict this instead of the scheduler's prediction type (diffusers'
+    --prediction_type; sample grids and the exported scheduler follow it). Output and feature KD need a
+    teacher predicting the same (checked at start-up); null: the scheduler's."""
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    """Optimizer steps to train for."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to train for; null: train.num_epochs' worth when that is set, else 100."""
+    num_epochs: Optional[int] = None
+    """Train for this many epochs instead of train.max_steps (set one of them): max_steps =
+    num_epochs * ceil(batches per process and epoch / grad_accum), as diffusers derives it."""
     seed: int = 0
     """Seed for weights' noise, timesteps, data order and augmentation."""
     batch_size: int = 4
-    """Samples per process per micro-step."""
+    """Samples per process per micro-step: the global batch is batch_size x grad_accum x processes."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     mixed_precision: str = "no"
@@ -106,7 +118,7 @@ class OptimConfig:
     implementation: str = "auto"
     """AdamW kernel: auto (fused where supported, else foreach), fused, foreach or loop."""
     lr_scheduler: str = "constant"
-    """diffusers schedule name: constant, linear, cosine, cosine_with_restarts, polynomial."""
+    """diffusers schedule name: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
     warmup_steps: int = 0
     """Linear warm-up steps (counted in optimizer steps)."""
 
@@ -145,6 +157,9 @@ class DataConfig:
     """Probability of replacing the caption with the empty prompt (for classifier-free guidance)."""
     resolution: int = 512
     """Training image size in pixels (shorter side resized, then cropped square)."""
+    interpolation: str = "bilinear"
+    """Resampling filter of the resize to data.resolution: nearest, bilinear, bicubic, lanczos, box or hamming (PIL's;
+    diffusers' --image_interpolation_mode)."""
     center_crop: bool = True
     """Center crop; false takes a random crop."""
     random_flip: bool = True
@@ -154,8 +169,14 @@ class DataConfig:
     strict: bool = False
     """Stop the run at the first bad sample (unreadable image, missing caption, image below min_size)
     instead of skipping it (skips are counted as data_skipped in metrics.jsonl and named in a warning)."""
+    max_bad_in_a_row: int = 1000
+    """Stop the run when this many samples in a row are bad (or a whole epoch has no usable one): a source
+    that gives nothing usable stops with its last reasons instead of skipping forever."""
     num_samples: int = 256
     """synthetic: number of samples in the set."""
+    max_train_samples: Optional[int] = None
+    """Train on the first this many samples only (diffusers': for debugging or quicker training); webdataset:
+    epochs of this many samples (over all processes) from the usual stream. null: all."""
     resampled: bool = True
     """webdataset: every process and worker draws shards with replacement (an endless stream cut into
     epochs of manifest-many samples); false: shards split by process then by worker, each read once
@@ -195,10 +216,26 @@ class LogConfig:
 class Config:
     teacher: str = MISSING
     """Teacher pipeline: hub id, local diffusers folder, or "toy" (built locally from a seed)."""
+    teacher_revision: Optional[str] = None
+    """Hub revision of the teacher (branch, tag or commit); null: the default branch."""
+    teacher_variant: Optional[str] = None
+    """Weight files of the teacher to load, e.g. fp16 for *.fp16.safetensors; null: the plain ones."""
+    allow_pickle: bool = False
+    """Load pickle weights (.bin, .ckpt) of the teacher or model where they have no safetensors. Pickle can run
+    code when loaded: set it only for files you trust (diffusers' own conversion script makes safetensors)."""
     output_dir: str = MISSING
     """Run folder: config.yaml, metrics.jsonl, checkpoint-STEP/, samples/, student/."""
     resume: Optional[str] = None
-    """latest (the newest complete checkpoint in output_dir, if any) or a checkpoint path."""
+    """latest (the newest checkpoint in output_dir, if any; stops with one line if its contents are incomplete),
+    latest_complete (the newest whose contents are complete, naming newer broken ones it passes over) or a
+    checkpoint path."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its files are removed once the new run has loaded); without
+    it, or resume, a non-empty output_dir stops the run."""
+    license: str = "creativeml-openrail-m"
+    """License named in the model card of what the run writes (a Hugging Face license id). Default: SD-1.x's
+    CreativeML OpenRAIL-M, whose use restrictions carry over to derivatives such as distilled students,
+    fine-tunes and LoRAs; openrail++ for an SD-2.x teacher or model; your base model's license otherwise."""
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -219,6 +256,10 @@ class FinetuneConfig(Config):
     model: str = MISSING
     """The pipeline to train: a diffusers folder (e.g. a distilled student's OUTPUT/student), a hub id, or "toy".
     Its VAE, text encoder, tokenizer and scheduler are used for training, sampling and the export."""
+    model_revision: Optional[str] = None
+    """Hub revision of `model` (branch, tag or commit); null: the default branch."""
+    model_variant: Optional[str] = None
+    """Weight files of `model` to load, e.g. fp16 for *.fp16.safetensors; null: the plain ones."""
     student: StudentConfig = field(default_factory=StudentConfig)
     """Only read when loss.lambda_feat > 0: the block removal that makes `model`'s layout from the teacher's,
     which gives the feature pairs (checked by shape at start-up)."""
@@ -270,13 +311,42 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}"
 
 
+class _YamlLoader(get_yaml_loader()):
+    """OmegaConf's YAML loader without YAML 1.1 booleans: yes/no/on/off/true/false stay the text typed, so
+    `mixed_precision: no` is the string its str key expects; the schema converts them for bool keys."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _read_yaml(text: str, where: str, in_file: bool = False) -> Any:
+    """YAML text -> Python values; a syntax error is one line naming `where` (and, in a file, the line and
+    column)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if in_file and mark is not None else ""
+        raise ConfigError(f"{where}: YAML syntax error{at}: {getattr(err, 'problem', None) or first_line(err)}") from None
+
+
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """A recipe may start from another: `inherit: other.yaml` (relative to the file) is merged first."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: inherits from itself")
-    node = OmegaConf.load(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path}: cannot be read as text ({first_line(err)})") from None
+    data = _read_yaml(text, f"config file {path}", in_file=True) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected keys and values at the top level, got a {type(data).__name__}")
+    node = OmegaConf.create(data)
     parent = node.pop("inherit", None)
     if parent is None:
         return node
@@ -292,7 +362,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dots = OmegaConf.create()
+        for override in overrides:
+            key, _, text = override.partition("=")
+            OmegaConf.update(dots, key, _read_yaml(text, f"override '{override}'"))
+        merged = OmegaConf.merge(merged, dots)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -311,6 +385,9 @@ def _require(ok: bool, key: str, expected: str) -> None:
 
 
 STUDENT_PRESETS = ("bk_base", "bk_small", "bk_tiny")
+# diffusers.optimization.SchedulerType's names (a test pins them), so validation needs no diffusers import;
+# piecewise_constant is left out: it needs step rules this config does not carry.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def check_student(s: StudentConfig) -> None:
@@ -329,7 +406,12 @@ def check_student(s: StudentConfig) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks the schema cannot express."""
     t, s = cfg.train, cfg.student
-    _require(t.max_steps > 0, "train.max_steps", "must be > 0")
+    _require(not (cfg.overwrite and cfg.resume is not None), "overwrite",
+             "overwrite=true replaces the run in output_dir; resume continues it: set one of them")
+    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
+    _require(t.num_epochs is None or t.num_epochs > 0, "train.num_epochs", "must be > 0 or null")
+    _require(t.max_steps is None or t.num_epochs is None, "train.num_epochs",
+             "train.max_steps and train.num_epochs are both set: set one, the other to null")
     _require(t.batch_size > 0, "train.batch_size", "must be > 0")
     _require(t.grad_accum > 0, "train.grad_accum", "must be > 0")
     _require(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "expected no, fp16 or bf16")
@@ -340,10 +422,31 @@ def validate(cfg: Config) -> None:
              "train.checkpoints_total_limit", "must be > 0 or null")
     _require(cfg.optim.implementation in ("auto", "fused", "foreach", "loop"),
              "optim.implementation", "expected auto, fused, foreach or loop")
-    _require(len(cfg.optim.betas) == 2, "optim.betas", "expected two numbers")
+    o = cfg.optim
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "expected two numbers in [0, 1)")
+    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.eps > 0, "optim.eps", "must be > 0")
+    _require(o.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler",
+             f"expected {', '.join(LR_SCHEDULERS)}, got '{o.lr_scheduler}'")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= cfg.ema.decay <= 1, "ema.decay", "must be in [0, 1]")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.seed >= 0, "train.seed", "must be >= 0")
+    _require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
+             "every loss weight (loss.lambda_task, lambda_out, lambda_feat) is 0: nothing to train")
+    sm = cfg.sample
+    _require(sm.steps > 0, "sample.steps", "must be > 0")
+    _require(sm.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
+    _require(sm.resolution is None or (sm.resolution >= 8 and sm.resolution % 8 == 0), "sample.resolution",
+             "must be a multiple of 8, or null")
     for name in ("lambda_task", "lambda_out", "lambda_feat"):
         _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     _require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
+    _require(cfg.loss.noise_offset >= 0, "loss.noise_offset", "must be >= 0")
+    _require(cfg.loss.input_perturbation >= 0, "loss.input_perturbation", "must be >= 0")
+    _require(cfg.loss.prediction_type in (None, "epsilon", "v_prediction"), "loss.prediction_type",
+             f"expected epsilon, v_prediction or null, got '{cfg.loss.prediction_type}'")
     check_student(s)
     _require(s.feature_pairs in ("bk", "segmind", "custom"), "student.feature_pairs", "expected bk, segmind or custom")
     _require((s.feature_pairs == "custom") == (s.pairs is not None),
@@ -352,16 +455,21 @@ def validate(cfg: Config) -> None:
              "student.pairs", "each pair is [teacher_module, student_module]")
     d = cfg.data
     from sdkd.data.sources import SOURCES  # lazy: the data package imports this module
+    from sdkd.data.transforms import INTERPOLATIONS
 
     _require(d.source in SOURCES, "data.source", f"expected {', '.join(SOURCES)}, got '{d.source}'")
     _require(d.source == "synthetic" or d.cache is not None or d.path is not None, "data.path",
              f"required when data.source={d.source}")
     _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    _require(d.interpolation in INTERPOLATIONS, "data.interpolation",
+             f"expected {', '.join(INTERPOLATIONS)}, got '{d.interpolation}'")
     _require(d.caption_pick in ("first", "random"), "data.caption_pick", "expected first or random")
     _require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")
     _require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
     _require(d.min_size >= 0, "data.min_size", "must be >= 0")
+    _require(d.max_bad_in_a_row > 0, "data.max_bad_in_a_row", "must be > 0")
     _require(d.num_samples > 0, "data.num_samples", "must be > 0")
+    _require(d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be > 0 or null")
     _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     for name in cfg.log.trackers:
@@ -375,8 +483,6 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
     for name in ("lambda_out", "lambda_feat"):
         _require(cfg.teacher is not None or getattr(cfg.loss, name) == 0, f"loss.{name}",
                  "continued KD needs a teacher: set teacher, or set this to 0")
-    _require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
-             "every loss weight is 0: nothing to train")
     if isinstance(cfg, LoraTrainConfig):
         lo = cfg.lora
         _require(lo.rank > 0, "lora.rank", "must be > 0")
@@ -392,15 +498,78 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
                  "adapted text embeddings); drop the teacher or the text-encoder LoRA")
 
 
-def parse_args(argv: list[str], description: str) -> tuple[str | None, list[str]]:
-    """`--config FILE key=value ...` -> (file, overrides)."""
+def resolve_max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: train.max_steps, else train.num_epochs x the optimizer steps of one epoch
+    (rounded up, as diffusers' num_update_steps_per_epoch), else 100."""
+    if t.num_epochs is None:
+        return t.max_steps or 100
+    return t.num_epochs * math.ceil(batches_per_epoch / t.grad_accum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@functools.cache
+def _field_docs() -> dict[str, dict[str, str]]:
+    """{class name: {field: docstring}}: the string under each field in this file, for --help."""
+    docs = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            docs[node.name] = {a.target.id: " ".join(b.value.value.split())
+                               for a, b in zip(node.body, node.body[1:])
+                               if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                               and isinstance(b.value, ast.Constant)}
+    return docs
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """From the class that declares the field, else the nearest base that documents it."""
+    return next((docs[name] for c in cls.__mro__ if name in (docs := _field_docs().get(c.__name__, {}))), "")
+
+
+def config_help(schema: type) -> str:
+    """Every key of `schema` with its default and docstring: top-level keys, then section by section."""
+    lines = ["config keys (KEY = default):"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        # Keys before sections: a subclass's new top-level key (model) would otherwise land after `log`.
+        for f in sorted(fields(obj), key=lambda f: is_dataclass(getattr(obj, f.name))):
+            value, doc = getattr(obj, f.name), _field_doc(type(obj), f.name)
+            if is_dataclass(value):
+                lines.extend(["", f"{prefix}{f.name}:", *textwrap.wrap(doc, 100, initial_indent="  ",
+                                                                       subsequent_indent="  ")])
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                shown = "(required)" if value == MISSING else value if isinstance(value, str) else json.dumps(value)
+                lines.append(f"  {prefix}{f.name} = {shown}")
+                lines.extend(textwrap.wrap(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+    walk(schema(), "")
+    return "\n".join(lines)
+
+
+OVERRIDES_HELP = """\
+overrides: after --config, any key above as KEY=VALUE, dotted inside a section (train.max_steps=20
+optim.betas=[0.9,0.99] resume=null); values are YAML and win over the recipe and its inherit: chain.
+train.batch_size is per process: the global batch is batch_size x grad_accum x processes."""
+
+
+def parse_args(argv: list[str], description: str, schema: type = Config,
+               prog: str | None = None) -> tuple[str | None, list[str], bool]:
+    """`[--print-config] --config FILE key=value ...` -> (file, overrides, print_config); --help lists `schema`."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
+    # allow_abbrev=False: launch.sh recognises --help and --print-config by their full names.
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     epilog=f"{config_help(schema)}\n\n{OVERRIDES_HELP}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (recipe, inherit:, overrides; validated) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    args = parser.parse_intermixed_args(argv)
+    return args.config, args.overrides, args.print_config
 
 
 # The schema each trainer script reads (by file name), so launch.sh can check a config before it
@@ -409,24 +578,26 @@ TRAINER_SCHEMAS = {"kd": Config, "finetune": FinetuneConfig, "lora": LoraTrainCo
 
 
 def load_trainer_config(script: str, argv: list[str], description: str) -> Config:
-    """`--config FILE key=value ...` for the trainer `script`, validated against its schema."""
-    return load_config(*parse_args(argv, description), schema=TRAINER_SCHEMAS[Path(script).stem])
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point; user mistakes become one line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """`--config FILE key=value ...` for the trainer `script`, validated against its schema; with
+    --print-config the result is printed as YAML and the process exits 0 before anything starts."""
+    schema = TRAINER_SCHEMAS[Path(script).stem]
+    path, overrides, print_config = parse_args(argv, description, schema, prog=Path(script).name)
+    cfg = load_config(path, overrides, schema)
+    if print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        sys.exit(0)
+    return cfg
 
 
 def _check_launch() -> None:
     """`python -m sdkd.train.config SCRIPT ARGS...`: fail on a bad config once, before a multi-process
-    launch (where every rank would report it and the launcher add its own failure report)."""
+    launch (where every rank would report it and the launcher add its own failure report). Also answers
+    --help and --print-config for launch.sh, which then starts nothing."""
     if len(sys.argv) > 1 and Path(sys.argv[1]).stem in TRAINER_SCHEMAS:
-        load_trainer_config(sys.argv[1], sys.argv[2:], "config check")
+        script = Path(sys.argv[1])
+        # The trainer's own docstring for --help, read without importing it (that would load torch).
+        doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) if script.is_file() else None
+        load_trainer_config(sys.argv[1], sys.argv[2:], doc)
 
 
 if __name__ == "__main__":

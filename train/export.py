@@ -5,7 +5,8 @@
 
 SRC is a run folder (config.yaml; its `student/`, or with --ema the newest checkpoint's `unet_ema/`),
 a `checkpoint-STEP` folder (its `unet/` or `unet_ema/`, the other parts from the run's `student/` or
-teacher) or a diffusers pipeline folder (model_index.json).
+its `model` / teacher), a diffusers pipeline folder (model_index.json) or an sdkd single file.
+`load_source` is that resolution; eval/pipeline.py loads models through it too.
 
 - diffusers: a pipeline folder with contiguous safetensors and a model card `README.md`.
 - single-file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder in one flat LDM state
@@ -23,20 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sdkd.train  # noqa: F401  # before diffusers when run as a script: silences its import-time notices
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdkd.train import ldm_layout
-from sdkd.train.config import UserError, first_line, run_cli
-from sdkd.train.teacher import load_teacher
+from sdkd.train import console, ldm_layout, lora_io
+from sdkd.train.errors import UserError, first_line, run_cli
+from sdkd.train.teacher import PipelineSource, load_teacher
 
 FORMAT_VERSION = "1"
 META = "sdkd."  # metadata key prefix
@@ -51,19 +54,27 @@ def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def save_pipeline(unet, teacher: str, folder: str | Path) -> Path:
-    """`unet` with the teacher's VAE, text encoder, tokenizer and scheduler, as safetensors.
+def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, prediction_type: str | None = None,
+                  run: str | Path | None = None) -> Path:
+    """`unet` with the teacher's VAE, text encoder, tokenizer and scheduler, as safetensors; the scheduler
+    set to `prediction_type` when given (what `unet` was trained to predict: loss.prediction_type). With
+    `run` (a trainer's OUTPUT), a model card describing that run goes beside it.
 
     The frozen parts are read again from the teacher in their stored dtype: during training they
     were cast to the mixed-precision dtype, which must not leak into the export.
     """
     parts = load_teacher(teacher, with_unet=False)
+    if prediction_type is not None:
+        parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    if run is not None:
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
+                                            _run_info(Path(run)))))
     return Path(folder)
 
 
@@ -78,9 +89,14 @@ class Source:
     """Where the weights came from, for the model card."""
     info: dict = field(default_factory=dict)
     """preset, teacher, training summary (whatever is known)."""
+    unet_path: str = ""
+    """The resolved U-Net weights: a `unet/` or `unet_ema/` folder, or the single file."""
+    parts_path: str = ""
+    """Where the VAE, text encoder, tokenizer and scheduler came from: a folder, a file or a teacher id."""
 
 
 def _load_pipeline_folder(folder: Path) -> StableDiffusionPipeline:
+    console.quiet_third_party()  # now that diffusers is imported: its "Loading pipeline components" bar
     try:
         return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                        feature_extractor=None, requires_safety_checker=False)
@@ -97,20 +113,29 @@ def _load_unet(folder: Path) -> UNet2DConditionModel:
         raise UserError(f"U-Net '{folder}' could not be loaded: {first_line(err)}") from None
 
 
-def _run_info(run: Path) -> dict:
-    """Preset, teacher and a training summary from a run folder's config.yaml and metrics.jsonl."""
+def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
+    """What a run folder's config.yaml, metrics.jsonl, checkpoints and sample grids say about its weights (those
+    of `checkpoint`, else of the newest checkpoint): trainer, base model, recipe, data, steps, license, grid."""
     from omegaconf import OmegaConf
+
+    from sdkd.train.checkpoints import STATE_FILE, find_latest
 
     info: dict = {}
     cfg_file = run / "config.yaml"
     if cfg_file.is_file():
         cfg = OmegaConf.load(cfg_file)
+        info["trainer"] = "lora" if "lora" in cfg else "finetune" if "model" in cfg else "kd"
         info["teacher"] = cfg.get("teacher")
-        info["preset"] = OmegaConf.select(cfg, "student.preset")
+        if cfg.get("model"):  # fine-tune and LoRA runs: the pipeline that was trained
+            info["model"] = cfg.get("model")
+        else:  # a fine-tune's student.preset only describes its feature pairs: its card reads the layout
+            info["preset"] = OmegaConf.select(cfg, "student.preset")
+        info["license"] = cfg.get("license")
+        info["prompts"] = list(OmegaConf.select(cfg, "sample.prompts") or [])
         summary = {k: OmegaConf.select(cfg, k) for k in (
             "train.max_steps", "train.batch_size", "train.grad_accum", "train.mixed_precision", "optim.lr",
             "loss.lambda_task", "loss.lambda_out", "loss.lambda_feat", "student.feature_pairs", "ema.enabled",
-            "data.source", "data.resolution")}
+            "lora.rank", "lora.alpha", "data.source", "data.path", "data.cache", "data.resolution")}
         info["training"] = {k: v for k, v in summary.items() if v is not None}
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
@@ -120,70 +145,99 @@ def _run_info(run: Path) -> dict:
                 info["last_metrics"] = json.loads(lines[-1])
             except json.JSONDecodeError:
                 pass
+    checkpoint = checkpoint or find_latest(run)
+    if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
+        info["steps"] = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    grids = sorted((int(p.stem.removeprefix("step-")), p) for p in (run / "samples").glob("step-*.png"))
+    grids = [p for step, p in grids if step <= info.get("steps", step)]
+    if grids:  # the newest sample grid of these weights; the teacher's row is on top when teacher.png exists
+        info["sample_grid"] = str(grids[-1])
+        info["teacher_row"] = (run / "samples" / "teacher.png").is_file()
     return info
 
 
-def _other_parts(run: Path, info: dict) -> StableDiffusionPipeline:
-    """VAE, text encoder, tokenizer and scheduler of a run: its student/ folder, else its teacher."""
+def _other_parts(run: Path, info: dict) -> tuple[StableDiffusionPipeline, str]:
+    """VAE, text encoder, tokenizer and scheduler of a run, and where they came from: its student/ folder,
+    else the pipeline it trained (`model`, fine-tune runs) or its teacher."""
     if (run / "student" / "model_index.json").is_file():
-        return _load_pipeline_folder(run / "student")
-    teacher = info.get("teacher")
-    if not teacher:
+        return _load_pipeline_folder(run / "student"), str(run / "student")
+    base = info.get("model") or info.get("teacher")
+    if not base:
         raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
-                        f"VAE and text encoder to export with the U-Net")
-    parts = load_teacher(teacher, with_unet=False)
+                        f"VAE and text encoder to go with the U-Net")
+    parts = load_teacher(base, with_unet=False)
     return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=None, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   feature_extractor=None, requires_safety_checker=False), base
+
+
+def _with_unet(run: Path, unet_dir: Path, description: str, info: dict) -> Source:
+    """A checkpoint's U-Net with the rest of its run's pipeline."""
+    pipe, parts_path = _other_parts(run, info)
+    pipe.unet = _load_unet(unet_dir)
+    return Source(pipe, description, info, str(unet_dir), parts_path)
+
+
+def _refuse_lora(path: Path | None) -> None:
+    """A LoRA file, run or checkpoint holds only an adapter: say what to load instead."""
+    if path is None:
+        return
+    file = path if path.is_file() else path / lora_io.LORA_FILE
+    base = read_metadata(file).get(META + "base_model") if file.suffix == ".safetensors" and file.is_file() else None
+    if base is not None:
+        raise UserError(f"'{path}' holds a LoRA adapter, not a model: load its base model with it "
+                        f"(eval/sample.py --model {base or 'BASE'} --lora {file})")
+
+
+SOURCES = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diffusers pipeline folder "
+           "(model_index.json) or an sdkd .safetensors file (train/export.py)")
 
 
 def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None) -> Source:
-    """A run folder, a checkpoint folder or a diffusers pipeline folder -> one pipeline to export."""
+    """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline."""
     path = Path(src)
     if not path.exists():
-        raise UserError(f"'{src}' not found: expected a run folder (config.yaml), a checkpoint-STEP folder or a "
-                        f"diffusers pipeline folder (model_index.json)")
+        raise UserError(f"'{src}' not found: expected {SOURCES}")
+    if ema and (path.is_file() or (path / "model_index.json").is_file()):
+        raise UserError(f"--ema needs a run folder or a checkpoint; '{src}' is a "
+                        f"{'single file' if path.is_file() else 'pipeline folder'}, which holds one set of weights")
+    _refuse_lora(path)
     if path.is_file():
-        raise UserError(f"'{src}' is a file: expected a run folder, a checkpoint-STEP folder or a diffusers "
-                        f"pipeline folder")
-    if (path / "model_index.json").is_file():
-        if ema:
-            raise UserError(f"--ema needs a run folder or a checkpoint; '{src}' is a pipeline folder, which holds "
-                            f"one set of weights")
-        pipe = _load_pipeline_folder(path)
+        if path.suffix != ".safetensors":
+            raise UserError(f"'{src}' is not a .safetensors file: expected {SOURCES}")
+        info = json.loads(read_metadata(path).get(META + "info", "{}"))
+        source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path))
+    elif (path / "model_index.json").is_file():
         run = path.parent if (path.parent / "config.yaml").is_file() else None
-        source = Source(pipe, f"diffusers folder `{path.name}`", _run_info(run) if run else {})
+        source = Source(_load_pipeline_folder(path), f"diffusers folder `{path.name}`", _run_info(run) if run else {},
+                        str(path / "unet"), str(path))
     elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
         sub = "unet_ema" if ema else "unet"
         if not (path / sub).is_dir():
             raise UserError(f"checkpoint '{src}' has no {sub}/ (the run was trained without ema.enabled)")
-        info = _run_info(path.parent)
-        pipe = _other_parts(path.parent, info)
-        pipe.unet = _load_unet(path / sub)
-        source = Source(pipe, f"checkpoint `{path.name}` ({sub})", info)
+        source = _with_unet(path.parent, path / sub, f"checkpoint `{path.name}` ({sub})",
+                            _run_info(path.parent, path))
     elif (path / "config.yaml").is_file():  # a run
         from sdkd.train.checkpoints import find_latest
 
         info = _run_info(path)
         latest = find_latest(path)
+        _refuse_lora(latest)
         if ema:
             if latest is None or not (latest / "unet_ema").is_dir():
                 raise UserError(f"run '{src}' has no EMA weights (no checkpoint with unet_ema/; train with "
                                 f"ema.enabled=true)")
-            pipe = _other_parts(path, info)
-            pipe.unet = _load_unet(latest / "unet_ema")
-            source = Source(pipe, f"run `{path.name}`, EMA weights of `{latest.name}`", info)
+            source = _with_unet(path, latest / "unet_ema", f"run `{path.name}`, EMA weights of `{latest.name}`", info)
         elif (path / "student" / "model_index.json").is_file():
-            source = Source(_load_pipeline_folder(path / "student"), f"run `{path.name}`, final `student/`", info)
+            student = path / "student"
+            source = Source(_load_pipeline_folder(student), f"run `{path.name}`, final `student/`", info,
+                            str(student / "unet"), str(student))
         elif latest is not None:
-            pipe = _other_parts(path, info)
-            pipe.unet = _load_unet(latest / "unet")
-            source = Source(pipe, f"run `{path.name}`, `{latest.name}`", info)
+            source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info)
         else:
-            raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to export")
+            raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to load")
     else:
-        raise UserError(f"'{src}' is not a run folder (config.yaml), a checkpoint (unet/) or a diffusers pipeline "
-                        f"folder (model_index.json)")
+        raise UserError(f"'{src}' is not {SOURCES}")
     if vae is not None:
         source.pipe.vae = load_vae(vae)
     return source
@@ -247,23 +301,39 @@ def card_info(source: Source) -> dict:
     return info
 
 
-def model_card(info: dict, half: bool) -> str:
-    ratio = (f" ({info['unet_params'] / info['teacher_unet_params']:.1%} of the teacher's "
-             f"{info['teacher_unet_params']:,})") if info.get("teacher_unet_params") else ""
-    one_step = info["layout"] in ("sdxs", "sdxs09")
-    lines = [
-        "---", "library_name: diffusers", "tags:", "- stable-diffusion", "- knowledge-distillation", "- sdkd", "---",
-        "", f"# sdkd student: {info['preset']}", "",
-        "A block-removed Stable Diffusion student distilled with sdkd.", "",
-        "| | |", "|---|---|",
-        f"| preset | `{info['preset']}` (U-Net layout `{info['layout']}`) |",
-        f"| U-Net parameters | {info['unet_params']:,}{ratio} |",
-        f"| teacher | `{info.get('teacher') or 'unknown'}` |",
-        f"| VAE | {info['vae']} |",
-        f"| text encoder parameters | {info['text_encoder_params']:,} |",
-        f"| weights | {info['source']}, {'fp16' if half else 'stored dtype'} |",
-        "",
-    ]
+SAMPLE_FILE = "samples.png"  # the run's newest sample grid, copied beside the card
+
+
+def model_card(info: dict, half: bool = False) -> str:
+    """README.md of a student pipeline folder (`card_info`), or of a LoRA run's files (`info["lora_files"]`)."""
+    lora, trainer, base = info.get("lora_files"), info.get("trainer"), info.get("model") or info.get("teacher")
+    tag = "lora" if lora else "fine-tuned" if trainer == "finetune" else "knowledge-distillation"
+    lines = ["---", *([f"license: {info['license']}"] if info.get("license") else []), "library_name: diffusers",
+             "tags:", "- stable-diffusion", f"- {tag}", "- sdkd", "---", ""]
+    if lora:
+        lines += [f"# sdkd LoRA for `{base}`", "", "A LoRA adapter trained with sdkd.", "", "| | |", "|---|---|",
+                  f"| base model | `{base}` |", f"| files | {', '.join(f'`{name}`' for name in lora)} |"]
+    else:
+        ratio = (f" ({info['unet_params'] / info['teacher_unet_params']:.1%} of the teacher's "
+                 f"{info['teacher_unet_params']:,})") if info.get("teacher_unet_params") else ""
+        title, what = (("fine-tune", f"`{base}` fine-tuned with sdkd.") if trainer == "finetune" else
+                       ("student", "A block-removed Stable Diffusion student distilled with sdkd."))
+        lines += [
+            f"# sdkd {title}: {info['preset']}", "", what, "", "| | |", "|---|---|",
+            f"| preset | `{info['preset']}` (U-Net layout `{info['layout']}`) |",
+            f"| U-Net parameters | {info['unet_params']:,}{ratio} |",
+            *([f"| base model | `{base}` |"] if trainer == "finetune" else []),
+            f"| teacher | `{info.get('teacher') or ('none' if trainer else 'unknown')}` |",
+            f"| VAE | {info['vae']} |",
+            f"| text encoder parameters | {info['text_encoder_params']:,} |",
+            f"| weights | {info['source']}, {'fp16' if half else 'stored dtype'} |",
+        ]
+    if trainer:
+        steps = f"{info['steps']:,} steps " if "steps" in info else ""
+        lines.append(f"| trained | {steps}with `train/{trainer}.py` |")
+    if info.get("license"):
+        lines.append(f"| license | `{info['license']}` |")
+    lines.append("")
     if info.get("training"):
         lines += ["## Training", "", "| setting | value |", "|---|---|"]
         lines += [f"| `{k}` | {v} |" for k, v in info["training"].items()]
@@ -271,15 +341,42 @@ def model_card(info: dict, half: bool) -> str:
             lines += ["", "Last logged metrics: " + ", ".join(
                 f"`{k}` {v:.4g}" if isinstance(v, float) else f"`{k}` {v}" for k, v in info["last_metrics"].items())]
         lines.append("")
-    steps, cfg = ("1", "0.0") if one_step else ("25", "7.5")
+    if info.get("sample_grid"):
+        rows = "the teacher's row above this model's" if info.get("teacher_row") else "one row"
+        prompts = "; ".join(f'"{p}"' for p in info.get("prompts", []))
+        lines += ["## Samples", "", f"![samples]({SAMPLE_FILE})", "",
+                  f"`{Path(info['sample_grid']).name}` of the run ({rows}); prompts, left to right: {prompts}.", ""]
+    lines += ["## Use", "", "```python", "from diffusers import StableDiffusionPipeline", ""]
+    if lora:
+        lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+                  'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")',
+                  'image = pipe("a photo of a cat", num_inference_steps=25).images[0]', "```", "",
+                  f"or `python eval/sample.py --model {base} --lora PATH/TO/THIS/FOLDER/{lora[0]} "
+                  f"--prompt \"a photo of a cat\" --out samples/` (sdkd's pipeline).", ""]
+        return "\n".join(lines)
+    steps, cfg = ("1", "0.0") if info["layout"] in ("sdxs", "sdxs09") else ("25", "7.5")  # one-step students
     lines += [
-        "## Use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
         'pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
         f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={cfg}).images[0]', "```", "",
         "or `python eval/sample.py --model PATH/TO/THIS/FOLDER --prompt \"a photo of a cat\" --out samples/` "
         "(sdkd's pipeline).", "",
     ]
     return "\n".join(lines)
+
+
+def write_card(folder: str | Path, info: dict, half: bool = False) -> Path:
+    """`folder`/README.md from `info`, with the run's newest sample grid copied beside it."""
+    folder = Path(folder)
+    if info.get("sample_grid"):
+        shutil.copyfile(info["sample_grid"], folder / SAMPLE_FILE)
+    card = folder / "README.md"
+    card.write_text(model_card(info, half))
+    return card
+
+
+def write_lora_card(run: Path, files: list[Path]) -> Path:
+    """The LoRA trainer's card: README.md beside its LoRA file(s) in the run folder."""
+    return write_card(run, {**_run_info(run), "lora_files": [Path(f).name for f in files]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +398,22 @@ def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Pat
     pipe = source.pipe
     _cast(pipe, half)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "README.md").write_text(model_card(card_info(source), half))
+    write_card(out, card_info(source), half)
     return out
+
+
+# What a CLIPTokenizer's save_pretrained writes; a single file may carry these and nothing else.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                             "special_tokens_map.json", "added_tokens.json"})
 
 
 def _tokenizer_files(tokenizer) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+        files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+    unexpected = set(files) - TOKENIZER_FILES
+    assert not unexpected, f"the tokenizer wrote files the reader would refuse: {sorted(unexpected)}"
+    return files
 
 
 def _config_json(config) -> str:
@@ -397,6 +502,14 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
         scheduler_config = json.loads(meta[META + "scheduler_config"])
     except (KeyError, json.JSONDecodeError, AttributeError) as err:
         raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
+    # The file names what to build: only a scheduler class, and only the tokenizer files we write ourselves.
+    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
+        raise UserError(f"'{path}': metadata names '{meta[META + 'scheduler_class']}', which is no diffusers scheduler")
+    if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
+            isinstance(text, str) for text in tokenizer_files.values()):
+        names = sorted(set(tokenizer_files) - TOKENIZER_FILES) if isinstance(tokenizer_files, dict) else tokenizer_files
+        raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
+                        f"{', '.join(sorted(TOKENIZER_FILES))})")
     if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
         raise UserError(f"'{path}': unknown VAE class {vae_class}")
     with torch.device("meta"):
@@ -424,9 +537,12 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
             parent = text_encoder.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
     with tempfile.TemporaryDirectory() as tmp:
-        for name, text in tokenizer_files.items():
-            (Path(tmp) / name).write_text(text)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        for name in TOKENIZER_FILES & set(tokenizer_files):  # our own names, never the file's
+            (Path(tmp) / name).write_text(tokenizer_files[name])
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the model") from None
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler_cls.from_config(scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -460,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Export a student as a diffusers folder or a single .safetensors "
                                                  "file (LDM layout: --target ldm for diffusers/A1111/ComfyUI, "
                                                  "--target sdcpp for stable-diffusion.cpp).")
-    parser.add_argument("src", help="run folder, checkpoint-STEP folder, or diffusers pipeline folder")
+    parser.add_argument("src", help="run folder, checkpoint-STEP folder, diffusers pipeline folder or sdkd "
+                                    ".safetensors file")
     parser.add_argument("--format", required=True, choices=["diffusers", "single-file"])
     parser.add_argument("--out", required=True, help="folder (diffusers) or FILE.safetensors (single-file)")
     parser.add_argument("--target", choices=list(ldm_layout.NUMBERINGS),

@@ -31,7 +31,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.config import ConfigError, StudentConfig
+from sdkd.train.config import StudentConfig
+from sdkd.train.errors import ConfigError
 from sdkd.train.students import RemovalSpec
 
 Pair = tuple[str, str]

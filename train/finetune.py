@@ -5,7 +5,8 @@
 The task loss (min-SNR weighted with `loss.snr_gamma`), optionally continued KD from `teacher`
 (`loss.lambda_out`; `loss.lambda_feat` with `student` describing `model`'s layout). Loop, EMA,
 checkpoints, resume, sample grids, trackers and data are train/kd.py's (`Trainer`). Writes
-OUTPUT/student/, a complete pipeline folder with `model`'s VAE, text encoder, tokenizer and scheduler.
+OUTPUT/student/, a complete pipeline folder with `model`'s VAE, text encoder, tokenizer and scheduler,
+and its model card.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from dataclasses import dataclass
 
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import FinetuneConfig, UserError, load_trainer_config, run_cli
+from sdkd.train.distributed import main_process_first
+from sdkd.train.config import FinetuneConfig, load_trainer_config
+from sdkd.train.errors import UserError, run_cli
 from sdkd.train.export import save_pipeline
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, build_encoder
+from sdkd.train.objective import DiffusionObjective, build_encoder, set_prediction_type
 from sdkd.train.students import removal_spec
-from sdkd.train.teacher import PipelineParts, freeze, load_teacher
+from sdkd.train.teacher import PipelineParts, PipelineSource, freeze, load_teacher
 
 
 @dataclass
@@ -39,12 +42,13 @@ def prepare_run(cfg: FinetuneConfig, acc) -> Run:
     """Load data, `model` and the teacher (only when a KD term is on); freeze all but `model`'s U-Net.
 
     The U-Net is returned as loaded (fp32 on CPU); the caller makes it trainable or puts an adapter on it."""
-    with acc.main_process_first():  # data mistakes fail fast; a hf source prepares its arrow cache once
-        dataset = build_dataset(cfg.data, cfg.train.seed)
+    # Data mistakes fail fast, on every process at once; a hf source prepares its arrow cache once.
+    dataset = main_process_first(acc, lambda: build_dataset(cfg.data, cfg.train.seed))
     # From a latent cache no VAE or text encoder runs in the step (sample grids load them when due).
-    parts = load_teacher(cfg.model, with_encoders=cfg.data.cache is None, what="model")
+    parts = load_teacher(PipelineSource.of(cfg, "model"), with_encoders=cfg.data.cache is None, what="model")
     loss = KDLoss.from_config(cfg.loss)
-    teacher = load_teacher(cfg.teacher, with_encoders=False) if loss.needs_teacher else None
+    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=False) if loss.needs_teacher else None
+    set_prediction_type(parts.scheduler, cfg.loss.prediction_type, teacher.scheduler if teacher else None, cfg.teacher)
     if teacher is not None:
         ours, theirs = parts.scheduler.config.prediction_type, teacher.scheduler.config.prediction_type
         if ours != theirs:
@@ -71,6 +75,7 @@ def prepare_run(cfg: FinetuneConfig, acc) -> Run:
     objective = DiffusionObjective(
         parts.scheduler, loss, cfg.loss.snr_gamma, teacher=teacher.unet if teacher else None,
         student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
+        noise_offset=cfg.loss.noise_offset, input_perturbation=cfg.loss.input_perturbation,
     )
     return Run(dataset, parts, teacher, objective)
 
@@ -88,8 +93,9 @@ def main() -> None:
         cfg=cfg, accelerator=acc, model=unet, objective=run.objective,
         encoder=build_encoder(cfg.data, run.parts, run.dataset, acc.device),
         dataset=run.dataset, parts=run.parts,
-        export=lambda trained, out: save_pipeline(trained, cfg.model, out / "student"),
-        reference_unet=run.teacher.unet if run.teacher else None, frozen_source=cfg.model,
+        export=lambda trained, out: [save_pipeline(trained, PipelineSource.of(cfg, "model"), out / "student",
+                                                   cfg.loss.prediction_type, run=out)],
+        reference_unet=run.teacher.unet if run.teacher else None, frozen_source=PipelineSource.of(cfg, "model"),
     ).fit()
 
 

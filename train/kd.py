@@ -8,24 +8,26 @@ from __future__ import annotations
 import sys
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import load_trainer_config, run_cli
+from sdkd.train.distributed import main_process_first
+from sdkd.train.config import load_trainer_config
+from sdkd.train.errors import run_cli
 from sdkd.train.export import save_pipeline
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, build_encoder
+from sdkd.train.objective import DiffusionObjective, build_encoder, set_prediction_type
 from sdkd.train.students import build_student, removal_spec
-from sdkd.train.teacher import freeze, load_teacher
+from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
 
 def main() -> None:
     cfg = load_trainer_config(__file__, sys.argv[1:], __doc__)
     acc = make_accelerator(cfg)
-    with acc.main_process_first():  # data mistakes fail fast; a hf source prepares its arrow cache once
-        dataset = build_dataset(cfg.data, cfg.train.seed)
+    # Data mistakes fail fast, on every process at once; a hf source prepares its arrow cache once.
+    dataset = main_process_first(acc, lambda: build_dataset(cfg.data, cfg.train.seed))
     # From a latent cache no VAE or text encoder runs in the step: they are not loaded (sample grids
     # load them on the main process when first due).
-    teacher = load_teacher(cfg.teacher, with_encoders=cfg.data.cache is None)
+    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=cfg.data.cache is None)
     spec = removal_spec(cfg.student)
     student = build_student(teacher.unet, spec).float()
     student.train()
@@ -51,17 +53,23 @@ def main() -> None:
                  else f"data.source={cfg.data.source}"))
 
     loss = KDLoss.from_config(cfg.loss)
+    teacher_kind = teacher.scheduler.config.prediction_type
+    set_prediction_type(teacher.scheduler, cfg.loss.prediction_type,
+                        teacher.scheduler if loss.needs_teacher else None, cfg.teacher)
     objective = DiffusionObjective(
         teacher.scheduler, loss, cfg.loss.snr_gamma,
         teacher=teacher.unet if loss.needs_teacher else None,
         student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
+        noise_offset=cfg.loss.noise_offset, input_perturbation=cfg.loss.input_perturbation,
     )
     Trainer(
         cfg=cfg, accelerator=acc, model=student, objective=objective,
         encoder=build_encoder(cfg.data, teacher, dataset, acc.device),
         dataset=dataset, parts=teacher,
-        export=lambda unet, out: save_pipeline(unet, cfg.teacher, out / "student"),
-        reference_unet=teacher.unet,
+        export=lambda unet, out: [save_pipeline(unet, PipelineSource.of(cfg), out / "student", cfg.loss.prediction_type,
+                                                run=out)],
+        # Sample grids use the student's prediction type: no teacher row when a task-only run changed it.
+        reference_unet=teacher.unet if teacher.scheduler.config.prediction_type == teacher_kind else None,
     ).fit()
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from sdkd.train.config import UserError
+from sdkd.train.errors import UserError
 
 NUMBERINGS = ("ldm", "sdcpp")
 UNET_PREFIX = "model.diffusion_model."

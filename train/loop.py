@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -21,17 +22,18 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from sdkd.data.sources import collate
 from sdkd.eval.sampling import make_grid, sample_images
-from sdkd.train import tracking
-from sdkd.train.checkpoints import Checkpointer, ModelState, resolve_resume
-from sdkd.train.config import Config, OptimConfig, UserError, save_config
+from sdkd.train import console, run_folder, tracking
+from sdkd.train.checkpoints import Checkpointer, ModelState, list_checkpoints, resolve_resume
+from sdkd.train.config import Config, OptimConfig, resolve_max_steps
+from sdkd.train.errors import UserError
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """The run's accelerator; also creates OUTPUT/ and saves the resolved config there."""
+    """The run's accelerator; also creates and locks OUTPUT/, refusing one that holds another run
+    (train/run_folder.py; the config is saved there when training starts)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
     out = Path(cfg.output_dir)
@@ -47,8 +49,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         log_with=tracking.tracker_list(cfg.log.trackers, out),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    run_folder.claim(cfg, acc)
     return acc
 
 
@@ -88,21 +89,30 @@ class Trainer:
     dataset: Dataset                  # map-style (a prepared, sharded DataLoader) or iterable (splits itself)
     parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling (loaded
                                       # from `frozen_source` when sampling is due if they were left out)
-    export: Callable                  # (model, OUTPUT) -> None, at the end, on the main process
+    export: Callable                  # (model, OUTPUT) -> [paths written, the model first], at the end,
+                                      # on the main process; they feed the closing summary
     reference_unet: torch.nn.Module | None = None   # sampled once beside the student (the teacher)
     state: ModelState | None = None   # how `model` is checkpointed and EMA-tracked (default: the whole U-Net)
     sample_unet: torch.nn.Module | None = None      # the U-Net sample grids use (default: model)
-    frozen_source: str | None = None  # pipeline the VAE/text encoder come from (default: cfg.teacher)
+    frozen_source: object = None      # teacher.PipelineSource the VAE/text encoder come from (default: the teacher)
 
     def fit(self) -> None:
         cfg, acc, model = self.cfg, self.accelerator, self.model
         out = Path(cfg.output_dir)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.optim)
+        loader, self.batches_per_epoch = self._loader()
+        if self.batches_per_epoch == 0:
+            raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
+                            f"({cfg.train.batch_size} x {acc.num_processes} processes)")
+        max_steps = resolve_max_steps(cfg.train, self.batches_per_epoch)
+        if cfg.train.num_epochs is not None:
+            acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
+                      f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
         # A prepared scheduler steps once per process per optimizer step.
         lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                    num_training_steps=cfg.train.max_steps * acc.num_processes)
+                                    num_training_steps=max_steps * acc.num_processes)
         state = self.state or ModelState(model)
         ema = None
         if cfg.ema.enabled:
@@ -110,10 +120,6 @@ class Trainer:
             ema.to(acc.device)
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, state, ema)
         wrapped, optimizer, lr_schedule = acc.prepare(model, optimizer, lr_schedule)
-        loader, self.batches_per_epoch = self._loader()
-        if self.batches_per_epoch == 0:
-            raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
-                            f"({cfg.train.batch_size} x {acc.num_processes} processes)")
         generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 10_000 * acc.process_index)
 
         step = 0
@@ -121,6 +127,7 @@ class Trainer:
         if resume_from is not None:
             step = checkpointer.load(resume_from, generator)
             acc.print(f"resumed from {resume_from} at step {step}")
+        run_folder.start(cfg, acc)  # the first write: the models and the checkpoint have loaded
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
         acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
@@ -128,9 +135,10 @@ class Trainer:
         self._skipped, self._batches_read = 0, step * cfg.train.grad_accum
         batches = self._batches(loader, step * cfg.train.grad_accum)
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process)
+        progress = console.progress(max_steps, "train", initial=step, unit="step",
+                                    disable=not acc.is_local_main_process)
         self._teacher_images = None
-        while step < cfg.train.max_steps:
+        while step < max_steps:
             start = time.perf_counter()
             terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
             if ema is not None:
@@ -149,7 +157,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 self._sample(step)
-            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.max_steps:
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == max_steps:
                 checkpointer.save(step, generator)
         progress.close()
 
@@ -157,8 +165,10 @@ class Trainer:
         if acc.is_main_process:
             if ema is not None:
                 ema.copy_to(state.ema_parameters())
-            self.export(model, out)
+            exported = self.export(model, out)
         acc.end_training()
+        if acc.is_main_process:  # last, after the trackers' own closing lines
+            print(run_summary(cfg, step, exported), flush=True)
 
     def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, generator) -> dict:
         """grad_accum micro-steps and one optimizer step; returns the mean of each loss term."""
@@ -201,10 +211,13 @@ class Trainer:
 
         Bad samples were dropped by `collate` and arrive as `batch["skipped"]`: each is named in a warning
         and counted (`data_skipped` in the metrics), or stops the run when `data.strict` is set. A batch
-        left with no sample is passed over; it still counts as read for the epoch."""
+        left with no sample is passed over; it still counts as read for the epoch. A source that gives
+        only bad samples (`data.max_bad_in_a_row` of them, or a whole epoch) stops the run."""
         epoch, skip = divmod(start_micro_step, self.batches_per_epoch)
         iterable = isinstance(self.dataset, IterableDataset)
+        self._bad_in_a_row, self._last_reasons = 0, []
         while True:
+            usable_this_epoch = False
             if iterable:
                 self.dataset.set_epoch(epoch, skip)
                 epoch_batches = iter(loader)
@@ -215,26 +228,39 @@ class Trainer:
                 epoch_batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in islice(epoch_batches, self.batches_per_epoch - skip):
                 self._batches_read += 1
-                self._note_skipped(batch["skipped"])
+                self._note_skipped(batch["skipped"], usable=bool(batch["captions"]))
                 if batch["captions"]:
+                    usable_this_epoch = True
                     yield batch
+            if not usable_this_epoch:
+                self._stalled("a whole epoch")
             epoch, skip = epoch + 1, 0
 
-    def _note_skipped(self, reasons: list[str]) -> None:
+    def _note_skipped(self, reasons: list[str], usable: bool) -> None:
         if reasons and self.cfg.data.strict:
             raise UserError(f"bad sample (data.strict=true): {reasons[0]}")
         for reason in reasons:
             print(f"warning: process {self.accelerator.process_index} skipped a sample: {reason}",
                   file=sys.stderr, flush=True)
         self._skipped += len(reasons)
+        self._bad_in_a_row = 0 if usable else self._bad_in_a_row + len(reasons)
+        self._last_reasons = (self._last_reasons + reasons)[-3:]
+        if self._bad_in_a_row >= self.cfg.data.max_bad_in_a_row:
+            self._stalled(f"{self._bad_in_a_row} samples in a row (data.max_bad_in_a_row)")
+
+    def _stalled(self, span: str) -> None:
+        d = self.cfg.data
+        where = f"data.cache={d.cache}" if d.cache else f"data.source={d.source}" + (f" ({d.path})" if d.path else "")
+        raise UserError(f"{where}: no usable sample in {span}; last reasons: "
+                        + ("; ".join(self._last_reasons) or "none given"))
 
     def _sampling_parts(self):
         """The frozen VAE and text encoder for sampling. A run from a latent cache left them out; the
-        main process loads them from `frozen_source` (cfg.teacher) the first time a sample grid is due."""
+        main process loads them from `frozen_source` (the teacher) the first time a sample grid is due."""
         if not self.parts.has_encoders:
-            from sdkd.train.teacher import freeze, load_teacher
+            from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
-            loaded = load_teacher(self.frozen_source or self.cfg.teacher, with_unet=False)
+            loaded = load_teacher(self.frozen_source or PipelineSource.of(self.cfg), with_unet=False)
             for frozen in (loaded.vae, loaded.text_encoder):
                 freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
             self.parts = dataclasses.replace(self.parts, vae=loaded.vae, text_encoder=loaded.text_encoder,
@@ -257,12 +283,43 @@ class Trainer:
             if self.reference_unet is not None:
                 if self._teacher_images is None:
                     self._teacher_images = run(self.reference_unet)
-                    make_grid([self._teacher_images]).save(folder / "teacher.png")
-                    tracking.log_images(acc, "samples/teacher", self._teacher_images, step)
+                    make_grid([self._teacher_images], s.prompts, ["teacher"]).save(folder / "teacher.png")
+                    tracking.log_images(acc, "samples/teacher", self._teacher_images, step, s.prompts)
                 rows.insert(0, self._teacher_images)
-            make_grid(rows).save(folder / f"step-{step}.png")
-            tracking.log_images(acc, "samples/student", rows[-1], step)
+            labels = ["teacher", f"student step {step}"][-len(rows):]
+            make_grid(rows, s.prompts, labels).save(folder / f"step-{step}.png")
+            tracking.log_images(acc, "samples/student", rows[-1], step, s.prompts)
         acc.wait_for_everyone()
+
+
+def run_summary(cfg: Config, step: int, exported: list[Path]) -> str:
+    """A run's closing lines: what it wrote where, then the commands to run next. `exported` is what the
+    trainer's export wrote: a pipeline folder (kd, finetune) or LoRA files (lora), the model first."""
+    out, model = Path(cfg.output_dir), exported[0]
+    card = (model if model.is_dir() else model.parent) / "README.md"
+    samples = sorted((out / "samples").glob("step-*.png"), key=lambda p: int(p.stem.removeprefix("step-")))
+    checkpoints = list_checkpoints(out)
+    wrote = [("model", ", ".join(map(str, exported))), ("model card", card if card.is_file() else None),
+             ("samples", samples and f"{out / 'samples'} (newest {samples[-1].name})"),
+             ("checkpoints", checkpoints and f"{checkpoints[-1]} (newest of {len(checkpoints)})"),
+             ("metrics", out / "metrics.jsonl"),
+             ("tensorboard", "tensorboard" in cfg.log.trackers and f"tensorboard --logdir {out / 'logs'}"),
+             ("wandb", "wandb" in cfg.log.trackers and out / "wandb")]
+    q = lambda path: shlex.quote(str(path))  # noqa: E731  # commands stay runnable whatever the paths
+    prompt, generated = q(cfg.sample.prompts[0]), q(out / "generated")
+    if model.is_dir():  # a pipeline folder
+        next_steps = [
+            (f"python eval/sample.py --model {q(model)} --prompt {prompt} --out {generated}", "images from it"),
+            (f"python train/export.py {q(out)} --format single-file --out {q(out / 'student.safetensors')}",
+             "one file for diffusers, A1111, ComfyUI (--target sdcpp: stable-diffusion.cpp)"),
+            (f"accelerate launch train/lora.py --config configs/lora.yaml model={q(model)} data.path=IMAGES",
+             "a LoRA on it"),
+        ]
+    else:  # LoRA files, for the model they were trained on
+        next_steps = [(f"python eval/sample.py --model {q(cfg.model)} --lora {q(model)} --prompt {prompt} "
+                       f"--out {generated}", "images with the LoRA")]
+    lines = [f"trained {step} steps; wrote:"] + [f"  {name:<12} {value}" for name, value in wrote if value]
+    return "\n".join(lines + ["next:"] + [f"  {command}  # {why}" for command, why in next_steps])
 
 
 def _flat(cfg: Config) -> dict:

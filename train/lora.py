@@ -7,7 +7,7 @@ min-SNR, optional continued KD) and train/kd.py's loop, EMA, checkpoints (the ad
 sample grids and trackers. Writes OUTPUT/pytorch_lora_weights.safetensors (diffusers format: plain
 diffusers `pipe.load_lora_weights(OUTPUT)` and `eval/sample.py --lora` load it; the base model and
 its U-Net layout are in the file's metadata) and, for layouts stable-diffusion.cpp runs,
-OUTPUT/lora_sdcpp.safetensors.
+OUTPUT/lora_sdcpp.safetensors; the model card OUTPUT/README.md beside them.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import sys
 import torch
 
 from sdkd.train import lora_io
-from sdkd.train.config import load_trainer_config, run_cli
+from sdkd.train.config import load_trainer_config
+from sdkd.train.errors import run_cli
+from sdkd.train.export import write_lora_card
 from sdkd.train.finetune import prepare_run
 from sdkd.train.ldm_layout import UnsupportedLayout
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.objective import BatchEncoder, build_encoder
-from sdkd.train.teacher import freeze
+from sdkd.train.teacher import PipelineSource, freeze
 
 
 class TokenEncoder(BatchEncoder):
@@ -57,18 +59,21 @@ def main() -> None:
               + (" and the text encoder" if text_encoder is not None else "") + f": {n_train:,} trained params")
 
     def export(model, out):
-        file = lora_io.save_lora(out, unet, text_encoder, cfg.model)
+        files = [lora_io.save_lora(out, unet, text_encoder, cfg.model)]
         if cfg.lora.sdcpp:
             try:
-                lora_io.export_sdcpp(file, out / lora_io.SDCPP_FILE)
+                files.append(lora_io.export_sdcpp(files[0], out / lora_io.SDCPP_FILE))
             except UnsupportedLayout as err:
                 print(f"note: no {lora_io.SDCPP_FILE}: {err}", file=sys.stderr)
+        write_lora_card(out, files)
+        return files
 
     Trainer(
         cfg=cfg, accelerator=acc, model=trained, objective=run.objective, encoder=encoder,
         dataset=run.dataset, parts=run.parts, export=export,
         reference_unet=run.teacher.unet if run.teacher else None,
-        state=lora_io.LoraState(unet, text_encoder, cfg.model), sample_unet=unet, frozen_source=cfg.model,
+        state=lora_io.LoraState(unet, text_encoder, cfg.model), sample_unet=unet,
+        frozen_source=PipelineSource.of(cfg, "model"),
     ).fit()
 
 

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from sdkd.train.errors import UserError
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
 
 
@@ -83,17 +84,33 @@ def build_encoder(data_cfg, parts, dataset, device: torch.device):
     return CachedEncoder(parts.vae_config["scaling_factor"], device)
 
 
+def set_prediction_type(scheduler, prediction_type: str | None, teacher_scheduler=None, teacher: str = "") -> None:
+    """loss.prediction_type: train to predict this instead of what `scheduler` says, by rewriting its config as
+    diffusers' scripts do (the target, min-SNR weights and sample grids read it there). `teacher_scheduler` is
+    given when output or feature KD uses a teacher: matching one that predicts another kind means nothing."""
+    if prediction_type is None:
+        return
+    theirs = teacher_scheduler.config.prediction_type if teacher_scheduler is not None else prediction_type
+    if theirs != prediction_type:
+        raise UserError(f"config key 'loss.prediction_type': {prediction_type}, but teacher '{teacher}' predicts "
+                        f"{theirs}; output and feature KD (loss.lambda_out, loss.lambda_feat) need the same")
+    scheduler.register_to_config(prediction_type=prediction_type)
+
+
 class DiffusionObjective:
     """Loss of the trained U-Net on one batch of latents and text embeddings.
 
     `teacher` (frozen) and the hooks are optional: without a teacher only the task term is computed.
+    `noise_offset` and `input_perturbation` are diffusers' options of those names (see `LossConfig`).
     """
 
     def __init__(self, scheduler, loss: KDLoss, snr_gamma: float | None = None,
-                 teacher=None, student_hooks=None, teacher_hooks=None, autocast=nullcontext):
+                 teacher=None, student_hooks=None, teacher_hooks=None, autocast=nullcontext,
+                 noise_offset: float = 0.0, input_perturbation: float = 0.0):
         self.scheduler, self.loss, self.snr_gamma = scheduler, loss, snr_gamma
         self.teacher, self.student_hooks, self.teacher_hooks = teacher, student_hooks, teacher_hooks
         self.autocast = autocast
+        self.noise_offset, self.input_perturbation = noise_offset, input_perturbation
         self._alphas_on_device = False
 
     def _prepare_scheduler(self, device: torch.device) -> None:
@@ -102,16 +119,26 @@ class DiffusionObjective:
             self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
             self._alphas_on_device = True
 
-    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(noisy latents, timesteps, target): the input student and teacher both get, and the task target."""
         device = latents.device
         self._prepare_scheduler(device)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        randn = lambda *shape: torch.randn(shape, generator=generator, device=device, dtype=latents.dtype)
+        noise = randn(*latents.shape)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+        # Drawn after the timesteps: with both options off, runs draw exactly what they drew before them.
+        if self.noise_offset:
+            noise = noise + self.noise_offset * randn(*latents.shape[:2], 1, 1)
+        input_noise = noise
+        if self.input_perturbation:
+            input_noise = noise + self.input_perturbation * randn(*noise.shape)
+        noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
+        return noisy, timesteps, diffusion_target(self.scheduler, latents, noise, timesteps)
 
+    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        noisy, timesteps, target = self.draw(latents, generator)
         with self._capture(self.student_hooks):
             pred = unet(noisy, timesteps, embeds).sample
         teacher_pred, student_feats, teacher_feats = None, [], []

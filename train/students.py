@@ -30,7 +30,8 @@ from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.train.config import ConfigError, StudentConfig, UserError, check_student, run_cli
+from sdkd.train.config import StudentConfig, check_student
+from sdkd.train.errors import ConfigError, UserError, run_cli
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")

@@ -46,11 +46,17 @@ def init_kwargs(names: list[str], output_dir: Path) -> dict:
     return {"wandb": {"dir": str(output_dir)}} if "wandb" in names else {}
 
 
-def log_images(accelerator, key: str, images: list, step: int) -> None:
-    """Send PIL images to every tracker that takes images."""
+def log_images(accelerator, key: str, images: list, step: int, captions: list[str] | None = None) -> None:
+    """Send PIL images to every tracker that takes images, with their prompts: wandb as each image's
+    caption; tensorboard images carry none, so there the prompts go in as text under KEY/prompts."""
     arrays = np.stack([np.asarray(im) for im in images])
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({key: arrays}, step=step, dataformats="NHWC")
+            if captions:  # a numbered list, in the order the image grid shows them
+                tracker.log({f"{key}/prompts": "\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1))}, step=step)
         elif tracker.name == "wandb":
-            tracker.log_images({key: images}, step=step)
+            import wandb
+
+            tracker.log({key: [wandb.Image(im, caption=c) for im, c in zip(images, captions or [None] * len(images))]},
+                        step=step)

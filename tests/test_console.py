@@ -1,0 +1,91 @@
+"""train/console.py: progress off a terminal, and the third-party notices it silences (only those)."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+
+from conftest import save_toy_student
+from sdkd.train import console
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_prints_plain_lines():
+    file = io.StringIO()
+    bar = console.progress(3, "train", unit="step", every=0, file=file)
+    for step in range(3):
+        bar.update(1)
+        bar.set_postfix(loss=f"{0.5 / (step + 1):.4f}")
+    bar.close()
+    lines = file.getvalue().splitlines()
+    assert "\r" not in file.getvalue() and len(lines) == 4  # a line per update (every=0) and one at the end
+    assert lines[0].startswith("train: 1/3 (33%)")
+    assert lines[-1].startswith("train: 3/3 (100%)") and lines[-1].endswith("/s, loss=0.1667]")
+
+
+def test_progress_resumed_prints_once_per_interval_and_at_the_end():
+    file = io.StringIO()
+    bar = console.progress(10, "train", initial=6, every=3600, file=file)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    assert file.getvalue().splitlines() == [file.getvalue().strip()]
+    assert file.getvalue().startswith("train: 10/10 (100%)")
+
+
+def test_progress_on_a_terminal_is_tqdm():
+    from tqdm import tqdm
+
+    bar = console.progress(3, "train", file=Terminal())
+    assert isinstance(bar, tqdm)
+    bar.close()
+
+
+@pytest.mark.parametrize("logger, message, shown", [
+    ("transformers.utils.import_utils", "`CLIPImageProcessor` requires torchvision (not installed); falling back",
+     False),
+    ("transformers.utils.import_utils", "some other notice", True),
+    ("diffusers.models.modeling_utils", "There are modules in UNet2DConditionModel that should be kept in float32: [].",
+     False),
+    ("diffusers.models.modeling_utils", "There are modules in X that should be kept in float32: ['norm'].", True),
+])
+def test_only_the_known_notices_are_dropped(logger, message, shown):
+    console.quiet_third_party()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        log.warning(message)
+    finally:
+        log.removeHandler(handler)
+    assert bool(seen) == shown
+
+
+def test_an_fp16_file_loads_on_cpu_without_dtype_warnings(tmp_path):
+    # An fp16 export runs on CPU in fp32: diffusers' "fp16 cannot run on cpu" and empty "kept in float32"
+    # warnings do not apply.
+    from sdkd.eval.pipeline import load_pipeline
+    from sdkd.train import export as E
+
+    student = save_toy_student(tmp_path / "student", "bk_tiny")
+    file = E.export(str(student), "single-file", str(tmp_path / "half.safetensors"), half=True)
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append
+    root = logging.getLogger("diffusers")
+    root.addHandler(handler)
+    try:
+        pipe = load_pipeline(file, device="cpu")
+    finally:
+        root.removeHandler(handler)
+    assert pipe.unet.dtype == torch.float32
+    assert [r.getMessage() for r in seen] == []

@@ -1,0 +1,50 @@
+"""User mistakes and how every entry point reports them: one line on stderr, exit code 2, no traceback.
+
+Nothing heavy is imported here: `launch.sh` checks configs with this and train/config.py alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config key with a wrong, missing or out-of-range value; the message names the key."""
+
+
+class ReportedElsewhere(UserError):
+    """A mistake another process reports: this one exits 2 without a second copy of the line."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to one line, for wrapping library errors into a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _peer_gone(err: BaseException) -> bool:
+    """A collective that failed because another process of the run ended; that process said why (a user
+    mistake found on one process only, such as a bad sample under data.strict, or a crash)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run an entry point; user mistakes become one line on stderr and exit code 2."""
+    try:
+        main()
+    except ReportedElsewhere:
+        sys.exit(2)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if not _peer_gone(err):
+            raise
+        sys.exit(1)  # the launcher reports the process that ended first, with its own exit code
