@@ -122,13 +122,13 @@ class Pipeline:
 
 def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", tiny_vae: str | Path | None = None,
                   compile: bool = False, channels_last: bool | None = None, lora: str | Path | None = None,
-                  lora_scale: float = 1.0, ema: bool = False) -> Pipeline:
+                  lora_scale: float = 1.0, ema: bool = False, allow_pickle: bool = False) -> Pipeline:
     """`model`: a run folder, a checkpoint folder (`ema`: its unet_ema/), a diffusers folder or an sdkd file."""
     dev, torch_dtype = resolve_device_dtype(device, dtype)
-    source = load_source(model, ema=ema)
+    source = load_source(model, ema=ema, allow_pickle=allow_pickle)
     pipe = source.pipe
     if tiny_vae is not None:
-        vae = load_vae(tiny_vae)
+        vae = load_vae(tiny_vae, allow_pickle)
         if not isinstance(vae, AutoencoderTiny):
             raise UserError(f"--tiny-vae '{tiny_vae}' is a {type(vae).__name__}, not an AutoencoderTiny")
         pipe.vae = vae

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--out", required=True, help="folder for the PNGs (and samples.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load .bin (pickle) weights where there are no safetensors; pickle can run code")
     args = parser.parse_args(argv)
     out = Path(args.out)
     # Checked before the model loads (seconds to minutes), and nothing of an earlier run is replaced unasked.
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     from sdkd.eval.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae,
-                         compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema)
+                         compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema,
+                         allow_pickle=args.allow_pickle)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     start = time.perf_counter()
     images = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,

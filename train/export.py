@@ -32,14 +32,15 @@ from pathlib import Path
 
 import sdkd.train  # noqa: F401  # before diffusers when run as a script: silences its import-time notices
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.train import console, ldm_layout, lora_io
 from sdkd.train.errors import UserError, first_line, run_cli
-from sdkd.train.teacher import PipelineSource, load_teacher
+from sdkd.train.teacher import (PipelineSource, load_pipeline, load_teacher, refuse_pickle, scheduler_class,
+                                 vae_class)
 
 FORMAT_VERSION = "1"
 META = "sdkd."  # metadata key prefix
@@ -95,20 +96,19 @@ class Source:
     """Where the VAE, text encoder, tokenizer and scheduler came from: a folder, a file or a teacher id."""
 
 
-def _load_pipeline_folder(folder: Path) -> StableDiffusionPipeline:
+def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> StableDiffusionPipeline:
     console.quiet_third_party()  # now that diffusers is imported: its "Loading pipeline components" bar
-    try:
-        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError, SafetensorError, KeyError, RuntimeError) as err:
-        raise UserError(f"'{folder}' could not be loaded as a diffusers pipeline folder: {first_line(err)}") from None
+    return load_pipeline(PipelineSource(str(folder), allow_pickle=allow_pickle), what="pipeline folder")
 
 
-def _load_unet(folder: Path) -> UNet2DConditionModel:
+def _load_unet(folder: Path, allow_pickle: bool) -> UNet2DConditionModel:
     if not (folder / "config.json").is_file():
         raise UserError(f"no U-Net at '{folder}' (expected config.json and diffusion_pytorch_model.safetensors)")
+    if not allow_pickle:
+        refuse_pickle(folder, "U-Net")
     try:
-        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True,
+                                                    use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         raise UserError(f"U-Net '{folder}' could not be loaded: {first_line(err)}") from None
 
@@ -156,25 +156,25 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
     return info
 
 
-def _other_parts(run: Path, info: dict) -> tuple[StableDiffusionPipeline, str]:
+def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[StableDiffusionPipeline, str]:
     """VAE, text encoder, tokenizer and scheduler of a run, and where they came from: its student/ folder,
     else the pipeline it trained (`model`, fine-tune runs) or its teacher."""
     if (run / "student" / "model_index.json").is_file():
-        return _load_pipeline_folder(run / "student"), str(run / "student")
+        return _load_pipeline_folder(run / "student", allow_pickle), str(run / "student")
     base = info.get("model") or info.get("teacher")
     if not base:
         raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
                         f"VAE and text encoder to go with the U-Net")
-    parts = load_teacher(base, with_unet=False)
+    parts = load_teacher(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
     return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=None, scheduler=parts.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False), base
 
 
-def _with_unet(run: Path, unet_dir: Path, description: str, info: dict) -> Source:
+def _with_unet(run: Path, unet_dir: Path, description: str, info: dict, allow_pickle: bool) -> Source:
     """A checkpoint's U-Net with the rest of its run's pipeline."""
-    pipe, parts_path = _other_parts(run, info)
-    pipe.unet = _load_unet(unet_dir)
+    pipe, parts_path = _other_parts(run, info, allow_pickle)
+    pipe.unet = _load_unet(unet_dir, allow_pickle)
     return Source(pipe, description, info, str(unet_dir), parts_path)
 
 
@@ -193,8 +193,9 @@ SOURCES = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diff
            "(model_index.json) or an sdkd .safetensors file (train/export.py)")
 
 
-def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None) -> Source:
-    """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline."""
+def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None, allow_pickle: bool = False) -> Source:
+    """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline.
+    Weights that exist only as pickle are refused unless `allow_pickle`."""
     path = Path(src)
     if not path.exists():
         raise UserError(f"'{src}' not found: expected {SOURCES}")
@@ -209,14 +210,14 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
         source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path))
     elif (path / "model_index.json").is_file():
         run = path.parent if (path.parent / "config.yaml").is_file() else None
-        source = Source(_load_pipeline_folder(path), f"diffusers folder `{path.name}`", _run_info(run) if run else {},
+        source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`", _run_info(run) if run else {},
                         str(path / "unet"), str(path))
     elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
         sub = "unet_ema" if ema else "unet"
         if not (path / sub).is_dir():
             raise UserError(f"checkpoint '{src}' has no {sub}/ (the run was trained without ema.enabled)")
         source = _with_unet(path.parent, path / sub, f"checkpoint `{path.name}` ({sub})",
-                            _run_info(path.parent, path))
+                            _run_info(path.parent, path), allow_pickle)
     elif (path / "config.yaml").is_file():  # a run
         from sdkd.train.checkpoints import find_latest
 
@@ -227,23 +228,24 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
             if latest is None or not (latest / "unet_ema").is_dir():
                 raise UserError(f"run '{src}' has no EMA weights (no checkpoint with unet_ema/; train with "
                                 f"ema.enabled=true)")
-            source = _with_unet(path, latest / "unet_ema", f"run `{path.name}`, EMA weights of `{latest.name}`", info)
+            source = _with_unet(path, latest / "unet_ema", f"run `{path.name}`, EMA weights of `{latest.name}`", info,
+                                allow_pickle)
         elif (path / "student" / "model_index.json").is_file():
             student = path / "student"
-            source = Source(_load_pipeline_folder(student), f"run `{path.name}`, final `student/`", info,
+            source = Source(_load_pipeline_folder(student, allow_pickle), f"run `{path.name}`, final `student/`", info,
                             str(student / "unet"), str(student))
         elif latest is not None:
-            source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info)
+            source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info, allow_pickle)
         else:
             raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to load")
     else:
         raise UserError(f"'{src}' is not {SOURCES}")
     if vae is not None:
-        source.pipe.vae = load_vae(vae)
+        source.pipe.vae = load_vae(vae, allow_pickle)
     return source
 
 
-def load_vae(folder: str | Path):
+def load_vae(folder: str | Path, allow_pickle: bool = False):
     """AutoencoderKL or AutoencoderTiny from a diffusers folder (its config names the class)."""
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -251,12 +253,15 @@ def load_vae(folder: str | Path):
         folder, config_file = folder / "vae", folder / "vae" / "config.json"
     if not config_file.is_file():
         raise UserError(f"no VAE at '{folder}' (expected a diffusers VAE folder with config.json)")
-    cls_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
-    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
-    if cls_name not in classes:
-        raise UserError(f"VAE '{folder}' is a {cls_name}; expected AutoencoderKL or AutoencoderTiny")
     try:
-        return classes[cls_name].from_pretrained(folder, local_files_only=True)
+        cls_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"VAE '{folder}': config.json is unreadable ({first_line(err)})") from None
+    cls = vae_class(cls_name, f"VAE '{folder}'")
+    if not allow_pickle:
+        refuse_pickle(folder, "VAE")
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         raise UserError(f"VAE '{folder}' could not be loaded: {first_line(err)}") from None
 
@@ -483,8 +488,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
     """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer from its metadata)."""
-    import diffusers
-
     path = Path(path)
     meta = read_metadata(path)
     if META + "unet_config" not in meta:
@@ -493,29 +496,31 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
                         f"from_single_file(file, config=DIFFUSERS_FOLDER)")
     try:
         unet_config = json.loads(meta[META + "unet_config"])
-        vae_class = meta[META + "vae_class"]
+        vae_class_name = meta[META + "vae_class"]
         vae_config = json.loads(meta[META + "vae_config"])
         text_config = json.loads(meta[META + "text_encoder_config"])
         numbering = meta[META + "numbering"]
         tokenizer_files = json.loads(meta[META + "tokenizer"])
-        scheduler_cls = getattr(diffusers, meta[META + "scheduler_class"])
+        scheduler_cls = meta[META + "scheduler_class"]
         scheduler_config = json.loads(meta[META + "scheduler_config"])
-    except (KeyError, json.JSONDecodeError, AttributeError) as err:
+    except (KeyError, json.JSONDecodeError) as err:
         raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
-    # The file names what to build: only a scheduler class, and only the tokenizer files we write ourselves.
-    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
-        raise UserError(f"'{path}': metadata names '{meta[META + 'scheduler_class']}', which is no diffusers scheduler")
+    # The file names what to build: only a scheduler or VAE class, and only the tokenizer files we write ourselves.
+    scheduler_cls = scheduler_class(scheduler_cls, f"'{path}': its metadata")
+    vae_cls = vae_class(vae_class_name, f"'{path}': its metadata")
     if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
             isinstance(text, str) for text in tokenizer_files.values()):
         names = sorted(set(tokenizer_files) - TOKENIZER_FILES) if isinstance(tokenizer_files, dict) else tokenizer_files
         raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
                         f"{', '.join(sorted(TOKENIZER_FILES))})")
-    if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
-        raise UserError(f"'{path}': unknown VAE class {vae_class}")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = (AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL).from_config(vae_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+            vae = vae_cls.from_config(vae_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"'{path}': its metadata holds configs no model can be built from ({first_line(err)}); "
+                        f"re-export the model") from None
     try:
         from safetensors.torch import load_file
 
@@ -526,7 +531,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
     src = str(path)
     unet.load_state_dict(ldm_layout.unet_from_ldm(flat, unet_config, numbering, shapes(unet), src),
                          strict=True, assign=True)
-    vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_class == "AutoencoderTiny", shapes(vae), src),
+    vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_cls is AutoencoderTiny, shapes(vae), src),
                         strict=True, assign=True)
     te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text_encoder), src)
     missing = text_encoder.load_state_dict(te_state, strict=False, assign=True)
@@ -556,7 +561,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
 
 
 def export(src: str, fmt: str, out: str, target: str | None = None, half: bool = False, ema: bool = False,
-           vae: str | None = None) -> Path:
+           vae: str | None = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
     if fmt not in ("diffusers", "single-file"):
         raise UserError(f"--format must be diffusers or single-file, got '{fmt}'")
     if fmt == "diffusers" and target is not None:
@@ -566,7 +571,10 @@ def export(src: str, fmt: str, out: str, target: str | None = None, half: bool =
         raise UserError(f"--target must be ldm or sdcpp, got '{target}'")
     if fmt == "single-file" and (Path(out).is_dir() or Path(out).suffix != ".safetensors"):
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
-    source = load_source(src, ema=ema, vae=vae)
+    target_path = Path(out)
+    if not overwrite and (target_path.is_file() or (target_path.is_dir() and any(target_path.iterdir()))):
+        raise UserError(f"--out '{out}' already exists; choose another path or pass --overwrite")
+    source = load_source(src, ema=ema, vae=vae, allow_pickle=allow_pickle)
     if fmt == "diffusers":
         return export_diffusers(source, out, half)
     return export_single_file(source, out, target, half)
@@ -586,8 +594,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--half", action="store_true", help="store every tensor as fp16")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (run folder or checkpoint)")
     parser.add_argument("--vae", help="replace the VAE: a diffusers AutoencoderKL or AutoencoderTiny folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace what is already at --out")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load .bin (pickle) weights where there are no safetensors; pickle can run code")
     args = parser.parse_args(argv)
-    out = export(args.src, args.format, args.out, args.target, args.half, args.ema, args.vae)
+    out = export(args.src, args.format, args.out, args.target, args.half, args.ema, args.vae, args.overwrite,
+                 args.allow_pickle)
     print(f"wrote {out}")
 
 

@@ -1,13 +1,20 @@
-"""Loading the teacher pipeline's parts (hub id, local diffusers folder, or the built-in toy)."""
+"""Loading a pipeline's parts (hub id, local diffusers folder, or the built-in toy): the teacher, a model to
+fine-tune, a student to sample or export.
+
+Only the classes an SD-1.x/2.x pipeline has are built, whatever a folder's model_index.json names: its
+VAE's config may say AutoencoderKL or AutoencoderTiny, its scheduler's any diffusers scheduler. Weights
+load from safetensors unless pickle is allowed by name."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdkd.train.errors import UserError, first_line
@@ -19,7 +26,7 @@ class PipelineParts:
     text encoder and tokenizer (a run from a latent cache); `vae_config` is kept either way."""
 
     unet: UNet2DConditionModel | None
-    vae: AutoencoderKL | None
+    vae: AutoencoderKL | AutoencoderTiny | None
     text_encoder: CLIPTextModel | None
     tokenizer: CLIPTokenizer | None
     scheduler: DDPMScheduler
@@ -58,6 +65,21 @@ class PipelineSource:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def scheduler_class(name: str, where: str) -> type:
+    """The diffusers scheduler class a config or file names; nothing else is built from a name."""
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise UserError(f"{where} names {name!r}, which is no diffusers scheduler")
+    return cls
+
+
+def vae_class(name: str, where: str) -> type:
+    if name not in VAE_CLASSES:
+        raise UserError(f"{where} names {name!r}; expected a VAE class: {', '.join(VAE_CLASSES)}")
+    return VAE_CLASSES[name]
 
 
 def refuse_pickle(folder: Path, what: str) -> None:
@@ -68,6 +90,16 @@ def refuse_pickle(folder: Path, what: str) -> None:
     if pickled and not any(f.suffix == ".safetensors" for f in files):
         raise UserError(f"{what} '{folder}': weights only as pickle ({', '.join(pickled)}), which can run code when "
                         f"loaded; convert them to safetensors, or set allow_pickle=true if you trust the files")
+
+
+def _class_name(config_file: Path, what: str) -> str | None:
+    """`_class_name` of a local part's config, if there is one."""
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
 
 
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
@@ -91,22 +123,44 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
     if local.exists() and not src.allow_pickle:
         for sub in ("unet",) * with_unet + ("vae", "text_encoder") * with_encoders:
             refuse_pickle(local / sub, what)
+    vae_name = _class_name(local / "vae" / "config.json", what)
+    vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
     try:
         kw = dict(local_files_only=local.exists(), revision=src.revision)
         # Tokenizer and configs have no variants; safetensors only unless allowed.
         weights = dict(kw, variant=src.variant, use_safetensors=None if src.allow_pickle else True)
         return PipelineParts(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None,
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None,
+            vae=vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None,
             text_encoder=(CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
                           if with_encoders else None),
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw) if with_encoders else None,
             scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            vae_config=None if with_encoders else AutoencoderKL.load_config(source, subfolder="vae", **kw),
+            vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw),
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
+
+
+def load_pipeline(source: str | PipelineSource, what: str = "model") -> StableDiffusionPipeline:
+    """A whole SD pipeline (a student folder, a teacher) with its own scheduler class, for sampling and export."""
+    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    parts = load_teacher(src, what=what)
+    if src.path == "toy":
+        scheduler = parts.scheduler
+    else:
+        local = Path(src.path)
+        name = _class_name(local / "scheduler" / "scheduler_config.json", what)
+        cls = scheduler_class(name, f"{what} '{local / 'scheduler'}'") if name else DDPMScheduler
+        try:
+            scheduler = cls.from_pretrained(src.path, subfolder="scheduler", local_files_only=local.exists(),
+                                            revision=src.revision)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{what} '{src.path}': its scheduler could not be loaded: {first_line(err)}") from None
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
