@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per cache shard (default 1000)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="encoding batch (default train.batch_size)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the cache already in data.cache")
     parser.add_argument("overrides", nargs="*", help="dotted overrides; data.cache=DIR is the output")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -46,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
     if args.shard_size <= 0:
         raise UserError("--shard-size must be > 0")
+    out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
+    if out.exists() and not out.is_dir():
+        raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"config key 'data.cache': '{out}' is not empty; choose a new folder or pass --overwrite "
+                        f"to replace the cache in it")
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)

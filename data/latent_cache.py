@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.data.transforms import dropout_rng
-from sdkd.train.errors import UserError
+from sdkd.train.errors import UserError, first_line
 
 FORMAT = "sdkd-latent-cache"
 MANIFEST = "manifest.json"
@@ -53,11 +53,15 @@ class CachedLatents(Dataset):
         if not manifest_path.is_file():
             raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
                             f"write one with data/cache_latents.py)")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise UserError(f"config key 'data.cache': {manifest_path} is not a latent cache manifest")
-        self.names = [s["name"] for s in self.manifest["shards"]]
-        self.offsets = np.cumsum([0] + [s["samples"] for s in self.manifest["shards"]])
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if self.manifest.get("format") != FORMAT:
+                raise ValueError("no sdkd latent-cache format tag")
+            self.names = [str(s["name"]) for s in self.manifest["shards"]]
+            self.offsets = np.cumsum([0] + [int(s["samples"]) for s in self.manifest["shards"]])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"config key 'data.cache': {manifest_path} is not a latent cache manifest "
+                            f"({first_line(err)}); write the cache again with data/cache_latents.py") from None
         self._open: dict[int, Any] = {}
 
     def __getstate__(self) -> dict:  # open files stay in the process that opened them

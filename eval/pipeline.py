@@ -93,10 +93,10 @@ class Pipeline:
             raise UserError("no prompt given")
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
-        multiple = self.pipe.vae_scale_factor
+        multiple = max(8, self.pipe.vae_scale_factor)  # diffusers' pipelines ask for multiples of 8
         for name, value in (("--height", height), ("--width", width)):
             if value is not None and (value < multiple or value % multiple):
-                raise UserError(f"{name} must be a positive multiple of {multiple} (the VAE's scale), got {value}")
+                raise UserError(f"{name} must be a positive multiple of {multiple}, got {value}")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         if guidance_scale is not None and guidance_scale < 0:
@@ -130,7 +130,7 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
     if tiny_vae is not None:
         vae = load_vae(tiny_vae, allow_pickle)
         if not isinstance(vae, AutoencoderTiny):
-            raise UserError(f"--tiny-vae '{tiny_vae}' is a {type(vae).__name__}, not an AutoencoderTiny")
+            raise UserError(f"--tiny-vae '{tiny_vae}' holds an {type(vae).__name__}, not an AutoencoderTiny")
         pipe.vae = vae
     if lora is not None:
         load_lora(pipe, lora, lora_scale)  # checked against this model's layout first

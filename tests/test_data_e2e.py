@@ -140,3 +140,16 @@ def test_a_source_with_no_usable_sample_stops_the_run(tmp_path, shards):
     assert "data.source=webdataset" in error and "no usable sample" in error and "shard-000000.tar" in error
     error = stall_error(run([f"output_dir={tmp_path / 'b'}", "data.source=imagefolder", f"data.path={folder}"]))
     assert "data.source=imagefolder" in error and "a whole epoch" in error and ".png" in error
+
+
+def test_a_bad_sample_on_one_of_two_processes_stops_both_with_one_line(tmp_path, shards):
+    """data.strict under launch.sh --gpus 2: the process that reads a bad sample says so and exits 2; the
+    other, left in a collective, exits without a traceback of its own, and so does the launcher."""
+    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29531", "train/kd.py", "--config",
+                         "configs/toy.yaml", f"output_dir={tmp_path}", "data.source=webdataset", f"data.path={shards}",
+                         "data.strict=true", "train.batch_size=4", "train.max_steps=8", "train.sample_every=0",
+                         "log.trackers=[none]"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert 1 <= len(errors) <= 2 and all("data.strict=true" in e for e in errors), result.stderr[-3000:]

@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Callable
 
@@ -127,13 +127,14 @@ class Trainer:
         if resume_from is not None:
             step = checkpointer.load(resume_from, generator)
             acc.print(f"resumed from {resume_from} at step {step}")
-        run_folder.start(cfg, acc)  # the first write: the models and the checkpoint have loaded
+        self._skipped, self._batches_read = 0, step * cfg.train.grad_accum
+        batches = self._batches(loader, step * cfg.train.grad_accum)
+        batches = chain([next(batches)], batches)  # data with nothing usable stops the run here
+        # The first write: the models, the checkpoint and a first batch have loaded.
+        run_folder.start(cfg, acc)
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
         acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
-
-        self._skipped, self._batches_read = 0, step * cfg.train.grad_accum
-        batches = self._batches(loader, step * cfg.train.grad_accum)
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)

@@ -1,0 +1,796 @@
+"""Hostile inputs to every entry point: bad configs, data, checkpoints, output folders, model files and
+command lines. Each must stop with exit code 2 and exactly one `error:` line on stderr that names the
+culprit (no traceback), and leave everything already on disk as it was, writing nothing outside the case's
+workspace.
+
+Most cases run the entry script in this process (`runpy`, as `python SCRIPT ARGS` would run it: a Python
+start costs 5-10 s here); a few run as real processes where the process boundary is the point (launch.sh,
+several ranks, another process holding the run folder's lock).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import ROOT, run_script, save_toy_student
+
+TOY = str(ROOT / "configs" / "toy.yaml")
+LORA_TOY = str(ROOT / "configs" / "lora_toy.yaml")
+PORTRAIT_TOY = str(ROOT / "configs" / "portrait_toy.yaml")
+# Tiny settings for every trainer case: a case that is wrongly accepted still ends in seconds.
+TINY = ["train.max_steps=2", "train.sample_every=0", "log.trackers=[none]", "data.num_samples=8",
+        "train.batch_size=2", "data.resolution=32"]
+LOCK = ".lock"
+# SDKD_HOSTILE_SUBPROCESS=1 runs every case as a real process (minutes): checks that the in-process runner
+# sees what a user's terminal would.
+ALL_AS_PROCESSES = os.environ.get("SDKD_HOSTILE_SUBPROCESS") == "1"
+
+# Lines a failing entry point may print besides its `error:` line: sdkd's own warnings (skipped samples,
+# passed-over checkpoints) and progress or notices that are known to be harmless.
+HARMLESS = [
+    re.compile(r"^warning: "),
+    re.compile(r"^note: "),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace: the user's disk as a case finds it
+
+
+def png(seed: int = 0, size: tuple[int, int] = (40, 40)) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg(seed: int = 0) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def fake_finished_run(folder: Path) -> Path:
+    """What a finished run leaves, as far as the run folder's checks see it (no weights)."""
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"step": 2, "files": {}}))
+    (folder / "config.yaml").write_text(f"teacher: toy\noutput_dir: {folder}\n")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    (folder / "student").mkdir()
+    (folder / "student" / "README.md").write_text("# my student\n")
+    return folder
+
+
+def make_workspace(root: Path) -> Path:
+    """ROOT/ws with precious user files and a finished run; ROOT/tmp is the cases' temporary folder."""
+    ws = root / "ws"
+    (ws / "precious").mkdir(parents=True)
+    (ws / "precious" / "thesis.tex").write_text("\\section{Five years of work}\n")
+    (ws / "precious" / "holiday.png").write_bytes(png(7))
+    fake_finished_run(ws / "old_run")
+    (root / "tmp").mkdir()
+    return ws
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes, but run-folder locks and the temporary folder."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK and p.relative_to(root).parts[0] != "tmp"}
+
+
+def assert_unchanged(before: dict[str, bytes], after: dict[str, bytes], may_add: tuple[str, ...] = ()) -> None:
+    lost = sorted(set(before) - set(after))
+    added = sorted(set(after) - set(before) - set(may_add))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    assert not (lost or added or changed), f"disk changed: lost {lost}, added {added}, changed {changed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an entry point
+
+
+def reset_process_state() -> None:
+    """What an in-process run leaves behind that the next one must not see: accelerate's singletons and
+    the run-folder locks this process holds."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    from sdkd.train import run_folder
+
+    held = getattr(run_folder, "_held", {})
+    for fd in held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    held.clear()
+
+
+def run_in_process(script: str, argv: list[str]) -> int:
+    """`python SCRIPT ARGV` in this process; returns its exit code. An exception that escapes the script
+    is printed as the interpreter would (a traceback, exit code 1)."""
+    old_argv = sys.argv
+    sys.argv = [str(ROOT / script), *argv]
+    reset_process_state()
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        return 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001  # what `python SCRIPT` would do with it
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = old_argv
+        reset_process_state()
+
+
+def subprocess_env() -> dict:
+    # `python` in launch.sh must be this interpreter (the venv's), whatever PATH the tests were started with.
+    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Assets built once per module (lazily: `-k` on one case builds only what it needs)
+
+
+class Assets:
+    def __init__(self, folder: Path, teacher_dir: Path):
+        self.folder, self.teacher_dir = folder, teacher_dir
+
+    @functools.cached_property
+    def run(self) -> Path:
+        """A real finished toy run (train/kd.py, 2 steps): config.yaml, metrics.jsonl, checkpoint-2, student/."""
+        out = self.folder / "run"
+        code = run_in_process("train/kd.py", ["--config", TOY, f"output_dir={out}", "train.checkpoint_every=0",
+                                              *TINY])
+        assert code == 0 and (out / "checkpoint-2" / "trainer_state.json").is_file(), code
+        return out
+
+    @functools.cached_property
+    def student(self) -> Path:
+        """A toy bk_small student pipeline folder (what train/kd.py leaves in OUTPUT/student)."""
+        return save_toy_student(self.folder / "student_bk_small", "bk_small")
+
+    @functools.cached_property
+    def single_file(self) -> Path:
+        """The bk_small toy student as an sdkd single file (--format single-file, ldm numbering)."""
+        from sdkd.train.export import export_single_file, load_source
+
+        return export_single_file(load_source(self.student), self.folder / "student.safetensors")
+
+    @functools.cached_property
+    def pickle_teacher(self) -> Path:
+        """The toy teacher with .bin (pickle) weights only, as old hub checkpoints are."""
+        import torch
+        from safetensors.torch import load_file
+
+        from sdkd.train.toy import build_toy_pipeline
+
+        folder = self.folder / "pickled_teacher"
+        build_toy_pipeline().save_pretrained(folder, safe_serialization=False)
+        for st in folder.rglob("*.safetensors"):  # transformers 5 writes safetensors whatever it is asked
+            torch.save(load_file(st), st.with_name("pytorch_model.bin"))
+            st.unlink()
+        assert not list(folder.rglob("*.safetensors"))
+        return folder
+
+    @functools.cached_property
+    def teacher_lora(self) -> Path:
+        """A LoRA trained on the toy teacher's full layout (it adapts modules a bk_small student lacks)."""
+        from sdkd.train import lora_io
+        from sdkd.train.config import LoraSection
+        from sdkd.train.toy import build_toy_pipeline
+
+        pipe = build_toy_pipeline()
+        lora_io.add_adapters(pipe.unet, None, LoraSection(rank=2))
+        return lora_io.save_lora(self.folder / "teacher_lora", pipe.unet, None, base="toy")
+
+    @functools.cached_property
+    def shards(self) -> Path:
+        """One good webdataset shard of 8 captioned JPEGs, with its manifest."""
+        import webdataset as wds
+
+        folder = self.folder / "shards"
+        folder.mkdir()
+        with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=8, verbose=0) as writer:
+            for i in range(8):
+                writer.write({"__key__": f"s{i:04d}", "jpg": jpeg(i), "txt": f"sample {i}"})
+        (folder / "manifest.json").write_text(json.dumps({"samples": 8, "shards": [{"name": "shard-000000.tar",
+                                                                                    "samples": 8}]}))
+        return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, toy_teacher_dir) -> Assets:
+    return Assets(tmp_path_factory.mktemp("assets"), toy_teacher_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Case helpers
+
+
+@dataclass
+class Ctx:
+    """What a case's setup gets: its workspace, the case root (ws's parent, also holding tmp/) and assets."""
+
+    ws: Path
+    root: Path
+    assets: Assets
+    holder: subprocess.Popen | None = None
+    absent: list[Path] = field(default_factory=list)  # must not exist after the case
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def kd(*overrides: str, config: str | None = TOY, out: str = "{ws}/out") -> Callable[[Ctx], list[str]]:
+    """train/kd.py with the toy recipe, tiny settings and OUTPUT = ws/out (new) unless given."""
+
+    def argv(c: Ctx) -> list[str]:
+        fmt = lambda s: s.format(ws=c.ws, root=c.root)  # noqa: E731
+        return (["--config", fmt(config)] if config else []) + [f"output_dir={fmt(out)}", *TINY,
+                                                                  *map(fmt, overrides)]
+
+    return argv
+
+
+def config_file(text: str | bytes, name: str = "recipe.yaml", *overrides: str) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        path = write(c.ws / name, text)
+        return ["--config", str(path), f"output_dir={c.ws / 'out'}", *overrides]
+
+    return argv
+
+
+def with_run(*overrides: str, damage: Callable[[Path], None] | None = None) -> Callable[[Ctx], list[str]]:
+    """A copy of the real finished run at ws/run, damaged by `damage`, and train/kd.py pointed at it."""
+
+    def argv(c: Ctx) -> list[str]:
+        run = Path(shutil.copytree(c.assets.run, c.ws / "run"))
+        (run / LOCK).unlink(missing_ok=True)
+        if damage is not None:
+            damage(run)
+        return ["--config", TOY, f"output_dir={run}", *TINY,
+                *(o.format(ws=c.ws, root=c.root) for o in overrides)]
+
+    return argv
+
+
+def empty_newest_checkpoint(run: Path) -> None:
+    ckpt = run / "checkpoint-2"
+    for child in list(ckpt.iterdir()):
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def truncate_weights(run: Path) -> None:
+    weights = run / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def garbage_weights(run: Path) -> None:
+    weights = run / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * weights.stat().st_size)
+
+
+def image_folder(c: Ctx, name: str, images: dict[str, bytes], captions: bool = True) -> Path:
+    folder = c.ws / name
+    folder.mkdir()
+    for file, data in images.items():
+        (folder / file).write_bytes(data)
+    lines = [json.dumps({"file_name": f, **({"text": f"caption of {f}"} if captions else {})}) for f in images]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def crafted_file(c: Ctx, edit: Callable[[dict], None], name: str = "crafted.safetensors") -> Path:
+    """A copy of the sdkd single file whose metadata `edit` changed in place."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = c.assets.single_file
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    edit(meta)
+    path = c.ws / "models" / name
+    path.parent.mkdir(exist_ok=True)
+    save_file(load_file(str(src)), str(path), metadata=meta)
+    return path
+
+
+def tokenizer_with(extra_name_of: Callable[[Ctx], str]) -> Callable[[Ctx], list[str]]:
+    """eval/sample.py on a single file whose tokenizer metadata also names `extra_name_of(ctx)`, a path that
+    must never be written."""
+
+    def argv(c: Ctx) -> list[str]:
+        name = extra_name_of(c)
+
+        def edit(meta):
+            files = json.loads(meta["sdkd.tokenizer"])
+            files[name] = "written by a crafted model file"
+            meta["sdkd.tokenizer"] = json.dumps(files)
+
+        model = crafted_file(c, edit)
+        # The reader rebuilds the tokenizer in a temporary folder ROOT/tmp/tmpXXXX: a name that escaped it would
+        # land in ROOT (../../escape.txt) or at the absolute path.
+        c.absent += [c.root / "escape.txt", c.root / "tmp" / "escape.txt", c.root.parent / "escape.txt",
+                     c.root / "abs-escape.txt"]
+        return sample_argv(c, model)
+
+    return argv
+
+
+def sample_argv(c: Ctx, model: Path | str, *extra: str, out: str = "{ws}/samples") -> list[str]:
+    return ["--model", str(model), "--prompt", "a red fox", "--steps", "2",
+            "--out", out.format(ws=c.ws), *extra]
+
+
+def sample(*extra: str, model: str = "student", out: str = "{ws}/samples") -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        if "{ws}/kl_vae" in extra:
+            shutil.copytree(c.assets.student / "vae", c.ws / "kl_vae")
+        path = {"student": c.assets.student, "file": c.assets.single_file}.get(model) or model.format(ws=c.ws)
+        return sample_argv(c, path, *(e.format(ws=c.ws, root=c.root) for e in extra), out=out)
+
+    return argv
+
+
+def with_samples_folder(c: Ctx) -> list[str]:
+    out = c.ws / "my_samples"
+    out.mkdir()
+    (out / "image-000.png").write_bytes(png(1))
+    (out / "samples.json").write_text('{"images": [{"file": "image-000.png", "prompt": "a red fox"}]}')
+    return sample_argv(c, c.assets.student, out=str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+
+
+@dataclass
+class Case:
+    script: str
+    setup: Callable[[Ctx], list[str]]
+    culprit: str | tuple[str, ...]
+    code: int = 2
+    subprocess: bool = False  # run as `python SCRIPT` (or, script "launch.sh ...", through the launcher)
+    absent: tuple[str, ...] = ()  # paths (formatted with ws, root) that must not exist afterwards
+    may_add: tuple[str, ...] = ()  # files (relative to the case root) the case may add: a run that started in
+                                   # its new output folder (config.yaml, metrics.jsonl) before the data failed
+
+
+def case(id_: str, script: str, setup, culprit, **kw):
+    return pytest.param(Case(script, setup, culprit, **kw), id=id_)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+KD = "train/kd.py"
+SAMPLE = "eval/sample.py"
+EXPORT = "train/export.py"
+
+CONFIG_CASES = [
+    case("config-file-missing", KD, lambda c: ["--config", str(c.ws / "missing.yaml"), f"output_dir={c.ws / 'out'}"],
+         "config file not found: {ws}/missing.yaml"),
+    case("config-yaml-syntax-error", KD, config_file("teacher: toy\ntrain:\n  max_steps: [1, 2\n  batch_size: 2\n",
+                                                     "broken.yaml"),
+         ("config file {ws}/broken.yaml: YAML syntax error at line ", ", column ")),
+    case("config-top-level-list", KD, config_file("- teacher: toy\n- output_dir: x\n", "list.yaml"),
+         ("config file {ws}/list.yaml", "got a list")),
+    case("config-binary-file", KD, config_file(bytes(range(256)) * 4, "weights.yaml"),
+         ("config file {ws}/weights.yaml", "cannot be read as text")),
+    case("config-inherits-itself", KD, config_file("inherit: self.yaml\nteacher: toy\n", "self.yaml"),
+         "config file {ws}/self.yaml: inherits from itself"),
+    case("config-inherits-missing-file", KD, config_file("inherit: nowhere.yaml\nteacher: toy\n", "child.yaml"),
+         "config file not found: {ws}/nowhere.yaml"),
+    case("config-unknown-key", KD, kd("train.max_step=3"), "config key 'train.max_step'"),
+    case("config-wrong-type", KD, kd("train.batch_size=two"), ("config key 'train.batch_size'", "two")),
+    case("optim-lr-negative", KD, kd("optim.lr=-1"), "config key 'optim.lr'"),
+    case("optim-betas-one", KD, kd("optim.betas=[0.9,1.0]"), "config key 'optim.betas'"),
+    case("optim-scheduler-typo", KD, kd("optim.lr_scheduler=cosin"), ("config key 'optim.lr_scheduler'", "'cosin'")),
+    case("optim-warmup-negative", KD, kd("optim.warmup_steps=-1"), "config key 'optim.warmup_steps'"),
+    case("ema-decay-above-one", KD, kd("ema.decay=1.5"), "config key 'ema.decay'"),
+    case("config-sample-steps-zero", KD, kd("sample.steps=0"), "config key 'sample.steps'"),
+    case("loss-all-weights-zero", KD, kd("loss.lambda_task=0", "loss.lambda_out=0", "loss.lambda_feat=0"),
+         ("config key 'loss.lambda_task'", "nothing to train")),
+    case("data-resolution-not-multiple-of-8", KD, kd("data.resolution=100"), "config key 'data.resolution'"),
+    case("train-batch-size-zero", KD, kd("train.batch_size=0"), "config key 'train.batch_size'"),
+    case("override-without-equals", KD, kd("train.max_steps"), "override 'train.max_steps'"),
+    case("override-broken-yaml", KD, kd("train.max_steps=[1"), ("override 'train.max_steps=[1'", "YAML syntax error")),
+    case("student-preset-unknown", KD, kd("student.preset=huge"), ("config key 'student.preset'", "'huge'")),
+    pytest.param(*case("mixed-precision-fp16-on-cpu", KD, kd("train.mixed_precision=fp16"),
+                       "train.mixed_precision=fp16").values,
+                 id="mixed-precision-fp16-on-cpu",
+                 marks=pytest.mark.skipif("_cuda()", reason="fp16 is allowed where there is a CUDA GPU")),
+    case("overwrite-and-resume", KD, kd("overwrite=true", "resume=latest"), "config key 'overwrite'"),
+    case("finetune-without-model", "train/finetune.py",
+         lambda c: [f"output_dir={c.ws / 'out'}", *TINY], "config key 'model'"),
+    case("finetune-model-not-a-pipeline", "train/finetune.py",
+         lambda c: ["--config", PORTRAIT_TOY, f"model={c.ws / 'precious'}", f"output_dir={c.ws / 'out'}", *TINY],
+         ("model '{ws}/precious'", "model_index.json")),
+    case("lora-rank-zero", "train/lora.py",
+         lambda c: ["--config", LORA_TOY, f"model={c.assets.student}", f"output_dir={c.ws / 'out'}", *TINY,
+                    "lora.rank=0"], "config key 'lora.rank'"),
+    case("log-tracker-unknown", KD, kd("log.trackers=[mlflow]"), ("config key 'log.trackers'", "'mlflow'")),
+    case("data-interpolation-unknown", KD, kd("data.interpolation=cubic"),
+         ("config key 'data.interpolation'", "'cubic'")),
+    case("max-steps-and-num-epochs", KD, kd("train.max_steps=5", "train.num_epochs=2"),
+         "config key 'train.num_epochs'"),
+]
+
+
+def lock_holder(c: Ctx) -> list[str]:
+    """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it."""
+    busy = fake_finished_run(c.ws / "busy")
+    c.holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from accelerate import Accelerator; from sdkd.train import run_folder; "
+        "from sdkd.train.config import Config; "
+        f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
+        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    assert c.holder.stdout.readline().strip() == "locked"
+    return ["--config", TOY, f"output_dir={busy}", *TINY, "resume=latest"]
+
+
+OUTPUT_CASES = [
+    case("output-dir-is-a-file", KD, kd(out="{ws}/precious/thesis.tex"),
+         "output_dir '{ws}/precious/thesis.tex': cannot be written"),
+    case("output-dir-under-a-file", KD, kd(out="{ws}/precious/thesis.tex/run"),
+         "output_dir '{ws}/precious/thesis.tex/run': cannot be written"),
+    case("output-dir-holds-another-run", KD, kd(out="{ws}/old_run"),
+         ("output_dir '{ws}/old_run' holds another run", "resume=latest", "overwrite=true")),
+    case("output-dir-holds-no-run-overwrite", KD, kd("overwrite=true", out="{ws}/precious"),
+         ("output_dir '{ws}/precious'", "holds no sdkd run")),
+    # overwrite=true clears the old run only once the new one has loaded: a mistake found while loading loses nothing.
+    case("overwrite-old-run-then-data-missing", KD,
+         kd("overwrite=true", "data.source=imagefolder", "data.path={ws}/nowhere", out="{ws}/old_run"),
+         "image folder not found: {ws}/nowhere"),
+    case("overwrite-old-run-then-teacher-not-a-pipeline", KD,
+         kd("overwrite=true", "teacher={ws}/precious", out="{ws}/old_run"),
+         ("teacher '{ws}/precious'", "model_index.json")),
+    case("output-dir-locked-by-another-run", KD, lock_holder, ("output_dir '{ws}/busy' is in use by another run",
+                                                              "(pid {holder})")),
+]
+
+CHECKPOINT_CASES = [
+    case("resume-path-not-a-checkpoint", KD, with_run("resume={ws}/precious"),
+         ("resume '{ws}/precious': not a complete checkpoint", "trainer_state.json")),
+    case("resume-newest-checkpoint-emptied", KD, with_run("resume=latest", damage=empty_newest_checkpoint),
+         ("'{ws}/run/checkpoint-2' is incomplete", "latest_complete")),
+    case("resume-weights-truncated", KD, with_run("resume=latest", damage=truncate_weights),
+         ("'{ws}/run/checkpoint-2' is incomplete", "unet/diffusion_pytorch_model.safetensors")),
+    case("resume-weights-garbage-same-size", KD, with_run("resume=latest", damage=garbage_weights),
+         "resume '{ws}/run/checkpoint-2': cannot be loaded into this run"),
+    case("resume-then-data-missing", KD,
+         with_run("resume=latest", "data.source=imagefolder", "data.path={ws}/nowhere"),
+         "image folder not found: {ws}/nowhere"),
+    case("resume-into-another-layout", KD, with_run("resume=latest", "student.preset=bk_tiny"),
+         "resume '{ws}/run/checkpoint-2': cannot be loaded into this run"),
+]
+
+
+def truncated_shard(c: Ctx) -> list[str]:
+    folder = c.ws / "shards"
+    shutil.copytree(c.assets.shards, folder)
+    shard = folder / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, "data.source=webdataset", f"data.path={folder}",
+            "data.max_bad_in_a_row=20"]
+
+
+def data_case(setup_folder: Callable[[Ctx], Path | str], *overrides: str,
+              out: str = "{ws}/out") -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        path = setup_folder(c)
+        return ["--config", TOY, f"output_dir={out.format(ws=c.ws)}", *TINY, *overrides, f"data.path={path}"]
+
+    return argv
+
+
+def cache_case(make: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        cache = c.ws / "cache"
+        make(cache)
+        return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"data.cache={cache}"]
+
+    return argv
+
+
+def garbage_cache(cache: Path) -> None:
+    cache.mkdir()
+    (cache / "latents-000000.safetensors").write_bytes(os.urandom(300))
+    (cache / "notes.txt").write_text("not a cache")
+
+
+def garbage_manifest(cache: Path) -> None:
+    cache.mkdir()
+    (cache / "manifest.json").write_bytes(b"\x89PNG garbage {{{")
+    (cache / "latents-000000.safetensors").write_bytes(os.urandom(300))
+
+
+STARTED = ("ws/out/config.yaml", "ws/out/metrics.jsonl")  # what a run writes before its first batches
+
+DATA_CASES = [
+    case("imagefolder-missing", KD, data_case(lambda c: c.ws / "nowhere", "data.source=imagefolder"),
+         "image folder not found: {ws}/nowhere"),
+    case("imagefolder-without-metadata", KD,
+         data_case(lambda c: write(c.ws / "pics" / "a.png", png()).parent, "data.source=imagefolder"),
+         "{ws}/pics/metadata.jsonl: not found"),
+    case("imagefolder-metadata-bad-json-line", KD,
+         data_case(lambda c: write(c.ws / "pics" / "metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{oops\n')
+                   .parent, "data.source=imagefolder"),
+         ("{ws}/pics/metadata.jsonl, line 2", "not valid JSON")),
+    case("imagefolder-all-images-unreadable", KD,
+         data_case(lambda c: image_folder(c, "broken", {f"{i}.png": b"not a png" for i in range(6)}),
+                   "data.source=imagefolder"),
+         ("data.source=imagefolder ({ws}/broken)", "no usable sample"), may_add=STARTED),
+    # overwrite=true on a run, and the data turns out unusable only once training has started.
+    case("overwrite-old-run-then-no-usable-sample", KD,
+         data_case(lambda c: image_folder(c, "broken", {f"{i}.png": b"not a png" for i in range(6)}),
+                   "data.source=imagefolder", "overwrite=true", out="{ws}/old_run"),
+         ("data.source=imagefolder ({ws}/broken)", "no usable sample")),
+    case("webdataset-single-truncated-shard", KD, truncated_shard,
+         ("data.source=webdataset ({ws}/shards)", "no usable sample", "shard-000000.tar"), may_add=STARTED),
+    case("webdataset-manifest-missing", KD,
+         data_case(lambda c: Path(shutil.copytree(c.assets.shards, c.ws / "shards",
+                                                  ignore=shutil.ignore_patterns("manifest.json"))),
+                   "data.source=webdataset"),
+         ("{ws}/shards/manifest.json: not found", "data.manifest")),
+    case("hf-path-missing", KD, data_case(lambda c: c.ws / "no_such_dataset", "data.source=hf"),
+         "data.path '{ws}/no_such_dataset'"),
+    case("cache-missing", KD, cache_case(lambda cache: None), ("config key 'data.cache'", "{ws}/cache/manifest.json")),
+    case("cache-garbage-folder", KD, cache_case(garbage_cache),
+         ("config key 'data.cache'", "{ws}/cache/manifest.json")),
+    case("cache-manifest-binary", KD, cache_case(garbage_manifest),
+         ("config key 'data.cache'", "{ws}/cache/manifest.json")),
+    case("cache-manifest-not-json", KD, cache_case(lambda cache: write(cache / "manifest.json", "{not json")),
+         ("config key 'data.cache'", "{ws}/cache/manifest.json")),
+    case("cache-manifest-without-shards", KD,
+         cache_case(lambda cache: write(cache / "manifest.json", '{"format": "sdkd-latent-cache"}')),
+         ("config key 'data.cache'", "{ws}/cache/manifest.json")),
+    case("strict-with-one-bad-image", KD,
+         data_case(lambda c: image_folder(c, "mixed", {**{f"{i}.png": png(i) for i in range(7)}, "7.png": b"junk"}),
+                   "data.source=imagefolder", "data.strict=true"),
+         ("bad sample (data.strict=true)", "{ws}/mixed/7.png"), may_add=STARTED),
+    case("fewer-samples-than-one-batch", KD, kd("data.num_samples=1"), ("1 samples are fewer than one batch",)),
+]
+
+
+def teacher_without_index(c: Ctx) -> list[str]:
+    folder = Path(shutil.copytree(c.assets.teacher_dir, c.ws / "teacher"))
+    (folder / "model_index.json").unlink()
+    return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"teacher={folder}"]
+
+
+def pickle_teacher(c: Ctx) -> list[str]:
+    folder = shutil.copytree(c.assets.pickle_teacher, c.ws / "old_teacher")
+    return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"teacher={folder}"]
+
+
+def model_file(make: Callable[[Ctx], Path]) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        return sample_argv(c, make(c))
+
+    return argv
+
+
+def without_sdkd_metadata(c: Ctx) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = c.ws / "models" / "plain.safetensors"
+    path.parent.mkdir()
+    save_file(load_file(str(c.assets.single_file)), str(path), metadata={"format": "pt"})
+    return path
+
+
+def random_bytes_file(c: Ctx) -> Path:
+    return write(c.ws / "models" / "random.safetensors", os.urandom(4096))
+
+
+def truncated_model_file(c: Ctx) -> Path:
+    data = c.assets.single_file.read_bytes()
+    return write(c.ws / "models" / "truncated.safetensors", data[: len(data) // 2])
+
+
+def damaged_metadata(meta: dict) -> None:
+    meta["sdkd.unet_config"] = meta["sdkd.unet_config"][:-20]
+
+
+MODEL_CASES = [
+    case("teacher-folder-without-model-index", KD, teacher_without_index,
+         ("teacher '{ws}/teacher'", "model_index.json")),
+    case("teacher-pickle-weights-only", KD, pickle_teacher,
+         ("teacher '{ws}/old_teacher/unet'", "pickle", "allow_pickle=true")),
+    case("model-file-tokenizer-path-traversal", SAMPLE, tokenizer_with(lambda c: "../../escape.txt"),
+         ("{ws}/models/crafted.safetensors", "unexpected tokenizer files", "../../escape.txt")),
+    case("model-file-tokenizer-absolute-path", SAMPLE, tokenizer_with(lambda c: str(c.root / "abs-escape.txt")),
+         ("{ws}/models/crafted.safetensors", "unexpected tokenizer files", "{root}/abs-escape.txt")),
+    case("model-file-scheduler-not-a-scheduler", SAMPLE,
+         model_file(lambda c: crafted_file(c, lambda m: m.update({"sdkd.scheduler_class": "StableDiffusionPipeline"}))),
+         ("{ws}/models/crafted.safetensors", "'StableDiffusionPipeline', which is no diffusers scheduler")),
+    case("model-file-no-sdkd-metadata", SAMPLE, model_file(without_sdkd_metadata),
+         ("{ws}/models/plain.safetensors", "has no sdkd metadata")),
+    case("model-file-random-bytes", SAMPLE, model_file(random_bytes_file),
+         ("{ws}/models/random.safetensors", "not a readable .safetensors file")),
+    case("model-file-truncated", SAMPLE, model_file(truncated_model_file), "{ws}/models/truncated.safetensors"),
+    case("model-file-damaged-metadata-json", SAMPLE, model_file(lambda c: crafted_file(c, damaged_metadata)),
+         ("{ws}/models/crafted.safetensors", "damaged sdkd metadata")),
+]
+
+
+def lora_of_another_layout(c: Ctx) -> list[str]:
+    lora = shutil.copy(c.assets.teacher_lora, c.ws / "teacher_lora.safetensors")
+    return sample_argv(c, c.assets.student, "--lora", str(lora))
+
+
+def lora_as_model(c: Ctx) -> list[str]:
+    lora = shutil.copy(c.assets.teacher_lora, c.ws / "teacher_lora.safetensors")
+    return sample_argv(c, lora)
+
+
+def out_is_a_file(c: Ctx) -> list[str]:
+    return sample_argv(c, c.assets.student, out=str(c.ws / "precious" / "thesis.tex"))
+
+
+SAMPLE_CASES = [
+    case("sample-height-negative", SAMPLE, sample("--height", "-8"), "--height"),
+    case("sample-height-not-a-multiple", SAMPLE, sample("--height", "101"), ("--height", "101")),
+    case("sample-height-100", SAMPLE, sample("--height", "100"), ("--height", "100")),
+    case("sample-width-zero", SAMPLE, sample("--width", "0"), ("--width", "got 0")),
+    case("sample-num-images-negative", SAMPLE, sample("--num-images", "-1"), ("--num-images", "-1")),
+    case("sample-out-is-a-file", SAMPLE, out_is_a_file, "--out '{ws}/precious/thesis.tex' is a file"),
+    case("sample-out-holds-samples", SAMPLE, with_samples_folder, ("--out '{ws}/my_samples' already holds samples",
+                                                                    "--overwrite")),
+    case("sample-cli-steps-zero", SAMPLE, sample("--steps", "0"), ("--steps", "got 0")),
+    case("sample-model-missing", SAMPLE, sample(model="{ws}/no_model"), "'{ws}/no_model' not found"),
+    case("sample-batch-size-zero", SAMPLE, sample("--batch-size", "0"), ("--batch-size", "got 0")),
+    case("sample-guidance-negative", SAMPLE, sample("--guidance", "-1"), ("--guidance", "-1")),
+    case("sample-model-is-a-lora", SAMPLE, lora_as_model,
+         ("'{ws}/teacher_lora.safetensors' holds a LoRA adapter, not a model", "--lora")),
+    case("sample-tiny-vae-is-a-kl-vae", SAMPLE, sample("--tiny-vae", "{ws}/kl_vae"),
+         ("--tiny-vae '{ws}/kl_vae'", "AutoencoderKL", "not an AutoencoderTiny")),
+    case("sample-lora-of-another-layout", SAMPLE, lora_of_another_layout,
+         ("LoRA '{ws}/teacher_lora.safetensors' does not fit this model", "'teacher'")),
+]
+
+
+def export_to_directory(c: Ctx) -> list[str]:
+    return [str(c.assets.student), "--format", "single-file", "--out", str(c.ws / "precious")]
+
+
+def export_sdcpp_bk_small(c: Ctx) -> list[str]:
+    return [str(c.assets.student), "--format", "single-file", "--target", "sdcpp",
+            "--out", str(c.ws / "exports" / "student-sdcpp.safetensors")]
+
+
+def make_shards_missing_input(c: Ctx) -> list[str]:
+    return [str(c.ws / "no_images"), str(c.ws / "shards_out")]
+
+
+def cache_latents_to_a_file(c: Ctx) -> list[str]:
+    return ["--config", TOY, *TINY, f"data.cache={c.ws / 'precious' / 'thesis.tex'}"]
+
+
+TOOL_CASES = [
+    case("export-single-file-out-is-a-directory", EXPORT, export_to_directory,
+         ("--out '{ws}/precious'", "writes one file")),
+    case("export-sdcpp-of-bk-small", EXPORT, export_sdcpp_bk_small, ("stable-diffusion.cpp cannot run", "bk_small"),
+         absent=("{ws}/exports/student-sdcpp.safetensors", "{ws}/exports/.student-sdcpp.safetensors.tmp")),
+    case("export-vae-not-a-vae", EXPORT, lambda c: [str(c.assets.student), "--format", "diffusers", "--vae",
+                                                    str(c.ws / "precious"), "--out", str(c.ws / "export")],
+         "no VAE at '{ws}/precious'", absent=("{ws}/export",)),
+    case("export-nonexistent-run", EXPORT, lambda c: [str(c.ws / "runs" / "gone"), "--format", "diffusers", "--out",
+                                                      str(c.ws / "export")],
+         "'{ws}/runs/gone' not found", absent=("{ws}/export",)),
+    case("students-preset-unknown", "train/students.py", lambda c: ["--teacher", "toy", "--preset", "huge"],
+         "'huge'"),
+    case("make-shards-missing-input", "data/make_shards.py", make_shards_missing_input, "{ws}/no_images"),
+    case("cache-latents-output-is-a-file", "data/cache_latents.py", cache_latents_to_a_file,
+         "{ws}/precious/thesis.tex"),
+]
+
+
+def launch(c: Ctx, gpus: list[str], *args: str) -> list[str]:
+    return ["./launch.sh", *gpus, "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, *args]
+
+
+PROCESS_CASES = [
+    case("launch-two-ranks-imagefolder-missing", "launch.sh",
+         lambda c: launch(c, ["--gpus", "2"], "data.source=imagefolder", f"data.path={c.ws / 'MISSING'}"),
+         "image folder not found: {ws}/MISSING", subprocess=True),
+    case("launch-one-process-unknown-key", "launch.sh", lambda c: launch(c, ["--gpus", "1"], "train.bogus_key=1"),
+         "config key 'train.bogus_key'", subprocess=True),
+    case("python-kd-yaml-syntax-error", KD, config_file("teacher: toy\ndata: {source: synthetic\n", "broken.yaml"),
+         ("config file {ws}/broken.yaml: YAML syntax error at line ", ", column "), subprocess=True),
+]
+
+ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
+    + PROCESS_CASES
+
+
+# ---------------------------------------------------------------------------------------------
+# The test
+
+
+@pytest.mark.parametrize("hostile", ALL_CASES)
+def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tmp_path, capfd, monkeypatch, request):
+    root = tmp_path
+    ws = make_workspace(root)
+    ctx = Ctx(ws, root, assets)
+    # Relative paths and temporary files of the case stay in its root.
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("TMPDIR", str(root / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
+    try:
+        argv = hostile.setup(ctx)
+        capfd.readouterr()  # what building the assets printed
+        before = snapshot(root)
+        if hostile.subprocess or ALL_AS_PROCESSES:
+            launcher = argv[0].startswith("./")
+            command = argv if launcher else [sys.executable, str(ROOT / hostile.script), *argv]
+            result = run_script(command, cwd=ROOT if launcher else ws, timeout=300, env=subprocess_env())
+            code, stdout, stderr = result.returncode, result.stdout, result.stderr
+        else:
+            code = run_in_process(hostile.script, argv)
+            stdout, stderr = capfd.readouterr()
+    finally:
+        if ctx.holder is not None:
+            ctx.holder.kill()
+            ctx.holder.wait()
+            ctx.holder.stdout.close()
+    after = snapshot(root)
+
+    report = f"exit code {code}; stderr:\n{stderr[-4000:]}\nstdout:\n{stdout[-1500:]}"
+    assert code == hostile.code, report
+    assert "Traceback" not in stderr, report
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, report
+    request.node.user_properties.append(("error_line", errors[0]))  # -o junit_family=legacy --junitxml shows them
+    culprits = (hostile.culprit,) if isinstance(hostile.culprit, str) else hostile.culprit
+    for culprit in culprits:
+        expected = culprit.format(ws=ws, root=root, holder=ctx.holder.pid if ctx.holder else None)
+        assert expected in errors[0], f"{expected!r} not named: {errors[0]}"
+    others = [line for line in stderr.splitlines() if line.strip() and not line.startswith("error:")]
+    unknown = [line for line in others if not any(p.search(line) for p in HARMLESS)]
+    assert not unknown, f"unexpected stderr lines: {unknown}\n{report}"
+    assert_unchanged(before, after, hostile.may_add)
+    for path in [*(Path(p.format(ws=ws, root=root)) for p in hostile.absent), *ctx.absent]:
+        assert not path.exists(), f"{path} was written"
+
+
+def test_case_table_is_large_enough():
+    assert len(ALL_CASES) >= 60
+    assert sum(c.values[0].subprocess for c in ALL_CASES) <= 6
