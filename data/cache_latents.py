@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards to {cfg.data.cache} "
           f"({manifest['skipped']} skipped, {time.perf_counter() - start:.1f} s)")
+    recipe = f" --config {shlex.quote(args.config)}" if args.config else ""
+    print(f"next: accelerate launch train/kd.py{recipe} data.cache={shlex.quote(str(cfg.data.cache))} ...  "
+          f"# the same teacher and data.resolution")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                            workers=args.workers, log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out} "
           f"({manifest['skipped']} skipped)")
+    print(f"next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset "
+          f"data.path={shlex.quote(str(args.out))}")
 
 
 if __name__ == "__main__":

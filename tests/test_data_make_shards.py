@@ -74,6 +74,7 @@ def test_resize_and_cli(folder, tmp_path):
                          "--shard-size", "4", "--workers", "2"])
     assert result.returncode == 0, result.stderr
     assert "wrote 7 samples in 2 shards" in result.stdout and "trunc.jpg" in result.stderr
+    assert "next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset data.path=" in result.stdout
     with tarfile.open(out / "shard-000000.tar") as tar:
         image = Image.open(tar.extractfile("000000001.jpg"))
         meta = json.load(tar.extractfile("000000001.json"))

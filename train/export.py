@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -601,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     out = export(args.src, args.format, args.out, args.target, args.half, args.ema, args.vae, args.overwrite,
                  args.allow_pickle)
     print(f"wrote {out}")
+    if args.target == "sdcpp":
+        print(f"next: sd -m {shlex.quote(str(out))} -p 'a prompt' -o out.png  # stable-diffusion.cpp (README)")
+    else:
+        print(f"next: python eval/sample.py --model {shlex.quote(str(out))} --prompt 'a prompt' --out samples")
 
 
 if __name__ == "__main__":
