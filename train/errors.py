@@ -42,7 +42,8 @@ def run_cli(main: Callable[[], None]) -> None:
     except ReportedElsewhere:
         sys.exit(2)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")  # one write: other processes may share stderr
+        sys.stderr.flush()
         sys.exit(2)
     except RuntimeError as err:
         if not _peer_gone(err):

@@ -241,8 +241,10 @@ class Trainer:
         if reasons and self.cfg.data.strict:
             raise UserError(f"bad sample (data.strict=true): {reasons[0]}")
         for reason in reasons:
-            print(f"warning: process {self.accelerator.process_index} skipped a sample: {reason}",
-                  file=sys.stderr, flush=True)
+            # One write per line: several processes share stderr, and print's separate "\n" would let their
+            # lines interleave.
+            sys.stderr.write(f"warning: process {self.accelerator.process_index} skipped a sample: {reason}\n")
+            sys.stderr.flush()
         self._skipped += len(reasons)
         self._bad_in_a_row = 0 if usable else self._bad_in_a_row + len(reasons)
         self._last_reasons = (self._last_reasons + reasons)[-3:]
