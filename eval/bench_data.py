@@ -142,7 +142,7 @@ def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -
 
     from sdkd.eval.bench_kd_step import build_bench
     from sdkd.train.loop import Trainer, build_optimizer
-    from sdkd.train.objective import CachedEncoder
+    from sdkd.train.objective import CachedEncoder, StepRandom
 
     b = build_bench(name, latent, batch)
     mean, std = b.encoder.posterior(b.batch)
@@ -154,14 +154,14 @@ def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -
     encoders = {"without cache": (b.encoder, b.batch),
                 "with cache": (CachedEncoder(b.parts.vae.config.scaling_factor, b.acc.device), cached)}
     times = {label: [] for label in encoders}
-    generator = torch.Generator(b.acc.device)
+    rng = StepRandom(SEED, b.acc.device, batch)
     for i in range(warmup + repeats):
         for label, (encoder, batch_) in encoders.items():
             trainer = Trainer(cfg=b.cfg, accelerator=b.acc, model=b.student, objective=b.objective, encoder=encoder,
                               dataset=None, parts=b.parts, export=None)
-            generator.manual_seed(SEED)
+            rng.manual_seed(SEED)
             start = time.perf_counter()
-            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, itertools.repeat(batch_), generator)
+            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, itertools.repeat(batch_), rng)
             if i >= warmup:
                 times[label].append(time.perf_counter() - start)
     result = {"model": name, "latent": latent, "pixels": b.cfg.data.resolution, "batch": batch, "repeats": repeats,

@@ -60,8 +60,8 @@ from sdkd.data.sources import build_dataset, collate
 from sdkd.train.config import Config, DataConfig
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, build_optimizer, weight_dtype
-from sdkd.train.losses import KDLoss, diffusion_target
-from sdkd.train.objective import BatchEncoder, DiffusionObjective
+from sdkd.train.losses import KDLoss
+from sdkd.train.objective import BatchEncoder, DiffusionObjective, StepRandom
 from sdkd.train.sd_configs import SD15_UNET
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import PipelineParts, freeze, load_teacher
@@ -170,12 +170,12 @@ def build_bench(name: str, latent: int, batch_size: int) -> Bench:
     dataset = build_dataset(cfg.data, SEED)
     batch = collate([dataset[i] for i in range(batch_size)])
     encoder = BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
-    generator = torch.Generator(acc.device).manual_seed(SEED)
+    rng = StepRandom(SEED, acc.device, batch_size)
     if name == "toy":
-        latents, embeds = encoder(batch, generator)
+        latents, embeds = encoder(batch, rng)
     else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
-        latents = torch.randn(batch_size, 4, latent, latent, generator=generator)
-        embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=generator)
+        latents = torch.randn(batch_size, 4, latent, latent, generator=rng.generator)
+        embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=rng.generator)
     return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, embeds)
 
 
@@ -224,28 +224,25 @@ def time_step_and_parts(b: Bench, clock: Clock, iterations: int) -> str:
     lr_schedule = get_scheduler(b.cfg.optim.lr_scheduler, optimizer)
     wrapped, optimizer, lr_schedule = b.acc.prepare(b.student, optimizer, lr_schedule)
     trainer = Trainer(cfg=b.cfg, accelerator=b.acc, model=b.student, objective=b.objective,
-                      encoder=lambda batch, generator: (b.latents, b.embeds),  # what the latent cache hands over
+                      encoder=lambda batch, rng: (b.latents, b.embeds),  # what the latent cache hands over
                       dataset=None, parts=b.parts, export=None)
     batches = itertools.repeat({})  # the encoder above ignores the batch
-    generator = torch.Generator(b.acc.device)
+    rng = StepRandom(SEED, b.acc.device, b.cfg.train.batch_size)
     for _ in range(iterations):
         clock.new_row()
-        generator.manual_seed(SEED)
+        rng.manual_seed(SEED)
         with clock("step"):
-            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
-        generator.manual_seed(SEED)
-        take_apart(b, wrapped, optimizer.optimizer, params, generator, clock)
+            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, rng)
+        rng.manual_seed(SEED)
+        take_apart(b, wrapped, optimizer.optimizer, params, rng, clock)
     return implementation
 
 
-def take_apart(b: Bench, student, optimizer, params, generator, clock: Clock) -> None:
+def take_apart(b: Bench, student, optimizer, params, rng: StepRandom, clock: Clock) -> None:
     """One KD step in the objective's order, each necessary part in its own clock block."""
-    objective, scheduler, latents = b.objective, b.objective.scheduler, b.latents
-    with clock("noise_and_loss_terms"):  # the objective's own draws, in its order: same noise and timesteps
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
+    objective = b.objective
+    with clock("noise_and_loss_terms"):  # the objective's own draws: same noise and timesteps
+        noisy, timesteps, target = objective.draw(b.latents, rng)
     with clock("student_forward"), objective.student_hooks.capture():
         pred = student(noisy, timesteps, b.embeds).sample
     with clock("teacher_forward"), torch.no_grad(), b.acc.autocast(), objective.teacher_hooks.capture():
@@ -265,7 +262,7 @@ def take_apart(b: Bench, student, optimizer, params, generator, clock: Clock) ->
 def time_implementations(b: Bench, repeats: int, warmup: int) -> dict[str, float]:
     """`optimizer.step()` alone for each AdamW kernel, one at a time, on one set of gradients."""
     params = b.params
-    b.objective(b.student, b.latents, b.embeds, torch.Generator().manual_seed(SEED))["loss"].backward()
+    b.objective(b.student, b.latents, b.embeds, StepRandom(SEED, b.acc.device, len(b.latents)))["loss"].backward()
     seconds = {}
     for implementation in IMPLEMENTATIONS:
         optimizer = build_optimizer(params, replace(b.cfg.optim, implementation=implementation))

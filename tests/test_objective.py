@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdkd.train.errors import UserError
 from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, set_prediction_type
+from sdkd.train.objective import DiffusionObjective, StepRandom, set_prediction_type
 from sdkd.train.toy import TOY_UNET
 
 LATENTS = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -20,7 +20,7 @@ def scheduler(kind="epsilon"):
 
 def draw(sched=None, **options):
     objective = DiffusionObjective(sched or scheduler(), KDLoss(), **options)
-    return objective.draw(LATENTS, torch.Generator().manual_seed(1))
+    return objective.draw(LATENTS, StepRandom(1, "cpu", len(LATENTS)))
 
 
 def test_defaults_draw_plain_noise():
@@ -54,7 +54,7 @@ def test_teacher_and_student_see_the_same_input():
     objective = DiffusionObjective(scheduler(), KDLoss(0.0, 1.0, 0.0), teacher=unet, noise_offset=0.1,
                                    input_perturbation=0.1)
     with torch.no_grad():
-        terms = objective(unet, LATENTS, torch.randn(3, 77, 32), torch.Generator().manual_seed(1))
+        terms = objective(unet, LATENTS, torch.randn(3, 77, 32), StepRandom(1, "cpu", len(LATENTS)))
     assert terms["out"].item() == 0.0  # the same U-Net on the same input
 
 
@@ -87,3 +87,19 @@ def test_export_writes_the_trained_prediction_type(tmp_path):
     save_pipeline(UNet2DConditionModel(**TOY_UNET), "toy", tmp_path, prediction_type="v_prediction")
     assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
         "v_prediction"
+
+
+def test_two_processes_draw_what_one_process_draws_for_the_same_samples():
+    """StepRandom: ranks 0 and 1 of batch 3 get the rows one process of batch 6 gets, in order, for the
+    latents' noise, the timesteps and the options' extra draws."""
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    options = dict(noise_offset=0.1, input_perturbation=0.1)
+    one = DiffusionObjective(scheduler(), KDLoss(), **options).draw(latents, StepRandom(5, "cpu", 6))
+    ranks = [DiffusionObjective(scheduler(), KDLoss(), **options).draw(latents[3 * r:3 * r + 3],
+                                                                        StepRandom(5, "cpu", 3, 2, r))
+             for r in (0, 1)]
+    for i in range(3):  # noisy latents, timesteps, target
+        assert torch.equal(torch.cat([ranks[0][i], ranks[1][i]]), one[i])
+    short = DiffusionObjective(scheduler(), KDLoss()).draw(latents[3:5], StepRandom(5, "cpu", 3, 2, 1))
+    plain = DiffusionObjective(scheduler(), KDLoss()).draw(latents, StepRandom(5, "cpu", 6))
+    assert torch.equal(short[1], plain[1][3:5])  # a batch that lost a bad sample keeps its rows' draws

@@ -29,6 +29,7 @@ from sdkd.train import console, run_folder, tracking
 from sdkd.train.checkpoints import Checkpointer, ModelState, list_checkpoints, resolve_resume
 from sdkd.train.config import Config, OptimConfig, resolve_max_steps
 from sdkd.train.errors import UserError
+from sdkd.train.objective import StepRandom
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -76,7 +77,7 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class Trainer:
-    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, generator)`.
+    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, rng)`.
 
     Every trainer is this loop: kd.py trains a student from a teacher, finetune.py any pipeline's U-Net,
     lora.py an adapter (its `state` checkpoints only the adapter; its `export` writes a LoRA file)."""
@@ -85,7 +86,7 @@ class Trainer:
     accelerator: Accelerator
     model: torch.nn.Module
     objective: Callable
-    encoder: Callable                 # batch, generator -> (latents, text embeddings)
+    encoder: Callable                 # batch, objective.StepRandom -> (latents, text embeddings)
     dataset: Dataset                  # map-style (a prepared, sharded DataLoader) or iterable (splits itself)
     parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling (loaded
                                       # from `frozen_source` when sampling is due if they were left out)
@@ -120,12 +121,13 @@ class Trainer:
             ema.to(acc.device)
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, state, ema)
         wrapped, optimizer, lr_schedule = acc.prepare(model, optimizer, lr_schedule)
-        generator = torch.Generator(acc.device).manual_seed(cfg.train.seed + 10_000 * acc.process_index)
+        # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
+        rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
         step = 0
         resume_from = resolve_resume(cfg.resume, out)
         if resume_from is not None:
-            step = checkpointer.load(resume_from, generator)
+            step = checkpointer.load(resume_from, rng.generator)
             acc.print(f"resumed from {resume_from} at step {step}")
         self._skipped, self._batches_read = 0, step * cfg.train.grad_accum
         batches = self._batches(loader, step * cfg.train.grad_accum)
@@ -141,7 +143,7 @@ class Trainer:
         self._teacher_images = None
         while step < max_steps:
             start = time.perf_counter()
-            terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, generator)
+            terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, rng)
             if ema is not None:
                 ema.step(state.ema_parameters())
             step += 1
@@ -159,7 +161,7 @@ class Trainer:
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 self._sample(step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == max_steps:
-                checkpointer.save(step, generator)
+                checkpointer.save(step, rng.generator)
         progress.close()
 
         acc.wait_for_everyone()
@@ -171,15 +173,15 @@ class Trainer:
         if acc.is_main_process:  # last, after the trackers' own closing lines
             print(run_summary(cfg, step, exported), flush=True)
 
-    def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, generator) -> dict:
+    def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, rng) -> dict:
         """grad_accum micro-steps and one optimizer step; returns the mean of each loss term."""
         acc, max_norm, accum = self.accelerator, self.cfg.train.max_grad_norm, self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
         for _ in range(accum):
             batch = next(batches)
             with acc.accumulate(wrapped):
-                latents, embeds = self.encoder(batch, generator)
-                terms = self.objective(wrapped, latents, embeds, generator)
+                latents, embeds = self.encoder(batch, rng)
+                terms = self.objective(wrapped, latents, embeds, rng)
                 acc.backward(terms["loss"])
                 if acc.sync_gradients and max_norm > 0:
                     acc.clip_grad_norm_(params, max_norm)

@@ -23,15 +23,15 @@ from sdkd.train.export import write_lora_card
 from sdkd.train.finetune import prepare_run
 from sdkd.train.ldm_layout import UnsupportedLayout
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
-from sdkd.train.objective import BatchEncoder, build_encoder
+from sdkd.train.objective import BatchEncoder, StepRandom, build_encoder
 from sdkd.train.teacher import PipelineSource, freeze
 
 
 class TokenEncoder(BatchEncoder):
     """Latents and token ids: with a text-encoder LoRA the text encoder runs inside the trained module."""
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.latents(batch, generator), self.tokenize(batch["captions"])
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latents(batch, rng), self.tokenize(batch["captions"])
 
 
 def main() -> None:

@@ -15,6 +15,37 @@ from sdkd.train.errors import UserError
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
 
 
+class StepRandom:
+    """The random draws of the training step, the same whatever the number of processes.
+
+    Every process seeds the same generator and draws each tensor for the whole global batch
+    (`num_processes` x `batch_size` rows), then keeps its own rows: two processes of batch B get the
+    noise and timesteps one process of batch 2B gets for the same samples, so their runs match (up to
+    float summation order). The draws cost next to nothing beside the U-Nets.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str, batch_size: int, num_processes: int = 1,
+                 process_index: int = 0):
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.rows, self.start = num_processes * batch_size, process_index * batch_size
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> "StepRandom":
+        self.generator.manual_seed(seed)
+        return self
+
+    def randn(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal of `shape`, whose first dimension is this process's batch (at most batch_size: a
+        batch that lost bad samples is shorter)."""
+        full = randn_tensor((self.rows, *shape[1:]), generator=self.generator, device=self.device, dtype=dtype)
+        return full[self.start:self.start + shape[0]]
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        """`n` integers in [0, high) for this process's batch."""
+        full = torch.randint(0, high, (self.rows,), generator=self.generator, device=self.device)
+        return full[self.start:self.start + n]
+
+
 class BatchEncoder:
     """Images and captions -> VAE latents (posterior sample, scaled) and text embeddings."""
 
@@ -22,15 +53,17 @@ class BatchEncoder:
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
 
     @torch.no_grad()
-    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.latents(batch, generator), self.embed(batch["captions"])
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latents(batch, rng), self.embed(batch["captions"])
 
     @torch.no_grad()
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
         device = self.vae.device
         pixels = batch["pixel_values"].to(device=device, dtype=self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
+        # diffusers' DiagonalGaussianDistribution.sample, with the step's draw.
+        sample = posterior.mean + posterior.std * rng.randn(posterior.mean.shape, posterior.mean.dtype).to(device)
+        latents = sample * self.vae.config.scaling_factor
         # The VAE may hand back a channels-last tensor; the U-Nets then pick other kernels than for the
         # cache's contiguous latents. One layout for both keeps cached and uncached runs identical.
         return latents.float().contiguous()
@@ -58,19 +91,18 @@ class BatchEncoder:
 class CachedEncoder:
     """A latent cache's batch -> the latents `BatchEncoder` would sample, and the cached embeddings.
 
-    Draws the posterior sample exactly as diffusers' `DiagonalGaussianDistribution.sample` does (one
-    `randn_tensor` of the latent shape from the step generator), so from the same mean, std and
-    generator state it returns the same latents, bit for bit.
+    Draws the posterior sample as `BatchEncoder` does (mean + std x the step's normal draw), so from the
+    same mean, std and generator state it returns the same latents, bit for bit.
     """
 
     def __init__(self, scaling_factor: float, device: torch.device | str = "cpu"):
         self.scaling_factor, self.device = scaling_factor, torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
         mean = batch["latent_mean"].to(self.device, torch.float32)
         std = batch["latent_std"].to(self.device, torch.float32)
-        noise = randn_tensor(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
+        noise = rng.randn(mean.shape, mean.dtype).to(self.device)
         latents = (mean + std * noise) * self.scaling_factor
         return latents.contiguous(), batch["embeds"].to(self.device, torch.float32).contiguous()
 
@@ -119,14 +151,13 @@ class DiffusionObjective:
             self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
             self._alphas_on_device = True
 
-    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def draw(self, latents: torch.Tensor, rng: StepRandom) -> tuple[torch.Tensor, ...]:
         """(noisy latents, timesteps, target): the input student and teacher both get, and the task target."""
         device = latents.device
         self._prepare_scheduler(device)
-        randn = lambda *shape: torch.randn(shape, generator=generator, device=device, dtype=latents.dtype)
+        randn = lambda *shape: rng.randn(shape, latents.dtype).to(device)  # noqa: E731
         noise = randn(*latents.shape)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=device)
+        timesteps = rng.randint(self.scheduler.config.num_train_timesteps, latents.shape[0]).to(device)
         # Drawn after the timesteps: with both options off, runs draw exactly what they drew before them.
         if self.noise_offset:
             noise = noise + self.noise_offset * randn(*latents.shape[:2], 1, 1)
@@ -136,9 +167,8 @@ class DiffusionObjective:
         noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
         return noisy, timesteps, diffusion_target(self.scheduler, latents, noise, timesteps)
 
-    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-        noisy, timesteps, target = self.draw(latents, generator)
+    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor, rng: StepRandom) -> dict[str, torch.Tensor]:
+        noisy, timesteps, target = self.draw(latents, rng)
         with self._capture(self.student_hooks):
             pred = unet(noisy, timesteps, embeds).sample
         teacher_pred, student_feats, teacher_feats = None, [], []
