@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdkd.eval.sampling import LABEL_CELL
+from sdkd.train.sampling import LABEL_CELL
 from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.toy import build_toy_pipeline

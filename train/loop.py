@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.data.sources import collate
-from sdkd.eval.sampling import make_grid, sample_images
+from sdkd.train.sampling import make_grid, sample_images
 from sdkd.train import console, run_folder, tracking
 from sdkd.train.checkpoints import Checkpointer, ModelState, list_checkpoints, resolve_resume
 from sdkd.train.config import Config, OptimConfig, resolve_max_steps
