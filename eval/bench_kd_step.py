@@ -58,10 +58,8 @@ from diffusers.optimization import get_scheduler
 
 from sdkd.data.sources import build_dataset, collate
 from sdkd.train.config import Config, DataConfig
-from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, build_optimizer, weight_dtype
-from sdkd.train.losses import KDLoss
-from sdkd.train.objective import BatchEncoder, DiffusionObjective, StepRandom
+from sdkd.train.objective import BatchEncoder, DiffusionObjective, StepRandom, kd_objective
 from sdkd.train.sd_configs import SD15_UNET
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import PipelineParts, freeze, load_teacher
@@ -154,18 +152,11 @@ def build_bench(name: str, latent: int, batch_size: int) -> Bench:
     cfg.data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
     acc = Accelerator(cpu=True, mixed_precision="no")
 
-    spec = removal_spec(cfg.student)
-    student = build_student(parts.unet, spec).float()
+    student = build_student(parts.unet, removal_spec(cfg.student)).float()
     student.train()
-    pairs = feature_pairs(cfg.student, spec)
-    check_pairs(parts.unet, student, pairs, latent)
-    teacher_hooks = FeatureHooks(parts.unet, [t for t, _ in pairs])
-    student_hooks = FeatureHooks(student, [s for _, s in pairs])
+    objective = kd_objective(cfg, parts.scheduler, student, parts.unet, latent, acc.autocast)  # the trainer's own
     for frozen in (parts.unet, parts.vae, parts.text_encoder):
         freeze(frozen, acc.device, weight_dtype(acc))
-    objective = DiffusionObjective(parts.scheduler, KDLoss.from_config(cfg.loss), cfg.loss.snr_gamma,
-                                   teacher=parts.unet, student_hooks=student_hooks, teacher_hooks=teacher_hooks,
-                                   autocast=acc.autocast)
 
     dataset = build_dataset(cfg.data, SEED)
     batch = collate([dataset[i] for i in range(batch_size)])

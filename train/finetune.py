@@ -16,15 +16,13 @@ from dataclasses import dataclass
 
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.distributed import main_process_first
 from sdkd.train.config import FinetuneConfig, load_trainer_config
+from sdkd.train.distributed import main_process_first
 from sdkd.train.errors import UserError, run_cli
 from sdkd.train.export import save_pipeline
-from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, build_encoder, set_prediction_type
-from sdkd.train.students import removal_spec
+from sdkd.train.objective import DiffusionObjective, build_encoder, kd_objective, set_prediction_type
 from sdkd.train.teacher import PipelineParts, PipelineSource, freeze, load_teacher
 
 
@@ -46,8 +44,8 @@ def prepare_run(cfg: FinetuneConfig, acc) -> Run:
     dataset = main_process_first(acc, lambda: build_dataset(cfg.data, cfg.train.seed))
     # From a latent cache no VAE or text encoder runs in the step (sample grids load them when due).
     parts = load_teacher(PipelineSource.of(cfg, "model"), with_encoders=cfg.data.cache is None, what="model")
-    loss = KDLoss.from_config(cfg.loss)
-    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=False) if loss.needs_teacher else None
+    needs_teacher = KDLoss.from_config(cfg.loss).needs_teacher
+    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=False) if needs_teacher else None
     set_prediction_type(parts.scheduler, cfg.loss.prediction_type, teacher.scheduler if teacher else None, cfg.teacher)
     if teacher is not None:
         ours, theirs = parts.scheduler.config.prediction_type, teacher.scheduler.config.prediction_type
@@ -55,28 +53,19 @@ def prepare_run(cfg: FinetuneConfig, acc) -> Run:
             raise UserError(f"teacher '{cfg.teacher}' predicts {theirs}, model '{cfg.model}' {ours}: continued KD "
                             f"needs the same prediction type")
 
-    # Feature KD: `student` says how `model` was cut from the teacher; the pairs are checked by shape.
-    pairs = feature_pairs(cfg.student, removal_spec(cfg.student)) if cfg.loss.lambda_feat > 0 else []
-    latent_hw = cfg.data.resolution // parts.vae_scale_factor
-    if pairs:
-        check_pairs(teacher.unet, parts.unet, pairs, latent_hw)
-    teacher_hooks = FeatureHooks(teacher.unet, [t for t, _ in pairs]) if pairs else None
-    student_hooks = FeatureHooks(parts.unet, [s for _, s in pairs]) if pairs else None
+    # Feature KD: `student` says how `model` was cut from the teacher.
+    objective = kd_objective(cfg, parts.scheduler, parts.unet, teacher.unet if teacher else None,
+                             cfg.data.resolution // parts.vae_scale_factor, acc.autocast)
 
     dtype = weight_dtype(acc)
     for frozen in (parts.vae, parts.text_encoder, teacher.unet if teacher else None):
         if frozen is not None:
             freeze(frozen, acc.device, dtype)
     acc.print(f"model {cfg.model}: U-Net {sum(p.numel() for p in parts.unet.parameters()):,} params"
-              + (f"; continued KD from {cfg.teacher} ({len(pairs)} feature pairs)" if teacher else "")
+              + (f"; continued KD from {cfg.teacher} ({objective.num_feature_pairs} feature pairs)" if teacher else "")
               + f"; on {acc.num_processes} processes")
     acc.print(f"data: {len(dataset):,} samples per epoch from "
               + (f"the latent cache {cfg.data.cache}" if cfg.data.cache else f"data.source={cfg.data.source}"))
-    objective = DiffusionObjective(
-        parts.scheduler, loss, cfg.loss.snr_gamma, teacher=teacher.unet if teacher else None,
-        student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
-        noise_offset=cfg.loss.noise_offset, input_perturbation=cfg.loss.input_perturbation,
-    )
     return Run(dataset, parts, teacher, objective)
 
 

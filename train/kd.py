@@ -8,14 +8,12 @@ from __future__ import annotations
 import sys
 
 from sdkd.data.sources import build_dataset
-from sdkd.train.distributed import main_process_first
 from sdkd.train.config import load_trainer_config
+from sdkd.train.distributed import main_process_first
 from sdkd.train.errors import run_cli
 from sdkd.train.export import save_pipeline
-from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
-from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, build_encoder, set_prediction_type
+from sdkd.train.objective import build_encoder, kd_objective, set_prediction_type
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
@@ -28,18 +26,15 @@ def main() -> None:
     # From a latent cache no VAE or text encoder runs in the step: they are not loaded (sample grids
     # load them on the main process when first due).
     teacher = load_teacher(PipelineSource.of(cfg), with_encoders=cfg.data.cache is None)
-    spec = removal_spec(cfg.student)
-    student = build_student(teacher.unet, spec).float()
+    student = build_student(teacher.unet, removal_spec(cfg.student)).float()
     student.train()
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-
-    # Hooks go on the plain modules, before accelerate wraps the student in DDP.
-    pairs = feature_pairs(cfg.student, spec) if cfg.loss.lambda_feat > 0 else []
-    latent_hw = cfg.data.resolution // teacher.vae_scale_factor
-    check_pairs(teacher.unet, student, pairs, latent_hw)
-    teacher_hooks = FeatureHooks(teacher.unet, [t for t, _ in pairs]) if pairs else None
-    student_hooks = FeatureHooks(student, [s for _, s in pairs]) if pairs else None
+    teacher_kind = teacher.scheduler.config.prediction_type
+    objective = kd_objective(cfg, teacher.scheduler, student, teacher.unet,
+                             cfg.data.resolution // teacher.vae_scale_factor, acc.autocast)
+    set_prediction_type(teacher.scheduler, cfg.loss.prediction_type,
+                        teacher.scheduler if objective.teacher is not None else None, cfg.teacher)
 
     dtype = weight_dtype(acc)
     for frozen in (teacher.unet, teacher.vae, teacher.text_encoder):
@@ -47,21 +42,10 @@ def main() -> None:
             freeze(frozen, acc.device, dtype)
     acc.print(f"teacher {sum(p.numel() for p in teacher.unet.parameters()):,} params -> "
               f"student ({cfg.student.preset}) {sum(p.numel() for p in student.parameters()):,}; "
-              f"{len(pairs)} feature pairs; on {acc.num_processes} processes")
+              f"{objective.num_feature_pairs} feature pairs; on {acc.num_processes} processes")
     acc.print(f"data: {len(dataset):,} samples per epoch from "
               + (f"the latent cache {cfg.data.cache} (no VAE or text encoder loaded)" if cfg.data.cache
                  else f"data.source={cfg.data.source}"))
-
-    loss = KDLoss.from_config(cfg.loss)
-    teacher_kind = teacher.scheduler.config.prediction_type
-    set_prediction_type(teacher.scheduler, cfg.loss.prediction_type,
-                        teacher.scheduler if loss.needs_teacher else None, cfg.teacher)
-    objective = DiffusionObjective(
-        teacher.scheduler, loss, cfg.loss.snr_gamma,
-        teacher=teacher.unet if loss.needs_teacher else None,
-        student_hooks=student_hooks, teacher_hooks=teacher_hooks, autocast=acc.autocast,
-        noise_offset=cfg.loss.noise_offset, input_perturbation=cfg.loss.input_perturbation,
-    )
     Trainer(
         cfg=cfg, accelerator=acc, model=student, objective=objective,
         encoder=build_encoder(cfg.data, teacher, dataset, acc.device),

@@ -12,7 +12,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdkd.train.errors import UserError
+from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
+from sdkd.train.students import removal_spec
 
 
 class StepRandom:
@@ -182,6 +184,29 @@ class DiffusionObjective:
         weights = min_snr_weights(self.scheduler, timesteps, self.snr_gamma) if self.snr_gamma else None
         return self.loss(pred, target, teacher_pred, student_feats, teacher_feats, weights)
 
+    @property
+    def num_feature_pairs(self) -> int:
+        return len(self.student_hooks.names) if self.student_hooks is not None else 0
+
     @staticmethod
     def _capture(hooks):
         return hooks.capture() if hooks is not None else nullcontext()
+
+
+def kd_objective(cfg, scheduler, trained: torch.nn.Module, teacher: torch.nn.Module | None, latent_hw: int,
+                 autocast=nullcontext) -> DiffusionObjective:
+    """The objective of `trained` under a trainer's `loss` config, against `teacher` for its output and
+    feature terms; written once for kd.py, finetune.py (continued KD) and the step benchmark.
+
+    Feature KD pairs `cfg.student`'s block removal of the teacher with `trained`'s modules, checked by
+    shape at `latent_hw`; the hooks go on the plain modules, before accelerate wraps `trained` in DDP."""
+    loss = KDLoss.from_config(cfg.loss)
+    pairs = feature_pairs(cfg.student, removal_spec(cfg.student)) if cfg.loss.lambda_feat > 0 else []
+    if pairs:
+        check_pairs(teacher, trained, pairs, latent_hw)
+    return DiffusionObjective(
+        scheduler, loss, cfg.loss.snr_gamma, teacher=teacher if loss.needs_teacher else None,
+        student_hooks=FeatureHooks(trained, [s for _, s in pairs]) if pairs else None,
+        teacher_hooks=FeatureHooks(teacher, [t for t, _ in pairs]) if pairs else None,
+        autocast=autocast, noise_offset=cfg.loss.noise_offset, input_perturbation=cfg.loss.input_perturbation,
+    )
