@@ -303,6 +303,15 @@ def garbage_weights(run: Path) -> None:
     weights.write_bytes(b"\x00" * weights.stat().st_size)
 
 
+def sample_damaged_checkpoint(c: Ctx) -> list[str]:
+    """eval/sample.py on a run's checkpoint whose state and U-Net weights are garbage of the right size."""
+    run = Path(shutil.copytree(c.assets.run, c.ws / "run"))
+    (run / LOCK).unlink(missing_ok=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{not json")
+    garbage_weights(run)
+    return sample_argv(c, run / "checkpoint-2")
+
+
 def image_folder(c: Ctx, name: str, images: dict[str, bytes], captions: bool = True) -> Path:
     folder = c.ws / name
     folder.mkdir()
@@ -541,7 +550,9 @@ def garbage_manifest(cache: Path) -> None:
     (cache / "latents-000000.safetensors").write_bytes(os.urandom(300))
 
 
-STARTED = ("ws/out/config.yaml", "ws/out/metrics.jsonl")  # what a run writes before its first batches
+# What a run has written by the time a bad sample stops it mid-run (a run whose data has no usable first batch
+# writes nothing: its first write waits for that batch).
+STARTED = ("ws/out/config.yaml", "ws/out/metrics.jsonl")
 
 DATA_CASES = [
     case("imagefolder-missing", KD, data_case(lambda c: c.ws / "nowhere", "data.source=imagefolder"),
@@ -556,14 +567,14 @@ DATA_CASES = [
     case("imagefolder-all-images-unreadable", KD,
          data_case(lambda c: image_folder(c, "broken", {f"{i}.png": b"not a png" for i in range(6)}),
                    "data.source=imagefolder"),
-         ("data.source=imagefolder ({ws}/broken)", "no usable sample"), may_add=STARTED),
+         ("data.source=imagefolder ({ws}/broken)", "no usable sample")),
     # overwrite=true on a run, and the data turns out unusable only once training has started.
     case("overwrite-old-run-then-no-usable-sample", KD,
          data_case(lambda c: image_folder(c, "broken", {f"{i}.png": b"not a png" for i in range(6)}),
                    "data.source=imagefolder", "overwrite=true", out="{ws}/old_run"),
          ("data.source=imagefolder ({ws}/broken)", "no usable sample")),
     case("webdataset-single-truncated-shard", KD, truncated_shard,
-         ("data.source=webdataset ({ws}/shards)", "no usable sample", "shard-000000.tar"), may_add=STARTED),
+         ("data.source=webdataset ({ws}/shards)", "no usable sample", "shard-000000.tar")),
     case("webdataset-manifest-missing", KD,
          data_case(lambda c: Path(shutil.copytree(c.assets.shards, c.ws / "shards",
                                                   ignore=shutil.ignore_patterns("manifest.json"))),
@@ -667,6 +678,8 @@ def out_is_a_file(c: Ctx) -> list[str]:
 
 SAMPLE_CASES = [
     case("sample-height-negative", SAMPLE, sample("--height", "-8"), "--height"),
+    case("sample-checkpoint-damaged", SAMPLE, sample_damaged_checkpoint,
+         ("U-Net '{ws}/run/checkpoint-2/unet' could not be loaded",)),
     case("sample-height-not-a-multiple", SAMPLE, sample("--height", "101"), ("--height", "101")),
     case("sample-height-100", SAMPLE, sample("--height", "100"), ("--height", "100")),
     case("sample-width-zero", SAMPLE, sample("--width", "0"), ("--width", "got 0")),

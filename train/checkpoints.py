@@ -48,6 +48,14 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def saved_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at, or None when its state is missing or unreadable."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _named_checkpoints(root: Path) -> list[Path]:
     """`checkpoint-STEP` folders, complete or not, oldest first."""
     if not root.is_dir():
@@ -214,4 +222,4 @@ class Checkpointer:
             # torch's state-dict errors put the first mismatch on their second line.
             detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
             raise UserError(f"resume '{path}': cannot be loaded into this run: {detail}") from None
-        return json.loads((path / STATE_FILE).read_text())["step"]
+        return saved_step(path)

@@ -40,7 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.train import console, ldm_layout, lora_io
 from sdkd.train.errors import UserError, first_line, run_cli
-from sdkd.train.teacher import (PipelineSource, load_pipeline, load_teacher, refuse_pickle, scheduler_class,
+from sdkd.train.teacher import (PipelineSource, load_pipeline, load_teacher, safe_weights, scheduler_class,
                                  vae_class)
 
 FORMAT_VERSION = "1"
@@ -105,11 +105,9 @@ def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> StableDiffusionPi
 def _load_unet(folder: Path, allow_pickle: bool) -> UNet2DConditionModel:
     if not (folder / "config.json").is_file():
         raise UserError(f"no U-Net at '{folder}' (expected config.json and diffusion_pytorch_model.safetensors)")
-    if not allow_pickle:
-        refuse_pickle(folder, "U-Net")
+    safe = safe_weights("U-Net", allow_pickle, folder)
     try:
-        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True,
-                                                    use_safetensors=None if allow_pickle else True)
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True, **safe)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         raise UserError(f"U-Net '{folder}' could not be loaded: {first_line(err)}") from None
 
@@ -119,7 +117,7 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
     of `checkpoint`, else of the newest checkpoint): trainer, base model, recipe, data, steps, license, grid."""
     from omegaconf import OmegaConf
 
-    from sdkd.train.checkpoints import STATE_FILE, find_latest
+    from sdkd.train.checkpoints import find_latest, saved_step
 
     info: dict = {}
     cfg_file = run / "config.yaml"
@@ -147,8 +145,8 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
             except json.JSONDecodeError:
                 pass
     checkpoint = checkpoint or find_latest(run)
-    if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
-        info["steps"] = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    if checkpoint is not None and (step := saved_step(checkpoint)) is not None:
+        info["steps"] = step
     grids = sorted((int(p.stem.removeprefix("step-")), p) for p in (run / "samples").glob("step-*.png"))
     grids = [p for step, p in grids if step <= info.get("steps", step)]
     if grids:  # the newest sample grid of these weights; the teacher's row is on top when teacher.png exists
@@ -259,10 +257,9 @@ def load_vae(folder: str | Path, allow_pickle: bool = False):
     except (ValueError, AttributeError) as err:
         raise UserError(f"VAE '{folder}': config.json is unreadable ({first_line(err)})") from None
     cls = vae_class(cls_name, f"VAE '{folder}'")
-    if not allow_pickle:
-        refuse_pickle(folder, "VAE")
+    safe = safe_weights("VAE", allow_pickle, folder)
     try:
-        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=None if allow_pickle else True)
+        return cls.from_pretrained(folder, local_files_only=True, **safe)
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         raise UserError(f"VAE '{folder}' could not be loaded: {first_line(err)}") from None
 

@@ -82,14 +82,19 @@ def vae_class(name: str, where: str) -> type:
     return VAE_CLASSES[name]
 
 
-def refuse_pickle(folder: Path, what: str) -> None:
-    """A model folder whose weights are pickle only: pickle can run code when loaded, so it is refused
-    unless the user allows it by name (a hub id is refused by the loader itself: use_safetensors=True)."""
-    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
-    pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
-    if pickled and not any(f.suffix == ".safetensors" for f in files):
-        raise UserError(f"{what} '{folder}': weights only as pickle ({', '.join(pickled)}), which can run code when "
-                        f"loaded; convert them to safetensors, or set allow_pickle=true if you trust the files")
+def safe_weights(what: str, allow_pickle: bool, *folders: Path) -> dict:
+    """`from_pretrained` arguments that load safetensors only, unless the user allowed pickle by name (pickle
+    can run code when loaded). A local folder with pickle weights only is refused here, in one line naming
+    it; a hub id is refused by the loader itself (use_safetensors=True)."""
+    if allow_pickle:
+        return {"use_safetensors": None}
+    for folder in folders:
+        files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+        pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            raise UserError(f"{what} '{folder}': weights only as pickle ({', '.join(pickled)}), which can run code "
+                            f"when loaded; convert them to safetensors, or set allow_pickle=true if you trust the files")
+    return {"use_safetensors": True}
 
 
 def _class_name(config_file: Path, what: str) -> str | None:
@@ -120,15 +125,14 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
         raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
-    if local.exists() and not src.allow_pickle:
-        for sub in ("unet",) * with_unet + ("vae", "text_encoder") * with_encoders:
-            refuse_pickle(local / sub, what)
+    parts = ("unet",) * with_unet + ("vae", "text_encoder") * with_encoders
+    safe = safe_weights(what, src.allow_pickle, *(local / sub for sub in parts if local.exists()))
     vae_name = _class_name(local / "vae" / "config.json", what)
     vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
     try:
         kw = dict(local_files_only=local.exists(), revision=src.revision)
         # Tokenizer and configs have no variants; safetensors only unless allowed.
-        weights = dict(kw, variant=src.variant, use_safetensors=None if src.allow_pickle else True)
+        weights = dict(kw, variant=src.variant, **safe)
         return PipelineParts(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None,
             vae=vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None,
