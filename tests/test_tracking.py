@@ -1,4 +1,5 @@
 import json
+import time
 
 from sdkd.train.loop import _truncate_metrics
 from sdkd.train.tracking import JsonlTracker, tracker_list
@@ -43,7 +44,9 @@ def test_logged_images_carry_their_prompts(tmp_path, monkeypatch):
         tracker.finish()
     # wandb (offline): the history row of the images holds their captions, stored as JSON in the run file
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    record = run_file.read_bytes()
+    deadline = time.monotonic() + 60  # wandb's service process may still be writing after finish() returns
+    while b"captions" not in (record := run_file.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"captions" in record and b'["a red fox","a blue car"]' in record
     # tensorboard images have no captions: the prompts are text beside them, numbered in image order
     events = EventAccumulator(str(tmp_path / "tb"))
