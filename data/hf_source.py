@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdkd.data.sources import CaptionedImageDataset, CorruptImageError, open_image
 from sdkd.data.transforms import Preprocess
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

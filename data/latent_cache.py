@@ -1,4 +1,4 @@
-"""Latent cache: VAE posteriors and text embeddings computed once (`data/cache_latents.py`), read by every
+"""Latent cache: VAE posteriors and text embeddings computed once (`train/cache_latents.py`), read by every
 trainer with `data.cache=PATH` instead of images, so no VAE or text encoder runs (or is loaded) per step.
 
 Layout of a cache folder:
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.data.transforms import dropout_rng
-from sdkd.train.errors import UserError, first_line
+from sdkd.cli.errors import UserError, first_line
 
 FORMAT = "sdkd-latent-cache"
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ class CachedLatents(Dataset):
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
             raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
-                            f"write one with data/cache_latents.py)")
+                            f"write one with train/cache_latents.py)")
         try:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             if self.manifest.get("format") != FORMAT:
@@ -61,7 +61,7 @@ class CachedLatents(Dataset):
             self.offsets = np.cumsum([0] + [int(s["samples"]) for s in self.manifest["shards"]])
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"config key 'data.cache': {manifest_path} is not a latent cache manifest "
-                            f"({first_line(err)}); write the cache again with data/cache_latents.py") from None
+                            f"({first_line(err)}); write the cache again with train/cache_latents.py") from None
         self._open: dict[int, Any] = {}
 
     def __getstate__(self) -> dict:  # open files stay in the process that opened them

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdkd.data.sources import _read_metadata, open_image
 from sdkd.data.transforms import BadSample, caption_candidates, resize_shorter_side
-from sdkd.train.errors import UserError, run_cli
+from sdkd.cli.errors import UserError, run_cli
 
 MANIFEST = "manifest.json"
 FORMAT = "sdkd-shards"

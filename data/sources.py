@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.data.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
 from sdkd.train.config import DataConfig
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Shared behaviour

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdkd.train.errors import UserError, run_cli
+from sdkd.cli.errors import UserError, run_cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def _teacher_pipe(teacher: str):
         return build_random_pipeline(SD15_UNET, widths="sd15")
     if teacher == "toy":
         return build_toy_pipeline()
-    from sdkd.train.export import load_source
+    from sdkd.train.model_files import load_source
 
     return load_source(teacher).pipe
 
@@ -197,7 +197,7 @@ def models(args):
     unets = {"teacher": base.unet}
     for preset in presets:
         unets[preset] = build_student(base.unet, PRESETS[preset])
-    from sdkd.train.export import load_source
+    from sdkd.train.model_files import load_source
 
     extra = {Path(path).name: load_source(path).pipe for path in args.model or []}
     return base, unets, extra

@@ -24,8 +24,8 @@ from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffus
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from sdkd.train.errors import UserError
-from sdkd.train.export import load_source, load_vae
+from sdkd.cli.errors import UserError
+from sdkd.train.model_files import load_source, load_vae
 from sdkd.train.lora_io import load_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -17,7 +17,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from sdkd.train.errors import UserError, run_cli
+from sdkd.cli.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,7 @@ def launch_trainer(script: str, config: str, out, *overrides, num_processes: int
 
 def save_toy_student(folder: Path, preset: str) -> Path:
     """A toy student pipeline folder: what train/kd.py leaves in OUTPUT/student."""
-    from sdkd.train.export import save_pipeline
+    from sdkd.train.model_files import save_pipeline
     from sdkd.train.students import PRESETS, build_student
     from sdkd.train.toy import build_toy_pipeline
 

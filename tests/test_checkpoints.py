@@ -9,7 +9,7 @@ from diffusers.training_utils import EMAModel
 
 from sdkd.train.checkpoints import (Checkpointer, checkpoint_problem, find_latest, list_checkpoints,
                                     resolve_resume)
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 
 @pytest.fixture

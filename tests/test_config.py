@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sdkd.train.config import (LR_SCHEDULERS, TRAINER_SCHEMAS, Config, load_config, load_trainer_config, parse_args, save_config)
-from sdkd.train.errors import ConfigError
+from sdkd.cli.errors import ConfigError
 
 from conftest import ROOT, run_script
 

@@ -1,5 +1,5 @@
 """End to end: `accelerate launch train/kd.py` reading WebDataset shards on 2 processes, and reading a
-latent cache made by `data/cache_latents.py`."""
+latent cache made by `train/cache_latents.py`."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_training_from_the_latent_cache_matches_training_without_it(tmp_path, to
     cache = tmp_path / "cache"
     # Through the same launcher as training, so that both run with the same thread count (the VAE's
     # results differ in the last bits between thread counts).
-    made = accelerate_launch(["data/cache_latents.py", *common, f"data.cache={cache}", "--shard-size", "5"])
+    made = accelerate_launch(["train/cache_latents.py", *common, f"data.cache={cache}", "--shard-size", "5"])
     assert made.returncode == 0, made.stderr[-3000:]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["samples"] == 16 and [s["samples"] for s in manifest["shards"]] == [5, 5, 5, 1]

@@ -13,7 +13,7 @@ from sdkd.data.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources import SyntheticCaptions, build_dataset, collate
 from sdkd.data.transforms import ImageTransform, Preprocess
 from sdkd.train.config import DataConfig
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.objective import BatchEncoder, CachedEncoder, StepRandom, build_encoder
 from sdkd.train.teacher import load_teacher
 

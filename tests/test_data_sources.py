@@ -24,7 +24,7 @@ from sdkd.data.sources import (
 )
 from sdkd.data.transforms import ImageTransform
 from sdkd.train.config import DataConfig
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 R = 32
 

@@ -21,8 +21,9 @@ from safetensors import safe_open
 
 from conftest import run_script
 from sdkd.train import export as E
+from sdkd.train import model_files as M
 from sdkd.train import ldm_layout as L
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.students import PRESETS, build_student, student_unet_config
 from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
 from sdkd.train.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
@@ -116,11 +117,11 @@ def test_ldm_single_file_whole_pipeline_in_diffusers(layout_dirs, tmp_path):
 def test_single_file_metadata_rebuilds_the_pipeline(layout, target, layout_dirs, tmp_path):
     """(bk_base / bk_small are refused for sdcpp: tested below.)"""
     file = E.export(str(layout_dirs[layout]), "single-file", str(tmp_path / "m.safetensors"), target=target)
-    meta = E.read_metadata(file)
+    meta = M.read_metadata(file)
     assert meta["sdkd.numbering"] == target
     assert json.loads(meta["sdkd.unet_config"])["block_out_channels"] == json.loads(
         (layout_dirs[layout] / "unet" / "config.json").read_text())["block_out_channels"]
-    pipe = E.load_single_file(file)
+    pipe = M.load_single_file(file)
     ref = StableDiffusionPipeline.from_pretrained(layout_dirs[layout])
     for name in ("unet", "vae", "text_encoder"):
         assert_same_state(getattr(pipe, name), getattr(ref, name))
@@ -133,7 +134,7 @@ def test_sd2_single_file_round_trips(layout, target, tmp_path):
     """SD-2.x traits at toy widths: linear proj_in/proj_out stay 2-D, the text encoder is written in
     OpenCLIP names (q/k/v fused into in_proj), and our loader gets every tensor back."""
     pipe = layout_pipeline(layout, widths="toy_sd2")
-    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / "m.safetensors", target=target)
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "m.safetensors", target=target)
     with safe_open(str(file), framework="pt") as st:
         keys = set(st.keys())
         proj_in = st.get_tensor(L.UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
@@ -141,7 +142,7 @@ def test_sd2_single_file_round_trips(layout, target, tmp_path):
     assert proj_in.dim() == 2 and in_proj.shape == (3 * 32, 32)
     assert L.OPENCLIP_PREFIX + "token_embedding.weight" in keys
     assert not [k for k in keys if k.startswith("cond_stage_model.transformer.")]
-    ours = E.load_single_file(file)
+    ours = M.load_single_file(file)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_state(getattr(ours, name), getattr(pipe, name))
     assert L.unet_layout(ours.unet.config) == layout and L.family(ours.unet.config) == "sd2"
@@ -207,8 +208,8 @@ def run_dir(toy_teacher_dir, tmp_path):
 
 
 def test_export_run_folder_ema_and_checkpoint(run_dir, tmp_path):
-    plain = E.load_source(run_dir)
-    ema = E.load_source(run_dir, ema=True)
+    plain = M.load_source(run_dir)
+    ema = M.load_source(run_dir, ema=True)
     delta = (ema.pipe.unet.conv_in.weight - plain.pipe.unet.conv_in.weight).abs().mean()
     assert torch.isclose(delta, torch.tensor(0.5))
     r = run_script([sys.executable, "train/export.py", str(run_dir / "checkpoint-5"), "--format", "diffusers",
@@ -235,7 +236,7 @@ def test_export_errors(layout_dirs, run_dir, tmp_path):
             E.main(args)
     (run_dir / "checkpoint-5" / "unet_ema").rename(run_dir / "checkpoint-5" / "gone")
     with pytest.raises(UserError, match="no EMA weights"):
-        E.load_source(run_dir, ema=True)
+        M.load_source(run_dir, ema=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +247,9 @@ def test_export_errors(layout_dirs, run_dir, tmp_path):
 def test_sd15_ldm_file_reads_back_in_diffusers(tmp_path):
     """Real widths, the layout sd.cpp cannot run: diffusers from_single_file gets the exact weights."""
     pipe = layout_pipeline("bk_small", widths="sd15")
-    source = E.Source(pipe, "test")
-    E.export_diffusers(source, tmp_path / "folder", half=True)
-    file = E.export_single_file(source, tmp_path / "m.safetensors", target="ldm", half=True)
+    source = M.Source(pipe, "test")
+    M.export_diffusers(source, tmp_path / "folder", half=True)
+    file = M.export_single_file(source, tmp_path / "m.safetensors", target="ldm", half=True)
     unet = UNet2DConditionModel.from_single_file(str(file), config=str(tmp_path / "folder"), subfolder="unet",
                                                  local_files_only=True, torch_dtype=torch.float16)
     assert_same_state(unet, pipe.unet)
@@ -267,7 +268,7 @@ def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, versi
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
     pipe = layout_pipeline(layout, widths=widths)
-    file = E.export_single_file(E.Source(pipe, "test"), tmp_path / f"{layout}-{widths}.safetensors",
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / f"{layout}-{widths}.safetensors",
                                 target="sdcpp", half=True)
     del pipe
     gc.collect()
@@ -283,7 +284,7 @@ def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, versi
     detected = [m for m in logs if "Version:" in m]
     assert detected and detected[0].split("Version:")[1].strip() == version, detected
     # our own pipeline loads the same file
-    ours = E.load_single_file(file)
+    ours = M.load_single_file(file)
     assert L.unet_layout(ours.unet.config) == layout
     assert L.family(ours.unet.config) == ("sd2" if widths == "sd21" else "sd1")
     assert ours.text_encoder.config.hidden_size == (1024 if widths == "sd21" else 768)

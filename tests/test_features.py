@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from sdkd.train.config import StudentConfig
-from sdkd.train.errors import ConfigError
+from sdkd.cli.errors import ConfigError
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.students import PRESETS, build_student, removal_spec, student_unet_config
 from sdkd.train.toy import build_toy_pipeline

@@ -182,7 +182,7 @@ class Assets:
     @functools.cached_property
     def single_file(self) -> Path:
         """The bk_small toy student as an sdkd single file (--format single-file, ldm numbering)."""
-        from sdkd.train.export import export_single_file, load_source
+        from sdkd.train.model_files import export_single_file, load_source
 
         return export_single_file(load_source(self.student), self.folder / "student.safetensors")
 
@@ -731,7 +731,7 @@ TOOL_CASES = [
     case("students-preset-unknown", "train/students.py", lambda c: ["--teacher", "toy", "--preset", "huge"],
          "'huge'"),
     case("make-shards-missing-input", "data/make_shards.py", make_shards_missing_input, "{ws}/no_images"),
-    case("cache-latents-output-is-a-file", "data/cache_latents.py", cache_latents_to_a_file,
+    case("cache-latents-output-is-a-file", "train/cache_latents.py", cache_latents_to_a_file,
          "{ws}/precious/thesis.tex"),
 ]
 

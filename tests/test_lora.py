@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sdkd.train import ldm_layout, lora_io
 from sdkd.train.config import LoraSection
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.students import PRESETS, build_student, student_unet_config
 from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
 from sdkd.train.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline

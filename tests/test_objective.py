@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.losses import KDLoss
 from sdkd.train.objective import DiffusionObjective, StepRandom, set_prediction_type
 from sdkd.train.toy import TOY_UNET
@@ -82,7 +82,7 @@ def test_prediction_type_must_match_a_kd_teacher():
 
 
 def test_export_writes_the_trained_prediction_type(tmp_path):
-    from sdkd.train.export import save_pipeline
+    from sdkd.train.model_files import save_pipeline
 
     save_pipeline(UNet2DConditionModel(**TOY_UNET), "toy", tmp_path, prediction_type="v_prediction")
     assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \

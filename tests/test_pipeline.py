@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from conftest import run_script
 from sdkd.eval.pipeline import load_pipeline, resolve_device_dtype
 from sdkd.train import export as E
-from sdkd.train.errors import UserError
+from sdkd.train import model_files as M
+from sdkd.cli.errors import UserError
 from sdkd.train.students import PRESETS, build_student
 
 
@@ -116,7 +117,7 @@ def test_bad_inputs(models, tmp_path):
     with pytest.raises(UserError, match="no sdkd metadata"):
         load_pipeline(foreign)
     # metadata of bk_tiny, tensors of something else: a file of an unknown layout
-    meta = E.read_metadata(models["ldm"])
+    meta = M.read_metadata(models["ldm"])
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(foreign), metadata=meta)
     with pytest.raises(UserError, match="do not match the layout"):
         load_pipeline(foreign)

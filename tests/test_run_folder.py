@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from sdkd.train import run_folder
 from sdkd.train.config import Config, load_config
-from sdkd.train.errors import ConfigError, UserError
+from sdkd.cli.errors import ConfigError, UserError
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from conftest import run_script, save_toy_student
 from sdkd.eval.pipeline import load_pipeline
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 
 def _shifted(unet_dir, out, delta: float) -> None:

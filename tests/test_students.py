@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from conftest import ROOT, run_script
 from sdkd.train.config import StudentConfig
-from sdkd.train.errors import ConfigError, run_cli
+from sdkd.cli.errors import ConfigError, run_cli
 from sdkd.train.students import (PRESETS, RemovalSpec, build_student, count_params, main, removal_spec,
                                  removed_modules, student_unet_config, weight_map)
 from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET

@@ -4,7 +4,7 @@ pickle weights refused unless allowed."""
 import pytest
 import torch
 
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.teacher import PipelineSource, load_teacher
 
 

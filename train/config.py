@@ -22,7 +22,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.train.errors import ConfigError, first_line, run_cli
+from sdkd.cli.errors import ConfigError, first_line, run_cli
 
 try:
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
@@ -184,7 +184,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """webdataset: samples held in the shuffle buffer of each worker (0: no sample shuffle)."""
     cache: Optional[str] = None
-    """Folder of precomputed latents and text embeddings (data/cache_latents.py writes it); trainers then
+    """Folder of precomputed latents and text embeddings (train/cache_latents.py writes it); trainers then
     read it instead of `source` and load no VAE or text encoder for the step."""
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from accelerate.utils import gather_object
 
-from sdkd.train.errors import ReportedElsewhere, UserError
+from sdkd.cli.errors import ReportedElsewhere, UserError
 
 
 def agree(acc, problem: str | None) -> None:

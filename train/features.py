@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from sdkd.train.config import StudentConfig
-from sdkd.train.errors import ConfigError
+from sdkd.cli.errors import ConfigError
 from sdkd.train.students import RemovalSpec
 
 Pair = tuple[str, str]

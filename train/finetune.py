@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from sdkd.data.sources import build_dataset
 from sdkd.train.config import FinetuneConfig, load_trainer_config
 from sdkd.train.distributed import main_process_first
-from sdkd.train.errors import UserError, run_cli
-from sdkd.train.export import save_pipeline
+from sdkd.cli.errors import UserError, run_cli
+from sdkd.train.model_files import save_pipeline
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.losses import KDLoss
 from sdkd.train.objective import DiffusionObjective, build_encoder, kd_objective, set_prediction_type

@@ -10,8 +10,8 @@ import sys
 from sdkd.data.sources import build_dataset
 from sdkd.train.config import load_trainer_config
 from sdkd.train.distributed import main_process_first
-from sdkd.train.errors import run_cli
-from sdkd.train.export import save_pipeline
+from sdkd.cli.errors import run_cli
+from sdkd.train.model_files import save_pipeline
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype
 from sdkd.train.objective import build_encoder, kd_objective, set_prediction_type
 from sdkd.train.students import build_student, removal_spec

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 NUMBERINGS = ("ldm", "sdcpp")
 UNET_PREFIX = "model.diffusion_model."

@@ -28,7 +28,7 @@ from sdkd.train.sampling import make_grid, sample_images
 from sdkd.train import console, run_folder, tracking
 from sdkd.train.checkpoints import Checkpointer, ModelState, list_checkpoints, resolve_resume
 from sdkd.train.config import Config, OptimConfig, resolve_max_steps
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.objective import StepRandom
 
 

@@ -18,8 +18,8 @@ import torch
 
 from sdkd.train import lora_io
 from sdkd.train.config import load_trainer_config
-from sdkd.train.errors import run_cli
-from sdkd.train.export import write_lora_card
+from sdkd.cli.errors import run_cli
+from sdkd.train.model_files import write_lora_card
 from sdkd.train.finetune import prepare_run
 from sdkd.train.ldm_layout import UnsupportedLayout
 from sdkd.train.loop import Trainer, make_accelerator, weight_dtype

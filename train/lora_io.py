@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from sdkd.train import ldm_layout
 from sdkd.train.checkpoints import ModelState
 from sdkd.train.config import LoraSection
-from sdkd.train.errors import UserError, first_line, run_cli
+from sdkd.cli.errors import UserError, first_line, run_cli
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SDCPP_FILE = "lora_sdcpp.safetensors"

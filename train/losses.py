@@ -14,7 +14,7 @@ import torch
 from diffusers.training_utils import compute_snr
 
 from sdkd.train.config import LossConfig
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
 from sdkd.train.students import removal_spec

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from sdkd.train.config import Config, save_config
-from sdkd.train.errors import UserError
+from sdkd.cli.errors import UserError
 from sdkd.train.distributed import agree
 
 LOCK = ".lock"

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdkd.train.config import StudentConfig, check_student
-from sdkd.train.errors import ConfigError, UserError, run_cli
+from sdkd.cli.errors import ConfigError, UserError, run_cli
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")

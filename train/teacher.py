@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdkd.train.errors import UserError, first_line
+from sdkd.cli.errors import UserError, first_line
 
 
 @dataclass

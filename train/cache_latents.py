@@ -1,6 +1,6 @@
 """Precompute VAE latents (posterior mean and std) and text embeddings of a training set, once.
 
-    python data/cache_latents.py --config CONFIG data.cache=CACHE_DIR [--shard-size 1000] [--dtype fp32]
+    python train/cache_latents.py --config CONFIG data.cache=CACHE_DIR [--shard-size 1000] [--dtype fp32]
                                  [--batch-size N] [key=value ...]
 
 Reads the data the config describes (`data.source`, `data.path`, ..., at `data.resolution`, augmented as
@@ -30,7 +30,7 @@ import torch
 from sdkd.data.latent_cache import DTYPES, write_cache
 from sdkd.data.sources import build_dataset
 from sdkd.train.config import load_config
-from sdkd.train.errors import UserError, run_cli
+from sdkd.cli.errors import UserError, run_cli
 from sdkd.train.objective import BatchEncoder
 from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
