@@ -30,10 +30,10 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ $# -eq 0 ]]; then echo "error: no trainer given (e.g. train/kd.py --config configs/toy.yaml)" >&2; exit 2; fi
 # A bad config stops here, once, with its one-line error, before any process starts. The trainer's
-# --help and --print-config are answered here too, once, and nothing starts.
-python -m sdkd.train.config "$@" || exit $?
+# --help and --print-config (which win over --check-config) are answered here too, once, and nothing starts.
+python "$@" --check-config || exit $?
 for arg in "$@"; do
-  case "$arg" in -h|--help|--print-config) exit 0 ;; esac
+  case "$arg" in -h|--help|--print-config|--check-config) exit 0 ;; esac
 done
 if [[ -z "$gpus" ]]; then
   gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")

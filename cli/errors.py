@@ -1,6 +1,7 @@
 """User mistakes and how every entry point reports them: one line on stderr, exit code 2, no traceback.
 
-Nothing heavy is imported here: `launch.sh` checks configs with this and train/config.py alone.
+Nothing heavy is imported here: the config modules (data/config.py, train/config.py) use it for --help
+and config checks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key with a wrong, missing or out-of-range value; the message names the key."""
+
+
+def require(ok: bool, key: str, expected: str) -> None:
+    """A config check: unless `ok`, a ConfigError naming `key` and what was `expected` of it."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': {expected}")
 
 
 class ReportedElsewhere(UserError):

@@ -1,16 +1,19 @@
-"""Latent cache: VAE posteriors and text embeddings computed once (`train/cache_latents.py`), read by every
+"""Latent cache: VAE posteriors and text conditioning computed once (`train/cache_latents.py`), read by every
 trainer with `data.cache=PATH` instead of images, so no VAE or text encoder runs (or is loaded) per step.
 
 Layout of a cache folder:
 
 - `latents-NNNNNN.safetensors`: per shard, tensors `mean` and `std` [n, C, h, w] (the VAE posterior's
   mean and standard deviation, so the latent is still sampled at train time: `(mean + std * noise) *
-  scaling_factor` with the step's generator), `embeds` [n, 77, D], `original_size` and `crop_top_left`
-  [n, 2]; metadata `captions` and `keys` (JSON lists).
-- `empty_prompt.safetensors`: `embeds` [77, D] of "", for caption dropout at train time.
+  scaling_factor` with the step's generator), the model family's conditioning tensors by name
+  (train/families.py; SD-1.x/2.x: `embeds` [n, 77, D]), `original_size` and `crop_top_left` [n, 2];
+  metadata `captions` and `keys` (JSON lists).
+- `empty_prompt.safetensors`: the caption-made conditioning tensors of "" (SD: `embeds` [77, D]), swapped
+  in by caption dropout at train time.
 - `manifest.json`: `format`, `samples`, `shards` ([{"name", "samples"}]), `scaling_factor`, `latent_shape`,
-  `embed_shape`, `dtype`, `teacher`, `resolution`, `data` (the source config it was made from), `skipped`.
-  Written last: a folder without it is incomplete.
+  `embed_shape`, `family` and `fields` (the model family and its conditioning tensors' names; a trainer of
+  another family refuses the cache), `dtype`, `teacher`, `resolution`, `data` (the source config it was
+  made from), `skipped`. Written last: a folder without it is incomplete.
 
 Sample `i` of the cache is sample `i` of the source in index order (bad samples left out), and the
 cache is a map-style dataset: the trainer shards, shuffles and resumes it exactly like the source.
@@ -38,6 +41,8 @@ FORMAT = "sdkd-latent-cache"
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What caches written before manifests named their family hold: SD-1.x/2.x's conditioning.
+LEGACY_FAMILY = {"family": "sd", "fields": ["embeds"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +50,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CachedLatents(Dataset):
-    """Item `i`: {"latent_mean", "latent_std", "embeds", "caption", "original_size", "crop_top_left", "key"}."""
+    """Item `i`: {"latent_mean", "latent_std", the conditioning tensors by name (`fields`; SD: "embeds"),
+    "caption", "original_size", "crop_top_left", "key"}."""
 
     def __init__(self, path: str | Path, seed: int = 0, caption_dropout: float = 0.0):
         self.root, self.seed, self.caption_dropout, self.epoch = Path(path), seed, caption_dropout, 0
@@ -58,6 +64,8 @@ class CachedLatents(Dataset):
             if self.manifest.get("format") != FORMAT:
                 raise ValueError("no sdkd latent-cache format tag")
             self.names = [str(s["name"]) for s in self.manifest["shards"]]
+            self.family = str(self.manifest.get("family", LEGACY_FAMILY["family"]))
+            self.fields = [str(name) for name in self.manifest.get("fields", LEGACY_FAMILY["fields"])]
             self.offsets = np.cumsum([0] + [int(s["samples"]) for s in self.manifest["shards"]])
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"config key 'data.cache': {manifest_path} is not a latent cache manifest "
@@ -74,8 +82,12 @@ class CachedLatents(Dataset):
         self.epoch = epoch
 
     def check_teacher(self, parts, resolution: int) -> None:
-        """The cache must come from this teacher's VAE and text encoder width, at this resolution."""
+        """The cache must come from this teacher's model family, VAE and text encoder width, at this resolution."""
         m = self.manifest
+        if (self.family, self.fields) != (parts.family.name, list(parts.family.fields)):
+            raise UserError(f"latent cache {self.root} was made for model family '{self.family}' (tensors "
+                            f"{', '.join(self.fields)}), the teacher is of family '{parts.family.name}' (tensors "
+                            f"{', '.join(parts.family.fields)}); write a cache with this teacher")
         if m["resolution"] != resolution:
             raise UserError(f"config key 'data.resolution': {resolution}, but the latent cache {self.root} was made "
                             f"at {m['resolution']}")
@@ -94,9 +106,9 @@ class CachedLatents(Dataset):
             self._open[k] = (handle, json.loads(meta["captions"]), json.loads(meta["keys"]))
         return self._open[k]
 
-    def _empty_prompt(self) -> torch.Tensor:
+    def _empty_prompt(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_empty"):
-            self._empty = load_file(self.root / EMPTY_PROMPT)["embeds"]
+            self._empty = load_file(self.root / EMPTY_PROMPT)
         return self._empty
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -109,14 +121,16 @@ class CachedLatents(Dataset):
         sample = {
             "latent_mean": get("mean"),
             "latent_std": get("std"),
-            "embeds": get("embeds"),
+            **{name: get(name) for name in self.fields},
             "caption": captions[j],
             "original_size": tuple(get("original_size").tolist()),
             "crop_top_left": tuple(get("crop_top_left").tolist()),
             "key": keys[j],
         }
         if self.caption_dropout > 0 and dropout_rng(self.seed, self.epoch, index).random() < self.caption_dropout:
-            sample["embeds"], sample["caption"] = self._empty_prompt().to(sample["embeds"].dtype), ""
+            for name, empty in self._empty_prompt().items():
+                sample[name] = empty.to(sample[name].dtype)
+            sample["caption"] = ""
         return sample
 
 
@@ -142,10 +156,11 @@ class _ShardWriter:
             return
         rows, self._rows = self._rows, []
         name = f"latents-{len(self.shards):06d}.safetensors"
-        tensors = {key: torch.stack([r[key] for r in rows]).contiguous()
-                   for key in ("mean", "std", "embeds", "original_size", "crop_top_left")}
-        for key in ("mean", "std", "embeds"):
-            tensors[key] = tensors[key].to(self.dtype)
+        tensors = {key: torch.stack([r[key] for r in rows]).contiguous() for key in rows[0]
+                   if key not in ("caption", "key")}
+        for key, t in tensors.items():  # the posterior and the conditioning; the integer sizes stay exact
+            if t.is_floating_point():
+                tensors[key] = t.to(self.dtype)
         meta = {"captions": json.dumps([r["caption"] for r in rows]), "keys": json.dumps([r["key"] for r in rows])}
         tmp = self.root / f".{name}.tmp"
         save_file(tensors, tmp, metadata=meta)
@@ -157,7 +172,8 @@ def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int =
                 shard_size: int = 1000, dtype: str = "fp32", strict: bool = False, info: dict | None = None,
                 log=print) -> dict:
     """Encode every sample of `dataset` once, in index order, with `encoder` (a `BatchEncoder`: its
-    `posterior` and `embed`); returns the manifest. Bad samples are left out, named and counted."""
+    `posterior`, `conditioning` and `empty_prompt`); returns the manifest. Bad samples are left out, named
+    and counted."""
     from sdkd.data.sources import collate
 
     root = Path(out)
@@ -181,16 +197,17 @@ def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int =
         if not batch["captions"]:
             continue
         mean, std = encoder.posterior(batch)
-        embeds = encoder.embed(batch["captions"])
-        latent_shape, embed_shape = list(mean.shape[1:]), list(embeds.shape[1:])
+        cond = encoder.conditioning(batch)
+        latent_shape, embed_shape = list(mean.shape[1:]), list(cond.hidden_states.shape[1:])
         for i, caption in enumerate(batch["captions"]):
-            writer.add(mean=mean[i].cpu(), std=std[i].cpu(), embeds=embeds[i].cpu(), caption=caption,
-                       key=batch["keys"][i], original_size=batch["original_size"][i],
+            writer.add(mean=mean[i].cpu(), std=std[i].cpu(), **{k: t[i].cpu() for k, t in cond.tensors().items()},
+                       caption=caption, key=batch["keys"][i], original_size=batch["original_size"][i],
                        crop_top_left=batch["crop_top_left"][i])
     writer.flush()
     if not writer.shards:
         raise UserError("latent cache: no sample could be read")
-    save_file({"embeds": encoder.embed([""])[0].cpu().to(DTYPES[dtype]).contiguous()}, root / EMPTY_PROMPT)
+    save_file({k: t.cpu().to(DTYPES[dtype]).contiguous() for k, t in encoder.empty_prompt().items()},
+              root / EMPTY_PROMPT)
     manifest = {
         "format": FORMAT,
         "samples": sum(s["samples"] for s in writer.shards),
@@ -198,6 +215,8 @@ def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int =
         "scaling_factor": float(encoder.vae.config.scaling_factor),
         "latent_shape": latent_shape,
         "embed_shape": embed_shape,
+        "family": encoder.family.name,
+        "fields": list(encoder.family.fields),
         "dtype": dtype,
         "skipped": skipped,
         **(info or {}),

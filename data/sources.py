@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.data.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 # ---------------------------------------------------------------------------------------------

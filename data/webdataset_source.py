@@ -44,7 +44,7 @@ from webdataset.utils import make_seed, pytorch_worker_info
 
 from sdkd.data.sources import open_image
 from sdkd.data.transforms import BadSample, Preprocess, dropout_rng, skip_marker
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 IMAGE_FIELDS = "jpg;jpeg;png;webp"

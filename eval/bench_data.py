@@ -11,7 +11,7 @@ latent cache.
   which include worker start-up, are not timed). Also the per-sample cost in one process: JPEG decode,
   then resize + crop + flip + to tensor. The number of workers a GPU needs is the step's sample rate
   divided by the per-worker rate (the rates of the recipes in losses-and-recipes.md are printed).
-- **cache**: the real `Trainer.optimizer_step` (KD step, as in eval/bench_kd_step.py) with the
+- **cache**: the real `Loop.optimizer_step` (KD step, as in eval/bench_kd_step.py) with the
   `BatchEncoder` (VAE encode + text encode inside the step: no cache) against the `CachedEncoder` (latent
   drawn from a cached mean/std: `data.cache`), for the toy and for SD-1.5 widths (U-Net, VAE and
   CLIP-L at random weights, `--latent` latent size, i.e. 8x pixels), interleaved, median of repeats.
@@ -138,30 +138,25 @@ def report_loader(r: dict) -> str:
 
 
 def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -> dict:
-    from diffusers.optimization import get_scheduler
-
-    from sdkd.eval.bench_kd_step import build_bench
-    from sdkd.train.loop import Trainer, build_optimizer
+    from sdkd.eval.bench_setup import build_bench
+    from sdkd.train.loop import Loop
     from sdkd.train.objective import CachedEncoder, StepRandom
 
     b = build_bench(name, latent, batch)
     mean, std = b.encoder.posterior(b.batch)
     cached = {"latent_mean": mean, "latent_std": std, "embeds": b.encoder.embed(b.batch["captions"])}
-    params = b.params
-    optimizer = build_optimizer(params, b.cfg.optim)
-    lr_schedule = get_scheduler(b.cfg.optim.lr_scheduler, optimizer)
-    wrapped, optimizer, lr_schedule = b.acc.prepare(b.student, optimizer, lr_schedule)
+    loop = Loop(b.cfg, b.acc, b.task(b.encoder), dataset=None)
+    loop.prepare(max_steps=warmup + repeats)
     encoders = {"without cache": (b.encoder, b.batch),
                 "with cache": (CachedEncoder(b.parts.vae.config.scaling_factor, b.acc.device), cached)}
     times = {label: [] for label in encoders}
     rng = StepRandom(SEED, b.acc.device, batch)
     for i in range(warmup + repeats):
         for label, (encoder, batch_) in encoders.items():
-            trainer = Trainer(cfg=b.cfg, accelerator=b.acc, model=b.student, objective=b.objective, encoder=encoder,
-                              dataset=None, parts=b.parts, export=None)
+            loop.task.encoder = encoder
             rng.manual_seed(SEED)
             start = time.perf_counter()
-            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, itertools.repeat(batch_), rng)
+            loop.optimizer_step(0, itertools.repeat(batch_), rng)
             if i >= warmup:
                 times[label].append(time.perf_counter() - start)
     result = {"model": name, "latent": latent, "pixels": b.cfg.data.resolution, "batch": batch, "repeats": repeats,

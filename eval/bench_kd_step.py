@@ -5,7 +5,7 @@
 
 One run, on one set of models and inputs per model, measures:
 
-- the **KD step**: the real `Trainer.optimizer_step` (sdkd.train.loop) on an `Accelerator(cpu=True)`
+- the **KD step**: the real `Loop.optimizer_step` (sdkd.train.loop) on an `Accelerator(cpu=True)`
   with the prepared student, the `build_optimizer` AdamW (`optim.implementation: auto`), a constant
   LR schedule, the real `DiffusionObjective` (teacher, feature hooks, `KDLoss`) and the default
   config (bk_small, BK-SDM's feature pairs, grad clipping at 1.0, grad_accum 1). Its encoder hands
@@ -48,24 +48,15 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 
-from sdkd.data.sources import build_dataset, collate
-from sdkd.train.config import Config, DataConfig
-from sdkd.train.loop import Trainer, build_optimizer, weight_dtype
-from sdkd.train.objective import BatchEncoder, DiffusionObjective, StepRandom, kd_objective
-from sdkd.train.sd_configs import SD15_UNET
-from sdkd.train.students import build_student, removal_spec
-from sdkd.train.teacher import PipelineParts, freeze, load_teacher
-from sdkd.train.toy import build_random_pipeline
+from sdkd.eval.bench_setup import SEED, Bench, build_bench
+from sdkd.train.loop import Loop, build_optimizer
+from sdkd.train.objective import StepRandom
 
-SEED = 0
 TARGET = 1.10
 PARTS = {
     "teacher_forward": "teacher forward (no_grad, hooks)",
@@ -75,12 +66,6 @@ PARTS = {
 }
 IMPLEMENTATIONS = ("fused", "foreach", "loop")
 DEFAULT_BATCH = {"toy": 8, "sd15": 1}  # toy: configs/toy.yaml; sd15: 128 px, batch 1 as in the issue
-
-
-def sd15_parts() -> PipelineParts:
-    """SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder at their real widths, random weights."""
-    p = build_random_pipeline(SD15_UNET, widths="sd15")
-    return PipelineParts(p.unet, p.vae, p.text_encoder, p.tokenizer, p.scheduler)
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -124,52 +109,6 @@ class Clock:
 # Measurements
 
 
-@dataclass
-class Bench:
-    """One model's measured objects, set up as train/kd.py sets them up."""
-
-    name: str
-    cfg: Config
-    acc: Accelerator
-    parts: PipelineParts
-    student: UNet2DConditionModel
-    objective: DiffusionObjective
-    encoder: BatchEncoder
-    batch: dict           # collated synthetic images + captions (for the encoding line)
-    latents: torch.Tensor  # what the latent cache hands the step
-    embeds: torch.Tensor
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
-
-
-def build_bench(name: str, latent: int, batch_size: int) -> Bench:
-    torch.manual_seed(SEED)
-    parts = load_teacher("toy") if name == "toy" else sd15_parts()
-    cfg = Config(teacher=name, output_dir="unused")  # the library defaults are what is measured
-    cfg.train.batch_size = batch_size
-    cfg.data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
-    acc = Accelerator(cpu=True, mixed_precision="no")
-
-    student = build_student(parts.unet, removal_spec(cfg.student)).float()
-    student.train()
-    objective = kd_objective(cfg, parts.scheduler, student, parts.unet, latent, acc.autocast)  # the trainer's own
-    for frozen in (parts.unet, parts.vae, parts.text_encoder):
-        freeze(frozen, acc.device, weight_dtype(acc))
-
-    dataset = build_dataset(cfg.data, SEED)
-    batch = collate([dataset[i] for i in range(batch_size)])
-    encoder = BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
-    rng = StepRandom(SEED, acc.device, batch_size)
-    if name == "toy":
-        latents, embeds = encoder(batch, rng)
-    else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
-        latents = torch.randn(batch_size, 4, latent, latent, generator=rng.generator)
-        embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=rng.generator)
-    return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, embeds)
-
-
 def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: int) -> dict:
     b = build_bench(name, latent, batch_size)
     result = dict(
@@ -208,24 +147,20 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
 
 def time_step_and_parts(b: Bench, clock: Clock, iterations: int) -> str:
     """Per iteration: the real KD step, then the same step taken apart. Returns auto's AdamW kernel."""
-    params = b.params
-    optimizer = build_optimizer(params, b.cfg.optim)
-    group = optimizer.param_groups[0]
+    loop = Loop(b.cfg, b.acc, b.task(lambda batch, rng: (b.latents, b.embeds)), dataset=None)  # what the cache hands over
+    loop.prepare(max_steps=iterations)
+    unet = loop.modules["unet"]
+    group = unet.optimizer.param_groups[0]
     implementation = "fused" if group["fused"] else "foreach" if group["foreach"] else "loop"
-    lr_schedule = get_scheduler(b.cfg.optim.lr_scheduler, optimizer)
-    wrapped, optimizer, lr_schedule = b.acc.prepare(b.student, optimizer, lr_schedule)
-    trainer = Trainer(cfg=b.cfg, accelerator=b.acc, model=b.student, objective=b.objective,
-                      encoder=lambda batch, rng: (b.latents, b.embeds),  # what the latent cache hands over
-                      dataset=None, parts=b.parts, export=None)
     batches = itertools.repeat({})  # the encoder above ignores the batch
     rng = StepRandom(SEED, b.acc.device, b.cfg.train.batch_size)
     for _ in range(iterations):
         clock.new_row()
         rng.manual_seed(SEED)
         with clock("step"):
-            trainer.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, rng)
+            loop.optimizer_step(0, batches, rng)
         rng.manual_seed(SEED)
-        take_apart(b, wrapped, optimizer.optimizer, params, rng, clock)
+        take_apart(b, unet.wrapped, unet.optimizer.optimizer, b.params, rng, clock)
     return implementation
 
 
@@ -297,7 +232,7 @@ def report(r: dict) -> str:
     rows = [(label if key != "optimizer_step" else f"{label} ({auto})", r["parts"][key], *spread[key])
             for key, label in PARTS.items()]
     rows += [("sum of parts", r["sum_parts"], None, None),
-             ("KD step (Trainer.optimizer_step)", r["step"], *spread["step"])]
+             ("KD step (Loop.optimizer_step)", r["step"], *spread["step"])]
     extra, opt, enc = r["not_in_parts"], r["optimizer_step_only"], r["encode"]
     lines = [
         f"== {r['model']}: teacher {r['teacher_params']:,} params -> student bk_small {r['student_params']:,}; "

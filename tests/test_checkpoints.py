@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from sdkd.train.checkpoints import (Checkpointer, checkpoint_problem, find_latest, list_checkpoints,
+from sdkd.train.checkpoints import (Checkpointer, ModelState, checkpoint_problem, find_latest, list_checkpoints,
                                     resolve_resume)
 from sdkd.cli.errors import UserError
 
@@ -74,7 +74,7 @@ def test_save_load_roundtrip_rotation_and_ema(tmp_path, accelerator):
     model = tiny_unet()
     ema = EMAModel(model.parameters(), model_cls=UNet2DConditionModel, model_config=model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ckpt = Checkpointer(accelerator, tmp_path, 2, model, ema)
+    ckpt = Checkpointer(accelerator, tmp_path, 2, [(ModelState(model), ema)])
     model, opt = accelerator.prepare(model, opt)
     gen = torch.Generator().manual_seed(7)
 
@@ -111,7 +111,7 @@ def test_save_load_roundtrip_rotation_and_ema(tmp_path, accelerator):
 
 def test_stale_partial_write_is_replaced(tmp_path, accelerator):
     model = tiny_unet()
-    ckpt = Checkpointer(accelerator, tmp_path, None, model)
+    ckpt = Checkpointer(accelerator, tmp_path, None, [(ModelState(model), None)])
     model = accelerator.prepare(model)
     partial = tmp_path / ".tmp-checkpoint-4"
     partial.mkdir(parents=True)
@@ -139,7 +139,7 @@ def run_saves(tmp_path, accelerator, kill_at=None):
     from pathlib import Path
 
     model = tiny_unet()
-    ckpt = Checkpointer(accelerator, tmp_path, 2, model)
+    ckpt = Checkpointer(accelerator, tmp_path, 2, [(ModelState(model), None)])
     ops = {"n": 0}
     real_rename, real_rmtree = Path.rename, shutil.rmtree
 
@@ -181,7 +181,7 @@ def test_a_kill_at_any_point_of_saving_rotating_or_resaving_loses_nothing(tmp_pa
     for kill_at in range(1, total + 1):
         out = tmp_path / f"kill-{kill_at}"
         saved, _ = run_saves(out, accelerator, kill_at)
-        Checkpointer(accelerator, out, 2, tiny_unet())  # the next start recovers
+        Checkpointer(accelerator, out, 2, [(ModelState(tiny_unet()), None)])  # the next start recovers
         named = sorted(p.name for p in out.iterdir())
         assert all(n.startswith("checkpoint-") for n in named), (kill_at, named)  # nothing half-done left
         assert all(checkpoint_problem(out / n) is None for n in named), (kill_at, named)
@@ -197,7 +197,7 @@ def test_a_kill_at_any_point_of_saving_rotating_or_resaving_loses_nothing(tmp_pa
 
 def test_damaged_or_foreign_checkpoint_gives_one_line(tmp_path, accelerator):
     model = tiny_unet()
-    ckpt = Checkpointer(accelerator, tmp_path, None, model)
+    ckpt = Checkpointer(accelerator, tmp_path, None, [(ModelState(model), None)])
     model = accelerator.prepare(model)
     path = ckpt.save(1, torch.Generator())
     weights = path / "unet" / "diffusion_pytorch_model.safetensors"
@@ -208,6 +208,6 @@ def test_damaged_or_foreign_checkpoint_gives_one_line(tmp_path, accelerator):
 
     other = tiny_unet()  # another layout: wider blocks
     wide = UNet2DConditionModel(**{**other.config, "block_out_channels": (16, 32), "norm_num_groups": 8})
-    path2 = Checkpointer(accelerator, tmp_path / "wide", None, wide).save(1, torch.Generator())
+    path2 = Checkpointer(accelerator, tmp_path / "wide", None, [(ModelState(wide), None)]).save(1, torch.Generator())
     with pytest.raises(UserError, match="cannot be loaded into this run: .*size"):
         ckpt.load(path2, torch.Generator())

@@ -1,11 +1,16 @@
+import ast
+import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 
 import pytest
 from omegaconf import OmegaConf
 
-from sdkd.train.config import (LR_SCHEDULERS, TRAINER_SCHEMAS, Config, load_config, load_trainer_config, parse_args, save_config)
+from sdkd.data.config import DataSource, Interpolation
+from sdkd.train.config import (Config, FinetuneConfig, LoraTrainConfig, LRScheduler, MixedPrecision, Tracker,
+                               load_config, load_trainer_config, parse_args, save_config)
 from sdkd.cli.errors import ConfigError
 
 from conftest import ROOT, run_script
@@ -36,24 +41,28 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["student.preset=custom"], "config key 'student.keep_down'"),
     (["student.feature_pairs=custom"], "config key 'student.pairs'"),
     (["data.source=imagefolder"], "config key 'data.path': required"),
-    (["data.source=laion"], "config key 'data.source': expected synthetic, imagefolder, hf, webdataset, got 'laion'"),
+    (["data.source=laion"], "config key 'data.source': expected synthetic, imagefolder, hf or webdataset, got 'laion'"),
     (["data.source=webdataset"], "config key 'data.path': required when data.source=webdataset"),
-    (["data.caption_pick=longest"], "config key 'data.caption_pick': expected first or random"),
+    (["data.caption_pick=longest"], "config key 'data.caption_pick': expected first or random, got 'longest'"),
     (["data.caption_dropout=1.5"], "config key 'data.caption_dropout': must be in [0, 1]"),
     (["data.min_size=-1"], "config key 'data.min_size'"),
-    (["train.mixed_precision=fp8"], "config key 'train.mixed_precision'"),
+    (["train.mixed_precision=fp8"], "config key 'train.mixed_precision': expected no, fp16 or bf16, got 'fp8'"),
+    (["optim.implementation=apex"], "config key 'optim.implementation': expected auto, fused, foreach or loop, "
+                                    "got 'apex'"),
+    (["student.feature_pairs=all"], "config key 'student.feature_pairs': expected bk, segmind or custom, got 'all'"),
     (["train.seed=yes"], "config key 'train.seed': Value 'yes' of type 'str' could not be converted to Integer"),
     (["ema.enabled=maybe"], "config key 'ema.enabled': Value 'maybe' is not a valid bool"),
-    (["log.trackers=[mlflow]"], "config key 'log.trackers': unknown tracker 'mlflow'"),
+    (["log.trackers=[wandb,mlflow]"], "config key 'log.trackers[1]': expected wandb, tensorboard or none, "
+                                      "got 'mlflow'"),
     (["data.interpolation=cubic"], "config key 'data.interpolation': expected nearest, bilinear, bicubic, lanczos, "
-                                   "box, hamming, got 'cubic'"),
+                                   "box or hamming, got 'cubic'"),
     (["data.max_train_samples=0"], "config key 'data.max_train_samples': must be > 0 or null"),
     (["train.max_steps=5", "train.num_epochs=2"], "config key 'train.num_epochs': train.max_steps and "
                                                   "train.num_epochs are both set: set one, the other to null"),
     (["train.num_epochs=0"], "config key 'train.num_epochs': must be > 0 or null"),
     (["loss.noise_offset=-0.1"], "config key 'loss.noise_offset': must be >= 0"),
     (["loss.input_perturbation=-0.1"], "config key 'loss.input_perturbation': must be >= 0"),
-    (["loss.prediction_type=sample"], "config key 'loss.prediction_type': expected epsilon, v_prediction or null, "
+    (["loss.prediction_type=sample"], "config key 'loss.prediction_type': expected epsilon or v_prediction, "
                                       "got 'sample'"),
     (["model_variant=fp16"], "config key 'model_variant': unknown key"),  # KD has no `model`
     (["train.max_steps"], "override 'train.max_steps' is not of the form key=value"),
@@ -61,7 +70,7 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["optim.betas=[0.9,1.0]"], "config key 'optim.betas': expected two numbers in [0, 1)"),
     (["optim.betas=[-0.1,0.9]"], "config key 'optim.betas'"),
     (["optim.lr_scheduler=cosin"], "config key 'optim.lr_scheduler': expected constant, constant_with_warmup, "
-                                   "linear, cosine, cosine_with_restarts, polynomial, got 'cosin'"),
+                                   "linear, cosine, cosine_with_restarts or polynomial, got 'cosin'"),
     (["optim.warmup_steps=-5"], "config key 'optim.warmup_steps': must be >= 0"),
     (["optim.eps=0"], "config key 'optim.eps': must be > 0"),
     (["optim.weight_decay=-1"], "config key 'optim.weight_decay': must be >= 0"),
@@ -82,6 +91,30 @@ def test_errors_name_the_key(tmp_path, overrides, expected):
         load_config(write(tmp_path, BASE), overrides)
     assert str(err.value).startswith(expected), str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("section, expected", [
+    ("train:\n  mixed_precision: fp64\n", "config key 'train.mixed_precision': expected no, fp16 or bf16, got 'fp64'"),
+    ("data:\n  source: laion\n", "config key 'data.source': expected synthetic, imagefolder, hf or webdataset, "
+                                 "got 'laion'"),
+    ("log:\n  trackers: [tensorboard, mlflow]\n", "config key 'log.trackers[1]': expected wandb, tensorboard or none, "
+                                                   "got 'mlflow'"),
+    ("loss:\n  prediction_type: sample\n", "config key 'loss.prediction_type': expected epsilon or v_prediction, "
+                                          "got 'sample'"),
+])
+def test_a_choice_outside_its_set_in_a_file_names_the_allowed_values(tmp_path, section, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE + section))
+    assert str(err.value) == expected
+
+
+def test_choices_compare_print_and_serialize_as_their_text(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.mixed_precision=bf16", "log.trackers=[wandb,none]"])
+    assert isinstance(cfg.train.mixed_precision, MixedPrecision) and cfg.train.mixed_precision == "bf16"
+    assert (str(cfg.train.mixed_precision), f"{cfg.data.source}", f"{cfg.data.source:>10}") == \
+        ("bf16", "synthetic", " synthetic")
+    assert cfg.log.trackers == ["wandb", "none"] and {"synthetic": 1}[cfg.data.source] == 1
+    assert json.dumps([cfg.optim.lr_scheduler, *cfg.log.trackers]) == '["constant", "wandb", "none"]'
 
 
 def test_diffusers_options_and_their_defaults(tmp_path):
@@ -136,6 +169,17 @@ def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(ROOT / "configs/toy.yaml", ["train.max_steps=3"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+    # Every kind of choice field away from its default, in the largest schema.
+    cfg = load_config(ROOT / "configs/lora_toy.yaml", [
+        "train.mixed_precision=bf16", "optim.lr_scheduler=cosine", "optim.implementation=foreach",
+        "loss.prediction_type=v_prediction", "log.trackers=[wandb,tensorboard]", "data.interpolation=lanczos",
+        "data.caption_pick=random", "student.preset=bk_tiny", "student.feature_pairs=segmind"], schema=LoraTrainConfig)
+    save_config(cfg, tmp_path / "lora.yaml")
+    text = (tmp_path / "lora.yaml").read_text()
+    assert "mixed_precision: bf16\n" in text and "- wandb\n" in text and "prediction_type: v_prediction\n" in text
+    loaded = load_config(tmp_path / "lora.yaml", schema=LoraTrainConfig)
+    assert loaded == cfg and type(loaded.loss.prediction_type) is type(cfg.loss.prediction_type)
+    assert all(isinstance(t, Tracker) for t in loaded.log.trackers)
 
 
 def test_entry_script_reports_one_line_and_exit_2(tmp_path):
@@ -147,8 +191,6 @@ def test_entry_script_reports_one_line_and_exit_2(tmp_path):
 
 
 def test_finetune_and_lora_recipes_load_with_their_schemas():
-    from sdkd.train.config import FinetuneConfig, LoraTrainConfig
-
     portrait = load_config(ROOT / "configs/portrait.yaml", ["data.path=/data/portraits"], schema=FinetuneConfig)
     assert (portrait.data.resolution, portrait.optim.lr, portrait.train.batch_size, portrait.train.grad_accum,
             portrait.train.max_steps, portrait.train.mixed_precision, portrait.loss.snr_gamma) == \
@@ -169,13 +211,40 @@ def test_finetune_and_lora_recipes_load_with_their_schemas():
                     schema=LoraTrainConfig)
 
 
-def test_launch_sh_checks_the_config_before_starting_processes(tmp_path):
-    result = run_script(["bash", "launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml",
-                         f"output_dir={tmp_path}", "train.max_steps=zero"], timeout=60)
+# launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
+PYTHON_ON_PATH = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+
+
+@pytest.mark.parametrize("override, error", [
+    ("train.max_steps=zero",
+     "config key 'train.max_steps': Value 'zero' of type 'str' could not be converted to Integer"),
+    ("train.mixed_precision=fp64", "config key 'train.mixed_precision': expected no, fp16 or bf16, got 'fp64'"),
+])
+def test_launch_sh_checks_the_config_before_starting_processes(tmp_path, override, error):
+    result = run_script(["./launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml",
+                         f"output_dir={tmp_path}", override], timeout=120, env=PYTHON_ON_PATH)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {error}"]
+    assert not (tmp_path / "config.yaml").exists()  # no process started
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train/kd.py", ["--config", "configs/toy.yaml"]),
+    ("train/finetune.py", ["--config", "configs/portrait_toy.yaml"]),
+    ("train/lora.py", ["--config", "configs/lora_toy.yaml"]),
+    ("train/cache_latents.py", ["--config", "configs/toy.yaml", "data.cache={out}"]),
+])
+def test_check_config_exits_0_silently_or_2_with_one_line(tmp_path, script, args):
+    out = tmp_path / "run"
+    check = [sys.executable, script, *[a.format(out=out) for a in args], f"output_dir={out}"]
+    result = run_script(check + ["--check-config"], timeout=300)
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr[-3000:]
+    assert not out.exists()  # nothing started
+    result = run_script(check + ["data.interpolation=cubic", "--check-config"], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: config key 'train.max_steps': Value 'zero' of type 'str' could not be converted to Integer"]
-    assert not (tmp_path / "config.yaml").exists()  # no process started
+        "error: config key 'data.interpolation': expected nearest, bilinear, bicubic, lanczos, box or hamming, "
+        "got 'cubic'"]
 
 
 def _keys(node, prefix=""):
@@ -183,9 +252,21 @@ def _keys(node, prefix=""):
         yield from _keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
 
 
-@pytest.mark.parametrize("script", sorted(TRAINER_SCHEMAS))
-def test_help_lists_every_key_with_default_and_docstring(script, capsys):
-    schema = TRAINER_SCHEMAS[script]
+@dataclass
+class _ScriptConfig(Config):
+    """A schema declared outside train/config.py, as a trainer script may."""
+
+    extra: int = 3
+    """A key only this schema has."""
+
+
+@pytest.mark.parametrize("schema, own", [
+    (Config, "\n  teacher = (required)\n      Teacher pipeline"),
+    (FinetuneConfig, "\n  model = (required)\n      The pipeline to train"),
+    (LoraTrainConfig, "\n  optim.lr = 0.0001\n      Peak learning rate."),
+    (_ScriptConfig, "\n  extra = 3\n      A key only this schema has."),
+])
+def test_help_lists_every_key_with_default_docstring_and_choices(schema, own, capsys):
     with pytest.raises(SystemExit) as done:
         parse_args(["--help"], "a trainer", schema)
     assert done.value.code == 0
@@ -194,26 +275,53 @@ def test_help_lists_every_key_with_default_and_docstring(script, capsys):
         assert f"\n  {key} = " in text, key
     assert ("\n  train.batch_size = 4\n      Samples per process per micro-step: the global batch is batch_size x "
             "grad_accum x processes.") in text
-    assert "\n  train.mixed_precision = no\n      no, fp16 or bf16" in text
+    # Docstrings of data/config.py's fields, and each choice's allowed values.
+    assert ("\n  data.source = synthetic  (one of: synthetic, imagefolder, hf, webdataset)\n"
+            "      synthetic (built-in") in text
+    assert "\n  train.mixed_precision = no  (one of: no, fp16, bf16)\n      Autocast for the student" in text
+    assert "\n  loss.prediction_type = null  (one of: epsilon, v_prediction, null)\n" in text
+    assert '\n  log.trackers = ["tensorboard"]  (each one of: wandb, tensorboard, none)\n' in text
     assert "KEY=VALUE, dotted inside a section" in text and "train.batch_size is per process" in text
+    assert "--check-config" in text
     # Each schema's own defaults and docstrings, not Config's.
-    assert {"kd": "\n  teacher = (required)\n      Teacher pipeline",
-            "finetune": "\n  model = (required)\n      The pipeline to train",
-            "lora": "\n  optim.lr = 0.0001\n      Peak learning rate."}[script] in text
+    assert own in text
 
 
 def test_help_imports_neither_torch_nor_diffusers():
-    result = run_script([sys.executable, "-X", "importtime", "-m", "sdkd.train.config", "train/lora.py", "--help"],
-                        timeout=60)
+    result = run_script([sys.executable, "-X", "importtime", "train/lora.py", "--help"], timeout=60)
     assert result.returncode == 0 and "\n  lora.rank = 16\n" in result.stdout
     assert not re.search(r"\|\s+(torch|diffusers)$", result.stderr, re.M)
+
+
+def test_every_trainer_script_declares_its_schema():
+    """A script that loads a trainer config (load_trainer_config, or run_trainer that calls it) names the
+    schema it reads in a module-level SCHEMA, and passes that."""
+    scripts = {}
+    for path in sorted((ROOT / "train").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id in ("load_trainer_config", "run_trainer")]
+        main = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+        if calls and main:
+            scripts[path.name] = (calls, {t.id for n in tree.body if isinstance(n, ast.Assign)
+                                          for t in n.targets if isinstance(t, ast.Name)})
+    assert {"kd.py", "finetune.py", "lora.py"} <= set(scripts)
+    for name, (calls, assigned) in scripts.items():
+        assert "SCHEMA" in assigned, f"train/{name} loads a trainer config but declares no module-level SCHEMA"
+        assert all(ast.unparse(c.args[0]) == "SCHEMA" for c in calls), f"train/{name} does not pass SCHEMA"
+
+
+@pytest.mark.parametrize("schema", [dict, {"teacher": "toy"}, type("NotADataclass", (Config,), {"extra": 1})])
+def test_a_schema_that_is_not_a_config_dataclass_is_a_programming_error(schema):
+    with pytest.raises(TypeError, match="load_trainer_config: the schema must be Config or a @dataclass subclass"):
+        load_trainer_config(schema, ["--config", str(ROOT / "configs/toy.yaml")], None, prog="x.py")
 
 
 def test_print_config_prints_the_resolved_config(tmp_path, capsys):
     write(tmp_path, BASE + "train:\n  max_steps: 9\n  seed: 5\n", "parent.yaml")
     child = write(tmp_path, "inherit: parent.yaml\ntrain:\n  grad_accum: 2\n")
     with pytest.raises(SystemExit) as done:
-        load_trainer_config("train/kd.py", ["--config", str(child), "--print-config", "train.seed=8"], "kd")
+        load_trainer_config(Config, ["--config", str(child), "--print-config", "train.seed=8"], "kd", prog="kd.py")
     assert done.value.code == 0
     printed = load_config(write(tmp_path, capsys.readouterr().out, "printed.yaml"))
     assert printed == load_config(child, ["train.seed=8"])
@@ -242,14 +350,14 @@ def test_print_config_from_the_trainer_starts_nothing(tmp_path):
 
 def test_launch_sh_answers_print_config_and_help_once(tmp_path):
     out = tmp_path / "run"
-    path = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     launch = ["bash", "launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml"]
-    result = run_script(launch + ["--print-config", "train.max_steps=7", f"output_dir={out}"], timeout=120, env=path)
+    result = run_script(launch + ["--print-config", "train.max_steps=7", f"output_dir={out}"], timeout=120,
+                        env=PYTHON_ON_PATH)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"^teacher: toy$", result.stdout, re.M)) == 1
     assert load_config(write(tmp_path, result.stdout, "printed.yaml")).train.max_steps == 7
     assert not out.exists()  # no process started
-    result = run_script(launch + ["--help"], timeout=120, env=path)
+    result = run_script(launch + ["--help"], timeout=120, env=PYTHON_ON_PATH)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("usage: kd.py") == 1 and "\n  train.batch_size = 4\n" in result.stdout
 
@@ -257,7 +365,16 @@ def test_launch_sh_answers_print_config_and_help_once(tmp_path):
 def test_lr_scheduler_names_are_diffusers_own():
     from diffusers.optimization import SchedulerType
 
-    assert set(LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+    assert set(LRScheduler.__members__) <= {t.value for t in SchedulerType}
+
+
+def test_config_names_exactly_the_sources_and_filters_the_data_package_implements():
+    # data/config.py declares them without importing the modules that implement them (torch, PIL).
+    from sdkd.data.sources import SOURCES
+    from sdkd.data.transforms import INTERPOLATIONS
+
+    assert set(SOURCES) == set(DataSource.__members__)
+    assert set(INTERPOLATIONS) == set(Interpolation.__members__)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,5 +1,6 @@
 """LoRA pieces (train/lora_io.py): targets on every student layout, the diffusers file, layout errors,
-checkpoint state with EMA, the stable-diffusion.cpp file (names here; sd.cpp itself at SD-1.5 widths)."""
+checkpoint state with EMA, the stable-diffusion.cpp file (names here, its command train/convert_lora.py;
+sd.cpp itself at SD-1.5 widths)."""
 
 from __future__ import annotations
 
@@ -163,6 +164,21 @@ def test_sdcpp_file_names_and_alphas(tmp_path):
     with pytest.raises(ldm_layout.UnsupportedLayout, match="bk_small"):
         lora_io.export_sdcpp(small_file, tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_convert_lora_command_writes_the_sdcpp_file(tmp_path, capsys):
+    from sdkd.train.convert_lora import main
+
+    pipe = toy_pipe("bk_tiny")
+    lora_io.add_adapters(pipe.unet, None, LoraSection(rank=4))
+    file = lora_io.save_lora(tmp_path, pipe.unet, None)
+    out = tmp_path / "converted" / "lora_sdcpp.safetensors"
+    main(["to-sdcpp", str(file), "--out", str(out)])
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    expected = load_file(lora_io.export_sdcpp(file, tmp_path / "direct.safetensors"))
+    converted = load_file(out)
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
 
 
 @pytest.mark.sd15

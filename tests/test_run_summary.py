@@ -1,4 +1,4 @@
-"""A trainer's closing summary (train/loop.py `run_summary`): what it wrote where and next commands that run;
+"""A trainer's closing summary (train/loop.py `run_summary`, with the U-Net task's `next_steps`): what it wrote where and next commands that run;
 its output to a pipe has no progress redraws and none of the third-party notices sdkd silences."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import launch_trainer, run_script
 from sdkd.train.config import LoraTrainConfig, load_config
+from sdkd.train.diffusion_task import next_steps
 from sdkd.train.loop import run_summary
 
 SILENCED = ("The following values were not passed to `accelerate launch`", "requires torchvision",
@@ -69,7 +70,7 @@ def test_lora_summary_samples_the_base_model_with_the_lora(tmp_path):
     cfg = load_config("configs/lora_toy.yaml", [f"output_dir={tmp_path}", "model=runs/my student"], LoraTrainConfig)
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.touch()
-    text = run_summary(cfg, 20, [lora])
+    text = run_summary(cfg, 20, [lora], next_steps(cfg, [lora]))
     assert f"  model        {lora}" in text and "\n  samples " not in text  # no grid was written
     command = shlex.split(text.splitlines()[-1], comments=True)
     assert command[:6] == ["python", "eval/sample.py", "--model", "runs/my student", "--lora", str(lora)]

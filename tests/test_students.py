@@ -1,4 +1,5 @@
-"""Block-removed students: exact sizes of the BK-SDM presets, weight copy, configs, spec errors, CLI."""
+"""Block-removed students: exact sizes of the BK-SDM presets, weight copy, configs, spec errors, and the
+CLI that shows them (train/show_student.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from diffusers import UNet2DConditionModel
 from conftest import ROOT, run_script
 from sdkd.train.config import StudentConfig
 from sdkd.cli.errors import ConfigError, run_cli
-from sdkd.train.students import (PRESETS, RemovalSpec, build_student, count_params, main, removal_spec,
-                                 removed_modules, student_unet_config, weight_map)
+from sdkd.train.show_student import main
+from sdkd.train.students import (PRESETS, RemovalSpec, build_student, count_params, removal_spec, removed_modules,
+                                 student_unet_config, weight_map)
 from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
 from sdkd.train.toy import build_toy_pipeline
 
@@ -220,7 +222,7 @@ def test_preset_errors():
 def test_cli_json_reports_exact_counts(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD15_UNET}))
-    result = run_script([sys.executable, str(ROOT / "train/students.py"), "--teacher", str(config),
+    result = run_script([sys.executable, str(ROOT / "train/show_student.py"), "--teacher", str(config),
                          "--preset", "bk_small", "--json"], timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -268,6 +270,6 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
 
 def test_config_knows_exactly_the_presets_students_builds():
     # config.py names them without importing diffusers (launch.sh checks configs with it alone).
-    from sdkd.train.config import STUDENT_PRESETS
+    from sdkd.train.config import StudentPreset
 
-    assert tuple(PRESETS) == STUDENT_PRESETS
+    assert [*PRESETS, "custom"] == list(StudentPreset.__members__)

@@ -29,7 +29,7 @@ import torch
 
 from sdkd.data.latent_cache import DTYPES, write_cache
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import load_config
+from sdkd.train.config import CHECK_CONFIG_HELP, load_config
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.train.objective import BatchEncoder
 from sdkd.train.teacher import PipelineSource, freeze, load_teacher
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="encoding batch (default train.batch_size)")
     parser.add_argument("--overwrite", action="store_true", help="replace the cache already in data.cache")
+    parser.add_argument("--check-config", action="store_true", help=CHECK_CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides; data.cache=DIR is the output")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -55,19 +56,21 @@ def main(argv: list[str] | None = None) -> None:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"config key 'data.cache': '{out}' is not empty; choose a new folder or pass --overwrite "
                         f"to replace the cache in it")
+    if args.check_config:
+        return
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)
     dataset = build_dataset(source, cfg.train.seed)
     teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for frozen in (teacher.vae, teacher.text_encoder):
+    for frozen in teacher.encoders:
         freeze(frozen, device, torch.float32)
     if cfg.data.random_flip or not cfg.data.center_crop:
         print("note: random flips/crops are frozen at their epoch-0 draw in the cache", file=sys.stderr)
     start = time.perf_counter()
     manifest = write_cache(
-        dataset, BatchEncoder(teacher.vae, teacher.text_encoder, teacher.tokenizer), cfg.data.cache,
+        dataset, BatchEncoder(teacher), cfg.data.cache,
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
         shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict,
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkd.cli.errors import UserError
@@ -115,10 +115,11 @@ def recover(output_dir: Path) -> None:
 
 
 class ModelState:
-    """How a trainer's model is made an EMA of, checkpointed and restored: here the whole U-Net.
+    """How a trained diffusers model is made an EMA of, checkpointed and restored: whole, as a diffusers
+    folder (`SUBFOLDER/`, `SUBFOLDER_ema/`), so a checkpoint is also a loadable model.
 
     `model` must offer `save_pretrained(dir)` and keep its weights in `dir/diffusion_pytorch_model.safetensors`.
-    Other trainers subclass this (train/lora_io.py `LoraState` keeps only the adapter).
+    `TensorState` keeps any other module; train/lora_io.py `LoraState` keeps only an adapter.
     """
 
     def __init__(self, model, subfolder: str = "unet"):
@@ -148,17 +149,57 @@ class ModelState:
             ema.to(device)
 
 
+class TensorState(ModelState):
+    """Any module (a discriminator, a small decoder): its state dict in `SUBFOLDER.safetensors`, its EMA
+    in `SUBFOLDER_ema.safetensors`."""
+
+    def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    def make_ema(self, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.ema_parameters(), decay=decay)
+
+    def save(self, folder: Path, ema=None) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(folder / f"{self.subfolder}.safetensors"))
+        if ema is not None:
+            save_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors")
+
+    def load(self, folder: Path, ema=None, device=None) -> None:
+        self.model.load_state_dict(load_file(folder / f"{self.subfolder}.safetensors"), strict=True)
+        if ema is not None:
+            load_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors", device)
+
+
+def save_ema(ema, named: list[tuple[str, torch.nn.Parameter]], path: Path) -> None:
+    """An EMAModel over `named` parameters as safetensors: the averages by parameter name, the rest of
+    its state (decay, step count) as JSON metadata."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({name: t.detach().cpu().contiguous() for (name, _), t in zip(named, shadow)}, str(path),
+              metadata={"ema": json.dumps(state)})
+
+
+def load_ema(ema, named: list[tuple[str, torch.nn.Parameter]], path: Path, device) -> None:
+    with safe_open(str(path), "pt") as f:
+        state = json.loads(f.metadata()["ema"])
+    tensors = load_file(path)
+    state["shadow_params"] = [tensors[name] for name, _ in named]
+    ema.load_state_dict(state)
+    ema.to(device)
+
+
 class Checkpointer:
     """Saves and restores the whole training state through one accelerator.
 
-    `model` is a `ModelState`, or the unwrapped trained module (then stored whole: `ModelState(model)`).
-    """
+    `models`: each trained module's `ModelState` with its EMA (or None), in the order the loop prepared
+    them (accelerate stores their optimizers and LR schedules in that order)."""
 
-    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None,
-                 model, ema=None, subfolder: str = "unet"):
+    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple]):
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
-        self.state = model if isinstance(model, ModelState) else ModelState(model, subfolder)
-        self.ema = ema
+        self.models = models
         if accelerator.is_main_process:
             recover(self.output_dir)
         accelerator.wait_for_everyone()
@@ -168,11 +209,13 @@ class Checkpointer:
     # accelerate hooks: store models ourselves, so accelerate does not pickle them as well.
     def _save_models(self, models, weights, output_dir):
         if self.accelerator.is_main_process:
-            self.state.save(Path(output_dir), self.ema)
+            for state, ema in self.models:
+                state.save(Path(output_dir), ema)
         weights.clear()
 
     def _load_models(self, models, input_dir):
-        self.state.load(Path(input_dir), self.ema, self.accelerator.device)
+        for state, ema in self.models:
+            state.load(Path(input_dir), ema, self.accelerator.device)
         models.clear()
 
     def save(self, step: int, generator: torch.Generator) -> Path:

@@ -1,28 +1,35 @@
 """Typed configuration: YAML recipes merged into dataclasses, dotted overrides, validation.
 
-Every trainer reads one schema: `Config` (train/kd.py), `FinetuneConfig` (train/finetune.py: `Config`
-plus `model`, teacher optional) or `LoraTrainConfig` (train/lora.py: plus `lora`). A recipe in `configs/`
-sets what differs from these defaults; `key=value` arguments after `--config` override it. Unknown keys, wrong types,
+Every trainer script declares the schema it reads as `SCHEMA` and loads it with `load_trainer_config`:
+`Config` (train/kd.py), `FinetuneConfig` (train/finetune.py: `Config` plus `model`, teacher optional) or
+`LoraTrainConfig` (train/lora.py: plus `lora`). A recipe in `configs/` sets what differs from these defaults;
+`key=value` arguments after `--config` override it. Unknown keys, wrong types, values outside a `Choice`,
 missing required values and impossible combinations raise `ConfigError` with the dotted key.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
+import enum
 import functools
+import inspect
 import json
 import math
+import re
 import sys
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import auto
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.cli.errors import ConfigError, first_line, run_cli
+from sdkd.cli.errors import ConfigError, first_line, require
+from sdkd.data.config import Choice, DataConfig, check_data, expected_one_of
 
 try:
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
@@ -34,10 +41,62 @@ except ImportError:
 # Schema
 
 
+class StudentPreset(Choice):
+    """train/students.py's PRESETS (a test keeps them equal: that module imports diffusers), or custom."""
+
+    bk_base = auto()
+    bk_small = auto()
+    bk_tiny = auto()
+    custom = auto()
+
+
+class FeaturePairs(Choice):
+    bk = auto()
+    segmind = auto()
+    custom = auto()
+
+
+class PredictionType(Choice):
+    epsilon = auto()
+    v_prediction = auto()
+
+
+class MixedPrecision(Choice):
+    no = auto()
+    fp16 = auto()
+    bf16 = auto()
+
+
+class AdamWImplementation(Choice):
+    # enum.auto: the member `auto` shadows the bare name in the rest of this class body.
+    auto = enum.auto()
+    fused = enum.auto()
+    foreach = enum.auto()
+    loop = enum.auto()
+
+
+class LRScheduler(Choice):
+    """diffusers.optimization.SchedulerType's names (a test pins them: this module imports no diffusers);
+    piecewise_constant is left out: it needs step rules this config does not carry."""
+
+    constant = auto()
+    constant_with_warmup = auto()
+    linear = auto()
+    cosine = auto()
+    cosine_with_restarts = auto()
+    polynomial = auto()
+
+
+class Tracker(Choice):
+    wandb = auto()
+    tensorboard = auto()
+    none = auto()
+
+
 @dataclass
 class StudentConfig:
-    preset: str = "bk_small"
-    """Block-removal preset: bk_base, bk_small, bk_tiny, or custom (then set keep_down/keep_up)."""
+    preset: StudentPreset = StudentPreset.bk_small
+    """Block-removal preset; custom: set keep_down/keep_up instead."""
     keep_down: Optional[list[list[int]]] = None
     """custom: per teacher down block, the resnet (and attention) indices the student keeps."""
     keep_up: Optional[list[list[int]]] = None
@@ -46,8 +105,8 @@ class StudentConfig:
     """custom: keep the mid block."""
     deepest_stage: bool = True
     """custom: keep the deepest down block and its matching up block."""
-    feature_pairs: str = "bk"
-    """Feature-KD pair table: bk (BK-SDM's), segmind, or custom (then set pairs)."""
+    feature_pairs: FeaturePairs = FeaturePairs.bk
+    """Feature-KD pair table: bk (BK-SDM's), segmind (segmind's), or custom (then set pairs)."""
     pairs: Optional[list[list[str]]] = None
     """custom: [teacher_module, student_module] names; checked by shape at start-up."""
 
@@ -68,10 +127,10 @@ class LossConfig:
     input_perturbation: float = 0.0
     """diffusers' input perturbation (arXiv 2301.11706): the U-Nets' input is noised from
     noise + input_perturbation * randn_like(noise), the target from the unperturbed noise (0.1 is usual)."""
-    prediction_type: Optional[str] = None
-    """epsilon or v_prediction: train to predict this instead of the scheduler's prediction type (diffusers'
-    --prediction_type; sample grids and the exported scheduler follow it). Output and feature KD need a
-    teacher predicting the same (checked at start-up); null: the scheduler's."""
+    prediction_type: Optional[PredictionType] = None
+    """Train to predict this instead of the scheduler's prediction type (diffusers' --prediction_type; sample
+    grids and the exported scheduler follow it). Output and feature KD need a teacher predicting the same
+    (checked at start-up); null: the scheduler's."""
 
 
 @dataclass
@@ -87,8 +146,8 @@ class TrainConfig:
     """Samples per process per micro-step: the global batch is batch_size x grad_accum x processes."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    mixed_precision: str = "no"
-    """no, fp16 or bf16: autocast for the student; frozen models are cast to it."""
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    """Autocast for the student (no: float32); frozen models are cast to it."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward to save memory."""
     max_grad_norm: float = 1.0
@@ -115,10 +174,10 @@ class OptimConfig:
     """AdamW weight decay."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    implementation: str = "auto"
-    """AdamW kernel: auto (fused where supported, else foreach), fused, foreach or loop."""
-    lr_scheduler: str = "constant"
-    """diffusers schedule name: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    implementation: AdamWImplementation = AdamWImplementation.auto
+    """AdamW kernel; auto: fused where supported, else foreach."""
+    lr_scheduler: LRScheduler = LRScheduler.constant
+    """diffusers' learning-rate schedule of that name."""
     warmup_steps: int = 0
     """Linear warm-up steps (counted in optimizer steps)."""
 
@@ -129,63 +188,6 @@ class EMAConfig:
     """Keep an exponential moving average of the student, initialised from it after weight copy."""
     decay: float = 0.9999
     """Maximum EMA decay (diffusers EMAModel, warm-up ramp (1+t)/(10+t))."""
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"
-    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
-    hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
-    path: Optional[str] = None
-    """imagefolder: the folder; hf: hub name, local folder or .parquet/.arrow file; webdataset: a
-    folder of shards with manifest.json, brace-expanded names (shard-{000000..000099}.tar) or a glob."""
-    split: str = "train"
-    """hf: the split to read."""
-    manifest: Optional[str] = None
-    """webdataset: manifest.json with per-shard sample counts (data/make_shards.py writes it); null:
-    manifest.json beside the shards."""
-    image_column: Optional[str] = None
-    """Field naming or holding the image; null: the source's default (imagefolder file_name, hf image,
-    webdataset jpg;jpeg;png;webp). Several candidates as 'a;b': the first present one is used."""
-    caption_column: str = "text;txt;caption"
-    """Field(s) holding the caption, several as 'a;b;c' (a webdataset field is a file extension or a key
-    of the sample's .json). A field may hold a list of captions. See caption_pick."""
-    caption_pick: str = "first"
-    """first: the first caption field present (one of its captions at random if it holds a list);
-    random: one at random from all captions of all fields present. Drawn per sample and epoch."""
-    caption_dropout: float = 0.0
-    """Probability of replacing the caption with the empty prompt (for classifier-free guidance)."""
-    resolution: int = 512
-    """Training image size in pixels (shorter side resized, then cropped square)."""
-    interpolation: str = "bilinear"
-    """Resampling filter of the resize to data.resolution: nearest, bilinear, bicubic, lanczos, box or hamming (PIL's;
-    diffusers' --image_interpolation_mode)."""
-    center_crop: bool = True
-    """Center crop; false takes a random crop."""
-    random_flip: bool = True
-    """Flip horizontally with probability 0.5."""
-    min_size: int = 0
-    """Skip images whose shorter side is below this many pixels (0: keep all)."""
-    strict: bool = False
-    """Stop the run at the first bad sample (unreadable image, missing caption, image below min_size)
-    instead of skipping it (skips are counted as data_skipped in metrics.jsonl and named in a warning)."""
-    max_bad_in_a_row: int = 1000
-    """Stop the run when this many samples in a row are bad (or a whole epoch has no usable one): a source
-    that gives nothing usable stops with its last reasons instead of skipping forever."""
-    num_samples: int = 256
-    """synthetic: number of samples in the set."""
-    max_train_samples: Optional[int] = None
-    """Train on the first this many samples only (diffusers': for debugging or quicker training); webdataset:
-    epochs of this many samples (over all processes) from the usual stream. null: all."""
-    resampled: bool = True
-    """webdataset: every process and worker draws shards with replacement (an endless stream cut into
-    epochs of manifest-many samples); false: shards split by process then by worker, each read once
-    per epoch (needs at least processes x workers shards)."""
-    shuffle_buffer: int = 1000
-    """webdataset: samples held in the shuffle buffer of each worker (0: no sample shuffle)."""
-    cache: Optional[str] = None
-    """Folder of precomputed latents and text embeddings (train/cache_latents.py writes it); trainers then
-    read it instead of `source` and load no VAE or text encoder for the step."""
 
 
 @dataclass
@@ -206,8 +208,8 @@ class SampleConfig:
 
 @dataclass
 class LogConfig:
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Trackers besides OUTPUT/metrics.jsonl: wandb, tensorboard; [] or [none] for none."""
+    trackers: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
+    """Trackers besides OUTPUT/metrics.jsonl; [] or [none] for none."""
     project: str = "sdkd"
     """Tracker project name."""
 
@@ -301,9 +303,16 @@ class LoraTrainConfig(FinetuneConfig):
 # Loading
 
 
+# OmegaConf's complaint about a value outside a `Choice`, said as check_student says it.
+_NOT_A_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]$")
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    if choice := _NOT_A_CHOICE.match(msg):
+        value, names = choice.groups()
+        return f"config key '{key}': {expected_one_of(names.split(', '), value)}"
     if type(err).__name__ == "ConfigKeyError":
         return f"config key '{key}': unknown key ({msg})"
     if type(err).__name__ == "MissingMandatoryValue":
@@ -379,123 +388,86 @@ def save_config(cfg: Any, path: str | Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), path)
 
 
-def _require(ok: bool, key: str, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {expected}")
-
-
-STUDENT_PRESETS = ("bk_base", "bk_small", "bk_tiny")
-# diffusers.optimization.SchedulerType's names (a test pins them), so validation needs no diffusers import;
-# piecewise_constant is left out: it needs step rules this config does not carry.
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
 def check_student(s: StudentConfig) -> None:
     """A preset, or `custom` with its keep_* fields; a preset sets the custom fields itself."""
-    if s.preset == "custom":
-        _require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
-                 "student.keep_down and student.keep_up are required when student.preset=custom")
+    # A StudentConfig built in code (train/show_student.py) has not been through the schema's types.
+    require(s.preset in StudentPreset.__members__, "student.preset",
+            expected_one_of(StudentPreset.__members__, s.preset))
+    if s.preset == StudentPreset.custom:
+        require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
+                "student.keep_down and student.keep_up are required when student.preset=custom")
         return
-    _require(s.preset in STUDENT_PRESETS, "student.preset",
-             f"expected {', '.join(STUDENT_PRESETS)} or custom, got '{s.preset}'")
-    _require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage, "student.preset",
-             f"keep_down, keep_up, mid_block and deepest_stage apply only to student.preset=custom; "
-             f"'{s.preset}' sets them itself")
+    require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage, "student.preset",
+            f"keep_down, keep_up, mid_block and deepest_stage apply only to student.preset=custom; "
+            f"'{s.preset}' sets them itself")
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks the schema cannot express."""
     t, s = cfg.train, cfg.student
-    _require(not (cfg.overwrite and cfg.resume is not None), "overwrite",
-             "overwrite=true replaces the run in output_dir; resume continues it: set one of them")
-    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
-    _require(t.num_epochs is None or t.num_epochs > 0, "train.num_epochs", "must be > 0 or null")
-    _require(t.max_steps is None or t.num_epochs is None, "train.num_epochs",
-             "train.max_steps and train.num_epochs are both set: set one, the other to null")
-    _require(t.batch_size > 0, "train.batch_size", "must be > 0")
-    _require(t.grad_accum > 0, "train.grad_accum", "must be > 0")
-    _require(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "expected no, fp16 or bf16")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _require(t.sample_every >= 0, "train.sample_every", "must be >= 0")
-    _require(t.log_every > 0, "train.log_every", "must be > 0")
-    _require(t.checkpoints_total_limit is None or t.checkpoints_total_limit > 0,
-             "train.checkpoints_total_limit", "must be > 0 or null")
-    _require(cfg.optim.implementation in ("auto", "fused", "foreach", "loop"),
-             "optim.implementation", "expected auto, fused, foreach or loop")
+    require(not (cfg.overwrite and cfg.resume is not None), "overwrite",
+            "overwrite=true replaces the run in output_dir; resume continues it: set one of them")
+    require(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
+    require(t.num_epochs is None or t.num_epochs > 0, "train.num_epochs", "must be > 0 or null")
+    require(t.max_steps is None or t.num_epochs is None, "train.num_epochs",
+            "train.max_steps and train.num_epochs are both set: set one, the other to null")
+    require(t.batch_size > 0, "train.batch_size", "must be > 0")
+    require(t.grad_accum > 0, "train.grad_accum", "must be > 0")
+    require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    require(t.sample_every >= 0, "train.sample_every", "must be >= 0")
+    require(t.log_every > 0, "train.log_every", "must be > 0")
+    require(t.checkpoints_total_limit is None or t.checkpoints_total_limit > 0,
+            "train.checkpoints_total_limit", "must be > 0 or null")
     o = cfg.optim
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "expected two numbers in [0, 1)")
-    _require(o.lr > 0, "optim.lr", "must be > 0")
-    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _require(o.eps > 0, "optim.eps", "must be > 0")
-    _require(o.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler",
-             f"expected {', '.join(LR_SCHEDULERS)}, got '{o.lr_scheduler}'")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(0 <= cfg.ema.decay <= 1, "ema.decay", "must be in [0, 1]")
-    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    _require(t.seed >= 0, "train.seed", "must be >= 0")
-    _require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
-             "every loss weight (loss.lambda_task, lambda_out, lambda_feat) is 0: nothing to train")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "expected two numbers in [0, 1)")
+    require(o.lr > 0, "optim.lr", "must be > 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(o.eps > 0, "optim.eps", "must be > 0")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(0 <= cfg.ema.decay <= 1, "ema.decay", "must be in [0, 1]")
+    require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    require(t.seed >= 0, "train.seed", "must be >= 0")
+    require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
+            "every loss weight (loss.lambda_task, lambda_out, lambda_feat) is 0: nothing to train")
     sm = cfg.sample
-    _require(sm.steps > 0, "sample.steps", "must be > 0")
-    _require(sm.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
-    _require(sm.resolution is None or (sm.resolution >= 8 and sm.resolution % 8 == 0), "sample.resolution",
-             "must be a multiple of 8, or null")
+    require(sm.steps > 0, "sample.steps", "must be > 0")
+    require(sm.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
+    require(sm.resolution is None or (sm.resolution >= 8 and sm.resolution % 8 == 0), "sample.resolution",
+            "must be a multiple of 8, or null")
     for name in ("lambda_task", "lambda_out", "lambda_feat"):
-        _require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
-    _require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
-    _require(cfg.loss.noise_offset >= 0, "loss.noise_offset", "must be >= 0")
-    _require(cfg.loss.input_perturbation >= 0, "loss.input_perturbation", "must be >= 0")
-    _require(cfg.loss.prediction_type in (None, "epsilon", "v_prediction"), "loss.prediction_type",
-             f"expected epsilon, v_prediction or null, got '{cfg.loss.prediction_type}'")
+        require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+    require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
+    require(cfg.loss.noise_offset >= 0, "loss.noise_offset", "must be >= 0")
+    require(cfg.loss.input_perturbation >= 0, "loss.input_perturbation", "must be >= 0")
     check_student(s)
-    _require(s.feature_pairs in ("bk", "segmind", "custom"), "student.feature_pairs", "expected bk, segmind or custom")
-    _require((s.feature_pairs == "custom") == (s.pairs is not None),
-             "student.pairs", "give student.pairs exactly when student.feature_pairs=custom")
-    _require(s.pairs is None or all(len(p) == 2 for p in s.pairs),
-             "student.pairs", "each pair is [teacher_module, student_module]")
-    d = cfg.data
-    from sdkd.data.sources import SOURCES  # lazy: the data package imports this module
-    from sdkd.data.transforms import INTERPOLATIONS
-
-    _require(d.source in SOURCES, "data.source", f"expected {', '.join(SOURCES)}, got '{d.source}'")
-    _require(d.source == "synthetic" or d.cache is not None or d.path is not None, "data.path",
-             f"required when data.source={d.source}")
-    _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
-    _require(d.interpolation in INTERPOLATIONS, "data.interpolation",
-             f"expected {', '.join(INTERPOLATIONS)}, got '{d.interpolation}'")
-    _require(d.caption_pick in ("first", "random"), "data.caption_pick", "expected first or random")
-    _require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")
-    _require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
-    _require(d.min_size >= 0, "data.min_size", "must be >= 0")
-    _require(d.max_bad_in_a_row > 0, "data.max_bad_in_a_row", "must be > 0")
-    _require(d.num_samples > 0, "data.num_samples", "must be > 0")
-    _require(d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be > 0 or null")
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
-    for name in cfg.log.trackers:
-        _require(name in ("wandb", "tensorboard", "none"), "log.trackers", f"unknown tracker '{name}' (wandb, tensorboard, none)")
-    _require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
+    require((s.feature_pairs == FeaturePairs.custom) == (s.pairs is not None),
+            "student.pairs", "give student.pairs exactly when student.feature_pairs=custom")
+    require(s.pairs is None or all(len(p) == 2 for p in s.pairs),
+            "student.pairs", "each pair is [teacher_module, student_module]")
+    check_data(cfg.data)
+    require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
     if isinstance(cfg, FinetuneConfig):
         _validate_finetune(cfg)
 
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:
     for name in ("lambda_out", "lambda_feat"):
-        _require(cfg.teacher is not None or getattr(cfg.loss, name) == 0, f"loss.{name}",
-                 "continued KD needs a teacher: set teacher, or set this to 0")
+        require(cfg.teacher is not None or getattr(cfg.loss, name) == 0, f"loss.{name}",
+                "continued KD needs a teacher: set teacher, or set this to 0")
     if isinstance(cfg, LoraTrainConfig):
         lo = cfg.lora
-        _require(lo.rank > 0, "lora.rank", "must be > 0")
-        _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 or null")
-        _require(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _require(bool(lo.target_modules), "lora.target_modules", "at least one module name")
-        _require(not lo.train_text_encoder or bool(lo.text_encoder_target_modules),
-                 "lora.text_encoder_target_modules", "at least one module name")
-        _require(not (lo.train_text_encoder and cfg.data.cache is not None), "data.cache",
-                 "a latent cache holds text embeddings: it cannot be used with lora.train_text_encoder=true")
-        _require(not (lo.train_text_encoder and cfg.teacher is not None), "teacher",
-                 "continued KD with lora.train_text_encoder=true is not supported (the teacher would need the "
-                 "adapted text embeddings); drop the teacher or the text-encoder LoRA")
+        require(lo.rank > 0, "lora.rank", "must be > 0")
+        require(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 or null")
+        require(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        require(bool(lo.target_modules), "lora.target_modules", "at least one module name")
+        require(not lo.train_text_encoder or bool(lo.text_encoder_target_modules),
+                "lora.text_encoder_target_modules", "at least one module name")
+        require(not (lo.train_text_encoder and cfg.data.cache is not None), "data.cache",
+                "a latent cache holds text embeddings: it cannot be used with lora.train_text_encoder=true")
+        require(not (lo.train_text_encoder and cfg.teacher is not None), "teacher",
+                "continued KD with lora.train_text_encoder=true is not supported (the teacher would need the "
+                "adapted text embeddings); drop the teacher or the text-encoder LoRA")
 
 
 def resolve_max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
@@ -511,10 +483,11 @@ def resolve_max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @functools.cache
-def _field_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field: docstring}}: the string under each field in this file, for --help."""
+def _field_docs(path: str) -> dict[str, dict[str, str]]:
+    """{class name: {field: docstring}} of the Python file `path`: the string under each field, read with
+    `ast` (importing a trainer to read its schema's docs would load torch)."""
     docs = {}
-    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+    for node in ast.walk(ast.parse(Path(path).read_text(encoding="utf-8"))):
         if isinstance(node, ast.ClassDef):
             docs[node.name] = {a.target.id: " ".join(b.value.value.split())
                                for a, b in zip(node.body, node.body[1:])
@@ -524,8 +497,19 @@ def _field_docs() -> dict[str, dict[str, str]]:
 
 
 def _field_doc(cls: type, name: str) -> str:
-    """From the class that declares the field, else the nearest base that documents it."""
-    return next((docs[name] for c in cls.__mro__ if name in (docs := _field_docs().get(c.__name__, {}))), "")
+    """From the class that declares the field, else the nearest base that documents it, each read from its
+    own source file (data/config.py, this file, a trainer script)."""
+    return next((docs[name] for c in cls.__mro__ if is_dataclass(c)
+                 and name in (docs := _field_docs(inspect.getfile(c)).get(c.__name__, {}))), "")
+
+
+def _allowed(hint: Any) -> str:
+    """The values a field typed with a `Choice` takes (C, Optional[C] or list[C]) for --help; else ''."""
+    choice = next((t for t in (hint, *get_args(hint)) if isinstance(t, type) and issubclass(t, Choice)), None)
+    if choice is None:
+        return ""
+    names = ", ".join([*choice.__members__, *["null"] * (type(None) in get_args(hint))])
+    return f"  ({'each ' if get_origin(hint) is list else ''}one of: {names})"
 
 
 def config_help(schema: type) -> str:
@@ -533,6 +517,7 @@ def config_help(schema: type) -> str:
     lines = ["config keys (KEY = default):"]
 
     def walk(obj: Any, prefix: str) -> None:
+        hints = get_type_hints(type(obj))
         # Keys before sections: a subclass's new top-level key (model) would otherwise land after `log`.
         for f in sorted(fields(obj), key=lambda f: is_dataclass(getattr(obj, f.name))):
             value, doc = getattr(obj, f.name), _field_doc(type(obj), f.name)
@@ -542,7 +527,7 @@ def config_help(schema: type) -> str:
                 walk(value, f"{prefix}{f.name}.")
             else:
                 shown = "(required)" if value == MISSING else value if isinstance(value, str) else json.dumps(value)
-                lines.append(f"  {prefix}{f.name} = {shown}")
+                lines.append(f"  {prefix}{f.name} = {shown}{_allowed(hints[f.name])}")
                 lines.extend(textwrap.wrap(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
 
     walk(schema(), "")
@@ -555,11 +540,14 @@ optim.betas=[0.9,0.99] resume=null); values are YAML and win over the recipe and
 train.batch_size is per process: the global batch is batch_size x grad_accum x processes."""
 
 
-def parse_args(argv: list[str], description: str, schema: type = Config,
-               prog: str | None = None) -> tuple[str | None, list[str], bool]:
-    """`[--print-config] --config FILE key=value ...` -> (file, overrides, print_config); --help lists `schema`."""
-    import argparse
+CHECK_CONFIG_HELP = ("load and validate the config, print nothing and exit 0 (a bad config: its one-line error, "
+                     "exit 2); launch.sh runs this once before it starts any process")
 
+
+def parse_args(argv: list[str], description: str | None, schema: type = Config,
+               prog: str | None = None) -> argparse.Namespace:
+    """`[--print-config | --check-config] --config FILE key=value ...` -> the parsed arguments (config,
+    overrides, print_config, check_config); --help lists `schema`."""
     # allow_abbrev=False: launch.sh recognises --help and --print-config by their full names.
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      epilog=f"{config_help(schema)}\n\n{OVERRIDES_HELP}",
@@ -567,38 +555,23 @@ def parse_args(argv: list[str], description: str, schema: type = Config,
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (recipe, inherit:, overrides; validated) as YAML and exit")
+    parser.add_argument("--check-config", action="store_true", help=CHECK_CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
-    args = parser.parse_intermixed_args(argv)
-    return args.config, args.overrides, args.print_config
+    return parser.parse_intermixed_args(argv)
 
 
-# The schema each trainer script reads (by file name), so launch.sh can check a config before it
-# starts any process.
-TRAINER_SCHEMAS = {"kd": Config, "finetune": FinetuneConfig, "lora": LoraTrainConfig}
-
-
-def load_trainer_config(script: str, argv: list[str], description: str) -> Config:
-    """`--config FILE key=value ...` for the trainer `script`, validated against its schema; with
-    --print-config the result is printed as YAML and the process exits 0 before anything starts."""
-    schema = TRAINER_SCHEMAS[Path(script).stem]
-    path, overrides, print_config = parse_args(argv, description, schema, prog=Path(script).name)
-    cfg = load_config(path, overrides, schema)
-    if print_config:
+def load_trainer_config(schema: type, argv: list[str], description: str | None, prog: str) -> Config:
+    """`--config FILE key=value ...` for a trainer script, validated against the schema it declares
+    (`SCHEMA`). With --print-config the config is printed as YAML, with --check-config nothing; either
+    way the process then exits 0 before anything starts."""
+    # A subclass without @dataclass would silently drop the fields it declares.
+    if not (isinstance(schema, type) and issubclass(schema, Config) and "__dataclass_fields__" in vars(schema)):
+        raise TypeError(f"load_trainer_config: the schema must be Config or a @dataclass subclass of it, "
+                        f"got {schema!r}")
+    args = parse_args(argv, description, schema, prog)
+    cfg = load_config(args.config, args.overrides, schema)
+    if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    if args.print_config or args.check_config:
         sys.exit(0)
     return cfg
-
-
-def _check_launch() -> None:
-    """`python -m sdkd.train.config SCRIPT ARGS...`: fail on a bad config once, before a multi-process
-    launch (where every rank would report it and the launcher add its own failure report). Also answers
-    --help and --print-config for launch.sh, which then starts nothing."""
-    if len(sys.argv) > 1 and Path(sys.argv[1]).stem in TRAINER_SCHEMAS:
-        script = Path(sys.argv[1])
-        # The trainer's own docstring for --help, read without importing it (that would load torch).
-        doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) if script.is_file() else None
-        load_trainer_config(sys.argv[1], sys.argv[2:], doc)
-
-
-if __name__ == "__main__":
-    run_cli(_check_launch)

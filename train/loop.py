@@ -1,21 +1,19 @@
-"""The training loop every trainer shares: accelerate, optimizer, schedule, EMA, logging,
-sampling, checkpoints and the final export. Trainers differ only in the model they train and
-the objective that turns a batch into loss terms.
+"""The training loop every trainer shares: accelerate, data, accumulation, optimizers, LR schedules,
+EMA, logging, sample grids, checkpoints and resume, the final export. What is trained, and how a
+batch becomes loss terms, is the trainer's task (train/task.py).
 
 Loop order (edm2 / torchtitan): step -> log -> sample -> checkpoint -> done?
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -23,13 +21,14 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from sdkd.data.sources import collate
-from sdkd.train.sampling import make_grid, sample_images
-from sdkd.train import console, run_folder, tracking
-from sdkd.train.checkpoints import Checkpointer, ModelState, list_checkpoints, resolve_resume
-from sdkd.train.config import Config, OptimConfig, resolve_max_steps
 from sdkd.cli.errors import UserError
+from sdkd.data.sources import collate
+from sdkd.train import console, run_folder, tracking
+from sdkd.train.checkpoints import Checkpointer, list_checkpoints, resolve_resume
+from sdkd.train.config import Config, OptimConfig, resolve_max_steps
 from sdkd.train.objective import StepRandom
+from sdkd.train.task import SampleSink, StepContext, Task, TrainedModule
+from sdkd.train.teacher import freeze
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -76,32 +75,25 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 @dataclass
-class Trainer:
-    """Trains `model` (the unwrapped module) on `objective(model, latents, embeds, rng)`.
+class Prepared:
+    """A trained module as the loop runs it: wrapped, with its optimizer, LR schedule and EMA."""
 
-    Every trainer is this loop: kd.py trains a student from a teacher, finetune.py any pipeline's U-Net,
-    lora.py an adapter (its `state` checkpoints only the adapter; its `export` writes a LoRA file)."""
+    spec: TrainedModule
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    ema: object = None
 
-    cfg: Config
-    accelerator: Accelerator
-    model: torch.nn.Module
-    objective: Callable
-    encoder: Callable                 # batch, objective.StepRandom -> (latents, text embeddings)
-    dataset: Dataset                  # map-style (a prepared, sharded DataLoader) or iterable (splits itself)
-    parts: object                     # teacher.PipelineParts: frozen VAE/text encoder for sampling (loaded
-                                      # from `frozen_source` when sampling is due if they were left out)
-    export: Callable                  # (model, OUTPUT) -> [paths written, the model first], at the end,
-                                      # on the main process; they feed the closing summary
-    reference_unet: torch.nn.Module | None = None   # sampled once beside the student (the teacher)
-    state: ModelState | None = None   # how `model` is checkpointed and EMA-tracked (default: the whole U-Net)
-    sample_unet: torch.nn.Module | None = None      # the U-Net sample grids use (default: model)
-    frozen_source: object = None      # teacher.PipelineSource the VAE/text encoder come from (default: the teacher)
+
+class Loop:
+    """Trains `task` on `dataset`: the one loop every trainer runs (train/task.py says what a task gives it)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, task: Task, dataset: Dataset):
+        self.cfg, self.accelerator, self.task, self.dataset = cfg, accelerator, task, dataset
 
     def fit(self) -> None:
-        cfg, acc, model = self.cfg, self.accelerator, self.model
+        cfg, acc, task = self.cfg, self.accelerator, self.task
         out = Path(cfg.output_dir)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg.optim)
         loader, self.batches_per_epoch = self._loader()
         if self.batches_per_epoch == 0:
             raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
@@ -110,17 +102,9 @@ class Trainer:
         if cfg.train.num_epochs is not None:
             acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
                       f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
-        # A prepared scheduler steps once per process per optimizer step.
-        lr_schedule = get_scheduler(cfg.optim.lr_scheduler, optimizer,
-                                    num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                    num_training_steps=max_steps * acc.num_processes)
-        state = self.state or ModelState(model)
-        ema = None
-        if cfg.ema.enabled:
-            ema = state.make_ema(cfg.ema.decay)
-            ema.to(acc.device)
-        checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit, state, ema)
-        wrapped, optimizer, lr_schedule = acc.prepare(model, optimizer, lr_schedule)
+        self.prepare(max_steps)
+        checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
+                                    [(p.spec.state, p.ema) for p in self.modules.values()])
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -140,24 +124,23 @@ class Trainer:
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
-        self._teacher_images = None
         while step < max_steps:
             start = time.perf_counter()
-            terms = self.optimizer_step(wrapped, optimizer, lr_schedule, params, batches, rng)
-            if ema is not None:
-                ema.step(state.ema_parameters())
+            terms = self.optimizer_step(step, batches, rng)
             step += 1
             progress.update(1)
             if step % cfg.train.log_every == 0:
                 seconds = time.perf_counter() - start
                 logged = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
-                logged |= {"lr": lr_schedule.get_last_lr()[0], "sec_per_step": seconds,
-                           "samples_per_sec": samples_per_step / seconds,
+                logged |= self._learning_rates()
+                logged |= {"sec_per_step": seconds, "samples_per_sec": samples_per_step / seconds,
                            "epoch": self._batches_read / self.batches_per_epoch,
                            "data_skipped": int(acc.reduce(torch.tensor(self._skipped, device=acc.device), "sum"))}
                 self._skipped = 0
                 acc.log(logged, step=step)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+                shown = "loss" if "loss" in terms else next(iter(terms), None)
+                if shown is not None:
+                    progress.set_postfix(**{shown: f"{logged[shown]:.4f}"})
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 self._sample(step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == max_steps:
@@ -166,31 +149,81 @@ class Trainer:
 
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if ema is not None:
-                ema.copy_to(state.ema_parameters())
-            exported = self.export(model, out)
+            for p in self.modules.values():
+                if p.ema is not None:
+                    p.ema.copy_to(p.spec.state.ema_parameters())
+            exported = task.export(out)
         acc.end_training()
         if acc.is_main_process:  # last, after the trackers' own closing lines
-            print(run_summary(cfg, step, exported), flush=True)
+            print(run_summary(cfg, step, exported, task.next_steps(exported)), flush=True)
 
-    def optimizer_step(self, wrapped, optimizer, lr_schedule, params, batches, rng) -> dict:
-        """grad_accum micro-steps and one optimizer step; returns the mean of each loss term."""
-        acc, max_norm, accum = self.accelerator, self.cfg.train.max_grad_norm, self.cfg.train.grad_accum
+    def prepare(self, max_steps: int) -> None:
+        """Freeze the task's frozen models; give each trained module its optimizer, LR schedule and EMA."""
+        acc = self.accelerator
+        for frozen in self.task.frozen.values():
+            if frozen is not None:
+                freeze(frozen, acc.device, weight_dtype(acc))
+        self.modules = {m.name: self._prepare(m, max_steps) for m in self.task.modules}
+
+    def _prepare(self, spec: TrainedModule, max_steps: int) -> Prepared:
+        """Optimizer, LR schedule over the steps the module is due at, EMA; wrapped by accelerate."""
+        acc = self.accelerator
+        optimizer = build_optimizer(spec.parameters, spec.optim)
+        updates = sum(map(spec.due, range(max_steps)))
+        # A prepared scheduler steps once per process per optimizer step.
+        lr_schedule = get_scheduler(spec.optim.lr_scheduler, optimizer,
+                                    num_warmup_steps=spec.optim.warmup_steps * acc.num_processes,
+                                    num_training_steps=updates * acc.num_processes)
+        ema = None
+        if spec.ema_decay is not None:
+            ema = spec.state.make_ema(spec.ema_decay)
+            ema.to(acc.device)
+        wrapped, optimizer, lr_schedule = acc.prepare(spec.module, optimizer, lr_schedule)
+        return Prepared(spec, wrapped, optimizer, lr_schedule, ema)
+
+    def _learning_rates(self) -> dict[str, float]:
+        """`lr` of a task with one module, else `lr/NAME` of each."""
+        rates = {name: p.lr_schedule.get_last_lr()[0] for name, p in self.modules.items()}
+        if len(rates) == 1:
+            return {"lr": next(iter(rates.values()))}
+        return {f"lr/{name}": lr for name, lr in rates.items()}
+
+    def optimizer_step(self, step: int, batches, rng) -> dict:
+        """grad_accum micro-batches through the task, then one update of each module it gave a loss for;
+        returns the mean of each loss term."""
+        acc, accum = self.accelerator, self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
+        wrapped = {name: p.wrapped for name, p in self.modules.items()}
+        ctx = StepContext(step, wrapped, lambda name, loss: self._backward(step, name, loss))
         for _ in range(accum):
             batch = next(batches)
-            with acc.accumulate(wrapped):
-                latents, embeds = self.encoder(batch, rng)
-                terms = self.objective(wrapped, latents, embeds, rng)
-                acc.backward(terms["loss"])
-                if acc.sync_gradients and max_norm > 0:
-                    acc.clip_grad_norm_(params, max_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+            with acc.accumulate(*wrapped.values()):
+                terms = self.task.train_step(ctx, batch, rng)
+                for name in ctx.updated:
+                    self._update(self.modules[name])
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0) + value.detach() / accum
         return totals
+
+    def _backward(self, step: int, name: str, loss: torch.Tensor) -> None:
+        p = self.modules[name]
+        if not p.spec.due(step):  # its LR schedule was sized for the steps it is due at
+            raise RuntimeError(f"the task gave module '{name}' a loss at step {step}, where it is not due")
+        # With several trained modules a loss reaches only its own module's parameters.
+        inputs = p.spec.parameters if len(self.modules) > 1 else None
+        self.accelerator.backward(loss, inputs=inputs)
+
+    def _update(self, p: Prepared) -> None:
+        """An optimizer and LR-schedule step (accelerate skips both until the last micro-batch), clipping first."""
+        acc = self.accelerator
+        if acc.sync_gradients:
+            if p.spec.max_grad_norm > 0:
+                acc.clip_grad_norm_(p.spec.parameters, p.spec.max_grad_norm)
+        p.optimizer.step()
+        p.lr_schedule.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients and p.ema is not None:
+            p.ema.step(p.spec.state.ema_parameters())
 
     def _loader(self) -> tuple[DataLoader, int]:
         """The DataLoader and the batches each process reads per epoch.
@@ -259,47 +292,17 @@ class Trainer:
         raise UserError(f"{where}: no usable sample in {span}; last reasons: "
                         + ("; ".join(self._last_reasons) or "none given"))
 
-    def _sampling_parts(self):
-        """The frozen VAE and text encoder for sampling. A run from a latent cache left them out; the
-        main process loads them from `frozen_source` (the teacher) the first time a sample grid is due."""
-        if not self.parts.has_encoders:
-            from sdkd.train.teacher import PipelineSource, freeze, load_teacher
-
-            loaded = load_teacher(self.frozen_source or PipelineSource.of(self.cfg), with_unet=False)
-            for frozen in (loaded.vae, loaded.text_encoder):
-                freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
-            self.parts = dataclasses.replace(self.parts, vae=loaded.vae, text_encoder=loaded.text_encoder,
-                                             tokenizer=loaded.tokenizer)
-        return self.parts
-
     def _sample(self, step: int) -> None:
-        acc, s = self.accelerator, self.cfg.sample
+        acc = self.accelerator
         if acc.is_main_process:
-            resolution = s.resolution or self.cfg.data.resolution
-            parts = self._sampling_parts()
-            run = lambda unet: sample_images(unet, parts, s.prompts, s.seed, s.steps, s.guidance_scale,
-                                             resolution, autocast=acc.autocast)
-            folder = Path(self.cfg.output_dir) / "samples"
-            folder.mkdir(parents=True, exist_ok=True)
-            was_training = self.model.training
-            self.model.eval()  # the whole trained module (a LoRA'd text encoder too), not only the U-Net
-            rows = [run(self.sample_unet or self.model)]
-            self.model.train(was_training)
-            if self.reference_unet is not None:
-                if self._teacher_images is None:
-                    self._teacher_images = run(self.reference_unet)
-                    make_grid([self._teacher_images], s.prompts, ["teacher"]).save(folder / "teacher.png")
-                    tracking.log_images(acc, "samples/teacher", self._teacher_images, step, s.prompts)
-                rows.insert(0, self._teacher_images)
-            labels = ["teacher", f"student step {step}"][-len(rows):]
-            make_grid(rows, s.prompts, labels).save(folder / f"step-{step}.png")
-            tracking.log_images(acc, "samples/student", rows[-1], step, s.prompts)
+            log_images = functools.partial(tracking.log_images, acc)
+            self.task.sample(step, SampleSink(Path(self.cfg.output_dir) / "samples", step, log_images))
         acc.wait_for_everyone()
 
 
-def run_summary(cfg: Config, step: int, exported: list[Path]) -> str:
-    """A run's closing lines: what it wrote where, then the commands to run next. `exported` is what the
-    trainer's export wrote: a pipeline folder (kd, finetune) or LoRA files (lora), the model first."""
+def run_summary(cfg: Config, step: int, exported: list[Path], next_steps: list[tuple[str, str]]) -> str:
+    """A run's closing lines: what it wrote where, then the commands to run next (the task's, with why).
+    `exported` is what the task's export wrote, the model first."""
     out, model = Path(cfg.output_dir), exported[0]
     card = (model if model.is_dir() else model.parent) / "README.md"
     samples = sorted((out / "samples").glob("step-*.png"), key=lambda p: int(p.stem.removeprefix("step-")))
@@ -310,21 +313,10 @@ def run_summary(cfg: Config, step: int, exported: list[Path]) -> str:
              ("metrics", out / "metrics.jsonl"),
              ("tensorboard", "tensorboard" in cfg.log.trackers and f"tensorboard --logdir {out / 'logs'}"),
              ("wandb", "wandb" in cfg.log.trackers and out / "wandb")]
-    q = lambda path: shlex.quote(str(path))  # noqa: E731  # commands stay runnable whatever the paths
-    prompt, generated = q(cfg.sample.prompts[0]), q(out / "generated")
-    if model.is_dir():  # a pipeline folder
-        next_steps = [
-            (f"python eval/sample.py --model {q(model)} --prompt {prompt} --out {generated}", "images from it"),
-            (f"python train/export.py {q(out)} --format single-file --out {q(out / 'student.safetensors')}",
-             "one file for diffusers, A1111, ComfyUI (--target sdcpp: stable-diffusion.cpp)"),
-            (f"accelerate launch train/lora.py --config configs/lora.yaml model={q(model)} data.path=IMAGES",
-             "a LoRA on it"),
-        ]
-    else:  # LoRA files, for the model they were trained on
-        next_steps = [(f"python eval/sample.py --model {q(cfg.model)} --lora {q(model)} --prompt {prompt} "
-                       f"--out {generated}", "images with the LoRA")]
     lines = [f"trained {step} steps; wrote:"] + [f"  {name:<12} {value}" for name, value in wrote if value]
-    return "\n".join(lines + ["next:"] + [f"  {command}  # {why}" for command, why in next_steps])
+    if next_steps:
+        lines += ["next:"] + [f"  {command}  # {why}" for command, why in next_steps]
+    return "\n".join(lines)
 
 
 def _flat(cfg: Config) -> dict:

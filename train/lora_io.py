@@ -13,17 +13,16 @@
   `Checkpointer` and `resume` work unchanged.
 - `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`, `lora_te_*`) over the
   teacher-slot LDM numbering that sdkd's `--target sdcpp` single files use (`ldm_layout`), `lora_down` /
-  `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1).
-
-    python train/lora_io.py to-sdcpp OUTPUT/pytorch_lora_weights.safetensors --out lora_sdcpp.safetensors
+  `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1); the command
+  is train/convert_lora.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +32,9 @@ from safetensors.torch import load_file, save_file
 from sdkd.train import ldm_layout
 from sdkd.train.checkpoints import ModelState
 from sdkd.train.config import LoraSection
-from sdkd.cli.errors import UserError, first_line, run_cli
+from sdkd.train.families import SD
+from sdkd.train.objective import BatchEncoder, StepRandom
+from sdkd.cli.errors import UserError, first_line
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SDCPP_FILE = "lora_sdcpp.safetensors"
@@ -81,15 +82,34 @@ def add_adapters(unet, text_encoder, cfg: LoraSection, seed: int = 0) -> None:
 
 
 class TextConditionedUNet(torch.nn.Module):
-    """U-Net + text encoder as one trained module (a LoRA on both): called with token ids instead of
-    embeddings, so the objective and the loop stay those of every other trainer."""
+    """U-Net + text encoder as one trained module (a LoRA on both): called with token ids instead of a
+    `Conditioning`, so the objective and the loop stay those of every other trainer. SD-1.x/2.x (one text
+    encoder), which is all `load_teacher` loads for now."""
 
     def __init__(self, unet, text_encoder):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, sample, timestep, input_ids):
-        return self.unet(sample, timestep, self.text_encoder(input_ids)[0])
+        return self.unet(sample, timestep, **SD.encode_tokens(self, input_ids).unet_kwargs())
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids in the place of a `Conditioning`: what the objective hands a `TextConditionedUNet`. Never
+    cast for a teacher: lora.train_text_encoder refuses one."""
+
+    ids: torch.Tensor
+
+    def unet_kwargs(self) -> dict:
+        return {"input_ids": self.ids}
+
+
+class TokenEncoder(BatchEncoder):
+    """Latents and token ids: what a `TextConditionedUNet` is conditioned on."""
+
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, Tokens]:
+        return self.latents(batch, rng), Tokens(SD.tokenize(self.parts, batch["captions"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,17 +342,3 @@ def export_sdcpp(lora: str | Path, out: str | Path) -> Path:
     save_file(tensors, str(out), metadata={"format": "pt", META + "base_model": meta.get(META + "base_model", ""),
                                            META + "layout": meta.get(META + "layout", "")})
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an sdkd LoRA (diffusers format) for stable-diffusion.cpp.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("to-sdcpp", help="kohya names over sd.cpp's numbering, with alpha tensors")
-    conv.add_argument("lora", help="pytorch_lora_weights.safetensors (or its folder) written by train/lora.py")
-    conv.add_argument("--out", required=True, help="output .safetensors")
-    args = parser.parse_args(argv)
-    print(f"wrote {export_sdcpp(args.lora, args.out)}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.train import console, ldm_layout, lora_io
 from sdkd.cli.errors import UserError, first_line
-from sdkd.train.teacher import (PipelineSource, load_pipeline, load_teacher, safe_weights, scheduler_class,
-                                 vae_class)
+from sdkd.train.families import family_of
+from sdkd.train.teacher import (PipelineParts, PipelineSource, load_pipeline, load_teacher, safe_weights,
+                                 scheduler_class, vae_class)
 
 FORMAT_VERSION = "1"
 META = "sdkd."  # metadata key prefix
@@ -63,10 +64,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
     if prediction_type is not None:
         parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = parts.family.pipeline(parts, unet, parts.scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     if run is not None:
         write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
@@ -80,7 +78,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
 
 @dataclass
 class Source:
-    pipe: StableDiffusionPipeline
+    pipe: DiffusionPipeline
     description: str
     """Where the weights came from, for the model card."""
     info: dict = field(default_factory=dict)
@@ -91,7 +89,7 @@ class Source:
     """Where the VAE, text encoder, tokenizer and scheduler came from: a folder, a file or a teacher id."""
 
 
-def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> StableDiffusionPipeline:
+def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> DiffusionPipeline:
     console.quiet_third_party()  # now that diffusers is imported: its "Loading pipeline components" bar
     return load_pipeline(PipelineSource(str(folder), allow_pickle=allow_pickle), what="pipeline folder")
 
@@ -149,7 +147,7 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
     return info
 
 
-def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[StableDiffusionPipeline, str]:
+def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[DiffusionPipeline, str]:
     """VAE, text encoder, tokenizer and scheduler of a run, and where they came from: its student/ folder,
     else the pipeline it trained (`model`, fine-tune runs) or its teacher."""
     if (run / "student" / "model_index.json").is_file():
@@ -159,9 +157,7 @@ def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[StableDiffu
         raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
                         f"VAE and text encoder to go with the U-Net")
     parts = load_teacher(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
-    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=None, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False), base
+    return parts.family.pipeline(parts, None, parts.scheduler), base
 
 
 def _with_unet(run: Path, unet_dir: Path, description: str, info: dict, allow_pickle: bool) -> Source:
@@ -478,7 +474,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
                         f"python train/export.py") from None
 
 
-def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer from its metadata)."""
     path = Path(path)
     meta = read_metadata(path)
@@ -498,6 +494,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
     except (KeyError, json.JSONDecodeError) as err:
         raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
     # The file names what to build: only a scheduler or VAE class, and only the tokenizer files we write ourselves.
+    family = family_of(unet_config, f"'{path}'")
     scheduler_cls = scheduler_class(scheduler_cls, f"'{path}': its metadata")
     vae_cls = vae_class(vae_class_name, f"'{path}': its metadata")
     if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
@@ -540,9 +537,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Stab
             tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the model") from None
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler_cls.from_config(scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    pipe = family.pipeline(PipelineParts(unet, vae, text_encoder, tokenizer, scheduler, family=family), unet, scheduler)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe

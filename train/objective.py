@@ -12,6 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdkd.cli.errors import UserError
+from sdkd.train.families import Conditioning
 from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
 from sdkd.train.students import removal_spec
@@ -49,14 +50,15 @@ class StepRandom:
 
 
 class BatchEncoder:
-    """Images and captions -> VAE latents (posterior sample, scaled) and text embeddings."""
+    """Images and captions -> VAE latents (posterior sample, scaled) and the model family's conditioning."""
 
-    def __init__(self, vae, text_encoder, tokenizer):
-        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+    def __init__(self, parts):
+        """`parts`: a teacher.PipelineParts with its VAE, text encoders and tokenizers."""
+        self.parts, self.vae, self.family = parts, parts.vae, parts.family
 
     @torch.no_grad()
-    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.latents(batch, rng), self.embed(batch["captions"])
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, Conditioning]:
+        return self.latents(batch, rng), self.conditioning(batch)
 
     @torch.no_grad()
     def latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
@@ -78,44 +80,44 @@ class BatchEncoder:
         return posterior.mean, posterior.std
 
     @torch.no_grad()
-    def embed(self, captions: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenize(captions))[0]
+    def conditioning(self, batch: dict) -> Conditioning:
+        return self.family.encode(self.parts, batch)
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Token ids, padded to the tokenizer's length, on the text encoder's device."""
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        return ids.to(self.text_encoder.device)
+    @torch.no_grad()
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The caption-made tensors of "" (one sample), which caption dropout swaps into a cached sample."""
+        return self.family.empty_prompt(self.parts)
 
 
 class CachedEncoder:
-    """A latent cache's batch -> the latents `BatchEncoder` would sample, and the cached embeddings.
+    """A latent cache's batch -> the latents `BatchEncoder` would sample, and the cached conditioning.
 
     Draws the posterior sample as `BatchEncoder` does (mean + std x the step's normal draw), so from the
     same mean, std and generator state it returns the same latents, bit for bit.
     """
 
-    def __init__(self, scaling_factor: float, device: torch.device | str = "cpu"):
-        self.scaling_factor, self.device = scaling_factor, torch.device(device)
+    def __init__(self, parts, device: torch.device | str = "cpu"):
+        """`parts`: a teacher.PipelineParts (its VAE config and family; the models may be left out)."""
+        self.scaling_factor, self.fields = parts.vae_config["scaling_factor"], parts.family.fields
+        self.device = torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, Conditioning]:
         mean = batch["latent_mean"].to(self.device, torch.float32)
         std = batch["latent_std"].to(self.device, torch.float32)
         noise = rng.randn(mean.shape, mean.dtype).to(self.device)
         latents = (mean + std * noise) * self.scaling_factor
-        return latents.contiguous(), batch["embeds"].to(self.device, torch.float32).contiguous()
+        cached = {name: batch[name].to(self.device, torch.float32).contiguous() for name in self.fields}
+        return latents.contiguous(), Conditioning.from_tensors(cached)
 
 
 def build_encoder(data_cfg, parts, dataset, device: torch.device):
-    """The trainer's encoder: the teacher's VAE and text encoder, or the latent cache's when `data.cache`
-    is set (then checked against the teacher: resolution, VAE scaling factor, text width)."""
+    """The trainer's encoder: the teacher's VAE and text encoders, or the latent cache's when `data.cache`
+    is set (then checked against the teacher: model family, resolution, VAE scaling factor, text width)."""
     if data_cfg.cache is None:
-        return BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
+        return BatchEncoder(parts)
     dataset.check_teacher(parts, data_cfg.resolution)
-    return CachedEncoder(parts.vae_config["scaling_factor"], device)
+    return CachedEncoder(parts, device)
 
 
 def set_prediction_type(scheduler, prediction_type: str | None, teacher_scheduler=None, teacher: str = "") -> None:
@@ -132,7 +134,7 @@ def set_prediction_type(scheduler, prediction_type: str | None, teacher_schedule
 
 
 class DiffusionObjective:
-    """Loss of the trained U-Net on one batch of latents and text embeddings.
+    """Loss of the trained U-Net on one batch of latents and their conditioning.
 
     `teacher` (frozen) and the hooks are optional: without a teacher only the task term is computed.
     `noise_offset` and `input_perturbation` are diffusers' options of those names (see `LossConfig`).
@@ -169,15 +171,15 @@ class DiffusionObjective:
         noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
         return noisy, timesteps, diffusion_target(self.scheduler, latents, noise, timesteps)
 
-    def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor, rng: StepRandom) -> dict[str, torch.Tensor]:
+    def __call__(self, unet, latents: torch.Tensor, cond: Conditioning, rng: StepRandom) -> dict[str, torch.Tensor]:
         noisy, timesteps, target = self.draw(latents, rng)
         with self._capture(self.student_hooks):
-            pred = unet(noisy, timesteps, embeds).sample
+            pred = unet(noisy, timesteps, **cond.unet_kwargs()).sample
         teacher_pred, student_feats, teacher_feats = None, [], []
         if self.teacher is not None:
             with torch.no_grad(), self.autocast(), self._capture(self.teacher_hooks):
                 dtype = self.teacher.dtype
-                teacher_pred = self.teacher(noisy.to(dtype), timesteps, embeds.to(dtype)).sample
+                teacher_pred = self.teacher(noisy.to(dtype), timesteps, **cond.to(dtype=dtype).unet_kwargs()).sample
         if self.student_hooks is not None:
             student_feats, teacher_feats = self.student_hooks.features, self.teacher_hooks.features
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw, ImageFont
 
 LABEL_CELL = 128  # labelled grids upscale smaller images (toy runs: 32 px) so a prompt has room to be read
@@ -19,11 +19,7 @@ PAD = 4
 def sample_images(unet, parts, prompts: list[str], seed: int, steps: int, guidance_scale: float,
                   resolution: int, autocast=nullcontext) -> list[Image.Image]:
     """One image per prompt; prompt i uses seed + i. `parts` is a teacher.PipelineParts."""
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(parts.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = parts.family.pipeline(parts, unet, DPMSolverMultistepScheduler.from_config(parts.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     device = next(unet.parameters()).device
     images = []

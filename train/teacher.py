@@ -1,9 +1,10 @@
 """Loading a pipeline's parts (hub id, local diffusers folder, or the built-in toy): the teacher, a model to
 fine-tune, a student to sample or export.
 
-Only the classes an SD-1.x/2.x pipeline has are built, whatever a folder's model_index.json names: its
-VAE's config may say AutoencoderKL or AutoencoderTiny, its scheduler's any diffusers scheduler. Weights
-load from safetensors unless pickle is allowed by name."""
+Only the classes the pipeline's model family has are built (train/families.py: the family comes from the
+U-Net's config), whatever a folder's model_index.json names: its VAE's config may say AutoencoderKL or
+AutoencoderTiny, its scheduler's any diffusers scheduler. Weights load from safetensors unless pickle is
+allowed by name."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.train.families import ModelFamily, family_of
 
 
 @dataclass
 class PipelineParts:
-    """The pieces of an SD-1.x/2.x pipeline a trainer needs. `unet` may be left out, and so may the VAE,
-    text encoder and tokenizer (a run from a latent cache); `vae_config` is kept either way."""
+    """The pieces of a pipeline a trainer needs. `unet` may be left out, and so may the VAE, text encoder
+    and tokenizer (a run from a latent cache); `vae_config` and `family` are kept either way."""
 
     unet: UNet2DConditionModel | None
     vae: AutoencoderKL | AutoencoderTiny | None
@@ -32,10 +34,14 @@ class PipelineParts:
     scheduler: DDPMScheduler
     vae_config: Any = None
     """The VAE's config (a dict-like); taken from `vae` when not given."""
+    family: ModelFamily | None = None
+    """What conditions the U-Net (train/families.py); taken from `unet`'s config when not given."""
 
     def __post_init__(self) -> None:
         if self.vae_config is None:
             self.vae_config = self.vae.config
+        if self.family is None:
+            self.family = family_of(self.unet.config)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -44,6 +50,11 @@ class PipelineParts:
     @property
     def has_encoders(self) -> bool:
         return self.vae is not None
+
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """The VAE and the family's text encoders: the frozen models a run from a latent cache leaves out."""
+        return [self.vae, *(getattr(self, name) for name in self.family.text_encoders)]
 
 
 @dataclass(frozen=True)
@@ -121,34 +132,39 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
 
         p = build_toy_pipeline()
         enc = (p.vae, p.text_encoder, p.tokenizer) if with_encoders else (None, None, None)
-        return PipelineParts(p.unet if with_unet else None, *enc, p.scheduler, vae_config=p.vae.config)
+        return PipelineParts(p.unet if with_unet else None, *enc, p.scheduler, vae_config=p.vae.config,
+                             family=family_of(p.unet.config))
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
         raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
-    parts = ("unet",) * with_unet + ("vae", "text_encoder") * with_encoders
-    safe = safe_weights(what, src.allow_pickle, *(local / sub for sub in parts if local.exists()))
-    vae_name = _class_name(local / "vae" / "config.json", what)
-    vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
     try:
         kw = dict(local_files_only=local.exists(), revision=src.revision)
-        # Tokenizer and configs have no variants; safetensors only unless allowed.
+        # The U-Net's config says which text encoders and tokenizers there are.
+        family = family_of(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), f"{what} '{source}'")
+        parts = ("unet",) * with_unet + ("vae", *family.text_encoders) * with_encoders
+        safe = safe_weights(what, src.allow_pickle, *(local / sub for sub in parts if local.exists()))
+        vae_name = _class_name(local / "vae" / "config.json", what)
+        vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
+        # Tokenizers and configs have no variants; safetensors only unless allowed.
         weights = dict(kw, variant=src.variant, **safe)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None
+        vae = vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None
+        text = {name: cls.from_pretrained(source, subfolder=name, **weights) if with_encoders else None
+                for name, cls in family.text_encoders.items()}
+        text |= {name: cls.from_pretrained(source, subfolder=name, **kw) if with_encoders else None
+                 for name, cls in family.tokenizers.items()}
         return PipelineParts(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None,
-            vae=vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None,
-            text_encoder=(CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
-                          if with_encoders else None),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw) if with_encoders else None,
-            scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw),
+            unet=unet, vae=vae, **text, scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw), family=family,
         )
     except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
 
 
-def load_pipeline(source: str | PipelineSource, what: str = "model") -> StableDiffusionPipeline:
-    """A whole SD pipeline (a student folder, a teacher) with its own scheduler class, for sampling and export."""
+def load_pipeline(source: str | PipelineSource, what: str = "model") -> DiffusionPipeline:
+    """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
+    sampling and export."""
     src = source if isinstance(source, PipelineSource) else PipelineSource(source)
     parts = load_teacher(src, what=what)
     if src.path == "toy":
@@ -162,9 +178,7 @@ def load_pipeline(source: str | PipelineSource, what: str = "model") -> StableDi
                                             revision=src.revision)
         except (OSError, ValueError) as err:
             raise UserError(f"{what} '{src.path}': its scheduler could not be loaded: {first_line(err)}") from None
-    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return parts.family.pipeline(parts, parts.unet, scheduler)
 
 
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

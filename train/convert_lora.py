@@ -1,0 +1,28 @@
+"""Convert an sdkd LoRA (diffusers format, written by train/lora.py) for stable-diffusion.cpp.
+
+    python train/convert_lora.py to-sdcpp OUTPUT/pytorch_lora_weights.safetensors --out lora_sdcpp.safetensors
+
+The conversion is train/lora_io.py's `export_sdcpp`: kohya names over sd.cpp's teacher-slot numbering,
+with alpha tensors; a LoRA of a layout sd.cpp has no model for is refused and no file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sdkd.cli.errors import run_cli
+from sdkd.train.lora_io import export_sdcpp
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert an sdkd LoRA (diffusers format) for stable-diffusion.cpp.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("to-sdcpp", help="kohya names over sd.cpp's numbering, with alpha tensors")
+    conv.add_argument("lora", help="pytorch_lora_weights.safetensors (or its folder) written by train/lora.py")
+    conv.add_argument("--out", required=True, help="output .safetensors")
+    args = parser.parse_args(argv)
+    print(f"wrote {export_sdcpp(args.lora, args.out)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
