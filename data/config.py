@@ -1,8 +1,8 @@
 """The `data` section of every trainer's config, its checks, and `Choice`, the type of config values
 drawn from a fixed set.
 
-Imported by train/config.py (which composes the whole schema) and by the sources; it imports neither,
-nor torch, so `--help` and config checks stay fast.
+Imported by train/config.py (which composes the whole schema) and by the sources; it imports neither of
+them, nor torch, so `--help` and config checks stay fast.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from sdkd.cli.errors import require
 class Choice(str, Enum):
     """A config value from a fixed set, declared as `name = auto()`: the value is the name, so OmegaConf
     (which reads and writes members by name) loads, saves and prints the plain text. A member compares
-    equal to that text and str() and f-strings give it (not enum.StrEnum: Python 3.10 lacks it)."""
+    equal to that text and str() and f-strings give it (not enum.StrEnum: Python 3.10 lacks it). Declared
+    here, in the lowest layer that has config sections; train/config.py's choices use it too."""
 
     @staticmethod
     def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
@@ -46,8 +47,7 @@ class DataSource(Choice):
 
 
 class Interpolation(Choice):
-    """PIL's resampling filters (`Image.Resampling`) by diffusers' --image_interpolation_mode names; the same
-    as data/transforms.py's INTERPOLATIONS (a test keeps them equal: that module imports torch)."""
+    """PIL's resampling filters (`Image.Resampling`) by diffusers' --image_interpolation_mode names."""
 
     nearest = auto()
     bilinear = auto()

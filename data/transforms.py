@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdkd.data.config import Interpolation
 
-# PIL's resampling filters (`Image.Resampling`), by diffusers' --image_interpolation_mode names.
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+INTERPOLATIONS = tuple(Interpolation.__members__)
 
 
 class Augmented(NamedTuple):

@@ -144,11 +144,11 @@ def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -
 
     b = build_bench(name, latent, batch)
     mean, std = b.encoder.posterior(b.batch)
-    cached = {"latent_mean": mean, "latent_std": std, "embeds": b.encoder.embed(b.batch["captions"])}
+    cached = {"latent_mean": mean, "latent_std": std, **b.encoder.conditioning(b.batch).tensors()}
     loop = Loop(b.cfg, b.acc, b.task(b.encoder), dataset=None)
     loop.prepare(max_steps=warmup + repeats)
     encoders = {"without cache": (b.encoder, b.batch),
-                "with cache": (CachedEncoder(b.parts.vae.config.scaling_factor, b.acc.device), cached)}
+                "with cache": (CachedEncoder(b.parts, b.acc.device), cached)}
     times = {label: [] for label in encoders}
     rng = StepRandom(SEED, b.acc.device, batch)
     for i in range(warmup + repeats):

@@ -147,7 +147,7 @@ def bench_model(name: str, latent: int, batch_size: int, repeats: int, warmup: i
 
 def time_step_and_parts(b: Bench, clock: Clock, iterations: int) -> str:
     """Per iteration: the real KD step, then the same step taken apart. Returns auto's AdamW kernel."""
-    loop = Loop(b.cfg, b.acc, b.task(lambda batch, rng: (b.latents, b.embeds)), dataset=None)  # what the cache hands over
+    loop = Loop(b.cfg, b.acc, b.task(lambda batch, rng: (b.latents, b.cond)), dataset=None)  # what the cache hands over
     loop.prepare(max_steps=iterations)
     unet = loop.modules["unet"]
     group = unet.optimizer.param_groups[0]
@@ -170,9 +170,9 @@ def take_apart(b: Bench, student, optimizer, params, rng: StepRandom, clock: Clo
     with clock("noise_and_loss_terms"):  # the objective's own draws: same noise and timesteps
         noisy, timesteps, target = objective.draw(b.latents, rng)
     with clock("student_forward"), objective.student_hooks.capture():
-        pred = student(noisy, timesteps, b.embeds).sample
+        pred = student(noisy, timesteps, **b.cond.unet_kwargs()).sample
     with clock("teacher_forward"), torch.no_grad(), b.acc.autocast(), objective.teacher_hooks.capture():
-        teacher_pred = objective.teacher(noisy, timesteps, b.embeds).sample
+        teacher_pred = objective.teacher(noisy, timesteps, **b.cond.unet_kwargs()).sample
     with clock("noise_and_loss_terms"):
         loss = objective.loss(pred, target, teacher_pred, objective.student_hooks.features,
                               objective.teacher_hooks.features)["loss"]
@@ -188,7 +188,7 @@ def take_apart(b: Bench, student, optimizer, params, rng: StepRandom, clock: Clo
 def time_implementations(b: Bench, repeats: int, warmup: int) -> dict[str, float]:
     """`optimizer.step()` alone for each AdamW kernel, one at a time, on one set of gradients."""
     params = b.params
-    b.objective(b.student, b.latents, b.embeds, StepRandom(SEED, b.acc.device, len(b.latents)))["loss"].backward()
+    b.objective(b.student, b.latents, b.cond, StepRandom(SEED, b.acc.device, len(b.latents)))["loss"].backward()
     seconds = {}
     for implementation in IMPLEMENTATIONS:
         optimizer = build_optimizer(params, replace(b.cfg.optim, implementation=implementation))
@@ -217,7 +217,7 @@ def time_encoding(b: Bench, repeats: int, warmup: int) -> dict[str, float]:
         with clock("vae"), torch.no_grad():
             vae.encode(pixels).latent_dist.sample(generator=generator)
         with clock("text"):
-            b.encoder.embed(b.batch["captions"])
+            b.encoder.conditioning(b.batch)
     return clock.medians(warmup)
 
 

@@ -19,6 +19,7 @@ from sdkd.data.sources import build_dataset, collate
 from sdkd.train.config import Config
 from sdkd.train.loop import weight_dtype
 from sdkd.train.diffusion_task import DiffusionTask, trained_module
+from sdkd.train.families import Conditioning
 from sdkd.train.objective import BatchEncoder, DiffusionObjective, StepRandom, kd_objective
 from sdkd.train.sd_configs import SD15_UNET
 from sdkd.train.students import build_student, removal_spec
@@ -47,7 +48,7 @@ class Bench:
     encoder: BatchEncoder
     batch: dict           # collated synthetic images + captions (for the encoding line)
     latents: torch.Tensor  # what the latent cache hands the step
-    embeds: torch.Tensor
+    cond: Conditioning
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -75,11 +76,11 @@ def build_bench(name: str, latent: int, batch_size: int) -> Bench:
 
     dataset = build_dataset(cfg.data, SEED)
     batch = collate([dataset[i] for i in range(batch_size)])
-    encoder = BatchEncoder(parts.vae, parts.text_encoder, parts.tokenizer)
+    encoder = BatchEncoder(parts)
     rng = StepRandom(SEED, acc.device, batch_size)
     if name == "toy":
-        latents, embeds = encoder(batch, rng)
+        latents, cond = encoder(batch, rng)
     else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
         latents = torch.randn(batch_size, 4, latent, latent, generator=rng.generator)
-        embeds = torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=rng.generator)
-    return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, embeds)
+        cond = Conditioning(torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=rng.generator))
+    return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, cond)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
@@ -56,7 +56,7 @@ class Pipeline:
     """A loaded model ready to generate; `__call__` returns PIL images. `loaded` says what was loaded
     (model source, LoRA, tiny VAE) and `settings()` what a call uses, for records such as samples.json."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype,
+    def __init__(self, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype,
                  loaded: dict | None = None):
         self.pipe, self.device, self.dtype, self.loaded = pipe, device, dtype, loaded or {}
         self._multi = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
@@ -136,7 +136,7 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
         load_lora(pipe, lora, lora_scale)  # checked against this model's layout first
     # diffusers warns, per fp16 part, that fp16 cannot run on CPU: such parts are cast to fp32 just below.
     pipe.to(dev, silence_dtype_warnings=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):  # the family's models
         if module.dtype != torch_dtype:  # a no-op cast still makes diffusers warn
             module.to(dtype=torch_dtype)
     pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels on GPU)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdkd.data.hf_source import HFImageDataset
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 R = 16

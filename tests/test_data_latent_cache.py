@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from sdkd.data.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources import SyntheticCaptions, build_dataset, collate
 from sdkd.data.transforms import ImageTransform, Preprocess
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 from sdkd.train.objective import BatchEncoder, CachedEncoder, StepRandom, build_encoder
 from sdkd.train.teacher import load_teacher
@@ -35,7 +35,7 @@ def source(dropout=0.0):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, toy):
     out = tmp_path_factory.mktemp("cache")
-    write_cache(source(), BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer), out, batch_size=4, shard_size=4,
+    write_cache(source(), BatchEncoder(toy), out, batch_size=4, shard_size=4,
                 info={"resolution": R, "teacher": "toy"})
     return out
 
@@ -45,6 +45,7 @@ def test_layout_and_manifest(cache, toy):
     assert manifest["samples"] == N and [s["samples"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest["scaling_factor"] == toy.vae.config.scaling_factor
     assert manifest["latent_shape"] == [4, R // 2, R // 2] and manifest["embed_shape"] == [77, 32]
+    assert manifest["family"] == "sd" and manifest["fields"] == ["embeds"]
     assert sorted(p.name for p in cache.iterdir()) == ["empty_prompt.safetensors", "latents-000000.safetensors",
                                                        "latents-000001.safetensors", "latents-000002.safetensors",
                                                        "manifest.json"]
@@ -59,18 +60,18 @@ def test_cached_latents_equal_batch_encoder_latents(cache, toy):
     plain = collate([src[i] for i in indices])
     assert cached["captions"] == plain["captions"] and cached["keys"] == plain["keys"]
     assert torch.equal(cached["original_size"], plain["original_size"])
-    encoder = BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer)
+    encoder = BatchEncoder(toy)
     mean, std = encoder.posterior(plain)
     assert torch.equal(cached["latent_mean"], mean) and torch.equal(cached["latent_std"], std)
     a = encoder(plain, StepRandom(11, "cpu", len(indices)))
-    b = CachedEncoder(toy.vae.config.scaling_factor)(cached, StepRandom(11, "cpu", len(indices)))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    b = CachedEncoder(toy)(cached, StepRandom(11, "cpu", len(indices)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1].hidden_states, b[1].hidden_states) and b[1].added == {}
 
 
 def test_caption_dropout_matches_uncached_draws(cache, toy):
     ds = CachedLatents(cache, seed=3, caption_dropout=0.5)
     src = source(dropout=0.5)
-    empty = BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer).embed([""])[0]
+    empty = BatchEncoder(toy).conditioning({"captions": [""]}).hidden_states[0]
     dropped = 0
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -85,7 +86,7 @@ def test_caption_dropout_matches_uncached_draws(cache, toy):
 
 
 def test_loader_with_workers_and_fp16(tmp_path, toy):
-    write_cache(source(), BatchEncoder(toy.vae, toy.text_encoder, toy.tokenizer), tmp_path, batch_size=3,
+    write_cache(source(), BatchEncoder(toy), tmp_path, batch_size=3,
                 shard_size=3, dtype="fp16", info={"resolution": R})
     ds = CachedLatents(tmp_path)
     batches = list(DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2))

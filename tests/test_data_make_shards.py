@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdkd.data.make_shards import make_shards
 from sdkd.data.sources import build_dataset, collate
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 from conftest import run_script

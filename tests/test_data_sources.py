@@ -23,7 +23,7 @@ from sdkd.data.sources import (
     open_image,
 )
 from sdkd.data.transforms import ImageTransform
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 R = 32

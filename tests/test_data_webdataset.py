@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from sdkd.data.sources import build_dataset, collate
 from sdkd.data.webdataset_source import WebDatasetSource, resolve_shards
-from sdkd.train.config import DataConfig
+from sdkd.data.config import DataConfig
 from sdkd.cli.errors import UserError
 
 R = 16

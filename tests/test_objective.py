@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdkd.cli.errors import UserError
+from sdkd.train.families import Conditioning
 from sdkd.train.losses import KDLoss
 from sdkd.train.objective import DiffusionObjective, StepRandom, set_prediction_type
 from sdkd.train.toy import TOY_UNET
@@ -54,7 +55,7 @@ def test_teacher_and_student_see_the_same_input():
     objective = DiffusionObjective(scheduler(), KDLoss(0.0, 1.0, 0.0), teacher=unet, noise_offset=0.1,
                                    input_perturbation=0.1)
     with torch.no_grad():
-        terms = objective(unet, LATENTS, torch.randn(3, 77, 32), StepRandom(1, "cpu", len(LATENTS)))
+        terms = objective(unet, LATENTS, Conditioning(torch.randn(3, 77, 32)), StepRandom(1, "cpu", len(LATENTS)))
     assert terms["out"].item() == 0.0  # the same U-Net on the same input
 
 

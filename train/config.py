@@ -303,7 +303,7 @@ class LoraTrainConfig(FinetuneConfig):
 # Loading
 
 
-# OmegaConf's complaint about a value outside a `Choice`, said as check_student says it.
+# OmegaConf's message for a value outside a `Choice`, reworded as every choice error reads (expected_one_of).
 _NOT_A_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]$")
 
 

@@ -376,7 +376,7 @@ def write_lora_card(run: Path, files: list[Path]) -> Path:
 # Writers
 
 
-def _cast(pipe: StableDiffusionPipeline, half: bool) -> None:
+def _cast(pipe: DiffusionPipeline, half: bool) -> None:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to("cpu")
         if half:
@@ -413,7 +413,7 @@ def _config_json(config) -> str:
     return json.dumps({k: v for k, v in dict(config).items()}, default=list)
 
 
-def single_file_state(pipe: StableDiffusionPipeline, target: str) -> tuple[dict, dict]:
+def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]:
     """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
     vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
     unet_config = dict(pipe.unet.config)
@@ -494,7 +494,6 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
     except (KeyError, json.JSONDecodeError) as err:
         raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
     # The file names what to build: only a scheduler or VAE class, and only the tokenizer files we write ourselves.
-    family = family_of(unet_config, f"'{path}'")
     scheduler_cls = scheduler_class(scheduler_cls, f"'{path}': its metadata")
     vae_cls = vae_class(vae_class_name, f"'{path}': its metadata")
     if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
@@ -510,6 +509,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise UserError(f"'{path}': its metadata holds configs no model can be built from ({first_line(err)}); "
                         f"re-export the model") from None
+    family = family_of(unet.config, f"'{path}'")
     try:
         from safetensors.torch import load_file
 
@@ -538,7 +538,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the model") from None
     scheduler = scheduler_cls.from_config(scheduler_config)
-    pipe = family.pipeline(PipelineParts(unet, vae, text_encoder, tokenizer, scheduler, family=family), unet, scheduler)
+    parts = PipelineParts(unet, vae, text_encoder, tokenizer, scheduler, family=family)
+    pipe = family.pipeline(parts, unet, scheduler)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe
