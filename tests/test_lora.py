@@ -187,7 +187,7 @@ def test_sd15_sdcpp_lora_matches_the_fused_model_in_stable_diffusion_cpp(tmp_pat
     fused in by diffusers (exported as a plain sd.cpp single file)."""
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
-    import sdkd.train.export as E
+    import sdkd.train.model_files as E
 
     def bk_tiny():
         config = student_unet_config(SD15_UNET, PRESETS["bk_tiny"])

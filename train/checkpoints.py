@@ -154,7 +154,11 @@ class TensorState(ModelState):
     in `SUBFOLDER_ema.safetensors`."""
 
     def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The EMA's parameters by the names its file stores them under."""
         return list(self.model.named_parameters())
+
+    def ema_parameters(self):
+        return [p for _, p in self.named_ema_parameters()]
 
     def make_ema(self, decay: float):
         from diffusers.training_utils import EMAModel

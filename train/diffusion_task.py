@@ -34,6 +34,12 @@ def load_dataset(cfg: Config, acc):
     return dataset
 
 
+def frozen_parts(parts: PipelineParts, *trained: torch.nn.Module) -> dict[str, torch.nn.Module | None]:
+    """`parts`' VAE and text encoders (None where not loaded) for a task's `frozen`, less those `trained`."""
+    names = ("vae", *parts.family.text_encoders)
+    return {name: getattr(parts, name) for name in names if all(getattr(parts, name) is not m for m in trained)}
+
+
 def trained_module(cfg: Config, module: torch.nn.Module, state=None) -> TrainedModule:
     """The U-Net trainers' one module, `unet`, with the config's optimizer, clipping and EMA."""
     return TrainedModule("unet", module, cfg.optim, cfg.train.max_grad_norm,
@@ -74,10 +80,10 @@ class DiffusionTask(Task):
         process loads them from `frozen_source` the first time a sample grid is due."""
         if not self.parts.has_encoders:
             loaded = load_teacher(self.frozen_source, with_unet=False)
-            for frozen in (loaded.vae, loaded.text_encoder):
+            for frozen in loaded.encoders:
                 freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
-            self.parts = dataclasses.replace(self.parts, vae=loaded.vae, text_encoder=loaded.text_encoder,
-                                             tokenizer=loaded.tokenizer)
+            names = ("vae", *loaded.family.text_encoders, *loaded.family.tokenizers)
+            self.parts = dataclasses.replace(self.parts, **{name: getattr(loaded, name) for name in names})
         return self.parts
 
     def sample(self, step: int, sink: SampleSink) -> None:

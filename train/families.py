@@ -104,7 +104,8 @@ class StableDiffusion(ModelFamily):
         return ids.to(parts.text_encoder.device)
 
     def encode_tokens(self, parts, ids: torch.Tensor) -> Conditioning:
-        """Apart from `encode` for a text encoder that trains (a text-encoder LoRA runs it on token ids)."""
+        """The conditioning of token ids: apart from `encode` for a text-encoder LoRA, whose trained module runs
+        the text encoder itself (lora_io.TextConditionedUNet)."""
         return Conditioning(parts.text_encoder(ids)[0])
 
     def encode(self, parts, batch: dict) -> Conditioning:

@@ -19,7 +19,8 @@ SCHEMA = FinetuneConfig
 
 def build(cfg: FinetuneConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.diffusion_task import DiffusionTask, load_dataset, load_finetune_parts, trained_module
+    from sdkd.train.diffusion_task import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
+                                          trained_module)
     from sdkd.train.model_files import save_pipeline
     from sdkd.train.objective import build_encoder
     from sdkd.train.teacher import PipelineSource
@@ -35,7 +36,7 @@ def build(cfg: FinetuneConfig, acc):
     task = DiffusionTask(
         cfg, acc, trained_module(cfg, unet), build_encoder(cfg.data, run.parts, dataset, acc.device), run.objective,
         run.parts, export=lambda out: [save_pipeline(unet, model, out / "student", cfg.loss.prediction_type, run=out)],
-        frozen=dict(vae=run.parts.vae, text_encoder=run.parts.text_encoder, teacher=run.teacher and run.teacher.unet),
+        frozen=dict(teacher=run.teacher and run.teacher.unet, **frozen_parts(run.parts)),
         reference_unet=run.teacher.unet if run.teacher else None, frozen_source=model,
     )
     return task, dataset

@@ -13,7 +13,7 @@ SCHEMA = Config
 
 def build(cfg: Config, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.diffusion_task import DiffusionTask, load_dataset, trained_module
+    from sdkd.train.diffusion_task import DiffusionTask, frozen_parts, load_dataset, trained_module
     from sdkd.train.model_files import save_pipeline
     from sdkd.train.objective import build_encoder, kd_objective, set_prediction_type
     from sdkd.train.students import build_student, removal_spec
@@ -39,7 +39,7 @@ def build(cfg: Config, acc):
         cfg, acc, trained_module(cfg, student), build_encoder(cfg.data, teacher, dataset, acc.device), objective,
         teacher, export=lambda out: [save_pipeline(student, PipelineSource.of(cfg), out / "student",
                                                    cfg.loss.prediction_type, run=out)],
-        frozen=dict(teacher=teacher.unet, vae=teacher.vae, text_encoder=teacher.text_encoder),
+        frozen=dict(teacher=teacher.unet, **frozen_parts(teacher)),
         # Sample grids use the student's prediction type: no teacher row when a task-only run changed it.
         reference_unet=teacher.unet if teacher.scheduler.config.prediction_type == teacher_kind else None,
     )

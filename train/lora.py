@@ -23,7 +23,8 @@ def build(cfg: LoraTrainConfig, acc):
     import sys
 
     from sdkd.train import lora_io
-    from sdkd.train.diffusion_task import DiffusionTask, load_dataset, load_finetune_parts, trained_module
+    from sdkd.train.diffusion_task import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
+                                          trained_module)
     from sdkd.train.ldm_layout import UnsupportedLayout
     from sdkd.train.loop import weight_dtype
     from sdkd.train.model_files import write_lora_card
@@ -48,7 +49,7 @@ def build(cfg: LoraTrainConfig, acc):
     if text_encoder is not None:
         # The text encoder runs inside the trained module, on token ids.
         trained = lora_io.TextConditionedUNet(unet, text_encoder)
-        encoder = lora_io.TokenEncoder(run.parts.vae, run.parts.text_encoder, run.parts.tokenizer)
+        encoder = lora_io.TokenEncoder(run.parts)
     else:
         trained, encoder = unet, build_encoder(cfg.data, run.parts, dataset, acc.device)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
@@ -69,8 +70,7 @@ def build(cfg: LoraTrainConfig, acc):
         cfg, acc, trained_module(cfg, trained, lora_io.LoraState(unet, text_encoder, cfg.model)), encoder,
         run.objective, run.parts, export,
         # A text encoder with an adapter is trained, not frozen: the loop must not cast it.
-        frozen=dict(vae=run.parts.vae, text_encoder=None if text_encoder is not None else run.parts.text_encoder,
-                    teacher=run.teacher and run.teacher.unet),
+        frozen=dict(teacher=run.teacher and run.teacher.unet, **frozen_parts(run.parts, text_encoder)),
         reference_unet=run.teacher.unet if run.teacher else None, sample_unet=unet,
         frozen_source=PipelineSource.of(cfg, "model"),
     )

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkd.train import ldm_layout
-from sdkd.train.checkpoints import ModelState
+from sdkd.train.checkpoints import TensorState, load_ema, save_ema
 from sdkd.train.config import LoraSection
 from sdkd.train.families import SD
 from sdkd.train.objective import BatchEncoder, StepRandom
@@ -255,43 +255,28 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
 # Checkpoints
 
 
-class LoraState(ModelState):
+class LoraState(TensorState):
     """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net."""
 
     def __init__(self, unet, text_encoder=None, base: str | None = None):
         super().__init__(unet)
         self.unet, self.text_encoder, self.base = unet, text_encoder, base
 
-    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
+    def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         named = [("unet." + n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
         if self.text_encoder is not None:
             named += [("text_encoder." + n, p) for n, p in self.text_encoder.named_parameters() if p.requires_grad]
         return named
 
-    def ema_parameters(self):
-        return [p for _, p in self._named()]
-
-    def make_ema(self, decay: float):
-        from diffusers.training_utils import EMAModel
-
-        return EMAModel(self.ema_parameters(), decay=decay)
-
     def save(self, folder: Path, ema=None) -> None:
         save_lora(folder, self.unet, self.text_encoder, self.base)
         if ema is not None:
-            state = ema.state_dict()
-            shadow = state.pop("shadow_params")
-            save_file({name: t.detach().cpu().contiguous() for (name, _), t in zip(self._named(), shadow)},
-                      str(folder / EMA_FILE), metadata={"ema": json.dumps(state)})
+            save_ema(ema, self.named_ema_parameters(), folder / EMA_FILE)
 
     def load(self, folder: Path, ema=None, device=None) -> None:
         load_lora_state(folder / LORA_FILE, self.unet, self.text_encoder)
         if ema is not None:
-            tensors, meta = load_file(folder / EMA_FILE), read_metadata(folder / EMA_FILE)
-            state = json.loads(meta["ema"])
-            state["shadow_params"] = [tensors[name] for name, _ in self._named()]
-            ema.load_state_dict(state)
-            ema.to(device)
+            load_ema(ema, self.named_ema_parameters(), folder / EMA_FILE, device)
 
 
 # ---------------------------------------------------------------------------------------------
