@@ -174,12 +174,13 @@ def table(rows: list[dict]) -> str:
 
 def _teacher_pipe(teacher: str):
     from sdkd.train.sd_configs import SD15_UNET
-    from sdkd.train.toy import build_random_pipeline, build_toy_pipeline
+    from sdkd.train.teacher import load_pipeline
+    from sdkd.train.toy import build_random_pipeline
 
     if teacher == "sd15":
         return build_random_pipeline(SD15_UNET, widths="sd15")
-    if teacher == "toy":
-        return build_toy_pipeline()
+    if teacher == "toy":  # the trained toy teacher, as `teacher: toy` loads it
+        return load_pipeline("toy", what="teacher")
     from sdkd.train.model_files import load_source
 
     return load_source(teacher).pipe

@@ -70,6 +70,11 @@ class Pipeline:
     def unet(self):
         return self.pipe.unet
 
+    def set_sampler(self, scheduler_class: type, **config) -> None:
+        """Sample multi-step calls with another diffusers scheduler (built from this model's scheduler config and
+        `config`) instead of DPM-Solver++; one step stays DPM-Solver++ at t=999."""
+        self._multi = scheduler_class.from_config(self._multi.config, **config)
+
     def _scheduler(self, steps: int) -> DPMSolverMultistepScheduler:
         return self._one if steps == 1 else self._multi
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sdkd.train.sampling import LABEL_CELL
 from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
-from sdkd.train.toy import build_toy_pipeline
+from sdkd.train.teacher import load_teacher
 
 from conftest import launch_trainer, run_script
 
@@ -84,7 +84,7 @@ def output_gap(student, teacher, seed=0, n=16):
 
 def test_kd_shrinks_the_student_teacher_gap(toy_run):
     out, _ = toy_run
-    teacher = build_toy_pipeline().unet.eval()
+    teacher = load_teacher("toy").unet.eval()  # the trained toy teacher the run distilled
     initial = build_student(teacher, removal_spec(StudentConfig(preset="bk_small"))).eval()
     trained = UNet2DConditionModel.from_pretrained(out / "student" / "unet").eval()
     before, after = output_gap(initial, teacher), output_gap(trained, teacher)
@@ -184,7 +184,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     launch_kd(tmp_path / "two", *common, "train.batch_size=4", num_processes=2)
     one = load_file(tmp_path / "one" / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
-    start = build_student(build_toy_pipeline().unet, removal_spec(StudentConfig(preset="bk_small"))).state_dict()
+    start = build_student(load_teacher("toy").unet, removal_spec(StudentConfig(preset="bk_small"))).state_dict()
     mean_abs = lambda a, b: sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(v.numel() for v in a.values())  # noqa: E731
     moved, apart = mean_abs(one, start), mean_abs(one, two)
     # Measured: moved 1e-3, apart 5e-9; another seed for the two processes (other noise) gives 1e-3 apart.

@@ -1,7 +1,7 @@
 """Precompute VAE latents (posterior mean and std) and text embeddings of a training set, once.
 
     python train/cache_latents.py --config CONFIG data.cache=CACHE_DIR [--shard-size 1000] [--dtype fp32]
-                                 [--batch-size N] [key=value ...]
+                                 [--batch-size N] [--from-samples [--sample-steps 4]] [key=value ...]
 
 Reads the data the config describes (`data.source`, `data.path`, ..., at `data.resolution`, augmented as
 epoch 0 of `train.seed` would be) with the teacher's VAE and text encoder, and writes the cache folder
@@ -14,6 +14,10 @@ mean and std with the step's generator, so they see the same latents as without 
 choices are frozen at their epoch-0 draw; caption dropout still happens per epoch at train time.
 A webdataset source is read once in shard order (not resampled). Runs on one process (on the GPU when
 there is one), with `train.num_workers` DataLoader workers decoding.
+
+`--from-samples` stores instead the latents the teacher pipeline samples for each caption (seed
+train.seed + i, `--sample-steps` steps, `sample.guidance_scale`): SDXS trains its tiny decoder on such
+latents (train/tiny_decoder.py reads them with `data.cache`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,31 @@ from sdkd.train.objective import BatchEncoder
 from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
 
+class SampledLatents(BatchEncoder):
+    """The latents the teacher pipeline samples for each caption, stored as a posterior of zero spread (so a
+    trainer's draw returns them exactly): sample i uses seed + i, with DPM-Solver++ and `steps` steps."""
+
+    def __init__(self, parts, steps: int, guidance_scale: float, resolution: int, seed: int):
+        from diffusers import DPMSolverMultistepScheduler
+
+        super().__init__(parts)
+        scheduler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config)
+        self.pipe = parts.family.pipeline(parts, parts.unet, scheduler)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.guidance_scale, self.resolution, self.next_seed = steps, guidance_scale, resolution, seed
+
+    @torch.no_grad()
+    def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.parts.unet.device
+        generators = [torch.Generator(device).manual_seed(self.next_seed + i) for i in range(len(batch["captions"]))]
+        self.next_seed += len(generators)
+        latents = self.pipe(batch["captions"], num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                            height=self.resolution, width=self.resolution, generator=generators,
+                            output_type="latent").images.float()
+        mean = latents / self.vae.config.scaling_factor
+        return mean, torch.zeros_like(mean)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (see configs/)")
@@ -42,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="encoding batch (default train.batch_size)")
     parser.add_argument("--overwrite", action="store_true", help="replace the cache already in data.cache")
+    parser.add_argument("--from-samples", action="store_true",
+                        help="store the latents the teacher pipeline samples for each caption (SDXS's tiny-decoder "
+                             "training data) instead of the images' VAE latents")
+    parser.add_argument("--sample-steps", type=int, default=4, help="--from-samples: sampler steps (default 4)")
     parser.add_argument("--check-config", action="store_true", help=CHECK_CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides; data.cache=DIR is the output")
     args = parser.parse_args(argv)
@@ -50,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
     if args.shard_size <= 0:
         raise UserError("--shard-size must be > 0")
+    if args.sample_steps <= 0:
+        raise UserError("--sample-steps must be > 0")
     out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")
@@ -62,19 +97,23 @@ def main(argv: list[str] | None = None) -> None:
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)
     dataset = build_dataset(source, cfg.train.seed)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
+    teacher = load_teacher(PipelineSource.of(cfg), with_unet=args.from_samples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for frozen in teacher.encoders:
-        freeze(frozen, device, torch.float32)
+    for frozen in [*teacher.encoders, teacher.unet]:
+        if frozen is not None:
+            freeze(frozen, device, torch.float32)
+    encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution, cfg.train.seed)
+               if args.from_samples else BatchEncoder(teacher))
     if cfg.data.random_flip or not cfg.data.center_crop:
         print("note: random flips/crops are frozen at their epoch-0 draw in the cache", file=sys.stderr)
     start = time.perf_counter()
     manifest = write_cache(
-        dataset, BatchEncoder(teacher), cfg.data.cache,
+        dataset, encoder, cfg.data.cache,
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
         shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict,
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
-              "data": dataclasses.asdict(source)},
+              "data": dataclasses.asdict(source),
+              "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},
         log=lambda m: print(m, file=sys.stderr),
     )
     print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards to {cfg.data.cache} "

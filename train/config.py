@@ -207,6 +207,42 @@ class SampleConfig:
 
 
 @dataclass
+class TriplesConfig:
+    """Held-out (x_t, t, prompt) triples for teacher agreement (train/agreement.py): made without data, once,
+    from the teacher's own latents for fixed prompts and seeds, noised at fixed timesteps with fixed noise."""
+
+    seed: int = 0
+    """Seed of the triples: prompt i's clean latents start from seed + i, the noise added to them comes from a
+    generator seeded from seed too (another stream)."""
+    prompts: Optional[list[str]] = None
+    """Prompts of the triples; null: sample.prompts in a run, the evaluation prompts in eval/evaluate.py."""
+    num_prompts: int = 16
+    """Use at most this many prompts (the first ones)."""
+    timesteps: int = 4
+    """Timesteps per prompt, spread evenly over the training schedule's (4 of 1000: 125, 375, 625, 875)."""
+    teacher_steps: int = 8
+    """Sampler steps (DPM-Solver++) the teacher takes to make each prompt's clean latents x_0."""
+    guidance_scale: Optional[float] = None
+    """Classifier-free guidance of the teacher's x_0; null: sample.guidance_scale in a run, the evaluation's
+    guidance_scale in eval/evaluate.py."""
+    resolution: Optional[int] = None
+    """Image size of the triples; null: sample.resolution (else data.resolution) in a run, the evaluation's
+    resolution in eval/evaluate.py."""
+    batch_size: int = 8
+    """Triples per U-Net forward."""
+
+
+@dataclass
+class EvalConfig(TriplesConfig):
+    """In-loop evaluation: the student's noise predictions against its teacher's on the held-out triples
+    (made at the first evaluation, kept in OUTPUT/eval_triples.safetensors with the teacher's predictions),
+    logged as eval/noise_mse (and eval/noise_mse_tT per timestep) beside the losses."""
+
+    every: int = 0
+    """Evaluate every this many steps, and at step 0 of a new run; 0: never. Needs a teacher."""
+
+
+@dataclass
 class LogConfig:
     trackers: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     """Trackers besides OUTPUT/metrics.jsonl; [] or [none] for none."""
@@ -245,6 +281,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -379,7 +416,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    validate(cfg)
+    if isinstance(cfg, Config):
+        validate(cfg)
+    if hasattr(cfg, "validate"):  # a trainer's own sections, another command's schema (eval/eval_config.py)
+        cfg.validate()
     return cfg
 
 
@@ -447,8 +487,25 @@ def validate(cfg: Config) -> None:
     check_data(cfg.data)
     require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
+    check_triples(cfg.eval, "eval")
+    require(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: never)")
+    require(cfg.eval.every == 0 or cfg.teacher is not None, "eval.every",
+            "in-loop evaluation compares the model with a teacher: set teacher, or eval.every=0")
     if isinstance(cfg, FinetuneConfig):
         _validate_finetune(cfg)
+
+
+def check_triples(e: TriplesConfig, section: str) -> None:
+    """Checks of a held-out triples section (`eval` of a run, `agreement` of eval/evaluate.py)."""
+    require(e.seed >= 0, f"{section}.seed", "must be >= 0")
+    require(e.prompts is None or bool(e.prompts), f"{section}.prompts", "at least one prompt, or null")
+    require(e.num_prompts > 0, f"{section}.num_prompts", "must be > 0")
+    require(e.timesteps > 0, f"{section}.timesteps", "must be > 0")
+    require(e.teacher_steps > 0, f"{section}.teacher_steps", "must be > 0")
+    require(e.guidance_scale is None or e.guidance_scale >= 0, f"{section}.guidance_scale", "must be >= 0 or null")
+    require(e.resolution is None or (e.resolution >= 8 and e.resolution % 8 == 0), f"{section}.resolution",
+            "must be a multiple of 8, or null")
+    require(e.batch_size > 0, f"{section}.batch_size", "must be > 0")
 
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from sdkd.cli.errors import UserError
 from sdkd.data.sources import build_dataset
+from sdkd.train import agreement
 from sdkd.train.config import Config, FinetuneConfig
 from sdkd.train.distributed import main_process_first
 from sdkd.train.losses import KDLoss
@@ -62,6 +63,7 @@ class DiffusionTask(Task):
         self.frozen, self.reference_unet = frozen, reference_unet
         self.sample_unet, self.frozen_source = sample_unet, frozen_source or PipelineSource.of(cfg)
         self._reference_images = None
+        self._triples = None
 
     def train_step(self, ctx: StepContext, batch: dict, rng) -> dict[str, torch.Tensor]:
         latents, cond = self.encoder(batch, rng)
@@ -105,6 +107,25 @@ class DiffusionTask(Task):
             rows.insert(0, self._reference_images)
         sink.grid(rows, s.prompts, ["teacher", f"student step {step}"][-len(rows):])
         sink.log("samples/student", rows[-1], s.prompts)
+
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Noise-prediction MSE against the teacher on the run's held-out triples (train/agreement.py), made by
+        the first evaluation and kept in OUTPUT/eval_triples.safetensors. None without a teacher."""
+        if self.reference_unet is None:
+            return {}
+        autocast = self.accelerator.autocast
+        if self._triples is None:
+            self._triples = agreement.load_or_make(
+                Path(self.cfg.output_dir) / agreement.TRIPLES_FILE, self.reference_unet, self._sampling_parts(),
+                agreement.run_settings(self.cfg), self.cfg.eval.batch_size, autocast)
+        model = self.modules[0].module
+        was_training = model.training
+        model.eval()  # the whole trained module, as for sample grids
+        try:
+            return agreement.noise_mse(self.sample_unet or model, self._triples, self.cfg.eval.batch_size, autocast)
+        finally:
+            model.train(was_training)
 
 
 def next_steps(cfg: Config, exported: list[Path]) -> list[tuple[str, str]]:

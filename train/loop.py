@@ -2,7 +2,8 @@
 EMA, logging, sample grids, checkpoints and resume, the final export. What is trained, and how a
 batch becomes loss terms, is the trainer's task (train/task.py).
 
-Loop order (edm2 / torchtitan): step -> log -> sample -> checkpoint -> done?
+Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `eval.every` is due) -> sample ->
+checkpoint -> done?
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sdkd.data.sources import collate
 from sdkd.train import console, run_folder, tracking
 from sdkd.train.checkpoints import Checkpointer, list_checkpoints, resolve_resume
 from sdkd.train.config import Config, OptimConfig, resolve_max_steps
+from sdkd.train.distributed import together
 from sdkd.train.objective import StepRandom
 from sdkd.train.task import SampleSink, StepContext, Task, TrainedModule
 from sdkd.train.teacher import freeze
@@ -124,11 +126,14 @@ class Loop:
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
+        if step == 0 and cfg.eval.every:  # the curve's starting point: the freshly initialised model
+            acc.log(self._evaluate(step), step=step)
         while step < max_steps:
             start = time.perf_counter()
             terms = self.optimizer_step(step, batches, rng)
             step += 1
             progress.update(1)
+            logged = {}
             if step % cfg.train.log_every == 0:
                 seconds = time.perf_counter() - start
                 logged = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
@@ -137,10 +142,13 @@ class Loop:
                            "epoch": self._batches_read / self.batches_per_epoch,
                            "data_skipped": int(acc.reduce(torch.tensor(self._skipped, device=acc.device), "sum"))}
                 self._skipped = 0
-                acc.log(logged, step=step)
                 shown = "loss" if "loss" in terms else next(iter(terms), None)
                 if shown is not None:
                     progress.set_postfix(**{shown: f"{logged[shown]:.4f}"})
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                logged |= self._evaluate(step)
+            if logged:
+                acc.log(logged, step=step)
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 self._sample(step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == max_steps:
@@ -291,6 +299,13 @@ class Loop:
         where = f"data.cache={d.cache}" if d.cache else f"data.source={d.source}" + (f" ({d.path})" if d.path else "")
         raise UserError(f"{where}: no usable sample in {span}; last reasons: "
                         + ("; ".join(self._last_reasons) or "none given"))
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """The task's metrics as `eval/NAME`: computed on the main process while the others wait; a user
+        mistake there stops every process."""
+        acc = self.accelerator
+        metrics = together(acc, lambda: self.task.evaluate(step) if acc.is_main_process else {})
+        return {f"eval/{name}": value for name, value in metrics.items()}
 
     def _sample(self, step: int) -> None:
         acc = self.accelerator

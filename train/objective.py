@@ -103,12 +103,15 @@ class CachedEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, Conditioning]:
+        cached = {name: batch[name].to(self.device, torch.float32).contiguous() for name in self.fields}
+        return self.latents(batch, rng), Conditioning.from_tensors(cached)
+
+    @torch.no_grad()
+    def latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
         mean = batch["latent_mean"].to(self.device, torch.float32)
         std = batch["latent_std"].to(self.device, torch.float32)
         noise = rng.randn(mean.shape, mean.dtype).to(self.device)
-        latents = (mean + std * noise) * self.scaling_factor
-        cached = {name: batch[name].to(self.device, torch.float32).contiguous() for name in self.fields}
-        return latents.contiguous(), Conditioning.from_tensors(cached)
+        return ((mean + std * noise) * self.scaling_factor).contiguous()
 
 
 def build_encoder(data_cfg, parts, dataset, device: torch.device):

@@ -91,6 +91,11 @@ class Task:
     def sample(self, step: int, sink: "SampleSink") -> None:
         """Write this step's sample grid (main process only). Default: none."""
 
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Metrics of the trained model at this step (main process only; every `eval.every` steps), logged as
+        `eval/NAME` beside the losses. Default: none."""
+        return {}
+
     def export(self, out: Path) -> list[Path]:
         """Write the trained result at the end (main process, EMA weights in): the paths, the model first."""
         raise NotImplementedError

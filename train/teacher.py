@@ -1,4 +1,4 @@
-"""Loading a pipeline's parts (hub id, local diffusers folder, or the built-in toy): the teacher, a model to
+"""Loading a pipeline's parts (hub id, local diffusers folder, or the built-in trained toy): the teacher, a model to
 fine-tune, a student to sample or export.
 
 Only the classes the pipeline's model family has are built (train/families.py: the family comes from the
@@ -118,22 +118,24 @@ def _class_name(config_file: Path, what: str) -> str | None:
         raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
 
 
+def _resolve_toy(src: PipelineSource) -> PipelineSource:
+    """The trained toy teacher committed with sdkd (train/toy.py `TOY_TEACHER`), a local folder, for "toy"."""
+    if src.path != "toy":
+        return src
+    from sdkd.train.toy import toy_teacher_folder
+
+    return PipelineSource(str(toy_teacher_folder()), allow_pickle=False)
+
+
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
                  what: str = "teacher") -> PipelineParts:
-    """`source`: "toy", a local diffusers pipeline folder, or a hub id (cached or downloaded), as a path or a
-    `PipelineSource`.
+    """`source`: "toy" (the committed trained toy teacher), a local diffusers pipeline folder, or a hub id (cached
+    or downloaded), as a path or a `PipelineSource`.
 
     `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read).
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
-    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     source = src.path
-    if source == "toy":
-        from sdkd.train.toy import build_toy_pipeline
-
-        p = build_toy_pipeline()
-        enc = (p.vae, p.text_encoder, p.tokenizer) if with_encoders else (None, None, None)
-        return PipelineParts(p.unet if with_unet else None, *enc, p.scheduler, vae_config=p.vae.config,
-                             family=family_of(p.unet.config))
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
         raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
@@ -165,19 +167,16 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
 def load_pipeline(source: str | PipelineSource, what: str = "model") -> DiffusionPipeline:
     """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
     sampling and export."""
-    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     parts = load_teacher(src, what=what)
-    if src.path == "toy":
-        scheduler = parts.scheduler
-    else:
-        local = Path(src.path)
-        name = _class_name(local / "scheduler" / "scheduler_config.json", what)
-        cls = scheduler_class(name, f"{what} '{local / 'scheduler'}'") if name else DDPMScheduler
-        try:
-            scheduler = cls.from_pretrained(src.path, subfolder="scheduler", local_files_only=local.exists(),
-                                            revision=src.revision)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{what} '{src.path}': its scheduler could not be loaded: {first_line(err)}") from None
+    local = Path(src.path)
+    name = _class_name(local / "scheduler" / "scheduler_config.json", what)
+    cls = scheduler_class(name, f"{what} '{local / 'scheduler'}'") if name else DDPMScheduler
+    try:
+        scheduler = cls.from_pretrained(src.path, subfolder="scheduler", local_files_only=local.exists(),
+                                        revision=src.revision)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} '{src.path}': its scheduler could not be loaded: {first_line(err)}") from None
     return parts.family.pipeline(parts, parts.unet, scheduler)
 
 

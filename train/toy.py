@@ -1,8 +1,14 @@
-"""The built-in toy teacher: an SD-1.5-shaped pipeline at tiny widths, made locally from a seed.
+"""The built-in toy teacher: an SD-1.5-shaped pipeline at tiny widths.
 
 Same block structure as SD-1.5 (four levels, two resnets per down block, cross-attention in
 the first three, a cross-attention mid block), so every student preset applies to it. Nothing
 is downloaded: the tokenizer's files are written here (byte-level BPE with no merges).
+
+`teacher: toy` (and `model: toy`) loads the trained toy teacher committed in `toy_teacher/` beside
+this file: its VAE and U-Net trained on the synthetic captioned shapes by sdkd's own trainers, the
+text encoder as `build_toy_pipeline` makes it (frozen, as SD's). `python train/make_toy_teacher.py`
+reproduces it (its `provenance.json` has the commands). `build_toy_pipeline` makes the same
+architecture with random weights from a seed, in a fraction of a second (what tests build models from).
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdkd.cli.errors import UserError
 from sdkd.train.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT
 
 TOY_SEED = 0
+TOY_TEACHER = Path(__file__).resolve().with_name("toy_teacher")
+"""The committed trained toy teacher, a diffusers pipeline folder: what `toy` loads."""
 
 TOY_UNET = dict(
     sample_size=16,
@@ -113,6 +122,22 @@ def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def toy_teacher_folder() -> Path:
+    """The trained toy teacher's pipeline folder (`TOY_TEACHER`); stops with one line when it is missing."""
+    if not (TOY_TEACHER / "model_index.json").is_file():
+        raise UserError(f"the trained toy teacher is missing ({TOY_TEACHER / 'model_index.json'} not found); "
+                        f"reinstall sdkd, or remake it with `python train/make_toy_teacher.py --out {TOY_TEACHER}`")
+    return TOY_TEACHER
+
+
+def toy_pipeline_with(vae: AutoencoderKL, seed: int = TOY_SEED) -> StableDiffusionPipeline:
+    """The toy pipeline of `seed` (random U-Net, the toy text encoder and tokenizer) with `vae` in it: what the
+    toy teacher's U-Net is trained on (train/make_toy_teacher.py)."""
+    pipe = build_toy_pipeline(seed)
+    pipe.register_modules(vae=vae)
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------------

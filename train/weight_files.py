@@ -12,6 +12,8 @@ shape) is one `ConfigError` line naming the config key and the file.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -39,9 +41,14 @@ def _read_file(file: Path, key: str) -> dict[str, torch.Tensor]:
         raise _fail(key, file, f"is not a weight file (expected {', '.join(WEIGHT_SUFFIXES)})")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; all mean "not loadable"
-        raise _fail(key, file, f"cannot be read as tensors only (torch.load weights_only=True: "
-                               f"{first_line(err)})") from None
+    except pickle.UnpicklingError as err:  # not a plain state dict (or not a torch file): refused, never run
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\.\s|\n|$)", str(err))
+        raise _fail(key, file, f"is not a state dict of tensors (torch.load with weights_only=True refused it: "
+                               f"{reason[1] if reason else first_line(err)}); give a plain state dict or a "
+                               f".safetensors file") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many exception types
+        raise _fail(key, file, f"cannot be read by torch.load ({first_line(err) if str(err) else type(err).__name__})"
+                    ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):

@@ -1,0 +1,108 @@
+"""Teacher agreement (train/agreement.py): held-out triples and the no-weights metrics on them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdkd.train import agreement
+from sdkd.train.agreement import TripleSettings, Triples
+from sdkd.train.config import load_config
+from sdkd.train.toy import build_toy_pipeline
+
+SETTINGS = TripleSettings(prompts=("a red circle", "a blue square"), seed=3, timesteps=3, teacher_steps=2,
+                          guidance_scale=3.0, resolution=32, teacher="toy")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return build_toy_pipeline()
+
+
+@pytest.fixture(scope="module")
+def triples(toy):
+    return agreement.make_triples(toy.unet, toy, SETTINGS, batch_size=4)
+
+
+def perturbed(unet, scale=0.05, seed=0):
+    student = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(scale * p.std().nan_to_num() * torch.randn(p.shape, generator=gen))
+    return student
+
+
+def test_triples_are_deterministic_and_identical_across_calls(toy, triples):
+    again = agreement.make_triples(toy.unet, toy, SETTINGS, batch_size=2)  # another batch size
+    assert len(triples) == 2 * 3 and triples.noisy.shape == (6, 4, 16, 16)
+    assert triples.timesteps.tolist() == [166, 500, 833] * 2  # prompt-major, spread over 1000 steps
+    assert torch.equal(triples.noisy, again.noisy) and torch.equal(triples.timesteps, again.timesteps)
+    assert torch.equal(triples.cond.hidden_states, again.cond.hidden_states)
+    assert torch.allclose(triples.teacher_pred, again.teacher_pred, atol=1e-5)
+    # the two prompts' clean latents differ (own seeds), and each prompt's conditioning is its own
+    assert not torch.equal(triples.noisy[0], triples.noisy[3])
+    assert torch.equal(triples.cond.hidden_states[0], triples.cond.hidden_states[2])
+    assert not torch.equal(triples.cond.hidden_states[0], triples.cond.hidden_states[3])
+    # another seed, other triples
+    other = agreement.make_triples(toy.unet, toy, TripleSettings(**{**SETTINGS.__dict__, "seed": 4}))
+    assert not torch.equal(other.noisy, triples.noisy)
+
+
+def test_saved_triples_load_back_and_are_reused_only_for_their_settings(toy, triples, tmp_path):
+    path = triples.save(tmp_path / agreement.TRIPLES_FILE)
+    loaded = Triples.load(path)
+    assert loaded.settings == SETTINGS
+    for name in ("noisy", "timesteps", "teacher_pred"):
+        assert torch.equal(getattr(loaded, name), getattr(triples, name))
+    assert agreement.load_or_make(path, toy.unet, toy, SETTINGS).teacher_pred is not None
+    changed = TripleSettings(**{**SETTINGS.__dict__, "timesteps": 2})
+    remade = agreement.load_or_make(path, toy.unet, toy, changed)
+    assert len(remade) == 4 and Triples.load(path).settings == changed  # replaced, with its settings
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file")
+    assert Triples.load(tmp_path / "broken.safetensors") is None
+
+
+def test_the_teacher_itself_scores_zero_and_a_perturbed_student_more(toy, triples):
+    same = agreement.noise_mse(copy.deepcopy(toy.unet), triples, batch_size=4)
+    assert same["noise_mse"] == pytest.approx(0.0, abs=1e-10)
+    assert set(same) == {"noise_mse", "noise_mse_t166", "noise_mse_t500", "noise_mse_t833"}
+    slightly, more = (agreement.noise_mse(perturbed(toy.unet, s), triples)["noise_mse"] for s in (0.02, 0.2))
+    assert 0 < slightly < more
+
+
+def test_image_mse_and_psnr():
+    a = np.random.default_rng(0).random((8, 8, 3))
+    assert agreement.image_mse(a, a) == 0 and agreement.psnr(0.0) == agreement.MAX_PSNR
+    b = np.clip(a + 0.1, 0, 1)
+    mse = agreement.image_mse(a, b)
+    assert 0 < mse <= 0.01 and agreement.psnr(mse) == pytest.approx(10 * math.log10(1 / mse))
+    assert agreement.psnr(0.01) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="different shapes"):
+        agreement.image_mse(a, a[:4])
+
+
+def test_run_settings_resolve_nulls_from_sample_and_data(tmp_path):
+    cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.num_prompts=1", "eval.every=5"])
+    s = agreement.run_settings(cfg)
+    assert s.prompts == (cfg.sample.prompts[0],) and s.guidance_scale == 3.0 and s.resolution == 32
+    assert s.teacher == "toy" and s.teacher_steps == 8 and s.timesteps == 4
+    cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.prompts=[a cat]", "eval.resolution=16",
+                                           "eval.guidance_scale=1.0", "sample.resolution=64"])
+    s = agreement.run_settings(cfg)
+    assert s.prompts == ("a cat",) and s.resolution == 16 and s.guidance_scale == 1.0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.every=-1", "eval.every"), ("eval.timesteps=0", "eval.timesteps"), ("eval.prompts=[]", "eval.prompts"),
+    ("eval.resolution=30", "eval.resolution"), ("eval.teacher_steps=0", "eval.teacher_steps"),
+])
+def test_eval_section_errors_name_the_key(tmp_path, override, key):
+    from sdkd.cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config("configs/toy.yaml", [f"output_dir={tmp_path}", override])

@@ -1,0 +1,223 @@
+"""eval/demo.py: which models the page gets (one line for each left out), timed generation, and the page
+itself in a real headless Chromium (skipped where Chromium, Selenium or Gradio is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, run_script
+from sdkd.cli.errors import UserError
+from sdkd.eval.demo_models import generate, load_model, load_models, parse_loras, parse_models
+
+INSTALL = 'pip install -c constraints.txt -e ".[dev]"'
+
+
+@pytest.fixture
+def toy(monkeypatch, toy_teacher_dir):
+    """`toy` is the toy architecture saved in a temporary folder (random weights: fast, and independent of
+    the committed teacher's training)."""
+    from sdkd.train import toy
+
+    monkeypatch.setattr(toy, "TOY_TEACHER", toy_teacher_dir)
+    return toy_teacher_dir
+
+
+def test_models_and_loras_are_name_equals_path():
+    assert parse_models(["teacher=toy", "student = runs/a=b"]) == [("teacher", "toy"), ("student", "runs/a=b")]
+    for bad in (["teacher"], ["=toy"], ["teacher="], ["a=toy", "a=toy:bk_small"]):
+        with pytest.raises(UserError, match="--models"):
+            parse_models(bad)
+    assert parse_loras(["student=l.safetensors"], ["teacher", "student"]) == {"student": "l.safetensors"}
+    for bad in (["nobody=l.safetensors"], ["student"], ["student=a", "student=b"]):
+        with pytest.raises(UserError, match="--lora"):
+            parse_loras(bad, ["teacher", "student"])
+
+
+def test_models_that_cannot_be_shown_get_one_line_each(toy, tmp_path):
+    from sdkd.train.toy import TOY_UNET, build_random_pipeline
+
+    # Loads, but its U-Net expects 64-wide text embeddings and the text encoder gives 32: fails to generate.
+    build_random_pipeline({**TOY_UNET, "cross_attention_dim": 64}, widths="toy").save_pretrained(tmp_path / "odd")
+    specs = [("teacher", "toy"), ("gone", str(tmp_path / "nope")), ("student", "toy:bk_small"),
+             ("huge", "toy:bk_huge"), ("odd", str(tmp_path / "odd"))]
+    models, problems = load_models(specs, tmp_path / "scratch", steps=3, guidance=5.0)
+    assert [m.name for m in models] == ["teacher", "student"]
+    assert len(problems) == 3 and all("\n" not in line for line in problems), problems
+    gone, huge, odd = problems
+    assert gone.startswith("model 'gone'") and "not found" in gone
+    assert huge.startswith("model 'huge' (toy:bk_huge)") and "no student preset 'bk_huge'" in huge
+    assert odd.startswith("model 'odd'") and "cannot generate" in odd
+    teacher, student = models
+    assert teacher.params == sum(p.numel() for p in teacher.pipe.unet.parameters())
+    assert student.params < teacher.params  # bk_small: fewer blocks, its weights the teacher's
+    assert (teacher.default_steps, teacher.default_guidance, teacher.one_step) == (3, 5.0, False)
+    assert f"U-Net {teacher.params / 1e6:.2f} M params, 32 px" in teacher.describe()
+    with pytest.raises(UserError, match="--dtype"):  # concerns every model: stops the start-up
+        load_models(specs[:1], tmp_path / "scratch", dtype="fp8")
+
+
+def test_lora_and_tiny_vae_go_to_the_models_they_fit(toy, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from sdkd.train import lora_io
+    from sdkd.train.config import LoraSection
+    from sdkd.train.toy import build_toy_pipeline
+
+    teacher = build_toy_pipeline()
+    lora_io.add_adapters(teacher.unet, None, LoraSection(rank=4))
+    lora = lora_io.save_lora(tmp_path / "lora", teacher.unet, None, base="toy")
+    specs = [("teacher", "toy"), ("student", "toy:bk_small")]
+    models, problems = load_models(specs, tmp_path, loras={"teacher": str(lora), "student": str(lora)})
+    assert [m.name for m in models] == ["teacher"] and models[0].pipe.loaded["lora"] == str(lora)
+    assert len(problems) == 1 and problems[0].startswith("model 'student'") and "does not fit" in problems[0]
+    AutoencoderTiny().save_pretrained(tmp_path / "taesd")
+    models, problems = load_models(specs[:1], tmp_path, tiny_vae=str(tmp_path / "taesd"))
+    assert not problems and generate(models[0], "x", steps=1).image.size == (128, 128)  # 16 latents, 8x decoder
+    AutoencoderTiny(latent_channels=8).save_pretrained(tmp_path / "taesd8")
+    models, problems = load_models(specs[:1], tmp_path, tiny_vae=str(tmp_path / "taesd8"))
+    assert not models and "its VAE has 8 latent channels, its U-Net takes 4" in problems[0]
+
+
+def test_one_step_models_start_at_one_step_and_guidance_one(toy_teacher_dir, tmp_path):
+    folder = tmp_path / "turbo"
+    shutil.copytree(toy_teacher_dir, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "timestep_spacing": "trailing"}))  # how one-step models ship
+    model = load_model("turbo", str(folder), tmp_path)
+    assert model.one_step and (model.default_steps, model.default_guidance) == (1, 1.0)
+    assert not load_model("teacher", str(toy_teacher_dir), tmp_path).one_step
+
+
+def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
+    model = load_model("teacher", str(toy_teacher_dir), tmp_path, steps=2)
+    first = generate(model, "a red circle", seed=3)
+    assert first.image.size == (32, 32) and first.seconds > 0
+    assert (first.steps, first.guidance) == (2, 7.5)
+    again = generate(model, "a red circle", seed=3)
+    other = generate(model, "a red circle", negative_prompt="blue", seed=4)
+    assert again.image.tobytes() == first.image.tobytes() and other.image.tobytes() != first.image.tobytes()
+    one = generate(model, "a red circle", steps=1, guidance=7.5, seed=3)
+    assert (one.steps, one.guidance) == (1, 0.0)  # one-step mode: the pipeline turns guidance off
+    with pytest.raises(UserError, match="--steps"):
+        generate(model, "x", steps=0)
+
+
+def test_no_model_to_show_exits_2_with_one_line_each(tmp_path):
+    r = run_script([sys.executable, "eval/demo.py", "--models", f"a={tmp_path / 'nope'}", "b=toy:bk_huge"],
+                   timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3, r.stderr
+    assert lines[0].startswith("warning: model 'a'") and lines[1].startswith("warning: model 'b'")
+    assert lines[2] == "error: none of the 2 models could be loaded (see above)"
+    r = run_script([sys.executable, "eval/demo.py", "--models", "teacher"], timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --models 'teacher': expected NAME=PATH, e.g. teacher=runs/tiny/student"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The page in a real browser
+
+
+def _browser() -> tuple[str, str]:
+    """Chromium and its chromedriver (Debian: apt-get install chromium chromium-driver), or skip."""
+    pytest.importorskip("selenium", reason=f"Selenium is not installed: {INSTALL}")
+    pytest.importorskip("gradio", reason=f"Gradio is not installed: {INSTALL}")
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("no Chromium or chromedriver: apt-get install chromium chromium-driver (Debian; README)")
+    return chromium, driver
+
+
+def _start_demo(args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str, list[str]]:
+    """eval/demo.py as a user starts it; returns the process, its address and its output (still growing)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # toy models: threads only contend on a busy 2-core machine
+    proc = subprocess.Popen([sys.executable, "eval/demo.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if match := re.search(r"^demo: (http://\S+)", "".join(output), re.M):
+            return proc, match.group(1), output
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("eval/demo.py did not start:\n" + "".join(output))
+
+
+RESULT = re.compile(r"(\d+\.\d\d) s · (\d+) steps? · guidance (\S+) · U-Net ([\d.]+) ([KMB]) params")
+
+
+def _results(driver, n: int) -> list[re.Match] | None:
+    """Each model's result line, once all `n` are shown."""
+    from selenium.webdriver.common.by import By
+
+    found = [RESULT.search(driver.find_element(By.ID, f"info-{i}").text) for i in range(n)]
+    return found if all(found) else None
+
+
+@pytest.mark.e2e
+def test_page_in_headless_chromium_shows_one_image_per_model(tmp_path, capsys):
+    chromium, chromedriver = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    proc, url, output = _start_demo(["--steps", "2"])  # the default models: toy teacher, toy student
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    driver = None
+    try:
+        driver = webdriver.Chrome(options=options, service=Service(chromedriver))  # no driver download
+        driver.get(url)
+        wait = WebDriverWait(driver, 300)
+        prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        assert "teacher" in driver.find_element(By.ID, "model-0").text
+        assert "student" in driver.find_element(By.ID, "model-1").text
+        assert not driver.find_elements(By.ID, "model-2")
+        steps = driver.find_element(By.CSS_SELECTOR, "#steps-1 input")  # the student in one step
+        steps.clear()
+        steps.send_keys("1")
+        prompt.send_keys("a red circle on a blue background")
+        driver.find_element(By.ID, "generate").click()
+        infos = wait.until(lambda d: _results(d, 2))
+        images = [driver.find_element(By.CSS_SELECTOR, f"#image-{i} img") for i in range(2)]
+        wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im)
+                                 for im in images))
+        sizes = [driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", im)
+                 for im in images]
+        shot = tmp_path / "demo.png"
+        driver.save_screenshot(str(shot))
+        with capsys.disabled():
+            print(f"\nscreenshot of the demo page: {shot}")
+        assert sizes[0] == sizes[1] and sizes[0][0] >= 32  # the student makes the teacher's size
+        assert all(float(m.group(1)) > 0 for m in infos)
+        assert [(m.group(2), m.group(3)) for m in infos] == [("2", "7.5"), ("1", "0")]
+        assert infos[0].group(5) == infos[1].group(5) and float(infos[1].group(4)) < float(infos[0].group(4))
+        assert shot.stat().st_size > 10_000
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, "".join(output)
