@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("config key 'log_to_run': the evaluated model belongs to no run folder")
     teacher = (default_teacher(args.model) if args.teacher is None else
                None if args.teacher.lower() == "none" else TeacherSpec(args.teacher))
+    for target in targets:  # a model folder named like the teacher's row keeps its own images
+        if teacher is not None and target.name == TEACHER:
+            target.name = f"{TEACHER}-model"
     prompts = load_prompts(cfg, run_cfg)
     out = output_folder(args, run)
     save_config(cfg, out / MARKER)

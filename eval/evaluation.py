@@ -13,13 +13,14 @@ from __future__ import annotations
 import gc
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sdkd.cli.errors import ConfigError
 from sdkd.eval import cost
 from sdkd.eval.eval_config import EvaluateConfig, Sampler
 from sdkd.eval.image_metrics import ImageMetrics, image_metrics
@@ -54,6 +55,8 @@ def square(image: Image.Image, size: int) -> Image.Image:
 
 @dataclass
 class Evaluation:
+    """The teacher, then each model, scored into report rows; images under `out`."""
+
     cfg: EvaluateConfig
     out: Path
     prompts: list[str]
@@ -64,12 +67,15 @@ class Evaluation:
     run_cfg: object = None
     """The evaluated run's config (eval/targets.py's read_run_config), when a run or its checkpoint is evaluated."""
     run: Path | None = None
+    device: torch.device | None = field(default=None, init=False)
+    """The models' device and dtype, once the first has loaded."""
+    dtype: torch.dtype | None = field(default=None, init=False)
+    metrics: ImageMetrics | None = field(default=None, init=False)
+    triples: agreement.Triples | None = field(default=None, init=False)
 
     def run_all(self, targets: list[Target]) -> list[dict]:
         """The report's rows, the teacher's first."""
         cfg = self.cfg
-        self.metrics: ImageMetrics | None = None
-        self.triples: agreement.Triples | None = None
         self.progress = console.progress(len(self.prompts) * (len(targets) + (self.teacher is not None)), "evaluate",
                                          unit="img")
         rows = []
@@ -123,9 +129,7 @@ class Evaluation:
                 self._feed_reference(Path(self.cfg.reference_images))
 
     def _feed_reference(self, folder: Path) -> None:
-        """The real images of FID and KID, once; kept when the generated side is reset between models."""
-        from sdkd.cli.errors import ConfigError
-
+        """The real images of FID and KID, fed once (kept when the generated side is reset between models)."""
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if len(files) < 2:
             raise ConfigError(f"config key 'reference_images': '{folder}' "
@@ -145,8 +149,6 @@ class Evaluation:
                 fid_kid.update(to_uint8(batch), real=True)
             bar.update(len(files[start:start + 32]))
         bar.close()
-        for metric in (fid_kid.fid, fid_kid.kid):  # reset() between models forgets only the generated images
-            metric.reset_real_features = False
 
     def _score(self, pipe: Pipeline, target: Target, steps: int, guidance: float, teacher: bool) -> dict:
         cfg = self.cfg
@@ -182,8 +184,8 @@ class Evaluation:
             if m.clip is not None:
                 m.clip.update(pixels, chunk)
             if compare:
-                theirs = [Image.open(self.out / "images" / TEACHER / f"{i:05d}.png") for i in range(start, start + len(chunk))]
-                reference = to_uint8(theirs)
+                reference = to_uint8([_read(self.out / "images" / TEACHER / f"{i:05d}.png")
+                                      for i in range(start, start + len(chunk))])
                 mses += [agreement.image_mse(a.float() / 255, b.float() / 255) for a, b in zip(pixels, reference)]
                 if m.lpips is not None:
                     m.lpips.update(pixels, reference)
@@ -199,8 +201,18 @@ class Evaluation:
             result |= m.clip.compute()
         if lpips_fed:
             result |= m.lpips.compute()
-        m.reset()
+        for metric in (m.clip, m.lpips):
+            if metric is not None:
+                metric.reset()
+        if m.fid_kid is not None:
+            m.fid_kid.reset(keep_real=True)  # the next model is scored against the same real images
         return result
+
+
+def _read(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
 
 def _release() -> None:
     """Give back the memory of the model just scored before the next one loads."""

@@ -94,7 +94,9 @@ def default_teacher(src: str) -> TeacherSpec | None:
     run = run_of(path) if path.is_dir() else None
     if run is not None:
         cfg = read_run_config(run)
-        return TeacherSpec(cfg.teacher, cfg.get("teacher_revision"), cfg.get("teacher_variant")) if cfg.teacher else None
+        if not cfg.teacher:
+            return None
+        return TeacherSpec(cfg.teacher, cfg.get("teacher_revision"), cfg.get("teacher_variant"))
     if path.is_file() and path.suffix == ".safetensors":
         try:
             teacher = json.loads(read_metadata(path).get(META + "info", "{}")).get("teacher")

@@ -32,9 +32,9 @@ def reconstruction_error(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
 
 
 def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
-    result = launch_vae(tmp_path, "train.max_steps=40", "train.batch_size=8", "train.sample_every=20",
-                        "train.checkpoint_every=0", "optim.warmup_steps=0", "data.num_samples=256",
-                        "autoencoder.scaling_samples=64")
+    result = launch_vae(tmp_path, "train.max_steps=40", "train.batch_size=16", "train.sample_every=20",
+                        "train.checkpoint_every=0", "optim.lr=2e-3", "optim.lr_scheduler=constant",
+                        "optim.warmup_steps=0", "data.num_samples=256", "autoencoder.scaling_samples=64")
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 41))
     assert all({"loss", "l1", "mse", "kl", "lr"} <= line.keys() for line in lines)
@@ -46,7 +46,7 @@ def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
     before = reconstruction_error(load_vae_to_train(None, seed=0), pixels)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     after = reconstruction_error(vae, pixels)
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.6 * before, (before, after)  # measured: 0.70 -> 0.30
     # Its scaling factor was refitted: scaled latents of the same images have unit variance.
     assert vae.config.scaling_factor != 0.18215
     latents = vae.encode(pixels[:64]).latent_dist.mean * vae.config.scaling_factor

@@ -83,7 +83,8 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
     assert report["settings"]["steps"] == 4 and report["settings"]["resolution"] == 32
 
     md = (out / "report.md").read_text()
-    assert "| model | step | U-Net params | U-Net GMACs | s/image | U-Net s/image | noise MSE | sample MSE | PSNR dB |" in md
+    assert ("| model | step | U-Net params | U-Net GMACs | s/image | U-Net s/image | noise MSE | sample MSE | PSNR dB |"
+            in md)
     assert "| checkpoint-6 | 6 | " in md and f"| teacher |  | {teacher['unet_params']:,} |" in md
     assert md in result.stdout  # the table is printed too
 

@@ -736,6 +736,23 @@ TOOL_CASES = [
     case("make-shards-missing-input", "data/make_shards.py", make_shards_missing_input, "{ws}/no_images"),
     case("cache-latents-output-is-a-file", "train/cache_latents.py", cache_latents_to_a_file,
          "{ws}/precious/thesis.tex"),
+    case("evaluate-unknown-key", "eval/evaluate.py",
+         lambda c: [str(c.assets.student), "--teacher", str(c.assets.teacher_dir), "--out", str(c.ws / "ev"),
+                    "bogus=1"], "config key 'bogus'", absent=("{ws}/ev",)),
+    case("evaluate-out-holds-other-files", "eval/evaluate.py",
+         lambda c: [str(c.assets.student), "--teacher", str(c.assets.teacher_dir), "--out", str(c.ws / "precious"),
+                    "--overwrite"], "{ws}/precious"),
+    case("tiny-decoder-gan-loss-unknown", "train/tiny_decoder.py",
+         lambda c: ["--config", str(ROOT / "configs" / "toy_decoder.yaml"), f"output_dir={c.ws / 'td'}",
+                    "gan.loss=wasserstein"], ("gan.loss", "hinge or non_saturating", "'wasserstein'"),
+         absent=("{ws}/td",)),
+    case("tiny-decoder-init-missing", "train/tiny_decoder.py",
+         lambda c: ["--config", str(ROOT / "configs" / "toy_decoder.yaml"), f"output_dir={c.ws / 'td'}",
+                    f"teacher={c.assets.teacher_dir}", *TINY, "decoder.eval_latents=2",
+                    f"decoder.init={c.ws / 'taesd.safetensors'}"],
+         ("decoder.init", "{ws}/taesd.safetensors")),
+    case("toy-ablation-zero-steps", "eval/toy_ablation.py", lambda c: ["--out", str(c.ws / "abl"), "--steps", "0"],
+         "--steps", absent=("{ws}/abl",)),
 ]
 
 

@@ -78,3 +78,28 @@ def test_pickle_weights_are_refused_unless_allowed_by_name(pickle_dir, toy_teach
     allowed = load_teacher(PipelineSource(str(pickle_dir), allow_pickle=True))
     safe = load_teacher(str(toy_teacher_dir))  # the same seed-built toy, stored as safetensors
     assert all(torch.equal(a, b) for a, b in zip(allowed.unet.parameters(), safe.unet.parameters(), strict=True))
+
+
+def test_toy_is_the_committed_trained_teacher(monkeypatch, tmp_path):
+    # `toy` loads train/toy_teacher/ (made by train/make_toy_teacher.py); build_toy_pipeline stays the
+    # random-weight builder of the same architecture, and the trained teacher kept its frozen text encoder.
+    from safetensors.torch import load_file
+
+    from sdkd.train import toy
+    from sdkd.train.teacher import load_pipeline
+
+    parts = load_teacher("toy")
+    stored = load_file(toy.TOY_TEACHER / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in parts.unet.state_dict().items())
+    assert parts.unet.dtype == parts.vae.dtype == torch.float32
+    random = toy.build_toy_pipeline()
+    assert dict(parts.unet.config) == dict(random.unet.config)
+    assert not torch.equal(parts.unet.conv_in.weight, random.unet.conv_in.weight)
+    assert all(torch.equal(a, b) for a, b in zip(parts.text_encoder.state_dict().values(),
+                                                 random.text_encoder.state_dict().values(), strict=True))
+    assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # refitted by the VAE trainer
+    assert type(load_pipeline("toy").scheduler).__name__ == "DDPMScheduler"
+
+    monkeypatch.setattr(toy, "TOY_TEACHER", tmp_path / "gone")
+    with pytest.raises(UserError, match=r"the trained toy teacher is missing .*python train/make_toy_teacher.py"):
+        load_teacher("toy")

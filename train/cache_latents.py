@@ -28,12 +28,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdkd.data.latent_cache import DTYPES, write_cache
 from sdkd.data.sources import build_dataset
-from sdkd.train.config import CHECK_CONFIG_HELP, load_config
+from sdkd.train.config import CHECK_CONFIG_HELP, Config, _load_yaml, load_config
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.train.objective import BatchEncoder
 from sdkd.train.teacher import PipelineSource, freeze, load_teacher
@@ -64,6 +65,16 @@ class SampledLatents(BatchEncoder):
         return mean, torch.zeros_like(mean)
 
 
+def load_recipe(path: str | None, overrides: list[str]) -> Config:
+    """A trainer's recipe, its shared sections (teacher, data, train, sample, ...) checked as usual; the
+    sections of a trainer's own schema (train/tiny_decoder.py's `decoder` and `gan`, ...) are not read here."""
+    shared = {f.name for f in dataclasses.fields(Config)}
+    own = sorted({str(k) for k in (_load_yaml(Path(path)).keys() if path else [])} - shared)
+    schema = dataclasses.make_dataclass("Config", [(k, Any, dataclasses.field(default=None)) for k in own],
+                                        bases=(Config,))
+    return load_config(path, overrides, schema)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (see configs/)")
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-config", action="store_true", help=CHECK_CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides; data.cache=DIR is the output")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_recipe(args.config, args.overrides)
     if cfg.data.cache is None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
     if args.shard_size <= 0:
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards to {cfg.data.cache} "
           f"({manifest['skipped']} skipped, {time.perf_counter() - start:.1f} s)")
     recipe = f" --config {shlex.quote(args.config)}" if args.config else ""
-    print(f"next: accelerate launch train/kd.py{recipe} data.cache={shlex.quote(str(cfg.data.cache))} ...  "
+    trainer = "train/tiny_decoder.py" if args.from_samples else "train/kd.py"
+    print(f"next: accelerate launch {trainer}{recipe} data.cache={shlex.quote(str(cfg.data.cache))} ...  "
           f"# the same teacher and data.resolution")
 
 

@@ -239,7 +239,7 @@ class EvalConfig(TriplesConfig):
     logged as eval/noise_mse (and eval/noise_mse_tT per timestep) beside the losses."""
 
     every: int = 0
-    """Evaluate every this many steps, and at step 0 of a new run; 0: never. Needs a teacher."""
+    """Evaluate every this many steps, at step 0 of a new run and at the last step; 0: never. Needs a teacher."""
 
 
 @dataclass

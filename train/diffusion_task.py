@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -108,11 +109,14 @@ class DiffusionTask(Task):
         sink.grid(rows, s.prompts, ["teacher", f"student step {step}"][-len(rows):])
         sink.log("samples/student", rows[-1], s.prompts)
 
-
     def evaluate(self, step: int) -> dict[str, float]:
         """Noise-prediction MSE against the teacher on the run's held-out triples (train/agreement.py), made by
         the first evaluation and kept in OUTPUT/eval_triples.safetensors. None without a teacher."""
         if self.reference_unet is None:
+            if self._triples is None:
+                print("note: eval.every: no teacher to compare with (its prediction type differs from the trained "
+                      "model's); no in-loop evaluation", file=sys.stderr, flush=True)
+                self._triples = False  # said once
             return {}
         autocast = self.accelerator.autocast
         if self._triples is None:
@@ -160,7 +164,8 @@ def load_finetune_parts(cfg: FinetuneConfig, acc) -> FinetuneParts:
     CPU); the caller makes it trainable or puts an adapter on it."""
     # From a latent cache no VAE or text encoder runs in the step (sample grids load them when due).
     parts = load_teacher(PipelineSource.of(cfg, "model"), with_encoders=cfg.data.cache is None, what="model")
-    needs_teacher = KDLoss.from_config(cfg.loss).needs_teacher
+    # In-loop evaluation (eval.every) compares with the teacher even when no loss term uses it.
+    needs_teacher = KDLoss.from_config(cfg.loss).needs_teacher or (cfg.eval.every > 0 and cfg.teacher is not None)
     teacher = load_teacher(PipelineSource.of(cfg), with_encoders=False) if needs_teacher else None
     set_prediction_type(parts.scheduler, cfg.loss.prediction_type, teacher.scheduler if teacher else None, cfg.teacher)
     if teacher is not None:

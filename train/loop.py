@@ -2,8 +2,8 @@
 EMA, logging, sample grids, checkpoints and resume, the final export. What is trained, and how a
 batch becomes loss terms, is the trainer's task (train/task.py).
 
-Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `eval.every` is due) -> sample ->
-checkpoint -> done?
+Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `eval.every` is due, and at the
+last step) -> sample -> checkpoint -> done?
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Loop:
                 shown = "loss" if "loss" in terms else next(iter(terms), None)
                 if shown is not None:
                     progress.set_postfix(**{shown: f"{logged[shown]:.4f}"})
-            if cfg.eval.every and step % cfg.eval.every == 0:
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == max_steps):  # and the final model
                 logged |= self._evaluate(step)
             if logged:
                 acc.log(logged, step=step)
