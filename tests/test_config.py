@@ -37,7 +37,7 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["train.bogus=1"], "config key 'train.bogus': unknown key"),
     (["bogus=1"], "config key 'bogus': unknown key"),
     (["train.max_steps=abc"], "config key 'train.max_steps': Value 'abc'"),
-    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny or custom"),
+    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny, sdxs or custom"),
     (["student.preset=custom"], "config key 'student.keep_down'"),
     (["student.feature_pairs=custom"], "config key 'student.pairs'"),
     (["data.source=imagefolder"], "config key 'data.path': required"),
@@ -391,3 +391,18 @@ def test_a_binary_config_file_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="config file .*bad.yaml: cannot be read as text"):
         load_config(tmp_path / "bad.yaml", [])
+
+
+def test_sdxs_recipes_are_bk_sdms_and_toys_with_the_sdxs_student_and_no_task_loss():
+    """configs/sdxs.yaml: SDXS's U-Net KD (no denoising loss, output + feature KD); sdxs_toy.yaml: its toy scale."""
+    def resolved(name):
+        return OmegaConf.to_container(OmegaConf.structured(load_config(ROOT / "configs" / name, ["data.path=/d"])))
+
+    sdxs, tiny = resolved("sdxs.yaml"), resolved("tiny.yaml")
+    assert (sdxs["student"]["preset"], sdxs["loss"]["lambda_task"], sdxs["loss"]["lambda_out"],
+            sdxs["loss"]["lambda_feat"]) == ("sdxs", 0.0, 1.0, 1.0)
+    for cfg in (sdxs, tiny):
+        cfg["student"].pop("preset"), cfg.pop("output_dir"), cfg["loss"].pop("lambda_task")
+    assert sdxs == tiny
+    toy = load_config(ROOT / "configs/sdxs_toy.yaml")
+    assert (toy.teacher, toy.student.preset, toy.loss.lambda_task, toy.data.source) == ("toy", "sdxs", 0.0, "synthetic")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 
@@ -38,6 +38,8 @@ def layout_pipeline(layout: str, teacher_dir=None, widths: str = "toy") -> Stabl
     if teacher_dir is not None and layout in PRESETS:
         pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
         pipe.unet = build_student(pipe.unet, PRESETS[layout])
+        if layout == "sdxs":  # an SDXS file carries a tiny VAE (sd.cpp forces TAESD for this layout)
+            pipe.vae = AutoencoderTiny()
         return pipe
     if teacher_dir is not None and layout == "teacher":
         return StableDiffusionPipeline.from_pretrained(teacher_dir)
@@ -289,4 +291,70 @@ def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, versi
     assert L.family(ours.unet.config) == ("sd2" if widths == "sd21" else "sd1")
     assert ours.text_encoder.config.hidden_size == (1024 if widths == "sd21" else 768)
     del ours
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# The SDXS-512 student (student.preset=sdxs) at SD-1.5 widths
+
+
+def sdcpp_sd1_version(flat: dict) -> str:
+    """stable-diffusion.cpp's version detection for an SD-1.x single file (export-sdcpp.md section 2.1)."""
+    p = L.UNET_PREFIX
+    assert any(k.startswith(p + "input_blocks.") for k in flat)  # is_unet
+    assert flat[L.CLIP_PREFIX + "embeddings.token_embedding.weight"].shape[1] == 768  # SD-1 family
+    if any(k.startswith(p + "middle_block.1.") for k in flat):
+        return "SD 1.x"
+    return "SD 1.x Tiny UNet" if any(k.startswith(p + "output_blocks.7.1") for k in flat) else "SDXS (512-DS)"
+
+
+def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch):
+    """What --target sdcpp writes for an SD-1.5-width sdxs student with a tiny VAE, built on the meta device (names
+    and shapes, no weights, nothing written): the SDXS-512-DS slots of export-sdcpp.md section 1.2, the names sd.cpp
+    tells SDXS by, the TAESD decoder sd.cpp forces for it, and metadata that names the layout."""
+    from sdkd.train import toy
+
+    monkeypatch.setattr(toy, "_random_init", lambda module, seed: module)  # stays on meta
+    monkeypatch.setattr(L, "_contiguous", lambda t: t)
+    config = student_unet_config(SD15_UNET, PRESETS["sdxs"])
+    pipe = build_random_pipeline(config, widths="sd15", tiny_vae=True)
+    assert L.check_sdcpp(dict(pipe.unet.config), vae_tiny=True) == []  # what export checks first: no warnings
+    flat, meta = M.single_file_state(pipe, "sdcpp")
+    p = L.UNET_PREFIX
+    unet = [k[len(p):].split(".") for k in flat if k.startswith(p)]
+    assert sorted({int(k[1]) for k in unet if k[0] == "input_blocks"}) == [0, 1, 3, 4, 6, 7]
+    assert not [k for k in unet if k[:3] in (["input_blocks", "1", "1"], ["output_blocks", "6", "1"],
+                                             ["output_blocks", "7", "1"]) or k[0] == "middle_block"]
+    assert sorted({(int(k[1]), int(k[2])) for k in unet if k[0] == "output_blocks"}) == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1), (5, 2), (6, 0), (7, 0)]
+    assert sum(flat[p + ".".join(k)].numel() for k in unet) == 315_746_244
+    assert sdcpp_sd1_version(flat) == "SDXS (512-DS)"
+    assert flat[L.VAE_PREFIX + "decoder.layers.18.weight"].shape == (3, 64, 3, 3)  # TAESD's last conv
+    assert L.unet_layout(json.loads(meta["sdkd.unet_config"])) == "sdxs"
+    assert (meta["sdkd.numbering"], meta["sdkd.vae_class"]) == ("sdcpp", "AutoencoderTiny")
+
+
+@pytest.mark.sd15
+def test_sd15_sdxs_student_of_a_teacher_generates_in_stable_diffusion_cpp(tmp_path):
+    """Teacher -> sdxs student by the weight map at SD-1.5 widths -> sd.cpp file -> one step, cfg scale 1."""
+    sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
+                                                  "pip install -e '.[sdcpp]'")
+    pipe = build_random_pipeline(SD15_UNET, widths="sd15", tiny_vae=True)  # a random SD-1.5 teacher, TAESD
+    pipe.unet = build_student(pipe.unet.half(), PRESETS["sdxs"])
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 315_746_244
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "sdxs.safetensors", target="sdcpp", half=True)
+    del pipe
+    gc.collect()
+    logs = []
+    sd.set_log_callback(lambda level, message: logs.append(str(message)))
+    try:
+        params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
+        with sd.SDContext(params) as ctx:
+            images = ctx.generate("a red fox", width=64, height=64, seed=1, sample_steps=1, cfg_scale=1.0)
+    finally:
+        sd.set_log_callback(None)
+    assert len(images) == 1 and images[0].to_numpy().shape == (64, 64, 3)
+    detected = [m for m in logs if "Version:" in m]
+    assert detected and detected[0].split("Version:")[1].strip() == "SDXS (512-DS)", detected
+    assert L.unet_layout(json.loads(M.read_metadata(file)["sdkd.unet_config"])) == "sdxs"
     gc.collect()

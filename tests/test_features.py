@@ -27,6 +27,10 @@ TABLES = {  # block-removal.md section 4
     ("bk_base", "segmind"): DOWN + [("mid_block", "mid_block")] + UP,
     ("bk_small", "segmind"): DOWN + UP,
     ("bk_tiny", "segmind"): DOWN[:2] + [("up_blocks.0", "down_blocks.2")] + SHIFTED_UP,
+    # SDXS: bk_tiny's pairs (no output shape changes without the 320-ch attention), every Dn and Up block paired.
+    ("sdxs", "bk"): DOWN[:2] + [("down_blocks.2.attentions.1.proj_out", "down_blocks.2.attentions.0.proj_out")]
+    + SHIFTED_UP,
+    ("sdxs", "segmind"): DOWN[:2] + [("up_blocks.0", "down_blocks.2")] + SHIFTED_UP,
 }
 TOY_LATENT = 16
 
@@ -205,3 +209,31 @@ def test_hooks_on_the_inner_model_fire_through_a_wrapper(students):
     hooks.remove()
     with pytest.raises(TypeError, match="unwrapped"):
         FeatureHooks(nn.DataParallel(student), names)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXS-512 (student.preset=sdxs)
+
+
+@pytest.mark.parametrize("unet, table, third", [
+    (SD15_UNET, "bk", (1280, 16, 16)), (SD15_UNET, "segmind", (1280, 16, 16)),
+    (SD21_BASE_UNET, "bk", (256, 1280)),  # linear proj_out: (HW, C)
+    (SD21_BASE_UNET, "segmind", (1280, 16, 16)),
+])
+def test_sdxs_pairs_at_full_size(unet, table, third):
+    student = student_unet_config(unet, PRESETS["sdxs"])
+    found = check_pairs(unet, student, pairs_for("sdxs", table), 64)
+    assert [tuple(t) for t, _ in found] == SD_DOWN[:2] + [third] + SD_UP[1:]
+
+
+def test_custom_spec_without_attention_at_the_last_down_level_pairs_its_resnets():
+    cfg = StudentConfig(preset="custom", keep_down=[[0], [0], [0], []], keep_up=[[], [0, 2], [0, 2], [0, 2]],
+                        mid_block=False, deepest_stage=False, drop_attention=[0, 2])
+    spec = removal_spec(cfg)
+    pairs = feature_pairs(cfg, spec)
+    assert pairs[2] == ("down_blocks.2.resnets.1", "down_blocks.2.resnets.0")
+    found = check_pairs(SD15_UNET, student_unet_config(SD15_UNET, spec), pairs, 64)
+    assert tuple(found[2][0]) == (1280, 16, 16)
+    sdxs = StudentConfig(preset="custom", keep_down=cfg.keep_down, keep_up=cfg.keep_up, mid_block=False,
+                         deepest_stage=False, drop_attention=[0])
+    assert feature_pairs(sdxs, removal_spec(sdxs)) == TABLES[("sdxs", "bk")]

@@ -189,3 +189,20 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     moved, apart = mean_abs(one, start), mean_abs(one, two)
     # Measured: moved 1e-3, apart 5e-9; another seed for the two processes (other noise) gives 1e-3 apart.
     assert moved > 1e-4 and apart < moved * 1e-4, (moved, apart)
+
+
+def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
+    """configs/sdxs_toy.yaml: the sdxs preset of the toy teacher, trained by output + feature KD alone."""
+    from sdkd.train.ldm_layout import unet_layout
+    from sdkd.train.students import PRESETS
+
+    launch_trainer("train/kd.py", "configs/sdxs_toy.yaml", tmp_path, f"teacher={toy_teacher_dir}",
+                   "train.max_steps=10", "train.checkpoint_every=0", "train.sample_every=0", "log.trackers=[none]")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and all(abs(line["loss"] - (line["out"] + line["feat"])) < 1e-4 * line["loss"]
+                                    for line in lines)  # task loss off, as SDXS
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "student" / "unet").eval()
+    assert unet_layout(dict(trained.config)) == "sdxs"
+    teacher = StableDiffusionPipeline.from_pretrained(toy_teacher_dir).unet.eval()
+    initial = build_student(teacher, PRESETS["sdxs"]).eval()
+    assert output_gap(trained, teacher) < 0.7 * output_gap(initial, teacher)

@@ -273,3 +273,97 @@ def test_config_knows_exactly_the_presets_students_builds():
     from sdkd.train.config import StudentPreset
 
     assert [*PRESETS, "custom"] == list(StudentPreset.__members__)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXS-512 (student.preset=sdxs): block-removal.md section 5
+
+
+# IDKiro/sdxs-512-dreamshaper unet/config.json, the keys that shape the U-Net [stated in the reference].
+SDXS_512_DS = dict(block_out_channels=[320, 640, 1280], layers_per_block=1, mid_block_type=None,
+                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                   up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                   cross_attention_dim=768, attention_head_dim=8, in_channels=4)
+
+
+@pytest.mark.parametrize("config, expected", [
+    (SD15_UNET, 315_746_244),       # SDXS-512-DS (DreamShaper-8, an SD-1.5 model)
+    (SD21_BASE_UNET, 318_695_364),  # the paper's SD-2.1-base SDXS-512, "319M" in its Table 3
+    (SD21_UNET, 318_695_364),
+])
+def test_sdxs_preset_is_the_sdxs_512_unet(config, expected):
+    from sdkd.train.ldm_layout import unet_layout
+    from sdkd.train.sd_configs import SDXS_TYPES
+
+    student = student_unet_config(config, PRESETS["sdxs"])
+    assert count_params(student) == expected
+    assert student == {**student_unet_config(config, PRESETS["bk_tiny"]), **SDXS_TYPES}
+    assert unet_layout(student) == "sdxs"
+    if config is SD15_UNET:
+        assert {k: student[k] for k in SDXS_512_DS} == SDXS_512_DS
+    else:  # SD-2.x settings carried over, per level where the teacher has lists
+        assert (student["cross_attention_dim"], student["attention_head_dim"], student["use_linear_projection"]) == \
+            (1024, [5, 10, 20], True)
+
+
+def test_sdxs_weight_map_is_bk_tinys_without_the_320_channel_attention():
+    tiny, sdxs = weight_map(SD15_UNET, PRESETS["bk_tiny"]), weight_map(SD15_UNET, PRESETS["sdxs"])
+    # Resnets, samplers, stem and head of the attention-free level still come from the teacher's.
+    assert sdxs == {s: t for s, t in tiny.items()
+                    if not s.startswith(("down_blocks.0.attentions.", "up_blocks.2.attentions."))}
+    assert sdxs["up_blocks.2.resnets.1"] == "up_blocks.3.resnets.2"
+    assert sdxs["down_blocks.0.downsamplers"] == "down_blocks.0.downsamplers"
+    assert sorted(removed_modules(SD15_UNET, PRESETS["sdxs"])) == sorted(
+        removed_modules(SD15_UNET, PRESETS["bk_tiny"])
+        + ["down_blocks.0.attentions.0", "up_blocks.3.attentions.0", "up_blocks.3.attentions.2"])
+
+
+def test_sdxs_student_of_the_toy_teacher(teacher):
+    student = build_student(teacher, PRESETS["sdxs"])
+    assert not hasattr(student.down_blocks[0], "attentions") and not hasattr(student.up_blocks[2], "attentions")
+    assert torch.equal(student.up_blocks[2].resnets[1].conv1.weight, teacher.up_blocks[3].resnets[2].conv1.weight)
+    out = student(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 5, 32)).sample
+    assert out.shape == (1, 4, 16, 16)
+
+
+def test_custom_spec_equal_to_sdxs():
+    spec = custom(keep_down=[[0], [0], [0], []], keep_up=[[], [0, 2], [0, 2], [0, 2]], mid_block=False,
+                  deepest_stage=False, drop_attention=[0])
+    assert student_unet_config(SD15_UNET, spec) == student_unet_config(SD15_UNET, PRESETS["sdxs"])
+    assert weight_map(SD15_UNET, spec) == weight_map(SD15_UNET, PRESETS["sdxs"])
+    # Dropping attention keeps the deepest stage's own rules: here a 4-level student without level-1 attention.
+    config = student_unet_config(SD15_UNET, custom(keep_down=K, keep_up=U, drop_attention=[1]))
+    assert config["down_block_types"][1] == "DownBlock2D" and config["up_block_types"][2] == "UpBlock2D"
+
+
+TINY = dict(keep_down=[[0], [0], [0], []], keep_up=[[], [0, 2], [0, 2], [0, 2]], mid_block=False,
+            deepest_stage=False)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(TINY, drop_attention=[3]), r"student\.drop_attention'.*levels the student keeps, in 0\.\.2, got \[3\]"),
+    (dict(TINY, drop_attention=[0, 0]), r"student\.drop_attention'.*distinct"),
+    (dict(keep_down=K, keep_up=U, drop_attention=[3]), r"teacher level 3 .*no attention to drop"),
+])
+def test_invalid_drop_attention_names_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        student_unet_config(SD15_UNET, custom(**spec))
+
+
+def test_sdxs_preset_sets_drop_attention_itself():
+    with pytest.raises(ConfigError, match=r"student\.preset'.*drop_attention apply only to student\.preset=custom"):
+        removal_spec(StudentConfig(preset="sdxs", drop_attention=[1]))
+
+
+def test_cli_shows_sdxs_for_the_toy_and_an_sd15_config(tmp_path, capsys):
+    code, out, _ = run_main(["--teacher", "toy", "--preset", "sdxs"], capsys)
+    assert code == 0 and "student  sdxs: 1,406,884 parameters" in out
+    assert "up_blocks.2.resnets.1       <- up_blocks.3.resnets.2" in out and "  up_blocks.3.attentions.0\n" in out
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD15_UNET}))
+    code, out, _ = run_main(["--teacher", str(config), "--preset", "sdxs", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and (report["teacher_params"], report["student_params"]) == (859_520_964, 315_746_244)
+    assert report["spec"]["drop_attention"] == [0] and report["student_config"]["down_block_types"][0] == "DownBlock2D"
+    assert [(p["student"], p["shape"]) for p in report["feature_pairs"]][2] == (
+        "down_blocks.2.attentions.0.proj_out", [1280, 16, 16])

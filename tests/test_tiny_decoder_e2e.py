@@ -49,6 +49,10 @@ def common(teacher) -> list[str]:
             f"eval.every={HALF}"]
 
 
+GAN = ["gan.weight=0.5", "gan.adaptive=true", "gan.start=2", "gan.every=2", "train.sample_every=0",
+       f"train.checkpoint_every={HALF}", "log.trackers=[none]"]
+
+
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,10 +68,9 @@ def l1_run(tmp_path_factory, toy_teacher_dir):
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory, toy_teacher_dir):
-    """The same seed with the adversarial term from step 2, the discriminator every 2nd step."""
+    """The same seed with the adversarial term (adaptive weight) from step 2, the discriminator every 2nd step."""
     out = tmp_path_factory.mktemp("gan_run")
-    launch_trainer(SCRIPT, CONFIG, out, *common(toy_teacher_dir), "gan.weight=0.5", "gan.start=2", "gan.every=2",
-                   "train.sample_every=0", f"train.checkpoint_every={HALF}", "log.trackers=[none]")
+    launch_trainer(SCRIPT, CONFIG, out, *common(toy_teacher_dir), *GAN)
     return out
 
 
@@ -109,6 +112,11 @@ def test_adversarial_term_trains_a_discriminator_and_changes_the_decoder(l1_run,
     assert len({round(v, 6) for v in disc.values()}) == len(disc), disc  # it moves
     assert all("adversarial" in by_step[s] for s in range(3, STEPS + 1))
     assert "adversarial" not in by_step[1] and "adversarial" not in by_step[2]
+    weights = [by_step[s]["adversarial_weight"] for s in range(3, STEPS + 1)]  # adaptive: 0.5 x a gradient ratio
+    assert len(set(weights)) > 1 and all(w > 0 for w in weights)
+    # Its own learning rate (gan.lr 2e-4), its cosine schedule counting only its own updates.
+    lr = {s: by_step[s]["lr/discriminator"] for s in (1, 3, STEPS)}
+    assert lr[1] == pytest.approx(2.0e-4) and lr[1] > lr[3] > lr[STEPS] and by_step[1]["lr/decoder"] > 9e-4
     # The same seed: identical until the adversarial term starts, different after.
     l1_by_step = {line["step"]: line for line in l1 if "l1_down" in line}
     assert [l1_by_step[s]["l1_down"] for s in (1, 2)] == [by_step[s]["l1_down"] for s in (1, 2)]
@@ -133,9 +141,7 @@ def test_resume_is_bit_identical_with_both_modules(gan_run, tmp_path, toy_teache
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(gan_run / f"checkpoint-{HALF}", resumed / f"checkpoint-{HALF}")
-    result = launch_trainer(SCRIPT, CONFIG, resumed, *common(toy_teacher_dir), "gan.weight=0.5", "gan.start=2",
-                            "gan.every=2", "train.sample_every=0", f"train.checkpoint_every={HALF}",
-                            "log.trackers=[none]", "resume=latest")
+    result = launch_trainer(SCRIPT, CONFIG, resumed, *common(toy_teacher_dir), *GAN, "resume=latest")
     assert f"resumed from {resumed / f'checkpoint-{HALF}'} at step {HALF}" in result.stdout + result.stderr
     full, again = gan_run / f"checkpoint-{STEPS}", resumed / f"checkpoint-{STEPS}"
     for name in ("decoder/diffusion_pytorch_model.safetensors", "discriminator.safetensors",
@@ -165,7 +171,7 @@ def test_export_files(l1_run):
     folder = vae.state_dict()
     assert all(torch.equal(t, folder[k]) for k, t in taesd.items())
     with safe_open(str(out / TAESD_FILE), "pt") as f:
-        assert json.loads(f.metadata()["config"])["decoder_block_out_channels"] == [32, 32]
+        assert json.loads(f.metadata()["config"])["decoder_block_out_channels"] == [16, 16]
     # The toy layout is no TAESD layout: the run says so and names no sd.cpp command.
     assert sdcpp_problems(vae.config) and "--taesd" not in l1_run[1].stdout
 
@@ -212,6 +218,9 @@ def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path):
     save_file(full.state_dict(), str(tmp_path / "taesd_full.safetensors"))
     loaded, encoder = load_tiny_vae(str(tmp_path / "taesd_full.safetensors"), TOY_VAE)
     assert encoder and _same(loaded.state_dict(), full.state_dict())
+    # Exported again, an encoder that came from decoder.init goes into the TAESD file too (img2img in sd.cpp).
+    _, taesd = export_tiny_decoder(loaded, tmp_path / "again", encoder_from=encoder)
+    assert {k.split(".")[0] for k in load_file(taesd)} == {"decoder", "encoder"}
     # A folder of another layout (the 8x TAESD one for the toy's 2x VAE) stops with one line.
     AutoencoderTiny().save_pretrained(tmp_path / "taesd_sd")
     with pytest.raises(UserError, match="upsampled 8x; the teacher's VAE has 4 channels and downsamples 2x"):
@@ -227,14 +236,24 @@ def test_training_from_teacher_samples_in_a_latent_cache(tmp_path, toy_teacher_d
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["samples"] == 12 and manifest["latents"] == "teacher samples, 2 steps"
     shard = load_file(cache / manifest["shards"][0]["name"])
-    assert torch.count_nonzero(shard["std"]) == 0 and shard["mean"].abs().sum() > 0  # the sampled latents exactly, no posterior spread
+    # The sampled latents exactly: no posterior spread.
+    assert torch.count_nonzero(shard["std"]) == 0 and shard["mean"].abs().sum() > 0
+    # With every optional term: full-resolution L1 and L2, LPIPS (random VGG weights from a local file), the
+    # non-saturating GAN loss.
+    from sdkd.train.perceptual import LpipsVgg
+
+    lpips = tmp_path / "lpips_vgg.safetensors"
+    save_file({k: v.contiguous() for k, v in LpipsVgg().state_dict().items()}, str(lpips))
     out = tmp_path / "run"
     launch_trainer(SCRIPT, CONFIG, out, f"teacher={toy_teacher_dir}", f"data.cache={cache}", "train.max_steps=4",
-                   "decoder.eval_latents=4", "eval.every=4", "gan.start=0", "train.sample_every=0",
-                   "log.trackers=[none]")
+                   "decoder.eval_latents=4", "eval.every=4", "gan.start=0", "gan.loss=non_saturating",
+                   "decoder.lambda_l1=0.5", "decoder.lambda_l2=0.5", "decoder.lambda_lpips=0.1",
+                   f"decoder.lpips_weights={lpips}", "train.sample_every=0", "log.trackers=[none]")
     evals = [line for line in metrics(out) if "eval/psnr" in line]
     assert [line["step"] for line in evals] == [0, 4] and evals[1]["eval/psnr"] > evals[0]["eval/psnr"]
-    assert "disc_loss" in metrics(out)[-1]
+    last = metrics(out)[-1]
+    assert {"l1_down", "l1", "l2", "lpips", "adversarial", "disc_loss", "disc_real", "disc_fake"} <= set(last)
+    assert last["adversarial"] > 0  # softplus(-D(fake)): positive, unlike hinge's -D(fake)
     AutoencoderTiny.from_pretrained(out / "tiny_decoder")
 
 

@@ -47,6 +47,7 @@ class StudentPreset(Choice):
     bk_base = auto()
     bk_small = auto()
     bk_tiny = auto()
+    sdxs = auto()
     custom = auto()
 
 
@@ -105,6 +106,8 @@ class StudentConfig:
     """custom: keep the mid block."""
     deepest_stage: bool = True
     """custom: keep the deepest down block and its matching up block."""
+    drop_attention: list[int] = field(default_factory=list)
+    """custom: teacher levels (0 = highest resolution) where the student has no attention (sdxs: [0])."""
     feature_pairs: FeaturePairs = FeaturePairs.bk
     """Feature-KD pair table: bk (BK-SDM's), segmind (segmind's), or custom (then set pairs)."""
     pairs: Optional[list[list[str]]] = None
@@ -437,9 +440,9 @@ def check_student(s: StudentConfig) -> None:
         require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
                 "student.keep_down and student.keep_up are required when student.preset=custom")
         return
-    require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage, "student.preset",
-            f"keep_down, keep_up, mid_block and deepest_stage apply only to student.preset=custom; "
-            f"'{s.preset}' sets them itself")
+    require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage and not s.drop_attention,
+            "student.preset", f"keep_down, keep_up, mid_block, deepest_stage and drop_attention apply only to "
+                              f"student.preset=custom; '{s.preset}' sets them itself")
 
 
 def validate(cfg: Config) -> None:

@@ -4,6 +4,7 @@ trained against a frozen teacher VAE decoder; its export (an AutoencoderTiny fol
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -277,15 +278,34 @@ class DecoderTask(Task):
                       "encoder; start from `decoder.init` with TAESD weights to carry one over).", ""]
         lines += ["```python", "from diffusers import AutoencoderTiny, StableDiffusionPipeline", "",
                   'vae = AutoencoderTiny.from_pretrained("tiny_decoder")',
-                  f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.teacher}", vae=vae)', "```", ""]
+                  f'pipe = StableDiffusionPipeline.from_pretrained("{self._teacher_folder()}", vae=vae)', "```", ""]
         return "\n".join(lines)
+
+    def _teacher_folder(self) -> str:
+        """The teacher as a local folder (what eval/sample.py --model takes): itself, the toy teacher's folder,
+        or a hub id's snapshot in the local cache."""
+        teacher = self.cfg.teacher
+        if teacher == "toy":
+            from sdkd.train.toy import TOY_TEACHER
+
+            return str(TOY_TEACHER)
+        if Path(teacher).exists():
+            return teacher
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(teacher, revision=self.cfg.teacher_revision, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure: say what to put there
+            return "TEACHER_FOLDER"
 
     def next_steps(self, exported: list[Path]) -> list[tuple[str, str]]:
         folder, taesd = exported
-        steps = [(f"python eval/sample.py --model {self.cfg.teacher} --tiny-vae {folder} --prompt 'a prompt' "
-                  f"--out {folder.parent / 'generated'}", "images decoded by the tiny decoder")]
+        steps = [(f"python eval/sample.py --model {shlex.quote(self._teacher_folder())} --tiny-vae "
+                  f"{shlex.quote(str(folder))} --prompt 'a prompt' "
+                  f"--out {shlex.quote(str(folder.parent / 'generated'))}", "images decoded by the tiny decoder")]
         if not sdcpp_problems(self.tiny.vae.config):
-            steps.append((f"sd -m MODEL.safetensors --taesd {taesd} -p 'a prompt'", "stable-diffusion.cpp with it"))
+            steps.append((f"sd -m MODEL.safetensors --taesd {shlex.quote(str(taesd))} -p 'a prompt'",
+                          "stable-diffusion.cpp with it"))
         return steps
 
 

@@ -4,13 +4,16 @@ Pair tables (teacher name, student name), derived from the removal spec by one r
 - down blocks: student down_blocks.i <-> teacher down_blocks.i while both end at the same
   resolution. When the deepest stage is gone, the student's last down block loses its
   downsampler, so it ends one level higher than the teacher's block. `bk` (BK-SDM) then pairs the
-  last attention's `proj_out` inside that block; `segmind` pairs it with the teacher's
-  `up_blocks.0`, which ends at that resolution.
+  last attention's `proj_out` inside that block (its last resnet where the student drops the
+  attention of that level); `segmind` pairs it with the teacher's `up_blocks.0`, which ends at
+  that resolution.
 - mid block: `segmind` only (BK-SDM never hooks it, not even for bk_base), when kept at its
   teacher resolution (deepest stage kept).
 - up blocks: student up_blocks.j <-> teacher up_blocks.j (+1 without the deepest stage).
 This gives BK-SDM's 8 pairs (bk_base, bk_small) and 6 (bk_tiny), segmind's 9 (sd_small = bk_base)
-and 6 (sd_tiny = bk_tiny), and the same pairs for a custom spec equal to a preset.
+and 6 (sd_tiny = bk_tiny), and the same pairs for a custom spec equal to a preset. `sdxs` gets
+bk_tiny's pairs: dropping the 320-channel attention changes no block output shape, so every
+student down and up block is still paired (SDXS's feature KD on every Dn and Up block output).
 `student.feature_pairs: custom` takes `student.pairs` verbatim; `check_pairs` verifies shapes.
 
 The proj_out pair assumes a cross-attention block there (SD-1.x/2.x). A hook inside an attention
@@ -50,6 +53,8 @@ def _final_down_pair(table: str, spec: RemovalSpec, level: int) -> Pair:
     # the teacher's last attention in the down block has index keep_up[1][-1] - 1.
     teacher_last = spec.keep_up[1][-1] - 1
     student_last = len(spec.keep_down[level]) - 1
+    if level in spec.drop_attention:  # no student attention there: the last resnets, same shape
+        return f"down_blocks.{level}.resnets.{teacher_last}", f"down_blocks.{level}.resnets.{student_last}"
     return (f"down_blocks.{level}.attentions.{teacher_last}.proj_out",
             f"down_blocks.{level}.attentions.{student_last}.proj_out")
 

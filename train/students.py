@@ -1,17 +1,27 @@
 """Block-removed student U-Nets (BK-SDM style), built from an explicit config and weight map.
 
 A `RemovalSpec` says, per teacher block, which resnet (and attention) indices the student keeps,
-whether the mid block stays and whether the deepest stage (last down block + first up block)
-stays. Presets are named specs; `student.preset: custom` gives one directly. From a spec and the
-teacher's config we derive (1) a real `UNet2DConditionModel` config for the student, so its saved
-`config.json` describes the student (segmind's in-place surgery saved the teacher's), and (2) an
-explicit student -> teacher module map, used to fill every student weight with zero missing or
-mis-shaped keys. `describe` gathers what train/show_student.py prints about a student.
+whether the mid block stays, whether the deepest stage (last down block + first up block)
+stays, and at which levels the student has no attention at all. Presets are named specs;
+`student.preset: custom` gives one directly. From a spec and the teacher's config we derive
+(1) a real `UNet2DConditionModel` config for the student, so its saved `config.json` describes
+the student (segmind's in-place surgery saved the teacher's), and (2) an explicit student ->
+teacher module map, used to fill every student weight with zero missing or mis-shaped keys.
+`describe` gathers what train/show_student.py prints about a student.
 
 Indexing rule for custom specs: `keep_down` / `keep_up` always have one entry per *teacher*
 block (down block i, up block j). With `deepest_stage: false` the entries of the teacher's last
 down block and first up block are ignored (write `[]`), so flipping `deepest_stage` on a spec
 never shifts the other entries.
+
+`drop_attention` lists teacher levels (0 = the highest resolution, i.e. down block i and up block
+n-1-i) whose transformer blocks the student drops: those blocks become DownBlock2D / UpBlock2D and
+keep only resnets and samplers, still copied from the teacher's by the same kept indices (the
+teacher's resnets there are the only trained weights with the right shapes; nothing else could
+initialise them). SDXS-512 (`sdxs`, block-removal.md section 5) is bk_tiny plus drop_attention [0]:
+three levels, one resnet per level, no mid block, no attention at 320 channels. The same preset
+on an SD-2.x teacher gives the SD-2.1-based variant the paper reports (319M; SDXS-0.9's
+cross-attention-only 320-ch stage is another layout).
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ class RemovalSpec:
     """Per teacher up block: the indices kept; one more than the matching down block, last one included."""
     mid_block: bool = True
     deepest_stage: bool = True
+    drop_attention: tuple[int, ...] = ()
+    """Teacher levels (0 = highest resolution) whose attentions the student drops, in down and up block."""
     name: str = field(default="custom", compare=False)
     """Preset name, or custom; only used in error messages."""
 
@@ -57,6 +69,7 @@ class RemovalSpec:
         # Accept lists (YAML, tests) but store tuples, so specs are hashable and comparable.
         for key in ("keep_down", "keep_up"):
             object.__setattr__(self, key, tuple(tuple(entry) for entry in getattr(self, key)))
+        object.__setattr__(self, "drop_attention", tuple(self.drop_attention))
 
 
 _BK = dict(keep_down=[[0]] * 4, keep_up=[[0, 2]] * 4)
@@ -64,6 +77,8 @@ PRESETS: dict[str, RemovalSpec] = {
     "bk_base": RemovalSpec(**_BK, name="bk_base"),
     "bk_small": RemovalSpec(**_BK, mid_block=False, name="bk_small"),
     "bk_tiny": RemovalSpec(**_BK, mid_block=False, deepest_stage=False, name="bk_tiny"),
+    # SDXS-512 (arXiv 2403.16627 sec. 3.1): bk_tiny without the transformer blocks of the highest resolution.
+    "sdxs": RemovalSpec(**_BK, mid_block=False, deepest_stage=False, drop_attention=[0], name="sdxs"),
 }
 
 
@@ -71,7 +86,7 @@ def removal_spec(cfg: StudentConfig) -> RemovalSpec:
     """The spec named by `student.preset`, or the custom one given by its keep_* fields."""
     check_student(cfg)
     if cfg.preset == "custom":
-        return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage)
+        return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage, cfg.drop_attention or ())
     return PRESETS[cfg.preset]
 
 
@@ -123,6 +138,14 @@ def _check_spec(t: dict, spec: RemovalSpec) -> None:
         _fail(spec, "deepest_stage", "the teacher has a single level, which cannot be removed")
     layers = _per_block(t["layers_per_block"], n)
     down, up = _levels(n, spec)
+    drop = spec.drop_attention
+    if len(set(drop)) != len(drop) or not all(isinstance(i, int) and i in down for i in drop):
+        _fail(spec, "drop_attention", f"expected distinct levels the student keeps, in 0..{len(down) - 1}, "
+                                      f"got {list(drop)}")
+    for i in drop:
+        if not _has_attention(t, i):
+            _fail(spec, "drop_attention", f"teacher level {i} (down_blocks.{i}, up_blocks.{n - 1 - i}) has no "
+                                          f"attention to drop")
     for i in down:
         _check_indices(spec, "keep_down", i, spec.keep_down[i], layers[i], f"teacher down_blocks.{i}")
     for j in up:
@@ -138,6 +161,18 @@ def _check_spec(t: dict, spec: RemovalSpec) -> None:
                                    f"got {len(kept)}")
 
 
+def _has_attention(t: dict, level: int) -> bool:
+    n = len(t["down_block_types"])
+    return any(b.startswith("CrossAttn") for b in (t["down_block_types"][level], t["up_block_types"][n - 1 - level]))
+
+
+def _attends(t: dict, spec: RemovalSpec, kind: str, block: int) -> bool:
+    """Whether teacher `kind` block `block` has attention that the student keeps."""
+    n = len(t["down_block_types"])
+    level = block if kind == "down" else n - 1 - block
+    return t[f"{kind}_block_types"][block].startswith("CrossAttn") and level not in spec.drop_attention
+
+
 def _select(entry, kept: tuple[int, ...]):
     """A per-layer list (SDXL-style transformer depths) follows the kept layers; a scalar stays."""
     return [entry[k] for k in kept] if isinstance(entry, list) else entry
@@ -147,8 +182,10 @@ def _derive(t: dict, spec: RemovalSpec) -> dict:
     n = len(t["down_block_types"])
     down, up = _levels(n, spec)
     s = json.loads(json.dumps(t))
-    s["down_block_types"] = [t["down_block_types"][i] for i in down]
-    s["up_block_types"] = [t["up_block_types"][j] for j in up]
+    s["down_block_types"] = [t["down_block_types"][i] if i not in spec.drop_attention else "DownBlock2D"
+                             for i in down]
+    s["up_block_types"] = [t["up_block_types"][j] if n - 1 - j not in spec.drop_attention else "UpBlock2D"
+                           for j in up]
     s["block_out_channels"] = [t["block_out_channels"][i] for i in down]
     for key in PER_LEVEL_KEYS:
         if isinstance(t[key], list):
@@ -223,7 +260,7 @@ def _block_map(t: dict, spec: RemovalSpec) -> dict[str, str]:
     last = len(down) - 1
     m = {}
     for i in down:  # down blocks keep their index
-        attn = t["down_block_types"][i].startswith("CrossAttn")
+        attn = _attends(t, spec, "down", i)
         for p, k in enumerate(spec.keep_down[i]):
             m[f"down_blocks.{i}.resnets.{p}"] = f"down_blocks.{i}.resnets.{k}"
             if attn:
@@ -233,7 +270,7 @@ def _block_map(t: dict, spec: RemovalSpec) -> dict[str, str]:
     if spec.mid_block and t["mid_block_type"]:
         m["mid_block"] = "mid_block"
     for js, j in enumerate(up):
-        attn = t["up_block_types"][j].startswith("CrossAttn")
+        attn = _attends(t, spec, "up", j)
         for p, k in enumerate(spec.keep_up[j]):
             m[f"up_blocks.{js}.resnets.{p}"] = f"up_blocks.{j}.resnets.{k}"
             if attn:
