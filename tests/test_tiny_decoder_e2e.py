@@ -203,7 +203,7 @@ def test_the_printed_sample_command_decodes_with_the_tiny_decoder(l1_run, tmp_pa
     assert (tmp_path / "generated" / "image-000.png").is_file()
 
 
-def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path):
+def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path, toy_teacher_dir):
     out, _ = l1_run
     exported = AutoencoderTiny.from_pretrained(out / "tiny_decoder").state_dict()
     from_folder, encoder = load_tiny_vae(str(out / "tiny_decoder"), TOY_VAE)
@@ -225,6 +225,9 @@ def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path):
     AutoencoderTiny().save_pretrained(tmp_path / "taesd_sd")
     with pytest.raises(UserError, match="upsampled 8x; the teacher's VAE has 4 channels and downsamples 2x"):
         load_tiny_vae(str(tmp_path / "taesd_sd"), TOY_VAE)
+    # A pipeline folder whose vae/ is an AutoencoderKL is refused, not filled at random.
+    with pytest.raises(UserError, match="names AutoencoderKL"):
+        load_tiny_vae(str(toy_teacher_dir), TOY_VAE)
 
 
 def test_training_from_teacher_samples_in_a_latent_cache(tmp_path, toy_teacher_dir):

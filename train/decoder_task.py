@@ -26,6 +26,8 @@ from sdkd.train.teacher import PipelineSource, load_teacher
 from sdkd.train.weight_files import load_strict, read_weights
 
 TAESD_FILE = "taesd.safetensors"
+GRID_LATENTS = 8
+"""Held-out latents shown in the sample grids (the first ones)."""
 UNTRAINED = "untrained (random weights)"
 """What the model card says of an encoder that was never trained (the decoder was, from scratch)."""
 
@@ -70,8 +72,15 @@ def load_tiny_vae(path: str, vae_config) -> tuple[AutoencoderTiny, str | None]:
         if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
         try:
+            kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != "AutoencoderTiny":  # diffusers would fill an AutoencoderTiny from other weights at random
+            raise UserError(f"decoder.init '{path}': not an AutoencoderTiny folder (its config.json names "
+                            f"{kind or 'no model class'})")
+        try:
             vae = AutoencoderTiny.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, TypeError) as err:
+        except (OSError, ValueError, TypeError, RuntimeError) as err:
             raise UserError(f"decoder.init '{path}': not an AutoencoderTiny folder with safetensors weights "
                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         card = folder / "README.md"
@@ -81,7 +90,11 @@ def load_tiny_vae(path: str, vae_config) -> tuple[AutoencoderTiny, str | None]:
     config = tiny_vae_config(vae_config)
     if folder.suffix == ".safetensors":  # our export stores its AutoencoderTiny config as metadata
         with safe_open(str(folder), "pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "null")) or config
+            text = (f.metadata() or {}).get("config", "null")
+        try:
+            config = json.loads(text) or config
+        except ValueError:
+            raise UserError(f"decoder.init '{path}': its config metadata is not JSON") from None
     first = state.get("decoder.layers.0.weight")
     if first is not None and first.dim() == 4:  # a file of another width than TAESD's 64
         levels = len(config["decoder_block_out_channels"])
@@ -153,7 +166,7 @@ class DecoderTask(Task):
 
     def __init__(self, cfg, accelerator, teacher_vae, tiny: TinyDecoder, encoder, held_out: torch.Tensor,
                  lpips=None, encoder_from: str | None = None):
-        """`encoder_from`: where the tiny VAE's (untrained) encoder came from; None: nowhere, it is random."""
+        """`encoder_from`: where the tiny VAE's encoder (never trained here) came from; None: it is random."""
         self.cfg, self.accelerator, self.teacher_vae, self.tiny = cfg, accelerator, teacher_vae, tiny
         self.encoder, self.lpips, self.encoder_from = encoder, lpips, encoder_from
         g = cfg.gan
@@ -210,8 +223,9 @@ class DecoderTask(Task):
         ctx.backward("decoder", loss)
         terms["loss"] = loss
         if self.disc is not None and self.modules[1].due(ctx.step):
-            disc = ctx.model("discriminator")
-            real_logits, fake_logits = disc(target, latents), disc(fake.detach(), latents)
+            # Real and fake in one forward (one DDP forward per backward; GroupNorm keeps samples apart).
+            logits = ctx.model("discriminator")(torch.cat([target, fake.detach()]), torch.cat([latents, latents]))
+            real_logits, fake_logits = logits.chunk(2)
             terms["disc_loss"] = discriminator_loss(real_logits, fake_logits, g.loss)
             terms["disc_real"], terms["disc_fake"] = real_logits.mean(), fake_logits.mean()
             ctx.backward("discriminator", terms["disc_loss"])
@@ -221,16 +235,20 @@ class DecoderTask(Task):
     # ---------------------------------------------------------------------------------------------
     # Held-out latents: PSNR / SSIM against the teacher decoder, and the sample grid.
 
-    def _decode_held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_held_out(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiny and the teacher decoder's images of the first `n` held-out latents (all: None), decoded
+        train.batch_size at a time (64 latents of 512 px at once would not fit a GPU)."""
+        size = self.cfg.train.batch_size
         latents = self.held_out.to(self.accelerator.device)
         if self._held_out_targets is None:
-            self._held_out_targets = self.target(latents)
+            self._held_out_targets = torch.cat([self.target(latents[i:i + size]) for i in range(0, len(latents), size)])
+        latents = latents[:n]
         was_training = self.tiny.training
         self.tiny.eval()
         with torch.no_grad():
-            images = self.tiny(latents).float().clamp(-1, 1)
+            images = torch.cat([self.tiny(latents[i:i + size]).float() for i in range(0, len(latents), size)])
         self.tiny.train(was_training)
-        return images, self._held_out_targets.clamp(-1, 1)
+        return images.clamp(-1, 1), self._held_out_targets[:n].clamp(-1, 1)
 
     def evaluate(self, step: int) -> dict[str, float]:
         images, targets = self._decode_held_out()
@@ -239,7 +257,7 @@ class DecoderTask(Task):
         return metrics
 
     def sample(self, step: int, sink: SampleSink) -> None:
-        images, targets = self._decode_held_out()
+        images, targets = self._decode_held_out(GRID_LATENTS)
         rows = [[_pil(t) for t in targets], [_pil(i) for i in images]]
         captions = [f"latent {i}" for i in range(len(images))]
         sink.grid(rows, captions, ["teacher decoder", f"tiny step {step}"])

@@ -38,16 +38,23 @@ FILES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "
 """What the committed folder holds of the trained pipeline (the run's model card is replaced by ours)."""
 
 
-def launch(script: str, config: str, out: Path, overrides: list[str]) -> tuple[list[str], float]:
-    """`accelerate launch SCRIPT --config CONFIG output_dir=OUT ...` (one process) -> (command, seconds)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", script, "--config", config,
-               f"output_dir={out}", "overwrite=true", *overrides]
-    print("+ " + shlex.join(command), flush=True)
+def launch(script: str, config: str, out: Path, overrides: list[str]) -> tuple[str, float]:
+    """`accelerate launch SCRIPT --config CONFIG output_dir=OUT ...` (one process) -> (the command as a user
+    types it, seconds)."""
+    args = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            script, "--config", config, f"output_dir={_shown(out)}", "overwrite=true", *overrides]
+    shown = shlex.join(["accelerate", "launch", *args])
+    print(f"+ {shown}", flush=True)
     start = time.perf_counter()
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
+    if subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT).returncode != 0:
         raise UserError(f"{script} failed (its output is above); nothing was written to --out")
-    return command, time.perf_counter() - start
+    return shown, time.perf_counter() - start
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when inside it (commands run there), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def check_samples(folder: Path, n: int):
@@ -103,8 +110,11 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.check_images <= 56:
         raise UserError("--check-images: must be in 1..56 (one caption per ordered pair of the 8 colours)")
+    out, work = args.out.resolve(), args.work.resolve()
+    if out.is_dir() and any(out.iterdir()) and not (out / "provenance.json").is_file():
+        raise UserError(f"--out '{out}' holds something other than a toy teacher (no provenance.json); "
+                        f"choose a new or empty folder")
     start = time.perf_counter()
-    work = args.work.resolve()
 
     import diffusers
     import torch
@@ -113,7 +123,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sdkd.train.sampling import make_grid
-    from sdkd.train.toy import toy_pipeline_with
+    from sdkd.train.toy import TOY_SEED, toy_pipeline_with
 
     # 1. the VAE, from random weights
     vae_run = work / "vae"
@@ -121,13 +131,12 @@ def main() -> None:
                                   [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [])
     # 2. the U-Net, from random weights, on the trained VAE and the toy text encoder
     init = work / "init"
-    toy_pipeline_with(AutoencoderKL.from_pretrained(vae_run / "vae")).save_pretrained(init, safe_serialization=True)
+    toy_pipeline_with(AutoencoderKL.from_pretrained(vae_run / "vae"), TOY_SEED).save_pretrained(init, safe_serialization=True)
     unet_run = work / "unet"
-    unet_cmd, unet_seconds = launch("train/finetune.py", UNET_CONFIG, unet_run, [f"model={init}"] + (
+    unet_cmd, unet_seconds = launch("train/finetune.py", UNET_CONFIG, unet_run, [f"model={_shown(init)}"] + (
         [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []))
 
     # 3. the pipeline folder: the trained parts only, then the check, the grid, the card, the provenance
-    out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -139,20 +148,25 @@ def main() -> None:
           f"of {rates['n']} images (chance {rates['chance']:.1%})", flush=True)
     make_grid([images[:8]], captions[:8]).save(out / "samples.png")
 
-    def trained(run: Path, command: list[str], seconds: float) -> dict:
+    common = ("train.seed", "train.max_steps", "train.batch_size", "optim.lr", "optim.lr_scheduler",
+              "data.num_samples", "data.resolution")
+
+    def trained(run: Path, command: str, seconds: float, keys: tuple[str, ...]) -> dict:
         cfg = OmegaConf.load(run / "config.yaml")
-        keys = ("train.seed", "train.max_steps", "train.batch_size", "optim.lr", "optim.lr_scheduler",
-                "data.num_samples", "data.resolution")
-        return {"command": shlex.join([Path(command[0]).name, *command[1:]]).replace(str(ROOT) + "/", ""),
-                "wall_seconds": round(seconds), **{k: OmegaConf.select(cfg, k) for k in keys}}
+        return {"command": command, "wall_seconds": round(seconds),
+                **{k: OmegaConf.select(cfg, k) for k in common + keys}}
 
     command = shlex.join(["python", "train/make_toy_teacher.py", *sys.argv[1:]])
     provenance = {
         "command": command,
         "wall_seconds": round(time.perf_counter() - start),
-        "vae": trained(vae_run, vae_cmd, vae_seconds),
-        "unet": trained(unet_run, unet_cmd, unet_seconds),
-        "text_encoder": "build_toy_pipeline(seed=0)'s random CLIP text encoder and byte-level tokenizer, frozen",
+        "vae": {**trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
+                                                          "autoencoder.kl_weight")),
+                "scaling_factor": json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]},
+        "unet": trained(unet_run, unet_cmd, unet_seconds, ("loss.snr_gamma", "loss.noise_offset", "ema.enabled",
+                                                           "ema.decay", "data.caption_dropout")),
+        "init": f"build_toy_pipeline(seed={TOY_SEED}): the U-Net's random initial weights, the text encoder and "
+                "tokenizer (frozen: never trained); the VAE's initial weights are drawn from its train.seed",
         "colour_check": {**rates, **CHECK, "captions": "data/colour_check.py check_captions"},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

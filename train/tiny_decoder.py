@@ -10,9 +10,10 @@ of each latent is the target. The tiny decoder learns L1 between both images 8x 
 optional full-resolution L1 / L2 and LPIPS) and an adversarial term from a conditional patch
 discriminator that sees the image with its latent (train/adversarial.py); the discriminator trains from
 `gan.start` on, every `gan.every` steps, with its own learning rate. `eval.every`: PSNR and SSIM
-against the teacher decoder on held-out latents. Writes OUTPUT/tiny_decoder/ (an AutoencoderTiny folder,
-the `vae` of our pipeline or of a diffusers StableDiffusionPipeline) and OUTPUT/taesd.safetensors (the
-decoder for stable-diffusion.cpp's `--taesd`).
+against the teacher decoder on held-out latents (at step 0, every `eval.every` steps and the last).
+Writes OUTPUT/tiny_decoder/ (an AutoencoderTiny folder with a model card, the `vae` of our pipeline or of
+a diffusers StableDiffusionPipeline; from scratch its encoder is untrained) and OUTPUT/taesd.safetensors
+(the decoder, plus an encoder that came from `decoder.init`, for stable-diffusion.cpp's `--taesd`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class GanLoss(Choice):
 @dataclass
 class DecoderSection:
     init: Optional[str] = None
-    """Start from these weights: an AutoencoderTiny folder or a TAESD-format .safetensors (diffusers keys,
-    e.g. madebyollin/taesd's diffusion_pytorch_model.safetensors); null: from scratch, at `channels`."""
+    """Start from these weights: an AutoencoderTiny folder (or a pipeline folder's vae/) or a TAESD-format
+    .safetensors (diffusers keys, e.g. madebyollin/taesd's diffusion_pytorch_model.safetensors, or our
+    OUTPUT/taesd.safetensors; without encoder tensors the encoder stays untrained); null: from scratch,
+    at `channels`."""
     channels: int = 64
     """Width of every decoder layer from scratch (TAESD and stable-diffusion.cpp: 64)."""
     downsample: int = 8
