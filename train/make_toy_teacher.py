@@ -64,7 +64,7 @@ def check_samples(folder: Path, n: int):
 
     from sdkd.data.colour_check import check_captions, match_rates
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     captions = check_captions(n, CHECK["caption_seed"])
@@ -77,7 +77,6 @@ def check_samples(folder: Path, n: int):
 def write_card(out: Path, provenance: dict) -> None:
     rates = provenance["colour_check"]
     (out / "README.md").write_text(f"""---
-license: creativeml-openrail-m
 library_name: diffusers
 tags: [sdkd, toy]
 ---
