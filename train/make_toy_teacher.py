@@ -38,11 +38,12 @@ FILES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "
 """What the committed folder holds of the trained pipeline (the run's model card is replaced by ours)."""
 
 
-def launch(script: str, config: str, out: Path, overrides: list[str]) -> tuple[str, float]:
-    """`accelerate launch SCRIPT --config CONFIG output_dir=OUT ...` (one process) -> (the command as a user
-    types it, seconds)."""
+def launch(script: str, config: str, out: Path, overrides: list[str], resume: bool) -> tuple[str, float]:
+    """`accelerate launch SCRIPT --config CONFIG output_dir=OUT ...` (one process), replacing the run in OUT or
+    with `resume` continuing it from its newest checkpoint -> (the command as a user types it, seconds)."""
     args = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            script, "--config", config, f"output_dir={_shown(out)}", "overwrite=true", *overrides]
+            script, "--config", config, f"output_dir={_shown(out)}", "resume=latest" if resume else "overwrite=true",
+            *overrides]
     shown = shlex.join(["accelerate", "launch", *args])
     print(f"+ {shown}", flush=True)
     start = time.perf_counter()
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, help="override configs/toy_vae.yaml's train.max_steps")
     parser.add_argument("--unet-steps", type=int, help="override configs/toy_teacher_unet.yaml's train.max_steps")
     parser.add_argument("--check-images", type=int, default=48, help="captions in the colour check (at most 56)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the trainers' runs in --work from their newest checkpoints "
+                             "(after an interruption)")
     args = parser.parse_args()
     if not 0 < args.check_images <= 56:
         raise UserError("--check-images: must be in 1..56 (one caption per ordered pair of the 8 colours)")
@@ -127,13 +131,14 @@ def main() -> None:
     # 1. the VAE, from random weights
     vae_run = work / "vae"
     vae_cmd, vae_seconds = launch("train/autoencoder.py", VAE_CONFIG, vae_run,
-                                  [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [])
+                                  [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [], args.resume)
     # 2. the U-Net, from random weights, on the trained VAE and the toy text encoder
     init = work / "init"
-    toy_pipeline_with(AutoencoderKL.from_pretrained(vae_run / "vae"), TOY_SEED).save_pretrained(init, safe_serialization=True)
+    pipe = toy_pipeline_with(AutoencoderKL.from_pretrained(vae_run / "vae"), TOY_SEED)
+    pipe.save_pretrained(init, safe_serialization=True)
     unet_run = work / "unet"
     unet_cmd, unet_seconds = launch("train/finetune.py", UNET_CONFIG, unet_run, [f"model={_shown(init)}"] + (
-        [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []))
+        [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)
 
     # 3. the pipeline folder: the trained parts only, then the check, the grid, the card, the provenance
     if out.exists():
@@ -159,6 +164,7 @@ def main() -> None:
     provenance = {
         "command": command,
         "wall_seconds": round(time.perf_counter() - start),
+        "resumed": args.resume,  # a resumed make's wall times count only what ran after the interruption
         "vae": {**trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
                                                           "autoencoder.kl_weight")),
                 "scaling_factor": json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]},
