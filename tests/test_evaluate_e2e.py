@@ -29,9 +29,11 @@ def metrics(run) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, toy_teacher_dir):
-    """configs/toy.yaml (pure KD) for a dozen steps with eval.every, checkpoints at 6 and 12."""
+    """configs/toy.yaml as pure KD (the random-weight teacher here draws nothing the task loss could agree with)
+    for a dozen steps with eval.every, checkpoints at 6 and 12."""
     out = tmp_path_factory.mktemp("eval_run")
     launch_trainer("train/kd.py", "configs/toy.yaml", out, f"teacher={toy_teacher_dir}", f"train.max_steps={STEPS}",
+                   "loss.lambda_task=0",
                    f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.sample_every=0", "train.batch_size=4",
                    f"eval.every={EVERY}", "log.trackers=[tensorboard]")
     return out

@@ -41,8 +41,8 @@ def test_run_writes_every_output(toy_run):
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     for key in ("loss", "task", "out", "feat", "lr", "sec_per_step", "samples_per_sec"):
         assert all(isinstance(line[key], float) for line in lines), key
-    # toy.yaml: lambda_task 0, lambda_out 1, lambda_feat 1; the task term is still logged.
-    assert all(abs(line["loss"] - (line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
+    # toy.yaml: lambda_task, lambda_out and lambda_feat all 1.
+    assert all(abs(line["loss"] - (line["task"] + line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
     assert all(line["task"] > 0 for line in lines)
     assert "output_dir" in (out / "config.yaml").read_text()
 
