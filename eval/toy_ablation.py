@@ -50,7 +50,7 @@ def train(out: Path, preset: str, variant: str, seed: int, steps: int) -> dict:
             raise UserError(f"run {run.name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     last = [r for r in rows if "eval/noise_mse" in r][-1]
-    return {"run": str(run), "step": last["step"], "noise_mse": last["eval/noise_mse"]}
+    return {"run": f"runs/{run.name}", "step": last["step"], "noise_mse": last["eval/noise_mse"]}
 
 
 def table(results: dict, presets: list[str], seeds: list[int]) -> list[str]:

@@ -87,9 +87,10 @@ def test_image_mse_and_psnr():
 
 
 def test_run_settings_resolve_nulls_from_sample_and_data(tmp_path):
-    cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.num_prompts=1", "eval.every=5"])
+    cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.num_prompts=1", "eval.every=5",
+                                           "sample.guidance_scale=2.5"])
     s = agreement.run_settings(cfg)
-    assert s.prompts == (cfg.sample.prompts[0],) and s.guidance_scale == 3.0 and s.resolution == 32
+    assert s.prompts == (cfg.sample.prompts[0],) and s.guidance_scale == 2.5 and s.resolution == 32
     assert s.teacher == "toy" and s.teacher_steps == 8 and s.timesteps == 4
     cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.prompts=[a cat]", "eval.resolution=16",
                                            "eval.guidance_scale=1.0", "sample.resolution=64"])

@@ -77,6 +77,8 @@ def check_samples(folder: Path, n: int):
 
 def write_card(out: Path, provenance: dict) -> None:
     rates = provenance["colour_check"]
+    resumed = (" (resumed after an interruption: the minutes count the resumed part only; a resumed run ends "
+               "as an uninterrupted one would)") if provenance["resumed"] else ""
     (out / "README.md").write_text(f"""---
 library_name: diffusers
 tags: [sdkd, toy]
@@ -88,7 +90,7 @@ trained by sdkd's own trainers on its synthetic captioned shapes ("a red circle 
 what `teacher: toy` loads. The text encoder is `build_toy_pipeline`'s random one, frozen (as SD's is).
 
 Made with `{provenance['command']}` in {provenance['wall_seconds'] / 60:.0f} minutes on a
-{provenance['machine']['cpu_count']}-core CPU; `provenance.json` has each trainer's command, seed and steps.
+{provenance['machine']['cpu_count']}-core CPU{resumed}; `provenance.json` has each trainer's command, seed and steps.
 
 Colour check ({rates['n']} captions, {CHECK['steps']} DPM-Solver++ steps, guidance {CHECK['guidance_scale']}):
 foreground colour matches the caption in {rates['fg']:.0%}, background in {rates['bg']:.0%}, both in
