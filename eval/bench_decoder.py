@@ -59,9 +59,18 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor).sample
 
 
+def pixels_per_latent(vae) -> int:
+    """How far the decoder upsamples (SD's KL VAE and TAESD: 8; the toy's: 2)."""
+    config = vae.config
+    if "decoder_block_out_channels" in config:  # AutoencoderTiny
+        return config["upsampling_scaling_factor"] ** (len(config["decoder_block_out_channels"]) - 1)
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def latents_for(vae, batch: int, resolution: int, device, dtype) -> torch.Tensor:
+    """Random latents that `vae` decodes to `resolution`-pixel images."""
     g = torch.Generator().manual_seed(0)
-    size = resolution // 8
+    size = resolution // pixels_per_latent(vae)
     return torch.randn(batch, vae.config.latent_channels, size, size, generator=g).to(device, dtype)
 
 

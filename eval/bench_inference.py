@@ -18,11 +18,13 @@ or give a diffusers folder. Students are built from the teacher by the presets' 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -89,33 +91,51 @@ def unet_macs(unet, resolution: int, vae_scale: int, device, dtype) -> int:
     return counter.get_total_flops() // 2
 
 
+def interleaved(calls: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call: `warmup` untimed rounds, then `repeats` timed ones, one call per name per round,
+    the names taken in turn, so that on a shared or throttling machine every model sees the same
+    conditions and the ratios hold even when absolute times drift."""
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, call in calls.items():
+            _sync(device)
+            start = clock()
+            call()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(clock() - start)
+    return times
+
+
 @torch.inference_mode()
 def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: int, device, dtype,
                            repeats: int, cpu_time: bool = False) -> dict[str, list[float]]:
-    """One U-Net forward per model per round, models taken in turn: on a shared or throttling machine
-    every model sees the same conditions, so the ratios hold even when absolute times drift.
+    """One U-Net forward per model per round, models taken in turn (`interleaved`), after one warm-up round.
 
     `cpu_time` times with the process CPU clock instead of the wall clock: on a CPU host shared
     with other jobs it counts only this process's own compute (use it with --threads 1, where no
     thread spins waiting for a descheduled sibling)."""
     clock = time.process_time if cpu_time and device.type == "cpu" else time.perf_counter
-    inputs = {name: unet_inputs(u, batch, resolution, vae_scale, device, dtype) for name, u in unets.items()}
-    times = {name: [] for name in unets}
-    for round_ in range(repeats + 1):  # round 0 is the warm-up
-        for name, unet in unets.items():
-            sample, t, ctx = inputs[name]
-            _sync(device)
-            start = clock()
-            unet(sample, t, encoder_hidden_states=ctx)
-            _sync(device)
-            if round_:
-                times[name].append(clock() - start)
-    return times
+    calls = {}
+    for name, unet in unets.items():
+        sample, t, ctx = unet_inputs(unet, batch, resolution, vae_scale, device, dtype)
+        calls[name] = functools.partial(unet, sample, t, encoder_hidden_states=ctx)
+    return interleaved(calls, device, repeats, warmup=1, clock=clock)
 
 
 def _weight_bytes(pipe) -> int:
     return sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
                for p in m.parameters())
+
+
+def e2e_call(pipeline, args) -> Callable[[], list]:
+    """One whole pipeline call as `end_to_end` times it: `args.batch` prompts, text encoding, `args.steps`
+    sampling steps at `args.guidance`, VAE decoding (unless `args.no_decode`), images at `args.resolution`."""
+    prompts = [f"a photo of object {i}" for i in range(args.batch)]
+    return functools.partial(pipeline, prompts, seed=1, steps=args.steps, guidance_scale=args.guidance,
+                             height=args.resolution, width=args.resolution,
+                             output_type="latent" if args.no_decode else "pil")
 
 
 def end_to_end(pipeline, args) -> dict:
@@ -125,10 +145,8 @@ def end_to_end(pipeline, args) -> dict:
     grew during the calls, so other models held for the benchmark do not count.
     """
     device = pipeline.device
-    prompts = [f"a photo of object {i}" for i in range(args.batch)]
-    kw = dict(steps=args.steps, guidance_scale=args.guidance, height=args.resolution, width=args.resolution,
-              output_type="latent" if args.no_decode else "pil")
-    pipeline(prompts, **kw)  # warm-up
+    call = e2e_call(pipeline, args)
+    call()  # warm-up
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     with PeakMemory(device) as mem:
         if before is None:
@@ -137,11 +155,11 @@ def end_to_end(pipeline, args) -> dict:
         for _ in range(args.e2e_repeats):
             _sync(device)
             start = time.perf_counter()
-            pipeline(prompts, seed=1, **kw)
+            call()
             _sync(device)
             calls.append(time.perf_counter() - start)
-    call = statistics.median(calls)
-    return dict(latency_ms_per_image=call / args.batch * 1e3, images_per_s=args.batch / call,
+    seconds = statistics.median(calls)
+    return dict(latency_ms_per_image=seconds / args.batch * 1e3, images_per_s=args.batch / seconds,
                 peak_mem_mb=(_weight_bytes(pipeline.pipe) + max(mem.peak - before, 0)) / 2**20)
 
 
@@ -163,7 +181,12 @@ def table(rows: list[dict]) -> str:
                       f"{r['unet_ms_per_step']:.1f}", f"{r['latency_ms_per_image']:.1f}", f"{r['images_per_s']:.2f}",
                       f"{r['peak_mem_mb']:.0f}", f"{r['params_ratio']:.3f}", f"{r['macs_ratio']:.3f}",
                       f"{r['unet_latency_ratio']:.3f}", f"{r['latency_vs_macs']:+.1%}"])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return markdown_table(lines)
+
+
+def markdown_table(lines: list[list[str]]) -> str:
+    """A Markdown table with padded columns; `lines[0]` is the header."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
 
@@ -172,7 +195,8 @@ def table(rows: list[dict]) -> str:
 # Models
 
 
-def _teacher_pipe(teacher: str):
+def teacher_pipe(teacher: str):
+    """`--teacher`: "sd15" (SD-1.5 widths, random weights), "toy" (the trained toy teacher) or a model path."""
     from sdkd.train.sd_configs import SD15_UNET
     from sdkd.train.teacher import load_pipeline
     from sdkd.train.toy import build_random_pipeline
@@ -194,7 +218,7 @@ def models(args):
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise UserError(f"--presets: unknown preset '{unknown[0]}' (expected {', '.join(PRESETS)})")
-    base = _teacher_pipe(args.teacher)
+    base = teacher_pipe(args.teacher)
     unets = {"teacher": base.unet}
     for preset in presets:
         unets[preset] = build_student(base.unet, PRESETS[preset])
@@ -204,7 +228,8 @@ def models(args):
     return base, unets, extra
 
 
-def _prepare(pipe, device, dtype, compile_: bool):
+def prepare_for_speed(pipe, device, dtype, compile_: bool):
+    """Move a pipeline to `device` / `dtype`, SDPA attention, channels_last U-Net on CUDA, optional torch.compile."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(device)
@@ -229,10 +254,10 @@ def run(args) -> list[dict]:
     base, unets, extra = models(args)
     for name, unet in unets.items():
         base.unet = unet
-        _prepare(base, device, dtype, args.compile)
+        prepare_for_speed(base, device, dtype, args.compile)
         unets[name] = base.unet
     for name, pipe in extra.items():
-        _prepare(pipe, device, dtype, args.compile)
+        prepare_for_speed(pipe, device, dtype, args.compile)
         unets[name] = pipe.unet
     vae_scale = base.vae_scale_factor
     cfg_batch = args.batch * (2 if args.guidance > 1 and args.steps > 1 else 1)
