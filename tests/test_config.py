@@ -305,7 +305,7 @@ def test_every_trainer_script_declares_its_schema():
         if calls and main:
             scripts[path.name] = (calls, {t.id for n in tree.body if isinstance(n, ast.Assign)
                                           for t in n.targets if isinstance(t, ast.Name)})
-    assert {"kd.py", "finetune.py", "lora.py"} <= set(scripts)
+    assert {"kd.py", "finetune.py", "lora.py", "one_step.py"} <= set(scripts)
     for name, (calls, assigned) in scripts.items():
         assert "SCHEMA" in assigned, f"train/{name} loads a trainer config but declares no module-level SCHEMA"
         assert all(ast.unparse(c.args[0]) == "SCHEMA" for c in calls), f"train/{name} does not pass SCHEMA"

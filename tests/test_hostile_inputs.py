@@ -752,6 +752,13 @@ TOOL_CASES = [
                     f"teacher={c.assets.teacher_dir}", *TINY, "decoder.eval_latents=2",
                     f"decoder.init={c.ws / 'taesd.safetensors'}"],
          ("decoder.init", "{ws}/taesd.safetensors")),
+    case("one-step-online-kind-unknown", "train/one_step.py",
+         lambda c: ["--config", str(ROOT / "configs" / "one_step_toy.yaml"), f"output_dir={c.ws / 'os'}",
+                    "online.kind=full"], ("online.kind", "copy or lora", "'full'"), absent=("{ws}/os",)),
+    case("one-step-decoder-missing", "train/one_step.py",
+         lambda c: ["--config", str(ROOT / "configs" / "one_step_toy.yaml"), f"output_dir={c.ws / 'os'}",
+                    f"teacher={c.assets.teacher_dir}", *TINY, f"decoder={c.ws / 'taesd.safetensors'}"],
+         ("config key 'decoder'", "{ws}/taesd.safetensors")),
     case("toy-ablation-zero-steps", "eval/toy_ablation.py", lambda c: ["--out", str(c.ws / "abl"), "--steps", "0"],
          "--steps", absent=("{ws}/abl",)),
 ]

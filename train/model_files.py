@@ -545,3 +545,28 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
     return pipe
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# One-step students (train/one_step.py)
+
+
+def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, vae=None,
+                           run: str | Path | None = None) -> Path:
+    """A one-step student as a pipeline folder: `unet` with the teacher's text encoder and tokenizer, `vae` as
+    its decoder (an AutoencoderTiny; None: the teacher's VAE) and the teacher's scheduler with its timesteps
+    spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or sdkd's
+    steps=1) samples at t = T-1, where the student was trained. With `run`, its model card."""
+    parts = load_teacher(teacher, with_unet=False)
+    parts.scheduler.register_to_config(timestep_spacing="trailing")
+    if vae is not None:
+        parts.vae = _contiguous(vae)
+    pipe = parts.family.pipeline(parts, _contiguous(unet), parts.scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if run is not None:
+        info = _run_info(Path(run))
+        # Not a fine-tune although its config has a `model` key; KD's loss weights played no part.
+        info["trainer"] = "one_step"
+        info["training"] = {k: v for k, v in info.get("training", {}).items() if not k.startswith("loss.")}
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info)))
+    return Path(folder)
