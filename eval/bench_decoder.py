@@ -15,22 +15,17 @@ folders.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.eval.bench_timing import decode, decode_macs, decoder_params, interleaved, latents_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decoders(tiny: str | None, vae: str | None) -> dict[str, torch.nn.Module]:
@@ -54,55 +49,13 @@ def _sub(folder: str) -> str | None:
     return "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """What a diffusers pipeline runs to turn the U-Net's latents into an image."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
-
-
-def pixels_per_latent(vae) -> int:
-    """How far the decoder upsamples (SD's KL VAE and TAESD: 8; the toy's: 2)."""
-    config = vae.config
-    if "decoder_block_out_channels" in config:  # AutoencoderTiny
-        return config["upsampling_scaling_factor"] ** (len(config["decoder_block_out_channels"]) - 1)
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def latents_for(vae, batch: int, resolution: int, device, dtype) -> torch.Tensor:
-    """Random latents that `vae` decodes to `resolution`-pixel images."""
-    g = torch.Generator().manual_seed(0)
-    size = resolution // pixels_per_latent(vae)
-    return torch.randn(batch, vae.config.latent_channels, size, size, generator=g).to(device, dtype)
-
-
-def decoder_params(vae) -> int:
-    """The decoder's parameters (the KL one with its post-quant conv)."""
-    modules = [vae.decoder] + ([vae.post_quant_conv] if getattr(vae, "post_quant_conv", None) is not None else [])
-    return sum(p.numel() for m in modules for p in m.parameters())
-
-
-@torch.inference_mode()
-def decode_macs(vae, resolution: int, device, dtype) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        decode(vae, latents_for(vae, 1, resolution, device, dtype))
-    return counter.get_total_flops() // 2
-
-
 @torch.inference_mode()
 def interleaved_times(models: dict, batch: int, resolution: int, device, dtype, repeats: int,
                       warmup: int) -> dict[str, list[float]]:
     """Seconds per decode call, `warmup` untimed rounds then `repeats` timed ones, the models in turn."""
-    inputs = {name: latents_for(vae, batch, resolution, device, dtype) for name, vae in models.items()}
-    times = {name: [] for name in models}
-    for round_ in range(warmup + repeats):
-        for name, vae in models.items():
-            _sync(device)
-            start = time.perf_counter()
-            decode(vae, inputs[name])
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    calls = {name: functools.partial(decode, vae, latents_for(vae, batch, resolution, device, dtype))
+             for name, vae in models.items()}
+    return interleaved(calls, device, repeats, warmup)
 
 
 def run(args) -> dict:

@@ -39,9 +39,9 @@ from types import SimpleNamespace
 import torch
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.eval.bench_decoder import decode, decode_macs, decoder_params, latents_for, pixels_per_latent
-from sdkd.eval.bench_inference import (e2e_call, interleaved, markdown_table, prepare_for_speed, teacher_pipe,
-                                       unet_inputs, unet_macs)
+from sdkd.eval.bench_timing import (decode, decode_macs, decoder_params, e2e_call, interleaved, latents_for,
+                                    markdown_table, pixels_per_latent, prepare_for_speed, teacher_pipe, unet_inputs,
+                                    unet_macs)
 
 # SDXS (arXiv 2403.16627v2) Table 1, per-component cost at batch 1 (SDXS-512 against SD v2.1 base at 512 px),
 # Table 3's latency (fp16, batch 1, compiled) and the ~100 FPS headline; the paper does not name the GPU.
