@@ -63,3 +63,17 @@ def save_toy_student(folder: Path, preset: str) -> Path:
 
     save_pipeline(build_student(build_toy_pipeline().unet, PRESETS[preset]), "toy", folder)
     return folder
+
+
+def same_state(a, b) -> bool:
+    """Bit-identical nested state (tensors with their dtypes, dicts, lists, tuples, plain values): what a resumed
+    run must end with."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b

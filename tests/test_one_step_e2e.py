@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_trainer
+from conftest import ROOT, launch_trainer, same_state
 from sdkd.train.decoder_task import tiny_vae_config
 from sdkd.train.toy import TOY_VAE
 
@@ -119,16 +119,6 @@ def test_score_distillation_is_stable_and_improves_on_the_warm_up(run):
     assert final["eval/ode_mse"] < warm["eval/ode_mse"], (warm, final)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def test_resume_from_an_odd_step_is_bit_identical(run, shared, tmp_path):
     """(e) Resumed at step 25 (the online model's turn alone), the run ends as the uninterrupted one: both
     modules, both optimizers and schedules, the step's generator, and the same terms at the same steps."""
@@ -142,9 +132,9 @@ def test_resume_from_an_odd_step_is_bit_identical(run, shared, tmp_path):
     full, again = out / f"checkpoint-{STEPS}", resumed / f"checkpoint-{STEPS}"
     for name in ("unet/diffusion_pytorch_model.safetensors", "online/diffusion_pytorch_model.safetensors",
                  "generator-0.safetensors"):
-        assert _same(load_file(full / name), load_file(again / name)), name
+        assert same_state(load_file(full / name), load_file(again / name)), name
     for name in ("optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"):  # student, online
-        assert _same(torch.load(full / name, weights_only=True), torch.load(again / name, weights_only=True)), name
+        assert same_state(torch.load(full / name, weights_only=True), torch.load(again / name, weights_only=True)), name
     before = [{k: v for k, v in line.items() if k not in TIMING} for line in metrics(out) if line["step"] > RESUME_AT]
     after = [{k: v for k, v in line.items() if k not in TIMING} for line in metrics(resumed)]
     assert [line["step"] for line in after] == list(range(RESUME_AT + 1, STEPS + 1))
@@ -190,7 +180,7 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
         ckpt = out / f"checkpoint-{step}"
         states.append({"student": load_file(ckpt / "unet" / "diffusion_pytorch_model.safetensors"),
                        "online": load_file(ckpt / LORA_FILE), "classifier": load_file(ckpt / "classifier.safetensors")})
-    changed = {step: {part for part in states[step] if not _same(states[step][part], states[step + 1][part])}
+    changed = {step: {part for part in states[step] if not same_state(states[step][part], states[step + 1][part])}
                for step in range(5)}
     assert changed == {0: {"student"}, 1: {"student"}, 2: {"student", "online"}, 3: {"online", "classifier"},
                        4: {"student", "online", "classifier"}}

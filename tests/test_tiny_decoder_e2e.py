@@ -23,7 +23,7 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import launch_trainer, run_script
+from conftest import launch_trainer, run_script, same_state
 from sdkd.cli.errors import UserError
 from sdkd.train.decoder_task import TAESD_FILE, UNTRAINED, export_tiny_decoder, load_tiny_vae, sdcpp_problems, \
     tiny_vae_config
@@ -127,16 +127,6 @@ def test_adversarial_term_trains_a_discriminator_and_changes_the_decoder(l1_run,
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))  # never trained
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def test_resume_is_bit_identical_with_both_modules(gan_run, tmp_path, toy_teacher_dir):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -146,9 +136,9 @@ def test_resume_is_bit_identical_with_both_modules(gan_run, tmp_path, toy_teache
     full, again = gan_run / f"checkpoint-{STEPS}", resumed / f"checkpoint-{STEPS}"
     for name in ("decoder/diffusion_pytorch_model.safetensors", "discriminator.safetensors",
                  "generator-0.safetensors"):
-        assert _same(load_file(full / name), load_file(again / name)), name
+        assert same_state(load_file(full / name), load_file(again / name)), name
     for name in ("optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"):  # decoder, discriminator
-        assert _same(torch.load(full / name, weights_only=True), torch.load(again / name, weights_only=True)), name
+        assert same_state(torch.load(full / name, weights_only=True), torch.load(again / name, weights_only=True)), name
     # The alternation continues where it stopped: the same terms at the same steps, bit for bit.
     before = [{k: v for k, v in line.items() if k not in TIMING} for line in metrics(gan_run)
               if line["step"] > HALF]
@@ -208,7 +198,7 @@ def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path, toy_
     exported = AutoencoderTiny.from_pretrained(out / "tiny_decoder").state_dict()
     from_folder, encoder = load_tiny_vae(str(out / "tiny_decoder"), TOY_VAE)
     assert encoder is None  # its card says the encoder is untrained: not passed on as a trained one
-    assert _same(from_folder.state_dict(), exported)
+    assert same_state(from_folder.state_dict(), exported)
     from_file, encoder = load_tiny_vae(str(out / TAESD_FILE), TOY_VAE)  # decoder only, width 32 from metadata
     assert encoder is None
     assert all(torch.equal(t, exported[k]) for k, t in from_file.state_dict().items() if k.startswith("decoder."))
@@ -217,7 +207,7 @@ def test_decoder_init_reads_the_folder_and_the_taesd_file(l1_run, tmp_path, toy_
     full = AutoencoderTiny(**tiny_vae_config(TOY_VAE, 16))
     save_file(full.state_dict(), str(tmp_path / "taesd_full.safetensors"))
     loaded, encoder = load_tiny_vae(str(tmp_path / "taesd_full.safetensors"), TOY_VAE)
-    assert encoder and _same(loaded.state_dict(), full.state_dict())
+    assert encoder and same_state(loaded.state_dict(), full.state_dict())
     # Exported again, an encoder that came from decoder.init goes into the TAESD file too (img2img in sd.cpp).
     _, taesd = export_tiny_decoder(loaded, tmp_path / "again", encoder_from=encoder)
     assert {k.split(".")[0] for k in load_file(taesd)} == {"decoder", "encoder"}
