@@ -33,8 +33,10 @@ def toy_teacher_dir(tmp_path_factory) -> Path:
 
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
     """Run a command as a user would; returns the CompletedProcess (stdout+stderr captured)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "WANDB_SILENT": "true", **(env or {})}
+    # One torch thread per script, as `accelerate launch` gives each process: with a thread per core, a script
+    # on a 2-core machine shared with the test process spends most of its time waiting for descheduled threads.
+    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -22,13 +22,20 @@ def positive(value) -> bool:
 
 def test_toy_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "out.json"
-    result = run_script([sys.executable, "eval/bench_kd_step.py", "--model", "toy", "--repeats", "2", "--warmup", "1",
-                         "--json", str(out)], timeout=600)  # generous: seconds alone, minutes on a loaded machine
+    # The smallest inputs that take every path: batch 2 of 8x8 latents (16 px) instead of 8 of 16x16, one warm-up
+    # and one timed iteration, one OpenMP thread (torch's default, one per core, spins against the other
+    # processes of a loaded 2-core machine). Measured there: 81 s with the defaults and --repeats 2, 9 s so.
+    # The timeout is generous: seconds alone, minutes on a loaded machine.
+    result = run_script([sys.executable, "eval/bench_kd_step.py", "--model", "toy", "--repeats", "1", "--warmup", "1",
+                         "--batch", "2", "--latent", "8", "--json", str(out)],
+                        timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     figures = json.loads(out.read_text())["models"]
     assert list(figures) == ["toy"]
     toy = figures["toy"]
+    assert (toy["batch"], toy["latent"], toy["pixels"], toy["threads"]) == (2, 8, 16, 1)
+    assert len(toy["iterations"]) == 2  # the warm-up one is kept in the JSON, left out of the medians
     assert set(toy["parts"]) == set(PARTS)
     for name in PARTS:
         assert positive(toy["parts"][name]), name
