@@ -14,6 +14,7 @@ a free port (--port); the address is printed once the page answers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 
@@ -49,10 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0 (a free port) or 1-65535, got {args.port}")
-    try:  # before the models load (seconds to minutes)
-        from sdkd.eval import demo_page
-    except ImportError as err:
-        raise UserError(f"the demo page needs Gradio ({err.name or err} is missing): {INSTALL}") from None
+    if importlib.util.find_spec("gradio") is None:  # before the models load (seconds to minutes)
+        raise UserError(f"the demo page needs Gradio (gradio is missing): {INSTALL}")
     from sdkd.eval.demo_models import default_models, load_models, parse_loras, parse_models
 
     specs = parse_models(args.models) if args.models else default_models()
@@ -64,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: {line}", file=sys.stderr, flush=True)
         if not models:
             raise UserError(f"none of the {len(specs)} models could be loaded (see above)")
+        try:  # Gradio itself (seconds): only once there is something to show
+            from sdkd.eval import demo_page
+        except ImportError as err:
+            raise UserError(f"the demo page needs Gradio ({err.name or err} is missing): {INSTALL}") from None
         for model in models:
             print(f"{model.name}: {model.describe()}", flush=True)
         port = args.port or demo_page.free_port(args.host)

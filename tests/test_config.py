@@ -237,14 +237,23 @@ def test_launch_sh_checks_the_config_before_starting_processes(tmp_path, overrid
 def test_check_config_exits_0_silently_or_2_with_one_line(tmp_path, script, args):
     out = tmp_path / "run"
     check = [sys.executable, script, *[a.format(out=out) for a in args], f"output_dir={out}"]
-    result = run_script(check + ["--check-config"], timeout=300)
+    result = run_script(check[:1] + ["-X", "importtime"] + check[1:] + ["--check-config"], timeout=300)
     assert (result.returncode, result.stdout) == (0, ""), result.stderr[-3000:]
     assert not out.exists()  # nothing started
+    assert not re.search(r"\|\s+(torch|diffusers)$", result.stderr, re.M)  # nor imported: launch.sh waits for it
     result = run_script(check + ["data.interpolation=cubic", "--check-config"], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: config key 'data.interpolation': expected nearest, bilinear, bicubic, lanczos, box or hamming, "
         "got 'cubic'"]
+
+
+def test_cache_latents_dtype_names_are_the_latent_caches():
+    # train/cache_latents.py names them without importing the cache module (torch): --check-config stays fast.
+    from sdkd.data.latent_cache import DTYPES
+    from sdkd.train.cache_latents import DTYPE_NAMES
+
+    assert DTYPE_NAMES == tuple(sorted(DTYPES))
 
 
 def _keys(node, prefix=""):

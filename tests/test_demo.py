@@ -3,6 +3,7 @@ itself in a real headless Chromium (skipped where Chromium, Selenium or Gradio i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -114,14 +116,18 @@ def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
 
 
 def test_no_model_to_show_exits_2_with_one_line_each(tmp_path):
-    r = run_script([sys.executable, "eval/demo.py", "--models", f"a={tmp_path / 'nope'}", "b=toy:bk_huge"],
-                   timeout=300)
+    # Two independent starts, side by side: each spends its seconds importing torch and diffusers.
+    with ThreadPoolExecutor(2) as pool:
+        none_loads, bad_spec = pool.map(lambda models: run_script([sys.executable, "eval/demo.py", "--models", *models],
+                                                                  timeout=300),
+                                        [[f"a={tmp_path / 'nope'}", "b=toy:bk_huge"], ["teacher"]])
+    r = none_loads
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 3, r.stderr
     assert lines[0].startswith("warning: model 'a'") and lines[1].startswith("warning: model 'b'")
     assert lines[2] == "error: none of the 2 models could be loaded (see above)"
-    r = run_script([sys.executable, "eval/demo.py", "--models", "teacher"], timeout=300)
+    r = bad_spec
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --models 'teacher': expected NAME=PATH, e.g. teacher=runs/tiny/student"]
 
@@ -130,32 +136,64 @@ def test_no_model_to_show_exits_2_with_one_line_each(tmp_path):
 # The page in a real browser
 
 
-def _browser() -> tuple[str, str]:
-    """Chromium and its chromedriver (Debian: apt-get install chromium chromium-driver), or skip."""
-    pytest.importorskip("selenium", reason=f"Selenium is not installed: {INSTALL}")
-    pytest.importorskip("gradio", reason=f"Gradio is not installed: {INSTALL}")
+def _browser_missing() -> tuple[str | None, str | None, str | None]:
+    """(Chromium, its chromedriver, None), or what is missing as the third item."""
+    for module, name in (("selenium", "Selenium"), ("gradio", "Gradio")):
+        if importlib.util.find_spec(module) is None:
+            return None, None, f"{name} is not installed: {INSTALL}"
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     driver = shutil.which("chromedriver")
     if chromium is None or driver is None:
-        pytest.skip("no Chromium or chromedriver: apt-get install chromium chromium-driver (Debian; README)")
+        return None, None, "no Chromium or chromedriver: apt-get install chromium chromium-driver (Debian; README)"
+    return chromium, driver, None
+
+
+def _browser() -> tuple[str, str]:
+    """Chromium and its chromedriver (Debian: apt-get install chromium chromium-driver), or skip."""
+    chromium, driver, missing = _browser_missing()
+    if missing:
+        pytest.skip(missing)
     return chromium, driver
 
 
-def _start_demo(args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str, list[str]]:
-    """eval/demo.py as a user starts it; returns the process, its address and its output (still growing)."""
+def _start_demo(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """eval/demo.py as a user starts it; returns the process and its output (still growing)."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}  # toy models: threads only contend on a busy 2-core machine
     proc = subprocess.Popen([sys.executable, "eval/demo.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+    return proc, output
+
+
+def _address(proc: subprocess.Popen, output: list[str], timeout: float = 600) -> str:
+    """The address the demo prints once its page answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if match := re.search(r"^demo: (http://\S+)", "".join(output), re.M):
-            return proc, match.group(1), output
+            return match.group(1)
         time.sleep(0.5)
     proc.kill()
     pytest.fail("eval/demo.py did not start:\n" + "".join(output))
+
+
+PAGE_TEST = "test_page_in_headless_chromium_shows_one_image_per_model"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def page_demo(request):
+    """The demo the browser test opens (the default models: toy teacher, toy student), started at the module's
+    start when that test is selected and can run: it loads while the tests above run."""
+    selected = any(item.name == PAGE_TEST for item in request.session.items if item.module is request.module)
+    if not selected or _browser_missing()[2]:
+        yield None
+        return
+    proc, output = _start_demo(["--steps", "2"])
+    yield proc, output
+    if proc.poll() is None:  # the test stops it itself; this is for a test that failed before that
+        proc.kill()
+        proc.wait()
 
 
 RESULT = re.compile(r"(\d+\.\d\d) s · (\d+) steps? · guidance (\S+) · U-Net ([\d.]+) ([KMB]) params")
@@ -170,14 +208,15 @@ def _results(driver, n: int) -> list[re.Match] | None:
 
 
 @pytest.mark.e2e
-def test_page_in_headless_chromium_shows_one_image_per_model(tmp_path, capsys):
+def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path, capsys):
     chromium, chromedriver = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    proc, url, output = _start_demo(["--steps", "2"])  # the default models: toy teacher, toy student
+    proc, output = page_demo  # `eval/demo.py --steps 2`, started with the module
+    url = _address(proc, output)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -1,10 +1,10 @@
 """Export: diffusers folders, single files in both numberings, read back by the real consumers.
 
 Toy widths cover every layout and source kind (same code paths as SD-1.5 widths), and the SD-2.x
-traits (linear projections, OpenCLIP text-encoder names) at toy widths. The `sd15` tests build
-SD-1.5- and SD-2.1-base-width models with random weights and hand them to diffusers
-`from_single_file` (--target ldm) and to stable-diffusion.cpp through cyllama (--target sdcpp); they
-run in this one process, one layout at a time, freeing memory in between.
+traits (linear projections, OpenCLIP text-encoder names) at toy widths. The `sd15` tests build one
+SD-1.5- and one SD-2.1-base-width teacher with random weights (fp16, one at a time: 2 GB each), derive
+the students from it by the weight map, and hand them to diffusers `from_single_file` (--target ldm)
+and to stable-diffusion.cpp through cyllama (--target sdcpp), in this one process.
 """
 
 from __future__ import annotations
@@ -245,10 +245,44 @@ def test_export_errors(layout_dirs, run_dir, tmp_path):
 # SD-1.5 / SD-2.1-base widths against the real consumers
 
 
+@pytest.fixture(scope="module")
+def sd_teacher():
+    """`sd_teacher(widths)`: a random teacher of widths sd15 or sd21 in fp16 (what the tests export), built
+    once and held one at a time (the tests of one widths run in a row)."""
+    held = {}
+
+    def teacher(widths: str) -> StableDiffusionPipeline:
+        if widths not in held:
+            held.clear()
+            gc.collect()
+            torch.set_default_dtype(torch.float16)  # built in fp16 at once: half the memory and time
+            try:
+                held[widths] = build_random_pipeline(BASE_UNETS[widths], widths=widths)
+            finally:
+                torch.set_default_dtype(torch.float32)
+        return held[widths]
+
+    yield teacher
+    held.clear()
+    gc.collect()
+
+
+def student_of(teacher: StableDiffusionPipeline, layout: str) -> StableDiffusionPipeline:
+    """The teacher itself, or a student of `layout` by the weight map around the teacher's text encoder and
+    VAE (sdxs: a tiny VAE, as an SDXS file carries; sd.cpp forces TAESD for this layout)."""
+    if layout == "teacher":
+        return teacher
+    parts = {k: getattr(teacher, k) for k in ("text_encoder", "tokenizer", "scheduler", "vae")}
+    if layout == "sdxs":
+        parts["vae"] = AutoencoderTiny().half()
+    return StableDiffusionPipeline(**parts, unet=build_student(teacher.unet, PRESETS[layout]), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 @pytest.mark.sd15
-def test_sd15_ldm_file_reads_back_in_diffusers(tmp_path):
+def test_sd15_ldm_file_reads_back_in_diffusers(sd_teacher, tmp_path):
     """Real widths, the layout sd.cpp cannot run: diffusers from_single_file gets the exact weights."""
-    pipe = layout_pipeline("bk_small", widths="sd15")
+    pipe = student_of(sd_teacher("sd15"), "bk_small")
     source = M.Source(pipe, "test")
     M.export_diffusers(source, tmp_path / "folder", half=True)
     file = M.export_single_file(source, tmp_path / "m.safetensors", target="ldm", half=True)
@@ -261,15 +295,18 @@ def test_sd15_ldm_file_reads_back_in_diffusers(tmp_path):
 
 @pytest.mark.sd15
 @pytest.mark.parametrize("layout, widths, version", [
-    ("bk_tiny", "sd15", "SD 1.x Tiny UNet"), ("sdxs", "sd15", "SDXS (512-DS)"), ("teacher", "sd15", "SD 1.x"),
+    # sdxs: the SDXS-512 student (student.preset=sdxs) of a teacher, one step at cfg scale 1
+    ("teacher", "sd15", "SD 1.x"), ("bk_tiny", "sd15", "SD 1.x Tiny UNet"), ("sdxs", "sd15", "SDXS (512-DS)"),
     # SD-2.1-base: OpenCLIP-H text encoder (23 layers, as diffusers ships it; sd.cpp skips the 24th),
     # linear projections, 64-dim heads
-    ("bk_tiny", "sd21", "SD 2.x Tiny UNet"), ("teacher", "sd21", "SD 2.x"),
+    ("teacher", "sd21", "SD 2.x"), ("bk_tiny", "sd21", "SD 2.x Tiny UNet"),
 ])
-def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, version, tmp_path):
+def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, version, sd_teacher, tmp_path):
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
-    pipe = layout_pipeline(layout, widths=widths)
+    pipe = student_of(sd_teacher(widths), layout)
+    if layout == "sdxs":
+        assert sum(p.numel() for p in pipe.unet.parameters()) == 315_746_244
     file = M.export_single_file(M.Source(pipe, "test"), tmp_path / f"{layout}-{widths}.safetensors",
                                 target="sdcpp", half=True)
     del pipe
@@ -290,6 +327,7 @@ def test_sd15_sdcpp_file_generates_in_stable_diffusion_cpp(layout, widths, versi
     assert L.unet_layout(ours.unet.config) == layout
     assert L.family(ours.unet.config) == ("sd2" if widths == "sd21" else "sd1")
     assert ours.text_encoder.config.hidden_size == (1024 if widths == "sd21" else 768)
+    assert isinstance(ours.vae, AutoencoderTiny) == (layout == "sdxs")
     del ours
     gc.collect()
 
@@ -332,29 +370,3 @@ def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch):
     assert flat[L.VAE_PREFIX + "decoder.layers.18.weight"].shape == (3, 64, 3, 3)  # TAESD's last conv
     assert L.unet_layout(json.loads(meta["sdkd.unet_config"])) == "sdxs"
     assert (meta["sdkd.numbering"], meta["sdkd.vae_class"]) == ("sdcpp", "AutoencoderTiny")
-
-
-@pytest.mark.sd15
-def test_sd15_sdxs_student_of_a_teacher_generates_in_stable_diffusion_cpp(tmp_path):
-    """Teacher -> sdxs student by the weight map at SD-1.5 widths -> sd.cpp file -> one step, cfg scale 1."""
-    sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
-                                                  "pip install -e '.[sdcpp]'")
-    pipe = build_random_pipeline(SD15_UNET, widths="sd15", tiny_vae=True)  # a random SD-1.5 teacher, TAESD
-    pipe.unet = build_student(pipe.unet.half(), PRESETS["sdxs"])
-    assert sum(p.numel() for p in pipe.unet.parameters()) == 315_746_244
-    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "sdxs.safetensors", target="sdcpp", half=True)
-    del pipe
-    gc.collect()
-    logs = []
-    sd.set_log_callback(lambda level, message: logs.append(str(message)))
-    try:
-        params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
-        with sd.SDContext(params) as ctx:
-            images = ctx.generate("a red fox", width=64, height=64, seed=1, sample_steps=1, cfg_scale=1.0)
-    finally:
-        sd.set_log_callback(None)
-    assert len(images) == 1 and images[0].to_numpy().shape == (64, 64, 3)
-    detected = [m for m in logs if "Version:" in m]
-    assert detected and detected[0].split("Version:")[1].strip() == "SDXS (512-DS)", detected
-    assert L.unet_layout(json.loads(M.read_metadata(file)["sdkd.unet_config"])) == "sdxs"
-    gc.collect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,60 +17,41 @@ from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import load_teacher
 
-from conftest import launch_trainer, run_script
+from conftest import accelerate_launch, launch_trainer, run_script
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 40
+STEPS = 20  # the toy run: KD has more than halved the student's gap to the teacher by then (measured: to 0.24)
+# Toy runs are no faster on more threads, and on one they leave the other core to the run in the background.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def launch_kd(out, *overrides, num_processes=1):
-    return launch_trainer("train/kd.py", "configs/toy.yaml", out, *overrides, num_processes=num_processes)
+    result = accelerate_launch(["train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}", *overrides],
+                               num_processes=num_processes, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_run_started(request, tmp_path_factory):
+    """The toy run, launched in the background at the module's start when a selected test needs it: the tests
+    that need none (at the top of this file) launch theirs meanwhile."""
+    if not any("toy_run" in item.fixturenames for item in request.session.items if item.module is request.module):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("toy_run")
+    # Sample grids at 2 sampler steps: the grids are what is checked, not the pictures.
+    overrides = [f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 4}", "train.checkpoints_total_limit=2",
+                 f"train.sample_every={STEPS // 2}", "sample.steps=2", "log.trackers=[tensorboard,wandb]"]
+    with ThreadPoolExecutor(1) as pool:  # on leaving: waits for the run, whatever the tests did
+        yield out, pool.submit(launch_kd, out, *overrides)
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy_run")
-    result = launch_kd(out, f"train.max_steps={STEPS}", "train.checkpoint_every=10", "train.checkpoints_total_limit=2",
-                       "train.sample_every=20", "log.trackers=[tensorboard,wandb]")
-    return out, result
-
-
-def test_run_writes_every_output(toy_run):
-    out, _ = toy_run
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
-    for key in ("loss", "task", "out", "feat", "lr", "sec_per_step", "samples_per_sec"):
-        assert all(isinstance(line[key], float) for line in lines), key
-    # toy.yaml: lambda_task, lambda_out and lambda_feat all 1.
-    assert all(abs(line["loss"] - (line["task"] + line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
-    assert all(line["task"] > 0 for line in lines)
-    assert "output_dir" in (out / "config.yaml").read_text()
-
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-40"]
-    assert not list(out.glob(".tmp-*"))
-    teacher_png = Image.open(out / "samples" / "teacher.png")
-    for step in (20, 40):
-        grid = Image.open(out / "samples" / f"step-{step}.png")
-        # the teacher row above the student row (32 px images drawn at LABEL_CELL px, under the prompts)
-        assert grid.size == (teacher_png.width, teacher_png.height + LABEL_CELL)
-        assert grid.crop((0, 0, *teacher_png.size)).tobytes() == teacher_png.tobytes()  # prompts, labels, images
-    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
-    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard events missing"
-
-
-def test_exported_student_loads_and_generates(toy_run):
-    out, _ = toy_run
-    folder = out / "student"
-    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    assert pipe.unet.config.layers_per_block == 1 and pipe.unet.config.mid_block_type is None  # bk_small's own
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.shape == (32, 32, 3) and image.std() > 0
-    # The saved weights are exactly the final checkpoint's student.
-    final = load_file(out / "checkpoint-40" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(v, final[k]) for k, v in pipe.unet.state_dict().items())
+def toy_run(toy_run_started):
+    out, launched = toy_run_started
+    return out, launched.result()
 
 
 def output_gap(student, teacher, seed=0, n=16):
@@ -80,15 +62,6 @@ def output_gap(student, teacher, seed=0, n=16):
     emb = torch.randn(n, 77, 32, generator=gen)
     with torch.no_grad():
         return (student(x, t, emb).sample - teacher(x, t, emb).sample).pow(2).mean().item()
-
-
-def test_kd_shrinks_the_student_teacher_gap(toy_run):
-    out, _ = toy_run
-    teacher = load_teacher("toy").unet.eval()  # the trained toy teacher the run distilled
-    initial = build_student(teacher, removal_spec(StudentConfig(preset="bk_small"))).eval()
-    trained = UNet2DConditionModel.from_pretrained(out / "student" / "unet").eval()
-    before, after = output_gap(initial, teacher), output_gap(trained, teacher)
-    assert after < 0.5 * before, (before, after)
 
 
 def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
@@ -143,7 +116,7 @@ def test_two_processes_through_launch_sh(tmp_path):
     # gradient checkpointing under the feature hooks, and EMA.
     result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29517", "train/kd.py", "--config",
                          "configs/toy.yaml", f"output_dir={tmp_path}", "train.max_steps=6", "train.checkpoint_every=3",
-                         "train.sample_every=6", "log.trackers=[none]", "data.num_samples=32",
+                         "train.sample_every=6", "sample.steps=2", "log.trackers=[none]", "data.num_samples=32",
                          "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "ema.enabled=true"])
     assert result.returncode == 0, result.stderr[-5000:]
     assert "on 2 processes" in result.stdout
@@ -156,32 +129,17 @@ def test_two_processes_through_launch_sh(tmp_path):
     assert pipe.vae.dtype == torch.float32  # the export reads the frozen parts again, not their bf16 copies
 
 
-def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run):
-    """Starting into the run's folder without resume, or resuming it with another student layout, stops
-    with one line (exit 2) and leaves every file of the run as it was, config.yaml included."""
-    import sys
-
-    out, _ = toy_run
-    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
-    for extra, expected in ((["train.max_steps=2"], "holds another run"),
-                            (["resume=latest", "student.preset=bk_tiny"], "cannot be loaded into this run")):
-        result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}",
-                             "log.trackers=[none]", *extra])
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
-    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
-    assert after == before
-
-
 def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     """2 gloo processes of batch 4 end with the weights 1 process of batch 8 ends with (same samples, same
     noise: objective.StepRandom), up to float summation order; gradients that were not averaged, or
     averaged wrong, would move the weights apart by far more than that."""
     common = ["train.max_steps=4", "train.checkpoint_every=0", "train.sample_every=0", "log.trackers=[none]",
               "data.num_samples=32"]
-    launch_kd(tmp_path / "one", *common, "train.batch_size=8")
-    launch_kd(tmp_path / "two", *common, "train.batch_size=4", num_processes=2)
+    with ThreadPoolExecutor(2) as pool:  # independent runs, side by side (each spends seconds importing)
+        runs = [pool.submit(launch_kd, tmp_path / "one", *common, "train.batch_size=8"),
+                pool.submit(launch_kd, tmp_path / "two", *common, "train.batch_size=4", num_processes=2)]
+        for run in runs:
+            run.result()
     one = load_file(tmp_path / "one" / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
     start = build_student(load_teacher("toy").unet, removal_spec(StudentConfig(preset="bk_small"))).state_dict()
@@ -206,3 +164,71 @@ def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
     teacher = StableDiffusionPipeline.from_pretrained(toy_teacher_dir).unet.eval()
     initial = build_student(teacher, PRESETS["sdxs"]).eval()
     assert output_gap(trained, teacher) < 0.7 * output_gap(initial, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy run (launched in the background at the module's start)
+
+
+def test_run_writes_every_output(toy_run):
+    out, _ = toy_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    for key in ("loss", "task", "out", "feat", "lr", "sec_per_step", "samples_per_sec"):
+        assert all(isinstance(line[key], float) for line in lines), key
+    # toy.yaml: lambda_task, lambda_out and lambda_feat all 1.
+    assert all(abs(line["loss"] - (line["task"] + line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
+    assert all(line["task"] > 0 for line in lines)
+    assert "output_dir" in (out / "config.yaml").read_text()
+
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS * 3 // 4}", f"checkpoint-{STEPS}"]
+    assert not list(out.glob(".tmp-*"))
+    teacher_png = Image.open(out / "samples" / "teacher.png")
+    for step in (STEPS // 2, STEPS):
+        grid = Image.open(out / "samples" / f"step-{step}.png")
+        # the teacher row above the student row (32 px images drawn at LABEL_CELL px, under the prompts)
+        assert grid.size == (teacher_png.width, teacher_png.height + LABEL_CELL)
+        assert grid.crop((0, 0, *teacher_png.size)).tobytes() == teacher_png.tobytes()  # prompts, labels, images
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard events missing"
+
+
+def test_exported_student_loads_and_generates(toy_run):
+    out, _ = toy_run
+    folder = out / "student"
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.unet.config.layers_per_block == 1 and pipe.unet.config.mid_block_type is None  # bk_small's own
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    # The saved weights are exactly the final checkpoint's student.
+    final = load_file(out / f"checkpoint-{STEPS}" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, final[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_kd_shrinks_the_student_teacher_gap(toy_run):
+    out, _ = toy_run
+    teacher = load_teacher("toy").unet.eval()  # the trained toy teacher the run distilled
+    initial = build_student(teacher, removal_spec(StudentConfig(preset="bk_small"))).eval()
+    trained = UNet2DConditionModel.from_pretrained(out / "student" / "unet").eval()
+    before, after = output_gap(initial, teacher), output_gap(trained, teacher)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run):
+    """Starting into the run's folder without resume, or resuming it with another student layout, stops
+    with one line (exit 2) and leaves every file of the run as it was, config.yaml included."""
+    import sys
+
+    out, _ = toy_run
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    for extra, expected in ((["train.max_steps=2"], "holds another run"),
+                            (["resume=latest", "student.preset=bk_tiny"], "cannot be loaded into this run")):
+        result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}",
+                             "log.trackers=[none]", *extra])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert after == before

@@ -1,7 +1,8 @@
 """README's toy run for stable-diffusion.cpp: its commands and cyllama snippet, run as written.
 
-Two substitutions: a random-weight teacher of SD-1.5 widths (saved locally) for the SD-1.5 download,
-and a temporary folder for runs/toy_sdcpp; the training command gets overrides for two quick steps.
+Two substitutions: a random-weight teacher of SD-1.5 widths (saved locally, in fp16: half the bytes to
+write and read) for the SD-1.5 download, and a temporary folder for runs/toy_sdcpp; the training command
+gets overrides for two quick steps (of one sample: SD-1.5 widths take seconds per sample on a CPU).
 `sd` (stable-diffusion.cpp's CLI) is run as cyllama's `python -m cyllama.sd txt2img`, same flags.
 """
 
@@ -14,13 +15,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, accelerate_launch, run_script
 
 SECTION = "## Running an export in stable-diffusion.cpp"
 TEACHER, RUN = "stable-diffusion-v1-5/stable-diffusion-v1-5", "runs/toy_sdcpp"
-QUICK = ["train.max_steps=2", "train.batch_size=2", "train.sample_every=0"]
+QUICK = ["train.max_steps=2", "train.batch_size=1", "train.sample_every=0"]
 
 
 def toy_sdcpp_blocks() -> tuple[list[str], str]:
@@ -47,7 +49,13 @@ def test_readme_toy_student_generates_in_stable_diffusion_cpp(tmp_path):
     from sdkd.train.sd_configs import SD15_UNET
     from sdkd.train.toy import build_random_pipeline
 
-    build_random_pipeline(SD15_UNET, widths="sd15").save_pretrained(tmp_path / "sd15", safe_serialization=True)
+    torch.set_default_dtype(torch.float16)  # built in fp16 at once (the trainer casts the teacher to fp32)
+    try:
+        teacher = build_random_pipeline(SD15_UNET, widths="sd15")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    teacher.save_pretrained(tmp_path / "sd15", safe_serialization=True)
+    del teacher
     gc.collect()
     commands, snippet = toy_sdcpp_blocks()
     local = lambda text: text.replace(TEACHER, str(tmp_path / "sd15")).replace(RUN, str(tmp_path / "run"))  # noqa: E731

@@ -30,39 +30,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sdkd.data.latent_cache import DTYPES, write_cache
-from sdkd.data.sources import build_dataset
 from sdkd.train.config import CHECK_CONFIG_HELP, Config, _load_yaml, load_config
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.train.objective import BatchEncoder
-from sdkd.train.teacher import PipelineSource, freeze, load_teacher
+
+# latent_cache.DTYPES's names. torch, the data sources and the models are imported only once the arguments
+# and the output folder are checked: --help and --check-config answer at once.
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
-class SampledLatents(BatchEncoder):
-    """The latents the teacher pipeline samples for each caption, stored as a posterior of zero spread (so a
-    trainer's draw returns them exactly): sample i uses seed + i, with DPM-Solver++ and `steps` steps."""
+def sampled_latents(parts, steps: int, guidance_scale: float, resolution: int, seed: int):
+    """A BatchEncoder of the latents the teacher pipeline samples for each caption, stored as a posterior of zero
+    spread (so a trainer's draw returns them exactly): sample i uses seed + i, with DPM-Solver++ and `steps` steps."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
 
-    def __init__(self, parts, steps: int, guidance_scale: float, resolution: int, seed: int):
-        from diffusers import DPMSolverMultistepScheduler
+    from sdkd.train.objective import BatchEncoder
 
-        super().__init__(parts)
-        scheduler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config)
-        self.pipe = parts.family.pipeline(parts, parts.unet, scheduler)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.guidance_scale, self.resolution, self.next_seed = steps, guidance_scale, resolution, seed
+    class SampledLatents(BatchEncoder):
+        def __init__(self):
+            super().__init__(parts)
+            scheduler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config)
+            self.pipe = parts.family.pipeline(parts, parts.unet, scheduler)
+            self.pipe.set_progress_bar_config(disable=True)
+            self.next_seed = seed
 
-    @torch.no_grad()
-    def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.parts.unet.device
-        generators = [torch.Generator(device).manual_seed(self.next_seed + i) for i in range(len(batch["captions"]))]
-        self.next_seed += len(generators)
-        latents = self.pipe(batch["captions"], num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                            height=self.resolution, width=self.resolution, generator=generators,
-                            output_type="latent").images.float()
-        mean = latents / self.vae.config.scaling_factor
-        return mean, torch.zeros_like(mean)
+        @torch.no_grad()
+        def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            device = self.parts.unet.device
+            generators = [torch.Generator(device).manual_seed(self.next_seed + i)
+                          for i in range(len(batch["captions"]))]
+            self.next_seed += len(generators)
+            latents = self.pipe(batch["captions"], num_inference_steps=steps, guidance_scale=guidance_scale,
+                                height=resolution, width=resolution, generator=generators,
+                                output_type="latent").images.float()
+            mean = latents / self.vae.config.scaling_factor
+            return mean, torch.zeros_like(mean)
+
+    return SampledLatents()
 
 
 def load_recipe(path: str | None, overrides: list[str]) -> Config:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per cache shard (default 1000)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored precision (default fp32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="stored precision (default fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="encoding batch (default train.batch_size)")
     parser.add_argument("--overwrite", action="store_true", help="replace the cache already in data.cache")
     parser.add_argument("--from-samples", action="store_true",
@@ -104,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
                         f"to replace the cache in it")
     if args.check_config:
         return
+    import torch
+
+    from sdkd.data.latent_cache import write_cache
+    from sdkd.data.sources import build_dataset
+    from sdkd.train.objective import BatchEncoder
+    from sdkd.train.teacher import PipelineSource, freeze, load_teacher
+
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)
@@ -113,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     for frozen in [*teacher.encoders, teacher.unet]:
         if frozen is not None:
             freeze(frozen, device, torch.float32)
-    encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution, cfg.train.seed)
-               if args.from_samples else BatchEncoder(teacher))
+    encoder = (sampled_latents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,
+                               cfg.train.seed) if args.from_samples else BatchEncoder(teacher))
     if cfg.data.random_flip or not cfg.data.center_crop:
         print("note: random flips/crops are frozen at their epoch-0 draw in the cache", file=sys.stderr)
     start = time.perf_counter()
