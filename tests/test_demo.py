@@ -156,10 +156,13 @@ def _browser() -> tuple[str, str]:
     return chromium, driver
 
 
-def _start_demo(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """eval/demo.py as a user starts it; returns the process and its output (still growing)."""
+def _start_demo(args: list[str], gradio_cache) -> tuple[subprocess.Popen, list[str]]:
+    """eval/demo.py as a user starts it; returns the process and its output (still growing). Its Gradio cache
+    is its own: another Gradio server on the machine that stops deletes the files it wrote, and the toy images
+    (same models, prompt and seed) land at the same paths."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}  # toy models: threads only contend on a busy 2-core machine
+           "OMP_NUM_THREADS": "1",  # toy models: threads only contend on a busy 2-core machine
+           "GRADIO_TEMP_DIR": str(gradio_cache)}
     proc = subprocess.Popen([sys.executable, "eval/demo.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -182,14 +185,14 @@ PAGE_TEST = "test_page_in_headless_chromium_shows_one_image_per_model"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def page_demo(request):
+def page_demo(request, tmp_path_factory):
     """The demo the browser test opens (the default models: toy teacher, toy student), started at the module's
     start when that test is selected and can run: it loads while the tests above run."""
     selected = any(item.name == PAGE_TEST for item in request.session.items if item.module is request.module)
     if not selected or _browser_missing()[2]:
         yield None
         return
-    proc, output = _start_demo(["--steps", "2"])
+    proc, output = _start_demo(["--steps", "2"], tmp_path_factory.mktemp("gradio"))
     yield proc, output
     if proc.poll() is None:  # the test stops it itself; this is for a test that failed before that
         proc.kill()

@@ -33,25 +33,48 @@ def launch_kd(out, *overrides, num_processes=1):
     return result
 
 
+# The toy run; sample grids at 2 sampler steps: the grids are what is checked, not the pictures.
+TOY_RUN = [f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 4}", "train.checkpoints_total_limit=2",
+           f"train.sample_every={STEPS // 2}", "sample.steps=2", "log.trackers=[tensorboard,wandb]"]
+
+
+def resume_recipe(teacher_dir) -> list[str]:
+    # A local teacher folder exercises the real loading path; EMA and accumulation are part of the state.
+    return [f"teacher={teacher_dir}", "train.max_steps=8", "train.checkpoint_every=4", "train.sample_every=0",
+            "train.grad_accum=2", "train.batch_size=4", "data.num_samples=24", "ema.enabled=true",
+            "optim.lr_scheduler=cosine", "optim.warmup_steps=2", "log.trackers=[none]"]
+
+
 @pytest.fixture(scope="module", autouse=True)
-def toy_run_started(request, tmp_path_factory):
-    """The toy run, launched in the background at the module's start when a selected test needs it: the tests
-    that need none (at the top of this file) launch theirs meanwhile."""
-    if not any("toy_run" in item.fixturenames for item in request.session.items if item.module is request.module):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("toy_run")
-    # Sample grids at 2 sampler steps: the grids are what is checked, not the pictures.
-    overrides = [f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 4}", "train.checkpoints_total_limit=2",
-                 f"train.sample_every={STEPS // 2}", "sample.steps=2", "log.trackers=[tensorboard,wandb]"]
-    with ThreadPoolExecutor(1) as pool:  # on leaving: waits for the run, whatever the tests did
-        yield out, pool.submit(launch_kd, out, *overrides)
+def background(request, tmp_path_factory):
+    """Runs that tests only read, launched one after another in the background from the module's start when a
+    selected test needs them: the tests above the ones reading them launch their own runs meanwhile.
+    {fixture name: (output folder, future of the launch)}."""
+    needed = {name for item in request.session.items if item.module is request.module for name in item.fixturenames}
+    runs = {}
+    with ThreadPoolExecutor(1) as pool:  # on leaving: waits for the runs, whatever the tests did
+        if "uninterrupted" in needed:
+            out = tmp_path_factory.mktemp("uninterrupted")
+            recipe = resume_recipe(request.getfixturevalue("toy_teacher_dir"))
+            runs["uninterrupted"] = out, pool.submit(launch_kd, out, *recipe)
+        if "toy_run" in needed:
+            out = tmp_path_factory.mktemp("toy_run")
+            runs["toy_run"] = out, pool.submit(launch_kd, out, *TOY_RUN)
+        yield runs
 
 
 @pytest.fixture(scope="module")
-def toy_run(toy_run_started):
-    out, launched = toy_run_started
+def toy_run(background):
+    out, launched = background["toy_run"]
     return out, launched.result()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(background):
+    """The resume test's uninterrupted run: 8 steps, checkpoints at 4 and 8."""
+    out, launched = background["uninterrupted"]
+    launched.result()
+    return out
 
 
 def output_gap(student, teacher, seed=0, n=16):
@@ -62,28 +85,6 @@ def output_gap(student, teacher, seed=0, n=16):
     emb = torch.randn(n, 77, 32, generator=gen)
     with torch.no_grad():
         return (student(x, t, emb).sample - teacher(x, t, emb).sample).pow(2).mean().item()
-
-
-def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
-    # A local teacher folder exercises the real loading path; EMA and accumulation are part of the state.
-    common = [f"teacher={toy_teacher_dir}", "train.max_steps=8", "train.checkpoint_every=4", "train.sample_every=0",
-              "train.grad_accum=2", "train.batch_size=4", "data.num_samples=24", "ema.enabled=true",
-              "optim.lr_scheduler=cosine", "optim.warmup_steps=2", "log.trackers=[none]"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch_kd(full, *common)
-    # The state a run stopped after step 4 leaves behind, plus a checkpoint killed mid-write.
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    shutil.copytree(full / "checkpoint-8", resumed / ".tmp-checkpoint-8")
-    result = launch_kd(resumed, *common, "resume=latest")
-    assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
-
-    for sub in ("unet", "unet_ema"):
-        a = load_file(full / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
-        b = load_file(resumed / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 6, 7, 8]
 
 
 def test_num_epochs_on_max_train_samples_gives_the_steps(tmp_path):
@@ -167,7 +168,24 @@ def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# The toy run (launched in the background at the module's start)
+# Runs launched in the background at the module's start
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path, uninterrupted, toy_teacher_dir):
+    full, resumed = uninterrupted, tmp_path / "resumed"
+    # The state a run stopped after step 4 leaves behind, plus a checkpoint killed mid-write.
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copytree(full / "checkpoint-8", resumed / ".tmp-checkpoint-8")
+    result = launch_kd(resumed, *resume_recipe(toy_teacher_dir), "resume=latest")
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
+
+    for sub in ("unet", "unet_ema"):
+        a = load_file(full / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 6, 7, 8]
 
 
 def test_run_writes_every_output(toy_run):
@@ -216,19 +234,28 @@ def test_kd_shrinks_the_student_teacher_gap(toy_run):
     assert after < 0.5 * before, (before, after)
 
 
-def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run):
+def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run, tmp_path):
     """Starting into the run's folder without resume, or resuming it with another student layout, stops
     with one line (exit 2) and leaves every file of the run as it was, config.yaml included."""
     import sys
 
+    def files(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != ".lock"}
+
     out, _ = toy_run
-    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
-    for extra, expected in ((["train.max_steps=2"], "holds another run"),
-                            (["resume=latest", "student.preset=bk_tiny"], "cannot be loaded into this run")):
-        result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}",
-                             "log.trackers=[none]", *extra])
+    twin = tmp_path / "twin"  # the same finished run, byte for byte: the two starts go side by side, one lock each
+    shutil.copytree(out, twin, symlinks=True, ignore=shutil.ignore_patterns(".lock"))  # wandb/latest-run: a link
+    before = files(out)
+    assert files(twin) == before
+    starts = [(out, ["train.max_steps=2"], "holds another run"),
+              (twin, ["resume=latest", "student.preset=bk_tiny"], "cannot be loaded into this run")]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda start: run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml",
+                                                          f"output_dir={start[0]}", "log.trackers=[none]", *start[1]]),
+                                starts))
+    for (folder, _, expected), result in zip(starts, results):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
-    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
-    assert after == before
+        assert files(folder) == before, folder
