@@ -42,17 +42,26 @@ def _peer_gone(err: BaseException) -> bool:
         text in str(err) for text in ("Connection closed by peer", "Connection reset by peer"))
 
 
+def _exit(code: int) -> None:
+    """sys.exit, after closing the process group if one is open: left to the interpreter's teardown, its
+    threads are sometimes destroyed still running, and the process aborts (SIGABRT) instead of exiting."""
+    dist = sys.modules.get("torch.distributed")  # only when the entry point imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point; user mistakes become one line on stderr and exit code 2."""
     try:
         main()
     except ReportedElsewhere:
-        sys.exit(2)
+        _exit(2)
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")  # one write: other processes may share stderr
         sys.stderr.flush()
-        sys.exit(2)
+        _exit(2)
     except RuntimeError as err:
         if not _peer_gone(err):
             raise
-        sys.exit(1)  # the launcher reports the process that ended first, with its own exit code
+        _exit(1)  # the launcher reports the process that ended first, with its own exit code
