@@ -31,13 +31,17 @@ def toy_teacher_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
-    """Run a command as a user would; returns the CompletedProcess (stdout+stderr captured)."""
+def script_env(env: dict | None = None) -> dict:
+    """The environment of a script the tests start: offline, unbuffered, `env` on top."""
     # One torch thread per script, as `accelerate launch` gives each process: with a thread per core, a script
     # on a 2-core machine shared with the test process spends most of its time waiting for descheduled threads.
-    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """Run a command as a user would; returns the CompletedProcess (stdout+stderr captured)."""
+    return subprocess.run(args, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def accelerate_launch(args: list[str], num_processes: int = 1, **kw):
@@ -65,6 +69,12 @@ def save_toy_student(folder: Path, preset: str) -> Path:
 
     save_pipeline(build_student(build_toy_pipeline().unet, PRESETS[preset]), "toy", folder)
     return folder
+
+
+def selected(request) -> list:
+    """The selected tests of the requesting fixture's module: what a module fixture that starts work in the
+    background at the module's start asks before starting it."""
+    return [item for item in request.session.items if item.module is request.module]
 
 
 def same_state(a, b) -> bool:

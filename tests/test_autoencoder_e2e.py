@@ -16,7 +16,7 @@ from sdkd.data.sources import SyntheticCaptions
 from sdkd.data.transforms import ImageTransform
 from sdkd.train.autoencoder_task import Reconstruct, first_images, fit_scaling_factor, latent_shape, load_vae_to_train
 
-from conftest import launch_trainer, run_script
+from conftest import launch_trainer, run_script, same_state
 
 pytestmark = pytest.mark.e2e
 
@@ -72,9 +72,8 @@ def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
     for sub in ("vae", "vae_ema"):
         a = load_file(full / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(resumed / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    exported = [load_file(run / "vae" / "diffusion_pytorch_model.safetensors") for run in (full, resumed)]
-    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+        assert same_state(a, b), sub
+    assert same_state(*[load_file(run / "vae" / "diffusion_pytorch_model.safetensors") for run in (full, resumed)])
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 5, 6]
 

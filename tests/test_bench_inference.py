@@ -23,11 +23,8 @@ def test_macs_of_a_one_conv_unet_are_counted():
 
 def test_benchmark_toy_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
-    # --threads 1: torch's default, one thread per core, spins against the other processes of a loaded 2-core
-    # machine (measured there: 36 s with the default, 6 s with one thread).
     r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_small,bk_tiny",
-                    "--resolution", "32", "--steps", "2", "--repeats", "1", "--e2e-repeats", "1", "--threads", "1",
-                    "--json", str(out)])
+                    "--resolution", "32", "--steps", "2", "--repeats", "1", "--e2e-repeats", "1", "--json", str(out)])
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     assert [row["model"] for row in rows] == ["teacher", "bk_small", "bk_tiny"]

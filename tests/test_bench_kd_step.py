@@ -23,8 +23,8 @@ def positive(value) -> bool:
 def test_toy_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "out.json"
     # The smallest inputs that take every path: batch 2 of 8x8 latents (16 px) instead of 8 of 16x16, one warm-up
-    # and one timed iteration, one OpenMP thread (torch's default, one per core, spins against the other
-    # processes of a loaded 2-core machine). Measured there: 81 s with the defaults and --repeats 2, 9 s so.
+    # and one timed iteration. Measured on a loaded 2-core machine: 81 s with the defaults and --repeats 2, 9 s so.
+    # One thread whatever the caller's OMP_NUM_THREADS (run_script's default yields to it): the JSON must say 1.
     # The timeout is generous: seconds alone, minutes on a loaded machine.
     result = run_script([sys.executable, "eval/bench_kd_step.py", "--model", "toy", "--repeats", "1", "--warmup", "1",
                          "--batch", "2", "--latent", "8", "--json", str(out)],

@@ -20,10 +20,6 @@ from conftest import accelerate_launch, run_script
 pytestmark = pytest.mark.e2e
 
 SHARDS, PER_SHARD = 4, 8
-# The scripts started with plain python get one OpenMP thread, as `accelerate launch` gives its processes
-# (OMP_NUM_THREADS=1 unless set): torch's default, one per core, spins against the other processes of a
-# loaded 2-core machine.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def jpeg(seed: int, size: int = 40) -> bytes:
@@ -141,7 +137,7 @@ def test_a_source_with_no_usable_sample_stops_the_run(tmp_path, shards):
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n" for i in range(6)))
     common = ["train/kd.py", "--config", "configs/toy.yaml", "train.batch_size=2", "train.max_steps=3",
               "train.sample_every=0", "log.trackers=[none]", "data.max_bad_in_a_row=20"]
-    run = lambda args: run_script([sys.executable] + common + args, env=ONE_THREAD)  # noqa: E731
+    run = lambda args: run_script([sys.executable] + common + args)  # noqa: E731
     error = stall_error(run([f"output_dir={tmp_path / 'a'}", "data.source=webdataset", f"data.path={broken}"]))
     assert "data.source=webdataset" in error and "no usable sample" in error and "shard-000000.tar" in error
     error = stall_error(run([f"output_dir={tmp_path / 'b'}", "data.source=imagefolder", f"data.path={folder}"]))

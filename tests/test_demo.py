@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import signal
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env, selected
 from sdkd.cli.errors import UserError
 from sdkd.eval.demo_models import generate, load_model, load_models, parse_loras, parse_models
 
@@ -121,14 +120,12 @@ def test_no_model_to_show_exits_2_with_one_line_each(tmp_path):
         none_loads, bad_spec = pool.map(lambda models: run_script([sys.executable, "eval/demo.py", "--models", *models],
                                                                   timeout=300),
                                         [[f"a={tmp_path / 'nope'}", "b=toy:bk_huge"], ["teacher"]])
-    r = none_loads
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 3, r.stderr
+    assert none_loads.returncode == 2, none_loads.stdout + none_loads.stderr
+    lines = none_loads.stderr.strip().splitlines()
+    assert len(lines) == 3, none_loads.stderr
     assert lines[0].startswith("warning: model 'a'") and lines[1].startswith("warning: model 'b'")
     assert lines[2] == "error: none of the 2 models could be loaded (see above)"
-    r = bad_spec
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    assert bad_spec.returncode == 2 and bad_spec.stderr.strip().splitlines() == [
         "error: --models 'teacher': expected NAME=PATH, e.g. teacher=runs/tiny/student"]
 
 
@@ -160,9 +157,7 @@ def _start_demo(args: list[str], gradio_cache) -> tuple[subprocess.Popen, list[s
     """eval/demo.py as a user starts it; returns the process and its output (still growing). Its Gradio cache
     is its own: another Gradio server on the machine that stops deletes the files it wrote, and the toy images
     (same models, prompt and seed) land at the same paths."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1",  # toy models: threads only contend on a busy 2-core machine
-           "GRADIO_TEMP_DIR": str(gradio_cache)}
+    env = script_env({"GRADIO_TEMP_DIR": str(gradio_cache)})
     proc = subprocess.Popen([sys.executable, "eval/demo.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -188,8 +183,7 @@ PAGE_TEST = "test_page_in_headless_chromium_shows_one_image_per_model"
 def page_demo(request, tmp_path_factory):
     """The demo the browser test opens (the default models: toy teacher, toy student), started at the module's
     start when that test is selected and can run: it loads while the tests above run."""
-    selected = any(item.name == PAGE_TEST for item in request.session.items if item.module is request.module)
-    if not selected or _browser_missing()[2]:
+    if not any(item.name == PAGE_TEST for item in selected(request)) or _browser_missing()[2]:
         yield None
         return
     proc, output = _start_demo(["--steps", "2"], tmp_path_factory.mktemp("gradio"))

@@ -17,14 +17,10 @@ pytestmark = pytest.mark.e2e
 STEPS, EVERY, CHECKPOINT_EVERY = 12, 4, 6
 CHECKPOINTS = ["checkpoint-6", "checkpoint-12"]
 FAST = ["steps=4", "latency.repeats=1"]  # configs/eval_toy.yaml, a little lighter
-# One OpenMP thread, as `accelerate launch` gives the trainers (OMP_NUM_THREADS=1 unless set): torch's default,
-# one per core, spins against the other processes of a loaded 2-core machine. Measured there: the `evaluated`
-# evaluation alone 91 s with the default, 10 s with one thread; the one with metric weights 39 s -> 17 s.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def evaluate(*args):
-    return run_script([sys.executable, "eval/evaluate.py", *map(str, args)], env=ONE_THREAD)
+    return run_script([sys.executable, "eval/evaluate.py", *map(str, args)])
 
 
 def metrics(run) -> list[dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -246,35 +245,8 @@ def test_export_errors(layout_dirs, run_dir, tmp_path):
 # SD-1.5 / SD-2.1-base widths against the real consumers
 
 
-def _takes_sd15(item) -> bool:
-    """A test that takes the SD-1.5-width teacher: sd_teacher, at widths sd15 where it is parametrised."""
-    if "sd_teacher" not in item.fixturenames:
-        return False
-    callspec = getattr(item, "callspec", None)
-    return callspec is None or callspec.params.get("widths", "sd15") == "sd15"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sd15_built(request):
-    """The SD-1.5-width teacher, built in a background thread from the module's start when a selected test needs
-    it: the toy-width tests run meanwhile, one core each (torch on one thread in tests). Built in fp32 and halved:
-    torch's default dtype is the whole process's. A future of a one-item list, emptied by its taker."""
-    if not any(_takes_sd15(item) for item in request.session.items if item.module is request.module):
-        yield None
-        return
-
-    def build() -> list:
-        pipe = build_random_pipeline(SD15_UNET, widths="sd15")
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.half()
-        return [pipe]
-
-    with ThreadPoolExecutor(1) as pool:  # on leaving: waits for the build, whatever the tests did
-        yield pool.submit(build)
-
-
 @pytest.fixture(scope="module")
-def sd_teacher(sd15_built):
+def sd_teacher():
     """`sd_teacher(widths)`: a random teacher of widths sd15 or sd21 in fp16 (what the tests export), built
     once and held one at a time (the tests of one widths run in a row)."""
     held = {}
@@ -283,14 +255,7 @@ def sd_teacher(sd15_built):
         if widths not in held:
             held.clear()
             gc.collect()
-            if widths == "sd15" and sd15_built is not None and sd15_built.result():
-                held[widths] = sd15_built.result().pop()
-            else:
-                torch.set_default_dtype(torch.float16)  # built in fp16 at once: half the memory and time
-                try:
-                    held[widths] = build_random_pipeline(BASE_UNETS[widths], widths=widths)
-                finally:
-                    torch.set_default_dtype(torch.float32)
+            held[widths] = build_random_pipeline(BASE_UNETS[widths], widths=widths, dtype=torch.float16)
         return held[widths]
 
     yield teacher
@@ -376,15 +341,13 @@ def sdcpp_sd1_version(flat: dict) -> str:
     return "SD 1.x Tiny UNet" if any(k.startswith(p + "output_blocks.7.1") for k in flat) else "SDXS (512-DS)"
 
 
-def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch, sd15_built):
+def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch):
     """What --target sdcpp writes for an SD-1.5-width sdxs student with a tiny VAE, built on the meta device (names
     and shapes, no weights, nothing written): the SDXS-512-DS slots of export-sdcpp.md section 1.2, the names sd.cpp
     tells SDXS by, the TAESD decoder sd.cpp forces for it, and metadata that names the layout."""
     from sdkd.train import toy
 
-    if sd15_built is not None:
-        sd15_built.result()  # no teacher is being built in the background while the init is patched
-    monkeypatch.setattr(toy, "_random_init", lambda module, seed: module)  # stays on meta
+    monkeypatch.setattr(toy, "_random_init", lambda module, seed, dtype: module)  # stays on meta
     monkeypatch.setattr(L, "_contiguous", lambda t: t)
     config = student_unet_config(SD15_UNET, PRESETS["sdxs"])
     pipe = build_random_pipeline(config, widths="sd15", tiny_vae=True)

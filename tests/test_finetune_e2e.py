@@ -13,25 +13,20 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 
-from conftest import accelerate_launch, run_script, save_toy_student
+from conftest import launch_trainer, run_script, same_state, save_toy_student, selected
 
 pytestmark = pytest.mark.e2e
 
 
 def launch_finetune(out, *overrides):
-    # Toy runs are no faster on more threads, and on one they leave the other core to the run in the background.
-    result = accelerate_launch(["train/finetune.py", "--config", "configs/portrait_toy.yaml", f"output_dir={out}",
-                                *overrides], env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return launch_trainer("train/finetune.py", "configs/portrait_toy.yaml", out, *overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def shipped_run(request, tmp_path_factory):
     """The toy recipe as shipped (shortened), launched in the background at the module's start when its test is
     selected: the resume test launches its two runs meanwhile."""
-    if not any(item.name == "test_portrait_toy_as_shipped" for item in request.session.items
-               if item.module is request.module):
+    if not any(item.name == "test_portrait_toy_as_shipped" for item in selected(request)):
         yield None
         return
     out = tmp_path_factory.mktemp("shipped")
@@ -76,7 +71,7 @@ def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_di
     for sub in ("unet", "unet_ema"):
         a = load_file(full / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(resumed / "checkpoint-6" / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        assert same_state(a, b), sub
 
 
 def test_portrait_toy_as_shipped(shipped_run):

@@ -17,20 +17,15 @@ from sdkd.train.config import StudentConfig
 from sdkd.train.students import build_student, removal_spec
 from sdkd.train.teacher import load_teacher
 
-from conftest import accelerate_launch, launch_trainer, run_script
+from conftest import launch_trainer, run_script, same_state, selected
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 20  # the toy run: KD has more than halved the student's gap to the teacher by then (measured: to 0.24)
-# Toy runs are no faster on more threads, and on one they leave the other core to the run in the background.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def launch_kd(out, *overrides, num_processes=1):
-    result = accelerate_launch(["train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}", *overrides],
-                               num_processes=num_processes, env=ONE_THREAD)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return launch_trainer("train/kd.py", "configs/toy.yaml", out, *overrides, num_processes=num_processes)
 
 
 # The toy run; sample grids at 2 sampler steps: the grids are what is checked, not the pictures.
@@ -50,7 +45,7 @@ def background(request, tmp_path_factory):
     """Runs that tests only read, launched one after another in the background from the module's start when a
     selected test needs them: the tests above the ones reading them launch their own runs meanwhile.
     {fixture name: (output folder, future of the launch)}."""
-    needed = {name for item in request.session.items if item.module is request.module for name in item.fixturenames}
+    needed = {name for item in selected(request) for name in item.fixturenames}
     runs = {}
     with ThreadPoolExecutor(1) as pool:  # on leaving: waits for the runs, whatever the tests did
         if "uninterrupted" in needed:
@@ -183,7 +178,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path, uninterrupted, toy_teacher_
     for sub in ("unet", "unet_ema"):
         a = load_file(full / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(resumed / "checkpoint-8" / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        assert same_state(a, b), sub
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6, 7, 8]
 

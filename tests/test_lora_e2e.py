@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sdkd.train import lora_io
 
-from conftest import launch_trainer, run_script, save_toy_student
+from conftest import launch_trainer, run_script, same_state, save_toy_student
 
 pytestmark = pytest.mark.e2e
 
@@ -91,9 +91,8 @@ def test_lora_resume_matches_uninterrupted(lora_run, student_dir, tmp_path):
     assert "resumed from" in result.stdout + result.stderr
     for name in (lora_io.LORA_FILE, lora_io.EMA_FILE):
         a, b = load_file(lora_run / "checkpoint-6" / name), load_file(resumed / "checkpoint-6" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    a, b = load_file(lora_run / lora_io.LORA_FILE), load_file(resumed / lora_io.LORA_FILE)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert same_state(a, b), name
+    assert same_state(load_file(lora_run / lora_io.LORA_FILE), load_file(resumed / lora_io.LORA_FILE))
 
 
 def test_lora_errors_are_one_line(tmp_path, toy_teacher_dir):

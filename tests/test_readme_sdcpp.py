@@ -49,11 +49,7 @@ def test_readme_toy_student_generates_in_stable_diffusion_cpp(tmp_path):
     from sdkd.train.sd_configs import SD15_UNET
     from sdkd.train.toy import build_random_pipeline
 
-    torch.set_default_dtype(torch.float16)  # built in fp16 at once (the trainer casts the teacher to fp32)
-    try:
-        teacher = build_random_pipeline(SD15_UNET, widths="sd15")
-    finally:
-        torch.set_default_dtype(torch.float32)
+    teacher = build_random_pipeline(SD15_UNET, widths="sd15", dtype=torch.float16)  # the trainer casts it to fp32
     teacher.save_pretrained(tmp_path / "sd15", safe_serialization=True)
     del teacher
     gc.collect()

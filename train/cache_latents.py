@@ -38,37 +38,6 @@ from sdkd.cli.errors import UserError, run_cli
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
-def sampled_latents(parts, steps: int, guidance_scale: float, resolution: int, seed: int):
-    """A BatchEncoder of the latents the teacher pipeline samples for each caption, stored as a posterior of zero
-    spread (so a trainer's draw returns them exactly): sample i uses seed + i, with DPM-Solver++ and `steps` steps."""
-    import torch
-    from diffusers import DPMSolverMultistepScheduler
-
-    from sdkd.train.objective import BatchEncoder
-
-    class SampledLatents(BatchEncoder):
-        def __init__(self):
-            super().__init__(parts)
-            scheduler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config)
-            self.pipe = parts.family.pipeline(parts, parts.unet, scheduler)
-            self.pipe.set_progress_bar_config(disable=True)
-            self.next_seed = seed
-
-        @torch.no_grad()
-        def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-            device = self.parts.unet.device
-            generators = [torch.Generator(device).manual_seed(self.next_seed + i)
-                          for i in range(len(batch["captions"]))]
-            self.next_seed += len(generators)
-            latents = self.pipe(batch["captions"], num_inference_steps=steps, guidance_scale=guidance_scale,
-                                height=resolution, width=resolution, generator=generators,
-                                output_type="latent").images.float()
-            mean = latents / self.vae.config.scaling_factor
-            return mean, torch.zeros_like(mean)
-
-    return SampledLatents()
-
-
 def load_recipe(path: str | None, overrides: list[str]) -> Config:
     """A trainer's recipe, its shared sections (teacher, data, train, sample, ...) checked as usual; the
     sections of a trainer's own schema (train/tiny_decoder.py's `decoder` and `gan`, ...) are not read here."""
@@ -113,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from sdkd.data.latent_cache import write_cache
     from sdkd.data.sources import build_dataset
     from sdkd.train.objective import BatchEncoder
+    from sdkd.train.sampled_latents import SampledLatents
     from sdkd.train.teacher import PipelineSource, freeze, load_teacher
 
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
@@ -124,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     for frozen in [*teacher.encoders, teacher.unet]:
         if frozen is not None:
             freeze(frozen, device, torch.float32)
-    encoder = (sampled_latents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,
-                               cfg.train.seed) if args.from_samples else BatchEncoder(teacher))
+    encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,
+                              cfg.train.seed) if args.from_samples else BatchEncoder(teacher))
     if cfg.data.random_flip or not cfg.data.center_crop:
         print("note: random flips/crops are frozen at their epoch-0 draw in the cache", file=sys.stderr)
     start = time.perf_counter()

@@ -145,9 +145,9 @@ def toy_pipeline_with(vae: AutoencoderKL, seed: int = TOY_SEED) -> StableDiffusi
 # need the real architecture; weights may be random. Configs in sd_configs.py.
 
 
-def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fill a meta-built module with small random weights: much faster than the default init."""
-    module.to_empty(device="cpu")
+def _random_init(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Fill a meta-built module with small random weights of `dtype`: much faster than the default init."""
+    module.to(dtype).to_empty(device="cpu")  # the cast on meta: no copy in another dtype is ever made
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -174,8 +174,8 @@ RANDOM_WIDTHS = {
 
 
 def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: bool = False,
-                          seed: int = TOY_SEED) -> StableDiffusionPipeline:
-    """A pipeline around `unet_config` with random weights and the VAE / text encoder of `widths`:
+                          seed: int = TOY_SEED, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A pipeline around `unet_config` with random weights of `dtype` and the VAE / text encoder of `widths`:
     "sd15" (SD-1.5: CLIP-L), "sd21" (SD-2.1-base: OpenCLIP-H; pair it with an SD21_BASE_UNET-derived
     U-Net), "toy" or "toy_sd2" (pair it with a TOY_SD2_UNET-derived U-Net)."""
     from diffusers import AutoencoderTiny
@@ -190,7 +190,7 @@ def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: boo
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     for i, m in enumerate((unet, vae, text_encoder)):
-        _random_init(m, seed + i)
+        _random_init(m, seed + i, dtype)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
