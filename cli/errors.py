@@ -1,6 +1,6 @@
 """User mistakes and how every entry point reports them: one line on stderr, exit code 2, no traceback.
 
-Nothing heavy is imported here: the config modules (data/config.py, train/config.py) use it for --help
+Nothing heavy is imported here: the config modules (data/sources/config.py, train/engine/config.py) use it for --help
 and config checks.
 """
 
@@ -65,3 +65,14 @@ def run_cli(main: Callable[[], None]) -> None:
         if not _peer_gone(err):
             raise
         _exit(1)  # the launcher reports the process that ended first, with its own exit code
+
+
+def moved(new: str) -> None:
+    """The whole of an old command path's script: one line naming the command that does its work now (with
+    the arguments given), exit code 2."""
+    import shlex
+
+    def main() -> None:
+        raise UserError(f"this command moved: run {shlex.join([*new.split(), *sys.argv[1:]])}")
+
+    run_cli(main)

@@ -30,8 +30,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from sdkd.data.sources import _read_metadata, open_image
-from sdkd.data.transforms import BadSample, caption_candidates, resize_shorter_side
+from sdkd.data.sources.core import _read_metadata, open_image
+from sdkd.data.sources.transforms import BadSample, caption_candidates, resize_shorter_side
 from sdkd.cli.errors import UserError, run_cli
 
 MANIFEST = "manifest.json"
@@ -50,8 +50,8 @@ class _Rows(Dataset):
             self.kind, self.root = "imagefolder", root
             self.records = _read_metadata(root, image_column or "file_name", tuple(caption_fields))
         else:
-            from sdkd.data.hf_source import HFImageDataset
-            from sdkd.data.transforms import ImageTransform, Preprocess
+            from sdkd.data.sources.hf_source import HFImageDataset
+            from sdkd.data.sources.transforms import ImageTransform, Preprocess
 
             self.kind = "hf"
             hf = HFImageDataset(src, split, Preprocess(ImageTransform(8), tuple(caption_fields)), 0,
@@ -66,7 +66,7 @@ class _Rows(Dataset):
             file_name, captions = self.records[index]
             path = self.root / file_name
             return open_image(path), path.read_bytes(), captions, str(path)
-        from sdkd.data.hf_source import decode_image
+        from sdkd.data.sources.hf_source import decode_image
 
         row = self.records[index]
         value, name = row[self.image_column], f"{self.src} row {index}"

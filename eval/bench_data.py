@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sdkd.data.sources import collate, open_image
-from sdkd.data.transforms import ImageTransform, Preprocess
-from sdkd.data.webdataset_source import WebDatasetSource
+from sdkd.data.sources.core import collate, open_image
+from sdkd.data.sources.transforms import ImageTransform, Preprocess
+from sdkd.data.sources.webdataset_source import WebDatasetSource
 
 SEED = 0
 # Samples per second one GPU consumes in the recipes (losses-and-recipes.md section 3, BK-SDM README):
@@ -138,9 +138,10 @@ def report_loader(r: dict) -> str:
 
 
 def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -> dict:
-    from sdkd.eval.bench_setup import build_bench
-    from sdkd.train.loop import Loop
-    from sdkd.train.objective import CachedEncoder, StepRandom
+    from sdkd.eval.bench.setup import build_bench
+    from sdkd.train.engine.loop import Loop
+    from sdkd.train.tasks.objective import CachedEncoder
+    from sdkd.train.engine.step_random import StepRandom
 
     b = build_bench(name, latent, batch)
     mean, std = b.encoder.posterior(b.batch)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.eval.bench_timing import decode, decode_macs, decoder_params, interleaved, latents_for
+from sdkd.eval.bench.timing import decode, decode_macs, decoder_params, interleaved, latents_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +32,7 @@ def decoders(tiny: str | None, vae: str | None) -> dict[str, torch.nn.Module]:
     """{"teacher": the KL VAE, "tiny": the AutoencoderTiny}: random SD-1.5 / TAESD ones, or from folders."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from sdkd.train.sd_configs import SD15_VAE
+    from sdkd.train.models.sd_configs import SD15_VAE
 
     torch.manual_seed(0)
     teacher = AutoencoderKL.from_pretrained(vae, subfolder=_sub(vae)) if vae else AutoencoderKL(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.eval.bench_timing import (end_to_end, interleaved_step_times, markdown_table, prepare_for_speed,
+from sdkd.eval.bench.timing import (end_to_end, interleaved_step_times, markdown_table, prepare_for_speed,
                                     teacher_pipe, unet_macs)
 
 
@@ -57,7 +57,7 @@ def table(rows: list[dict]) -> str:
 
 def models(args):
     """(base pipeline with the teacher's VAE/text encoder, {name: U-Net}, {name: pipeline} of --model)."""
-    from sdkd.train.students import PRESETS, build_student
+    from sdkd.train.models.students import PRESETS, build_student
 
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
@@ -67,7 +67,7 @@ def models(args):
     unets = {"teacher": base.unet}
     for preset in presets:
         unets[preset] = build_student(base.unet, PRESETS[preset])
-    from sdkd.train.model_files import load_source
+    from sdkd.train.formats.model_files import load_source
 
     extra = {Path(path).name: load_source(path).pipe for path in args.model or []}
     return base, unets, extra
@@ -76,7 +76,7 @@ def models(args):
 def run(args) -> list[dict]:
     """All U-Nets are held at once (SD-1.5 fp32: teacher + three students ~9 GB) so that their
     per-step timings can be interleaved; end-to-end runs then go one model at a time."""
-    from sdkd.eval.pipeline import Pipeline, resolve_device_dtype
+    from sdkd.eval.inference.pipeline import Pipeline, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.threads:

@@ -5,7 +5,7 @@
 
 One run, on one set of models and inputs per model, measures:
 
-- the **KD step**: the real `Loop.optimizer_step` (sdkd.train.loop) on an `Accelerator(cpu=True)`
+- the **KD step**: the real `Loop.optimizer_step` (sdkd.train.engine.loop) on an `Accelerator(cpu=True)`
   with the prepared student, the `build_optimizer` AdamW (`optim.implementation: auto`), a constant
   LR schedule, the real `DiffusionObjective` (teacher, feature hooks, `KDLoss`) and the default
   config (bk_small, BK-SDM's feature pairs, grad clipping at 1.0, grad_accum 1). Its encoder hands
@@ -53,9 +53,9 @@ from pathlib import Path
 
 import torch
 
-from sdkd.eval.bench_setup import SEED, Bench, build_bench
-from sdkd.train.loop import Loop, build_optimizer
-from sdkd.train.objective import StepRandom
+from sdkd.eval.bench.setup import SEED, Bench, build_bench
+from sdkd.train.engine.loop import Loop, build_optimizer
+from sdkd.train.engine.step_random import StepRandom
 
 TARGET = 1.10
 PARTS = {

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.eval.bench_timing import (decode, decode_macs, decoder_params, e2e_call, interleaved, latents_for,
+from sdkd.eval.bench.timing import (decode, decode_macs, decoder_params, e2e_call, interleaved, latents_for,
                                     markdown_table, pixels_per_latent, prepare_for_speed, teacher_pipe, unet_inputs,
                                     unet_macs)
 
@@ -70,8 +70,8 @@ def tiny_decoder(path: str | None, pipe):
     else a random one of the VAE's layout (TAESD's for SD's VAE). It must fit the student's latents."""
     from diffusers import AutoencoderTiny
 
-    from sdkd.train.decoder_task import tiny_vae_config
-    from sdkd.train.model_files import load_vae
+    from sdkd.train.tasks.decoder import tiny_vae_config
+    from sdkd.train.formats.model_files import load_vae
 
     if path is None:
         if isinstance(pipe.vae, AutoencoderTiny):
@@ -94,7 +94,7 @@ def build(args):
     """(teacher pipeline, student pipeline, {model: (where its U-Net came from, where its decoder came from)})."""
     from diffusers import AutoencoderKL
 
-    from sdkd.train.students import PRESETS, build_student
+    from sdkd.train.models.students import PRESETS, build_student
 
     log(f"loading teacher '{args.teacher}'...")
     teacher = teacher_pipe(args.teacher)
@@ -102,7 +102,7 @@ def build(args):
         raise UserError(f"--teacher '{args.teacher}' decodes with an {type(teacher.vae).__name__}; the baseline "
                         f"is a teacher with its full KL VAE (AutoencoderKL)")
     if args.student:
-        from sdkd.train.model_files import load_source
+        from sdkd.train.formats.model_files import load_source
 
         log(f"loading student '{args.student}'...")
         source = load_source(args.student)
@@ -123,7 +123,7 @@ def build(args):
 
 
 def run(args) -> dict:
-    from sdkd.eval.pipeline import Pipeline, resolve_device_dtype
+    from sdkd.eval.inference.pipeline import Pipeline, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.threads:

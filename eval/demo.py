@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--port must be 0 (a free port) or 1-65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:  # before the models load (seconds to minutes)
         raise UserError(f"the demo page needs Gradio (gradio is missing): {INSTALL}")
-    from sdkd.eval.demo_models import default_models, load_models, parse_loras, parse_models
+    from sdkd.eval.page.models import default_models, load_models, parse_loras, parse_models
 
     specs = parse_models(args.models) if args.models else default_models()
     loras = parse_loras(args.lora, [name for name, _ in specs])
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         if not models:
             raise UserError(f"none of the {len(specs)} models could be loaded (see above)")
         try:  # Gradio itself (seconds): only once there is something to show
-            from sdkd.eval import demo_page
+            from sdkd.eval.page import layout as demo_page
         except ImportError as err:
             raise UserError(f"the demo page needs Gradio ({err.name or err} is missing): {INSTALL}") from None
         for model in models:

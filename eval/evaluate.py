@@ -25,9 +25,9 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.eval.eval_config import Checkpoints, EvaluateConfig
-from sdkd.eval.metrics_config import skipped_lines
-from sdkd.train.config import config_help, load_config, save_config
+from sdkd.eval.evaluation.config import Checkpoints, EvaluateConfig
+from sdkd.eval.metrics.config import skipped_lines
+from sdkd.train.engine.config import config_help, load_config, save_config
 
 MARKER = "evaluate.yaml"  # the resolved config; a folder holding it holds an earlier evaluation
 OVERRIDES = ("overrides: after the other arguments, any key above as KEY=VALUE, dotted inside a section "
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return
     # After the arguments: --help and config mistakes answer at once.
-    from sdkd.eval.evaluation import Evaluation
-    from sdkd.eval.prompts import load_prompts
-    from sdkd.eval.report import log_to_run, write_grids, write_report
-    from sdkd.eval.targets import TEACHER, TeacherSpec, default_teacher, read_run_config, resolve_targets, run_of
+    from sdkd.eval.evaluation.runner import Evaluation
+    from sdkd.eval.evaluation.prompts import load_prompts
+    from sdkd.eval.evaluation.report import log_to_run, write_grids, write_report
+    from sdkd.eval.evaluation.targets import TEACHER, TeacherSpec, default_teacher, read_run_config, resolve_targets, run_of
 
     src = Path(args.model)
     targets = resolve_targets(args.model, latest_only=cfg.checkpoints == Checkpoints.latest)

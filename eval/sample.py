@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         raise UserError(f"--out '{out}': cannot be written ({err.strerror or err})") from None
 
-    from sdkd.eval.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
+    from sdkd.eval.inference.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae,
                          compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema,

@@ -1,6 +1,6 @@
 """The toy-world KD ablation: students of the trained toy teacher with the task loss only, + output KD and
 + feature KD, for each preset and seed, judged by their noise-prediction error against the teacher on the
-held-out triples (train/agreement.py) after the same number of steps.
+held-out triples (train/losses/agreement.py) after the same number of steps.
 
     python eval/toy_ablation.py --out docs/toy_ablation [--steps 200] [--seeds 0 1] [--presets bk_small bk_tiny]
 
@@ -70,9 +70,9 @@ def picture(out: Path, presets: list[str], seed: int) -> Path:
     """Per preset, the teacher's row then each variant's row, on the toy config's sample prompts."""
     import torch
 
-    from sdkd.train.config import load_config
-    from sdkd.train.sampling import make_grid, sample_images
-    from sdkd.train.teacher import load_pipeline, load_teacher
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.engine.sampling import make_grid, sample_images
+    from sdkd.train.models.teacher import load_pipeline, load_teacher
 
     cfg = load_config(ROOT / "configs/toy.yaml", ["output_dir=unused"])
     s = cfg.sample

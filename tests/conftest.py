@@ -24,7 +24,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def toy_teacher_dir(tmp_path_factory) -> Path:
     """The toy teacher saved as a diffusers pipeline folder (loaded like any local teacher)."""
-    from sdkd.train.toy import build_toy_pipeline
+    from sdkd.train.models.toy import build_toy_pipeline
 
     folder = tmp_path_factory.mktemp("toy_teacher")
     build_toy_pipeline().save_pretrained(folder, safe_serialization=True)
@@ -63,9 +63,9 @@ def launch_trainer(script: str, config: str, out, *overrides, num_processes: int
 
 def save_toy_student(folder: Path, preset: str) -> Path:
     """A toy student pipeline folder: what train/kd.py leaves in OUTPUT/student."""
-    from sdkd.train.model_files import save_pipeline
-    from sdkd.train.students import PRESETS, build_student
-    from sdkd.train.toy import build_toy_pipeline
+    from sdkd.train.formats.model_files import save_pipeline
+    from sdkd.train.models.students import PRESETS, build_student
+    from sdkd.train.models.toy import build_toy_pipeline
 
     save_pipeline(build_student(build_toy_pipeline().unet, PRESETS[preset]), "toy", folder)
     return folder

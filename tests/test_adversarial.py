@@ -1,4 +1,4 @@
-"""Adversarial parts (train/adversarial.py): the conditional patch discriminator, hinge and non-saturating
+"""Adversarial parts (train/losses/adversarial.py): the conditional patch discriminator, hinge and non-saturating
 losses on simple logits, and the adaptive weight against the gradient-norm ratio computed by hand."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sdkd.train.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 
 
 def test_discriminator_logits_shape_and_latent_context():

@@ -1,4 +1,4 @@
-"""Teacher agreement (train/agreement.py): held-out triples and the no-weights metrics on them."""
+"""Teacher agreement (train/losses/agreement.py): held-out triples and the no-weights metrics on them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdkd.train import agreement
-from sdkd.train.agreement import TripleSettings, Triples
-from sdkd.train.config import load_config
-from sdkd.train.toy import build_toy_pipeline
+from sdkd.train.losses import agreement
+from sdkd.train.losses.agreement import TripleSettings, Triples
+from sdkd.train.engine.config import load_config
+from sdkd.train.models.toy import build_toy_pipeline
 
 SETTINGS = TripleSettings(prompts=("a red circle", "a blue square"), seed=3, timesteps=3, teacher_steps=2,
                           guidance_scale=3.0, resolution=32, teacher="toy")

@@ -12,9 +12,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdkd.data.sources import SyntheticCaptions
-from sdkd.data.transforms import ImageTransform
-from sdkd.train.autoencoder_task import Reconstruct, first_images, fit_scaling_factor, latent_shape, load_vae_to_train
+from sdkd.data.sources.core import SyntheticCaptions
+from sdkd.data.sources.transforms import ImageTransform
+from sdkd.train.tasks.autoencoder import Reconstruct, first_images, fit_scaling_factor, latent_shape, load_vae_to_train
 
 from conftest import launch_trainer, run_script, same_state
 

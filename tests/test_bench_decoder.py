@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderTiny
 
 from conftest import run_script
-from sdkd.eval.bench_timing import decode_macs, decoder_params
+from sdkd.eval.bench.timing import decode_macs, decoder_params
 
 
 def test_macs_and_params_of_the_default_tiny_decoder():

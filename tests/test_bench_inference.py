@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import run_script
-from sdkd.eval.bench_timing import unet_macs
+from sdkd.eval.bench.timing import unet_macs
 
 
 def test_macs_of_a_one_conv_unet_are_counted():

@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from sdkd.train.checkpoints import (Checkpointer, ModelState, checkpoint_problem, find_latest, list_checkpoints,
+from sdkd.train.engine.checkpoints import (Checkpointer, ModelState, checkpoint_problem, find_latest, list_checkpoints,
                                     resolve_resume)
 from sdkd.cli.errors import UserError
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 from omegaconf import OmegaConf
 
-from sdkd.data.config import DataSource
-from sdkd.train.config import (Config, FinetuneConfig, LoraTrainConfig, LRScheduler, MixedPrecision, Tracker,
+from sdkd.data.sources.config import DataSource
+from sdkd.train.engine.config import (Config, FinetuneConfig, LoraTrainConfig, LRScheduler, MixedPrecision, Tracker,
                                load_config, load_trainer_config, parse_args, save_config)
 from sdkd.cli.errors import ConfigError
 
@@ -132,7 +132,7 @@ def test_diffusers_options_and_their_defaults(tmp_path):
 
 
 def test_max_steps_from_epochs_rounds_up_per_epoch():
-    from sdkd.train.config import TrainConfig, resolve_max_steps
+    from sdkd.train.engine.config import TrainConfig, resolve_max_steps
 
     assert resolve_max_steps(TrainConfig(num_epochs=3, grad_accum=2), batches_per_epoch=5) == 9  # 3 x ceil(5/2)
     assert resolve_max_steps(TrainConfig(num_epochs=2), batches_per_epoch=5) == 10
@@ -250,7 +250,7 @@ def test_check_config_exits_0_silently_or_2_with_one_line(tmp_path, script, args
 
 def test_cache_latents_dtype_names_are_the_latent_caches():
     # train/cache_latents.py names them without importing the cache module (torch): --check-config stays fast.
-    from sdkd.data.latent_cache import DTYPES
+    from sdkd.data.sources.latent_cache import DTYPES
     from sdkd.train.cache_latents import DTYPE_NAMES
 
     assert DTYPE_NAMES == tuple(sorted(DTYPES))
@@ -263,7 +263,7 @@ def _keys(node, prefix=""):
 
 @dataclass
 class _ScriptConfig(Config):
-    """A schema declared outside train/config.py, as a trainer script may."""
+    """A schema declared outside train/engine/config.py, as a trainer script may."""
 
     extra: int = 3
     """A key only this schema has."""
@@ -284,7 +284,7 @@ def test_help_lists_every_key_with_default_docstring_and_choices(schema, own, ca
         assert f"\n  {key} = " in text, key
     assert ("\n  train.batch_size = 4\n      Samples per process per micro-step: the global batch is batch_size x "
             "grad_accum x processes.") in text
-    # Docstrings of data/config.py's fields, and each choice's allowed values.
+    # Docstrings of data/sources/config.py's fields, and each choice's allowed values.
     assert ("\n  data.source = synthetic  (one of: synthetic, imagefolder, hf, webdataset)\n"
             "      synthetic (built-in") in text
     assert "\n  train.mixed_precision = no  (one of: no, fp16, bf16)\n      Autocast for the student" in text
@@ -378,8 +378,8 @@ def test_lr_scheduler_names_are_diffusers_own():
 
 
 def test_config_names_exactly_the_sources_the_data_package_implements():
-    # data/config.py declares them without importing the module that registers them (torch, PIL).
-    from sdkd.data.sources import SOURCES
+    # data/sources/config.py declares them without importing the module that registers them (torch, PIL).
+    from sdkd.data.sources.core import SOURCES
 
     assert set(SOURCES) == set(DataSource.__members__)
 

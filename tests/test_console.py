@@ -1,4 +1,4 @@
-"""train/console.py: progress off a terminal, and the third-party notices it silences (only those)."""
+"""train/engine/console.py: progress off a terminal, and the third-party notices it silences (only those)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import save_toy_student
-from sdkd.train import console
+from sdkd.train.engine import console
 
 
 class Terminal(io.StringIO):
@@ -73,7 +73,7 @@ def test_only_the_known_notices_are_dropped(logger, message, shown):
 def test_an_fp16_file_loads_on_cpu_without_dtype_warnings(tmp_path):
     # An fp16 export runs on CPU in fp32: diffusers' "fp16 cannot run on cpu" and empty "kept in float32"
     # warnings do not apply.
-    from sdkd.eval.pipeline import load_pipeline
+    from sdkd.eval.inference.pipeline import load_pipeline
     from sdkd.train import export as E
 
     student = save_toy_student(tmp_path / "student", "bk_tiny")

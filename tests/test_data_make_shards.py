@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from sdkd.data.make_shards import make_shards
-from sdkd.data.sources import build_dataset, collate
-from sdkd.data.config import DataConfig
+from sdkd.data.sources.core import build_dataset, collate
+from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
 
 from conftest import run_script

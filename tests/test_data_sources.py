@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sdkd.data.sources import (
+from sdkd.data.sources.core import (
     COLOURS,
     SHAPES,
     SOURCES,
@@ -22,8 +22,8 @@ from sdkd.data.sources import (
     collate,
     open_image,
 )
-from sdkd.data.transforms import ImageTransform
-from sdkd.data.config import DataConfig
+from sdkd.data.sources.transforms import ImageTransform
+from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
 
 R = 32

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdkd.data.transforms import ImageTransform, resize_shorter_side, to_tensor
+from sdkd.data.sources.transforms import ImageTransform, resize_shorter_side, to_tensor
 
 GREEN = (0, 200, 0)
 
@@ -137,7 +137,7 @@ def test_rejects_bad_resolution():
 
 
 def test_interpolation_modes_resize_differently():
-    from sdkd.data.transforms import INTERPOLATIONS
+    from sdkd.data.sources.transforms import INTERPOLATIONS
 
     image = Image.fromarray(rng(3).integers(0, 256, (45, 70, 3), dtype=np.uint8))
     resized = {mode: ImageTransform(16, interpolation=mode)(image, rng(0)).pixel_values for mode in INTERPOLATIONS}
@@ -154,7 +154,7 @@ def test_interpolation_modes_resize_differently():
 # Preprocess: caption choice, dropout, size check
 
 
-from sdkd.data.transforms import BadSample, Preprocess, caption_candidates, dropout_rng  # noqa: E402
+from sdkd.data.sources.transforms import BadSample, Preprocess, caption_candidates, dropout_rng  # noqa: E402
 
 
 def test_caption_candidates_first_and_random():

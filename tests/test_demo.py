@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_script, script_env, selected
 from sdkd.cli.errors import UserError
-from sdkd.eval.demo_models import generate, load_model, load_models, parse_loras, parse_models
+from sdkd.eval.page.models import generate, load_model, load_models, parse_loras, parse_models
 
 INSTALL = 'pip install -c constraints.txt -e ".[dev]"'
 
@@ -27,7 +27,7 @@ INSTALL = 'pip install -c constraints.txt -e ".[dev]"'
 def toy(monkeypatch, toy_teacher_dir):
     """`toy` is the toy architecture saved in a temporary folder (random weights: fast, and independent of
     the committed teacher's training)."""
-    from sdkd.train import toy
+    from sdkd.train.models import toy
 
     monkeypatch.setattr(toy, "TOY_TEACHER", toy_teacher_dir)
     return toy_teacher_dir
@@ -45,7 +45,7 @@ def test_models_and_loras_are_name_equals_path():
 
 
 def test_models_that_cannot_be_shown_get_one_line_each(toy, tmp_path):
-    from sdkd.train.toy import TOY_UNET, build_random_pipeline
+    from sdkd.train.models.toy import TOY_UNET, build_random_pipeline
 
     # Loads, but its U-Net expects 64-wide text embeddings and the text encoder gives 32: fails to generate.
     build_random_pipeline({**TOY_UNET, "cross_attention_dim": 64}, widths="toy").save_pretrained(tmp_path / "odd")
@@ -70,9 +70,9 @@ def test_models_that_cannot_be_shown_get_one_line_each(toy, tmp_path):
 def test_lora_and_tiny_vae_go_to_the_models_they_fit(toy, tmp_path):
     from diffusers import AutoencoderTiny
 
-    from sdkd.train import lora_io
-    from sdkd.train.config import LoraSection
-    from sdkd.train.toy import build_toy_pipeline
+    from sdkd.train.formats import lora_io
+    from sdkd.train.engine.config import LoraSection
+    from sdkd.train.models.toy import build_toy_pipeline
 
     teacher = build_toy_pipeline()
     lora_io.add_adapters(teacher.unet, None, LoraSection(rank=4))

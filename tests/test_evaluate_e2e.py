@@ -156,9 +156,9 @@ def weights(tmp_path_factory):
     from torch import nn
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from sdkd.eval.inception import FidInceptionV3
-    from sdkd.train.perceptual import LpipsVgg
-    from sdkd.train.toy import write_toy_tokenizer
+    from sdkd.eval.metrics.inception import FidInceptionV3
+    from sdkd.train.losses.perceptual import LpipsVgg
+    from sdkd.train.models.toy import write_toy_tokenizer
 
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)

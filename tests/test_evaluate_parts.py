@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from sdkd.cli.errors import ConfigError
-from sdkd.eval.eval_config import EvaluateConfig
-from sdkd.eval.prompts import load_prompts
-from sdkd.eval.report import markdown
-from sdkd.train.config import load_config
+from sdkd.eval.evaluation.config import EvaluateConfig
+from sdkd.eval.evaluation.prompts import load_prompts
+from sdkd.eval.evaluation.report import markdown
+from sdkd.train.engine.config import load_config
 
 from conftest import ROOT
 

@@ -21,12 +21,12 @@ from safetensors import safe_open
 
 from conftest import run_script
 from sdkd.train import export as E
-from sdkd.train import model_files as M
-from sdkd.train import ldm_layout as L
+from sdkd.train.formats import model_files as M
+from sdkd.train.formats import ldm_layout as L
 from sdkd.cli.errors import UserError
-from sdkd.train.students import PRESETS, build_student, student_unet_config
-from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
-from sdkd.train.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
+from sdkd.train.models.students import PRESETS, build_student, student_unet_config
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
+from sdkd.train.models.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
 
 LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]
 BASE_UNETS = {"toy": TOY_UNET, "toy_sd2": TOY_SD2_UNET, "sd15": SD15_UNET, "sd21": SD21_BASE_UNET}
@@ -345,7 +345,7 @@ def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch):
     """What --target sdcpp writes for an SD-1.5-width sdxs student with a tiny VAE, built on the meta device (names
     and shapes, no weights, nothing written): the SDXS-512-DS slots of export-sdcpp.md section 1.2, the names sd.cpp
     tells SDXS by, the TAESD decoder sd.cpp forces for it, and metadata that names the layout."""
-    from sdkd.train import toy
+    from sdkd.train.models import toy
 
     monkeypatch.setattr(toy, "_random_init", lambda module, seed, dtype: module)  # stays on meta
     monkeypatch.setattr(L, "_contiguous", lambda t: t)

@@ -12,13 +12,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdkd.cli.errors import UserError
-from sdkd.data.latent_cache import CachedLatents, write_cache
-from sdkd.data.sources import SyntheticCaptions
-from sdkd.data.transforms import ImageTransform, Preprocess
-from sdkd.train.families import SD, Conditioning, StableDiffusion, family_of
-from sdkd.train.objective import BatchEncoder
-from sdkd.train.teacher import PipelineParts, load_teacher
-from sdkd.train.toy import TOY_UNET
+from sdkd.data.sources.latent_cache import CachedLatents, write_cache
+from sdkd.data.sources.core import SyntheticCaptions
+from sdkd.data.sources.transforms import ImageTransform, Preprocess
+from sdkd.train.models.families import SD, Conditioning, StableDiffusion, family_of
+from sdkd.train.tasks.objective import BatchEncoder
+from sdkd.train.models.teacher import PipelineParts, load_teacher
+from sdkd.train.models.toy import TOY_UNET
 
 CAPTIONS = ["a red fox", "", "a lighthouse at dusk " * 20]  # the last one is cut at 77 tokens
 SDXL_CONFIG = {**TOY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,

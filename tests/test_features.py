@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.config import StudentConfig
+from sdkd.train.engine.config import StudentConfig
 from sdkd.cli.errors import ConfigError
-from sdkd.train.features import FeatureHooks, check_pairs, feature_pairs
-from sdkd.train.students import PRESETS, build_student, removal_spec, student_unet_config
-from sdkd.train.toy import build_toy_pipeline
-from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
+from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.models.students import PRESETS, build_student, removal_spec, student_unet_config
+from sdkd.train.models.toy import build_toy_pipeline
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
 from test_students import SDXL_LIKE
 
 DOWN = [(f"down_blocks.{i}",) * 2 for i in range(4)]

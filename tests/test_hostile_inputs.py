@@ -117,7 +117,7 @@ def reset_process_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    from sdkd.train import run_folder
+    from sdkd.train.engine import run_folder
 
     held = getattr(run_folder, "_held", {})
     for fd in held.values():
@@ -182,7 +182,7 @@ class Assets:
     @functools.cached_property
     def single_file(self) -> Path:
         """The bk_small toy student as an sdkd single file (--format single-file, ldm numbering)."""
-        from sdkd.train.model_files import export_single_file, load_source
+        from sdkd.train.formats.model_files import export_single_file, load_source
 
         return export_single_file(load_source(self.student), self.folder / "student.safetensors")
 
@@ -192,7 +192,7 @@ class Assets:
         import torch
         from safetensors.torch import load_file
 
-        from sdkd.train.toy import build_toy_pipeline
+        from sdkd.train.models.toy import build_toy_pipeline
 
         folder = self.folder / "pickled_teacher"
         build_toy_pipeline().save_pretrained(folder, safe_serialization=False)
@@ -205,9 +205,9 @@ class Assets:
     @functools.cached_property
     def teacher_lora(self) -> Path:
         """A LoRA trained on the toy teacher's full layout (it adapts modules a bk_small student lacks)."""
-        from sdkd.train import lora_io
-        from sdkd.train.config import LoraSection
-        from sdkd.train.toy import build_toy_pipeline
+        from sdkd.train.formats import lora_io
+        from sdkd.train.engine.config import LoraSection
+        from sdkd.train.models.toy import build_toy_pipeline
 
         pipe = build_toy_pipeline()
         lora_io.add_adapters(pipe.unet, None, LoraSection(rank=2))
@@ -467,7 +467,7 @@ def lock_holder(c: Ctx) -> list[str]:
     busy = fake_finished_run(c.ws / "busy")
     c.holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from accelerate import Accelerator; from sdkd.train import run_folder; "
-        "from sdkd.train.config import Config; "
+        "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
         "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     assert c.holder.stdout.readline().strip() == "locked"

@@ -1,4 +1,4 @@
-"""Image-quality metrics from local weight files (eval/image_metrics.py): FID/KID, CLIP score, LPIPS.
+"""Image-quality metrics from local weight files (eval/metrics/image_metrics.py): FID/KID, CLIP score, LPIPS.
 
 No real weights here: each network is built with random weights, saved in the formats users have, and
 loaded back through the public API. The statistics are checked against torchmetrics' own given the same
@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdkd.cli.errors import UserError
-from sdkd.eval.image_metrics import ClipScore, FidKid, Lpips, MetricsConfig, image_metrics, read_reference_stats
-from sdkd.eval.inception import FidInceptionV3, load_fid_inception
-from sdkd.train.perceptual import LpipsVgg, load_lpips_vgg, torchmetrics_lpips_heads
+from sdkd.eval.metrics.image_metrics import ClipScore, FidKid, Lpips, MetricsConfig, image_metrics, read_reference_stats
+from sdkd.eval.metrics.inception import FidInceptionV3, load_fid_inception
+from sdkd.train.losses.perceptual import LpipsVgg, load_lpips_vgg, torchmetrics_lpips_heads
 
 
 class Given(nn.Module):
@@ -140,7 +140,7 @@ def clip_folder(tmp_path_factory):
     """A tiny random transformers CLIPModel with its processor (toy byte-level tokenizer), saved."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from sdkd.train.toy import write_toy_tokenizer
+    from sdkd.train.models.toy import write_toy_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp_path_factory.mktemp("tok")),
                                               model_max_length=77)

@@ -12,10 +12,10 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdkd.train.sampling import LABEL_CELL
-from sdkd.train.config import StudentConfig
-from sdkd.train.students import build_student, removal_spec
-from sdkd.train.teacher import load_teacher
+from sdkd.train.engine.sampling import LABEL_CELL
+from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.students import build_student, removal_spec
+from sdkd.train.models.teacher import load_teacher
 
 from conftest import launch_trainer, run_script, same_state, selected
 
@@ -147,8 +147,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
 
 def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
     """configs/sdxs_toy.yaml: the sdxs preset of the toy teacher, trained by output + feature KD alone."""
-    from sdkd.train.ldm_layout import unet_layout
-    from sdkd.train.students import PRESETS
+    from sdkd.train.formats.ldm_layout import unet_layout
+    from sdkd.train.models.students import PRESETS
 
     launch_trainer("train/kd.py", "configs/sdxs_toy.yaml", tmp_path, f"teacher={toy_teacher_dir}",
                    "train.max_steps=10", "train.checkpoint_every=0", "train.sample_every=0", "log.trackers=[none]")

@@ -1,6 +1,6 @@
 """KD works on the toy world: students of the trained toy teacher, initialised from it and trained for the
 same steps and seed, end closer to the teacher (noise-prediction MSE on the held-out triples,
-train/agreement.py) with task + output KD + feature KD than with the task loss alone.
+train/losses/agreement.py) with task + output KD + feature KD than with the task loss alone.
 
 Measured with configs/toy.yaml, 200 steps, seeds 0 / 1 (eval/toy_ablation.py, docs/toy_ablation/): bk_tiny task
 only 0.0291 / 0.0323, full KD 0.0188 / 0.0191 (0.65x / 0.59x); bk_small 0.0326 / 0.0327 against 0.0220 / 0.0257

@@ -1,4 +1,4 @@
-"""The shared loop (train/loop.py) with a task of two trained modules: a small U-Net generator and a
+"""The shared loop (train/engine/loop.py) with a task of two trained modules: a small U-Net generator and a
 discriminator stepping alternately with their own learning rates, schedules and EMA."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from sdkd.data.sources import build_dataset
-from sdkd.train.config import load_config
-from sdkd.train.loop import Loop, make_accelerator
-from sdkd.train.task import StepContext, Task, TrainedModule, every
+from sdkd.data.sources.core import build_dataset
+from sdkd.train.engine.config import load_config
+from sdkd.train.engine.loop import Loop, make_accelerator
+from sdkd.train.engine.task import StepContext, Task, TrainedModule, every
 
 LATENT = 8
 

@@ -1,4 +1,4 @@
-"""LoRA pieces (train/lora_io.py): targets on every student layout, the diffusers file, layout errors,
+"""LoRA pieces (train/formats/lora_io.py): targets on every student layout, the diffusers file, layout errors,
 checkpoint state with EMA, the stable-diffusion.cpp file (names here, its command train/convert_lora.py;
 sd.cpp itself at SD-1.5 widths)."""
 
@@ -14,12 +14,12 @@ from diffusers.training_utils import EMAModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from sdkd.train import ldm_layout, lora_io
-from sdkd.train.config import LoraSection
+from sdkd.train.formats import ldm_layout, lora_io
+from sdkd.train.engine.config import LoraSection
 from sdkd.cli.errors import UserError
-from sdkd.train.students import PRESETS, build_student, student_unet_config
-from sdkd.train.sd_configs import SD15_UNET, SDXS_TYPES
-from sdkd.train.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline
+from sdkd.train.models.students import PRESETS, build_student, student_unet_config
+from sdkd.train.models.sd_configs import SD15_UNET, SDXS_TYPES
+from sdkd.train.models.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline
 
 
 def toy_pipe(layout: str):
@@ -187,7 +187,7 @@ def test_sd15_sdcpp_lora_matches_the_fused_model_in_stable_diffusion_cpp(tmp_pat
     fused in by diffusers (exported as a plain sd.cpp single file)."""
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
-    import sdkd.train.model_files as E
+    import sdkd.train.formats.model_files as E
 
     def bk_tiny():
         config = student_unet_config(SD15_UNET, PRESETS["bk_tiny"])

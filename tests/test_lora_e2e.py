@@ -13,7 +13,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from sdkd.train import lora_io
+from sdkd.train.formats import lora_io
 
 from conftest import launch_trainer, run_script, same_state, save_toy_student
 
@@ -70,7 +70,7 @@ def diffusers_image(pipe, seed=0):
 
 
 def test_lora_changes_the_output_and_diffusers_matches_our_pipeline(lora_run, student_dir):
-    from sdkd.eval.pipeline import load_pipeline
+    from sdkd.eval.inference.pipeline import load_pipeline
 
     plain = diffusers_image(StableDiffusionPipeline.from_pretrained(student_dir, local_files_only=True))
     pipe = StableDiffusionPipeline.from_pretrained(student_dir, local_files_only=True)

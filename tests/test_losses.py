@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdkd.train.losses import KDLoss, diffusion_target, min_snr_weights
+from sdkd.train.losses.kd import KDLoss, diffusion_target, min_snr_weights
 
 
 def scheduler(kind="epsilon"):

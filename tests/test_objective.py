@@ -7,10 +7,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdkd.cli.errors import UserError
-from sdkd.train.families import Conditioning
-from sdkd.train.losses import KDLoss
-from sdkd.train.objective import DiffusionObjective, StepRandom, set_prediction_type
-from sdkd.train.toy import TOY_UNET
+from sdkd.train.models.families import Conditioning
+from sdkd.train.losses.kd import KDLoss
+from sdkd.train.tasks.objective import DiffusionObjective, set_prediction_type
+from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.models.toy import TOY_UNET
 
 LATENTS = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -83,7 +84,7 @@ def test_prediction_type_must_match_a_kd_teacher():
 
 
 def test_export_writes_the_trained_prediction_type(tmp_path):
-    from sdkd.train.model_files import save_pipeline
+    from sdkd.train.formats.model_files import save_pipeline
 
     save_pipeline(UNet2DConditionModel(**TOY_UNET), "toy", tmp_path, prediction_type="v_prediction")
     assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \

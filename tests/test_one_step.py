@@ -13,11 +13,11 @@ from diffusers import DDPMScheduler
 
 from conftest import ROOT, run_script
 from sdkd.cli.errors import ConfigError
-from sdkd.train import ode_pairs
-from sdkd.train.config import load_config
-from sdkd.train.feature_matching import FeatureMatching, UNetEncoder, encoder_layers, ssim
-from sdkd.train.score_distillation import diffusion_loss, dmd_gradient, dmd_loss, guided, ramp, x0_from_prediction
-from sdkd.train.toy import SD_SCHEDULER
+from sdkd.train.tasks import ode_pairs
+from sdkd.train.engine.config import load_config
+from sdkd.train.losses.feature_matching import FeatureMatching, UNetEncoder, encoder_layers, ssim
+from sdkd.train.losses.score_distillation import diffusion_loss, dmd_gradient, dmd_loss, guided, ramp, x0_from_prediction
+from sdkd.train.models.toy import SD_SCHEDULER
 
 TOY_CONFIG = ROOT / "configs" / "one_step_toy.yaml"
 
@@ -25,7 +25,7 @@ TOY_CONFIG = ROOT / "configs" / "one_step_toy.yaml"
 @pytest.fixture(scope="module")
 def toy():
     """The trained toy teacher's parts, frozen."""
-    from sdkd.train.teacher import load_teacher
+    from sdkd.train.models.teacher import load_teacher
 
     parts = load_teacher("toy")
     for model in (parts.unet, parts.vae, parts.text_encoder):
@@ -83,7 +83,7 @@ def test_dmd_gradient_is_normalised_and_points_from_fake_to_real():
 def test_identical_teacher_scores_leave_the_student_untouched(toy):
     """(c) With real models: when the online model is the teacher itself (as at the start of score distillation,
     guidance 1), the student's parameters get exactly zero gradient from the distribution-matching term."""
-    from sdkd.train.students import PRESETS, build_student
+    from sdkd.train.models.students import PRESETS, build_student
 
     student = build_student(toy.unet, PRESETS["sdxs"]).float()
     cond, acp = conditioning(toy), toy.scheduler.alphas_cumprod
@@ -109,7 +109,7 @@ def test_guidance_ramp_and_diffusion_loss():
 
 
 def test_student_update_schedule():
-    from sdkd.train.one_step_task import student_due
+    from sdkd.train.tasks.one_step import student_due
 
     due = student_due(warmup=3, student_every=4)
     assert [s for s in range(14) if due(s)] == [0, 1, 2, 3, 7, 11]
@@ -174,8 +174,8 @@ def test_image_extractors_from_local_weights(toy, tmp_path):
     from safetensors.torch import save_file
     from transformers import Dinov2Config, Dinov2Model
 
-    from sdkd.train.feature_matching import DinoFeatures, VggFeatures
-    from sdkd.train.perceptual import LpipsVgg
+    from sdkd.train.losses.feature_matching import DinoFeatures, VggFeatures
+    from sdkd.train.losses.perceptual import LpipsVgg
 
     torch.manual_seed(0)
     save_file({k: v.contiguous() for k, v in LpipsVgg().state_dict().items()}, str(tmp_path / "vgg.safetensors"))

@@ -23,8 +23,8 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionM
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch_trainer, same_state
-from sdkd.train.decoder_task import tiny_vae_config
-from sdkd.train.toy import TOY_VAE
+from sdkd.train.tasks.decoder import tiny_vae_config
+from sdkd.train.models.toy import TOY_VAE
 
 pytestmark = pytest.mark.e2e
 
@@ -149,9 +149,9 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
     on that very U-Net."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from sdkd.train.config import load_config
-    from sdkd.train.lora_io import LORA_FILE, save_lora
-    from sdkd.train.loop import Loop, make_accelerator
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.formats.lora_io import LORA_FILE, save_lora
+    from sdkd.train.engine.loop import Loop, make_accelerator
     from sdkd.train.one_step import SCHEMA, build
 
     out = tmp_path / "lora"
@@ -225,7 +225,7 @@ def test_exported_folder_samples_in_one_step(run, tmp_path):
                   output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.abs(images - expected).max() < 1e-4
 
-    from sdkd.eval.pipeline import load_pipeline
+    from sdkd.eval.inference.pipeline import load_pipeline
 
     ours = load_pipeline(out, device="cpu")
     assert ours.settings(steps=1)["guidance_scale"] == 0.0
@@ -242,7 +242,7 @@ def test_exported_folder_samples_in_one_step(run, tmp_path):
     args = shlex.split(export)[2:]
     args[args.index("--out") + 1] = str(tmp_path / "student-sdcpp.safetensors")
     from sdkd.train import export as export_script
-    from sdkd.train.model_files import load_single_file
+    from sdkd.train.formats.model_files import load_single_file
 
     export_script.main(args)
     single = load_single_file(tmp_path / "student-sdcpp.safetensors")

@@ -11,11 +11,11 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionM
 from safetensors.torch import save_file
 
 from conftest import run_script
-from sdkd.eval.pipeline import load_pipeline, resolve_device_dtype
+from sdkd.eval.inference.pipeline import load_pipeline, resolve_device_dtype
 from sdkd.train import export as E
-from sdkd.train import model_files as M
+from sdkd.train.formats import model_files as M
 from sdkd.cli.errors import UserError
-from sdkd.train.students import PRESETS, build_student
+from sdkd.train.models.students import PRESETS, build_student
 
 
 @pytest.fixture(scope="module")

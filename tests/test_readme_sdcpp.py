@@ -46,8 +46,8 @@ def test_readme_toy_commands_target_a_layout_sdcpp_runs():
 def test_readme_toy_student_generates_in_stable_diffusion_cpp(tmp_path):
     pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                              "pip install -e '.[sdcpp]'")
-    from sdkd.train.sd_configs import SD15_UNET
-    from sdkd.train.toy import build_random_pipeline
+    from sdkd.train.models.sd_configs import SD15_UNET
+    from sdkd.train.models.toy import build_random_pipeline
 
     teacher = build_random_pipeline(SD15_UNET, widths="sd15", dtype=torch.float16)  # the trainer casts it to fp32
     teacher.save_pretrained(tmp_path / "sd15", safe_serialization=True)

@@ -8,8 +8,8 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from sdkd.train import run_folder
-from sdkd.train.config import Config, load_config
+from sdkd.train.engine import run_folder
+from sdkd.train.engine.config import Config, load_config
 from sdkd.cli.errors import ConfigError, UserError
 
 
@@ -80,7 +80,7 @@ def test_overwrite_and_resume_together_is_a_config_error(tmp_path):
 def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from accelerate import Accelerator; from sdkd.train import run_folder; "
-        "from sdkd.train.config import Config; "
+        "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(tmp_path)!r}), Accelerator(cpu=True)); "
         "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     try:

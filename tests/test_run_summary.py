@@ -1,4 +1,4 @@
-"""A trainer's closing summary (train/loop.py `run_summary`, with the U-Net task's `next_steps`): what it wrote where and next commands that run;
+"""A trainer's closing summary (train/engine/loop.py `run_summary`, with the U-Net task's `next_steps`): what it wrote where and next commands that run;
 its output to a pipe has no progress redraws and none of the third-party notices sdkd silences."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import launch_trainer, run_script
-from sdkd.train.config import LoraTrainConfig, load_config
-from sdkd.train.diffusion_task import next_steps
-from sdkd.train.loop import run_summary
+from sdkd.train.engine.config import LoraTrainConfig, load_config
+from sdkd.train.tasks.diffusion import next_steps
+from sdkd.train.engine.loop import run_summary
 
 SILENCED = ("The following values were not passed to `accelerate launch`", "requires torchvision",
             "should be kept in float32: []", "cannot run with `cpu` device", "Writing model shards",

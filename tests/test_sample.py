@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import run_script, save_toy_student
-from sdkd.eval.pipeline import load_pipeline
+from sdkd.eval.inference.pipeline import load_pipeline
 from sdkd.cli.errors import UserError
 
 

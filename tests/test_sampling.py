@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from sdkd.train.sampling import LABEL_CELL, make_grid
+from sdkd.train.engine.sampling import LABEL_CELL, make_grid
 
 PROMPTS = ["a red circle on a blue background, and a very long prompt that has to be wrapped and cut short",
            "an astronaut"]

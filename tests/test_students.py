@@ -12,13 +12,13 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import ROOT, run_script
-from sdkd.train.config import StudentConfig
+from sdkd.train.engine.config import StudentConfig
 from sdkd.cli.errors import ConfigError, run_cli
 from sdkd.train.show_student import main
-from sdkd.train.students import (PRESETS, RemovalSpec, build_student, count_params, removal_spec, removed_modules,
+from sdkd.train.models.students import (PRESETS, RemovalSpec, build_student, count_params, removal_spec, removed_modules,
                                  student_unet_config, weight_map)
-from sdkd.train.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
-from sdkd.train.toy import build_toy_pipeline
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
+from sdkd.train.models.toy import build_toy_pipeline
 
 
 
@@ -270,7 +270,7 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
 
 def test_config_knows_exactly_the_presets_students_builds():
     # config.py names them without importing diffusers (launch.sh checks configs with it alone).
-    from sdkd.train.config import StudentPreset
+    from sdkd.train.engine.config import StudentPreset
 
     assert [*PRESETS, "custom"] == list(StudentPreset.__members__)
 
@@ -292,8 +292,8 @@ SDXS_512_DS = dict(block_out_channels=[320, 640, 1280], layers_per_block=1, mid_
     (SD21_UNET, 318_695_364),
 ])
 def test_sdxs_preset_is_the_sdxs_512_unet(config, expected):
-    from sdkd.train.ldm_layout import unet_layout
-    from sdkd.train.sd_configs import SDXS_TYPES
+    from sdkd.train.formats.ldm_layout import unet_layout
+    from sdkd.train.models.sd_configs import SDXS_TYPES
 
     student = student_unet_config(config, PRESETS["sdxs"])
     assert count_params(student) == expected

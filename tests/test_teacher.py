@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from sdkd.cli.errors import UserError
-from sdkd.train.teacher import PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineSource, load_teacher
 
 
 @pytest.fixture(scope="module")
 def variant_dir(tmp_path_factory):
     """The toy teacher's weights and, beside them, *.fp16.safetensors files holding those weights + 1."""
-    from sdkd.train.toy import build_toy_pipeline
+    from sdkd.train.models.toy import build_toy_pipeline
 
     folder = tmp_path_factory.mktemp("variant")
     pipe = build_toy_pipeline()
@@ -44,7 +44,7 @@ def test_missing_variant_is_one_line_naming_it(toy_teacher_dir):
 
 
 def test_source_of_the_config():
-    from sdkd.train.config import FinetuneConfig
+    from sdkd.train.engine.config import FinetuneConfig
 
     cfg = FinetuneConfig(teacher="t", teacher_variant="fp16", model="m", model_revision="v2", output_dir="o",
                          allow_pickle=True)
@@ -55,7 +55,7 @@ def test_source_of_the_config():
 @pytest.fixture(scope="module")
 def pickle_dir(tmp_path_factory):
     """The toy teacher with .bin (pickle) weights only, as old hub checkpoints are."""
-    from sdkd.train.toy import build_toy_pipeline
+    from sdkd.train.models.toy import build_toy_pipeline
 
     from safetensors.torch import load_file
 
@@ -81,12 +81,12 @@ def test_pickle_weights_are_refused_unless_allowed_by_name(pickle_dir, toy_teach
 
 
 def test_toy_is_the_committed_trained_teacher(monkeypatch, tmp_path):
-    # `toy` loads train/toy_teacher/ (made by train/make_toy_teacher.py); build_toy_pipeline stays the
+    # `toy` loads train/models/toy_teacher/ (made by train/make_toy_teacher.py); build_toy_pipeline stays the
     # random-weight builder of the same architecture, and the trained teacher kept its frozen text encoder.
     from safetensors.torch import load_file
 
-    from sdkd.train import toy
-    from sdkd.train.teacher import load_pipeline
+    from sdkd.train.models import toy
+    from sdkd.train.models.teacher import load_pipeline
 
     parts = load_teacher("toy")
     stored = load_file(toy.TOY_TEACHER / "unet" / "diffusion_pytorch_model.safetensors")

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import launch_trainer, run_script, same_state
 from sdkd.cli.errors import UserError
-from sdkd.train.decoder_task import TAESD_FILE, UNTRAINED, export_tiny_decoder, load_tiny_vae, sdcpp_problems, \
+from sdkd.train.tasks.decoder import TAESD_FILE, UNTRAINED, export_tiny_decoder, load_tiny_vae, sdcpp_problems, \
     tiny_vae_config
-from sdkd.train.toy import TOY_VAE
+from sdkd.train.models.toy import TOY_VAE
 
 pytestmark = pytest.mark.e2e
 
@@ -233,7 +233,7 @@ def test_training_from_teacher_samples_in_a_latent_cache(tmp_path, toy_teacher_d
     assert torch.count_nonzero(shard["std"]) == 0 and shard["mean"].abs().sum() > 0
     # With every optional term: full-resolution L1 and L2, LPIPS (random VGG weights from a local file), the
     # non-saturating GAN loss.
-    from sdkd.train.perceptual import LpipsVgg
+    from sdkd.train.losses.perceptual import LpipsVgg
 
     lpips = tmp_path / "lpips_vgg.safetensors"
     save_file({k: v.contiguous() for k, v in LpipsVgg().state_dict().items()}, str(lpips))
@@ -260,9 +260,9 @@ def test_sd15_taesd_export_decodes_in_stable_diffusion_cpp(tmp_path):
     (zeroed) file's, and a decoder that outputs one colour renders exactly that colour."""
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
-    import sdkd.train.model_files as E
-    from sdkd.train.sd_configs import SD15_UNET
-    from sdkd.train.toy import build_random_pipeline
+    import sdkd.train.formats.model_files as E
+    from sdkd.train.models.sd_configs import SD15_UNET
+    from sdkd.train.models.toy import build_random_pipeline
 
     pipe = build_random_pipeline(SD15_UNET, widths="sd15")
     model = E.export_single_file(E.Source(pipe, "test"), tmp_path / "sd15.safetensors", target="sdcpp", half=True)

@@ -1,11 +1,11 @@
-"""train/toy.py's random-weight pipelines: what the SD-1.5-width tests and benchmarks build."""
+"""train/models/toy.py's random-weight pipelines: what the SD-1.5-width tests and benchmarks build."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sdkd.train.toy import TOY_UNET, build_random_pipeline
+from sdkd.train.models.toy import TOY_UNET, build_random_pipeline
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,7 +1,7 @@
-"""The toy world: the committed toy teacher (train/toy_teacher/, what `teacher: toy` loads) draws what its
+"""The toy world: the committed toy teacher (train/models/toy_teacher/, what `teacher: toy` loads) draws what its
 captions ask for.
 
-The judge is independent of the training code: data/colour_check.py reads each generated image with numpy
+The judge is independent of the training code: data/sources/colour_check.py reads each generated image with numpy
 and PIL only (background: median of the border pixels; foreground: median of the pixels farthest from it),
 matched to the nearest of the synthetic source's 8 named colours. The teacher is loaded by diffusers itself
 from the folder and sampled at fixed seeds. Measured when the weights were made (48 captions, 20 DPM-Solver++
@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from sdkd.data.colour_check import CHANCE, caption_colours, check_captions, match_rates, read_colours
-from sdkd.data.sources import COLOURS, SyntheticCaptions
-from sdkd.data.transforms import ImageTransform
+from sdkd.data.sources.colour_check import CHANCE, caption_colours, check_captions, match_rates, read_colours
+from sdkd.data.sources.core import COLOURS, SyntheticCaptions
+from sdkd.data.sources.transforms import ImageTransform
 
 from conftest import ROOT
 

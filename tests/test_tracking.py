@@ -1,8 +1,8 @@
 import json
 import time
 
-from sdkd.train.loop import _truncate_metrics
-from sdkd.train.tracking import JsonlTracker, tracker_list
+from sdkd.train.engine.loop import _truncate_metrics
+from sdkd.train.engine.tracking import JsonlTracker, tracker_list
 
 
 def test_jsonl_lines_and_resume_truncation(tmp_path):
@@ -30,7 +30,7 @@ def test_logged_images_carry_their_prompts(tmp_path, monkeypatch):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sdkd.train.tracking import log_images
+    from sdkd.train.engine.tracking import log_images
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

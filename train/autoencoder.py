@@ -5,7 +5,7 @@
 The loss is `l1_weight * |x' - x| + mse_weight * (x' - x)^2` (means over pixels) + `kl_weight * KL`, KL being
 the posterior's divergence from N(0, I) summed over the latent elements of a sample (diffusers' `kl()`),
 averaged over the batch: LDM's autoencoder objective without its perceptual and GAN terms, enough for
-flat synthetic images. Starts from a new VAE of the toy VAE's architecture (train/toy.py TOY_VAE), or
+flat synthetic images. Starts from a new VAE of the toy VAE's architecture (train/models/toy.py TOY_VAE), or
 trains `autoencoder.model`'s further. Sample grids show inputs above their reconstructions. Writes
 OUTPUT/vae/, a diffusers AutoencoderKL folder whose `scaling_factor` is refitted to the data (see
 `autoencoder.fit_scaling_factor`). Loop, EMA, checkpoints, resume and trackers are the shared loop's.
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sdkd.cli.errors import require
-from sdkd.train.config import Config
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.train.engine.config import Config
+from sdkd.train.engine.trainer_cli import run_trainer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class AutoencoderTrainConfig(Config):
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
 
     def __post_init__(self) -> None:
-        """This trainer's checks, made when the config loads (train/config.py's `validate` makes the shared ones)."""
+        """This trainer's checks, made when the config loads (train/engine/config.py's `validate` makes the shared ones)."""
         check(self)
 
 
@@ -72,8 +72,8 @@ def check(cfg: AutoencoderTrainConfig) -> None:
 
 def build(cfg: AutoencoderTrainConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.autoencoder_task import AutoencoderTask, load_vae_to_train
-    from sdkd.train.diffusion_task import load_dataset
+    from sdkd.train.tasks.autoencoder import AutoencoderTask, load_vae_to_train
+    from sdkd.train.tasks.diffusion import load_dataset
 
     dataset = load_dataset(cfg, acc)
     vae = load_vae_to_train(cfg.autoencoder.model, cfg.train.seed, cfg.allow_pickle)

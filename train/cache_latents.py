@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdkd.train.config import CHECK_CONFIG_HELP, Config, _load_yaml, load_config
+from sdkd.train.engine.config import CHECK_CONFIG_HELP, Config, _load_yaml, load_config
 from sdkd.cli.errors import UserError, run_cli
 
 # latent_cache.DTYPES's names. torch, the data sources and the models are imported only once the arguments
@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from sdkd.data.latent_cache import write_cache
-    from sdkd.data.sources import build_dataset
-    from sdkd.train.objective import BatchEncoder
-    from sdkd.train.sampled_latents import SampledLatents
-    from sdkd.train.teacher import PipelineSource, freeze, load_teacher
+    from sdkd.data.sources.latent_cache import write_cache
+    from sdkd.data.sources.core import build_dataset
+    from sdkd.train.tasks.objective import BatchEncoder
+    from sdkd.train.tasks.sampled_latents import SampledLatents
+    from sdkd.train.models.teacher import PipelineSource, load_teacher
+    from sdkd.train.engine.frozen import freeze
 
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,

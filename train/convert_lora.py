@@ -2,7 +2,7 @@
 
     python train/convert_lora.py to-sdcpp OUTPUT/pytorch_lora_weights.safetensors --out lora_sdcpp.safetensors
 
-The conversion is train/lora_io.py's `export_sdcpp`: kohya names over sd.cpp's teacher-slot numbering,
+The conversion is train/formats/lora_io.py's `export_sdcpp`: kohya names over sd.cpp's teacher-slot numbering,
 with alpha tensors; a LoRA of a layout sd.cpp has no model for is refused and no file is written.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from sdkd.cli.errors import run_cli
-from sdkd.train.lora_io import export_sdcpp
+from sdkd.train.formats.lora_io import export_sdcpp
 
 
 def main(argv: list[str] | None = None) -> None:

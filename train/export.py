@@ -12,7 +12,7 @@ its `model` / teacher), a diffusers pipeline folder (model_index.json) or an sdk
   metadata. `--target ldm` (default): packed numbering, for diffusers `from_single_file(file,
   config=FOLDER)` and other LDM tools. `--target sdcpp`: teacher-slot numbering, for
   stable-diffusion.cpp; refused for layouts sd.cpp has no model for (no file is written then).
-The writing and reading is train/model_files.py.
+The writing and reading is train/formats/model_files.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import shlex
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.train import ldm_layout
-from sdkd.train.model_files import export_diffusers, export_single_file, load_source
+from sdkd.train.formats import ldm_layout
+from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
 
 
 

@@ -4,26 +4,26 @@
 
 The task loss (min-SNR weighted with `loss.snr_gamma`), optionally continued KD from `teacher`
 (`loss.lambda_out`; `loss.lambda_feat` with `student` describing `model`'s layout). Loop, EMA,
-checkpoints, resume, sample grids, trackers and data are the shared loop's (train/loop.py). Writes
+checkpoints, resume, sample grids, trackers and data are the shared loop's (train/engine/loop.py). Writes
 OUTPUT/student/, a complete pipeline folder with `model`'s VAE, text encoder, tokenizer and scheduler,
 and its model card.
 """
 
 from __future__ import annotations
 
-from sdkd.train.config import FinetuneConfig
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.train.engine.config import FinetuneConfig
+from sdkd.train.engine.trainer_cli import run_trainer
 
 SCHEMA = FinetuneConfig
 
 
 def build(cfg: FinetuneConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.diffusion_task import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
+    from sdkd.train.tasks.diffusion import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
                                           trained_module)
-    from sdkd.train.model_files import save_pipeline
-    from sdkd.train.objective import build_encoder
-    from sdkd.train.teacher import PipelineSource
+    from sdkd.train.formats.model_files import save_pipeline
+    from sdkd.train.tasks.objective import build_encoder
+    from sdkd.train.models.teacher import PipelineSource
 
     dataset = load_dataset(cfg, acc)
     run = load_finetune_parts(cfg, acc)

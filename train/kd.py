@@ -5,19 +5,19 @@
 
 from __future__ import annotations
 
-from sdkd.train.config import Config
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.train.engine.config import Config
+from sdkd.train.engine.trainer_cli import run_trainer
 
 SCHEMA = Config
 
 
 def build(cfg: Config, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.diffusion_task import DiffusionTask, frozen_parts, load_dataset, trained_module
-    from sdkd.train.model_files import save_pipeline
-    from sdkd.train.objective import build_encoder, kd_objective, set_prediction_type
-    from sdkd.train.students import build_student, removal_spec
-    from sdkd.train.teacher import PipelineSource, load_teacher
+    from sdkd.train.tasks.diffusion import DiffusionTask, frozen_parts, load_dataset, trained_module
+    from sdkd.train.formats.model_files import save_pipeline
+    from sdkd.train.tasks.objective import build_encoder, kd_objective, set_prediction_type
+    from sdkd.train.models.students import build_student, removal_spec
+    from sdkd.train.models.teacher import PipelineSource, load_teacher
 
     dataset = load_dataset(cfg, acc)
     # From a latent cache no VAE or text encoder runs in the step: they are not loaded (sample grids

@@ -12,8 +12,8 @@ OUTPUT/lora_sdcpp.safetensors; the model card OUTPUT/README.md beside them.
 
 from __future__ import annotations
 
-from sdkd.train.config import LoraTrainConfig
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.train.engine.config import LoraTrainConfig
+from sdkd.train.engine.trainer_cli import run_trainer
 
 SCHEMA = LoraTrainConfig
 
@@ -22,14 +22,16 @@ def build(cfg: LoraTrainConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
     import sys
 
-    from sdkd.train import lora_io
-    from sdkd.train.diffusion_task import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
+    from sdkd.train.formats import lora_io
+    from sdkd.train.tasks.diffusion import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
                                           trained_module)
-    from sdkd.train.ldm_layout import UnsupportedLayout
-    from sdkd.train.loop import weight_dtype
-    from sdkd.train.model_files import write_lora_card
-    from sdkd.train.objective import build_encoder
-    from sdkd.train.teacher import PipelineSource, freeze
+    from sdkd.train.formats.ldm_layout import UnsupportedLayout
+    from sdkd.train.engine.loop import weight_dtype
+    from sdkd.train.formats.model_files import write_lora_card
+    from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
+    from sdkd.train.tasks.objective import build_encoder
+    from sdkd.train.models.teacher import PipelineSource
+    from sdkd.train.engine.frozen import freeze
 
     dataset = load_dataset(cfg, acc)
     run = load_finetune_parts(cfg, acc)
@@ -48,8 +50,8 @@ def build(cfg: LoraTrainConfig, acc):
         unet.enable_gradient_checkpointing()
     if text_encoder is not None:
         # The text encoder runs inside the trained module, on token ids.
-        trained = lora_io.TextConditionedUNet(unet, text_encoder)
-        encoder = lora_io.TokenEncoder(run.parts)
+        trained = TextConditionedUNet(unet, text_encoder)
+        encoder = TokenEncoder(run.parts)
     else:
         trained, encoder = unet, build_encoder(cfg.data, run.parts, dataset, acc.device)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)

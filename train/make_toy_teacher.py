@@ -1,6 +1,6 @@
-"""Make the trained toy teacher that `teacher: toy` loads (train/toy_teacher/), with sdkd's own trainers.
+"""Make the trained toy teacher that `teacher: toy` loads (train/models/toy_teacher/), with sdkd's own trainers.
 
-    python train/make_toy_teacher.py --out train/toy_teacher [--work runs/toy_teacher_build]
+    python train/make_toy_teacher.py --out train/models/toy_teacher [--work runs/toy_teacher_build]
 
 1. the VAE: train/autoencoder.py on synthetic captioned shapes (configs/toy_vae.yaml), from random weights;
 2. the U-Net: train/finetune.py with the task loss (configs/toy_teacher_unet.yaml) on a pipeline of that VAE,
@@ -10,7 +10,7 @@
 
 Both trainers run as `accelerate launch` subprocesses, one process each, as a user would run them; WORK
 keeps their run folders (metrics, sample grids, checkpoints). The colour check samples --check-images
-captions (data/colour_check.py `check_captions`) with fixed seeds and reads back each image's foreground and
+captions (data/sources/colour_check.py `check_captions`) with fixed seeds and reads back each image's foreground and
 background colours (`read_colours`): how often they match the caption, against a 1 in 8 chance.
 """
 
@@ -63,7 +63,7 @@ def check_samples(folder: Path, n: int):
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from sdkd.data.colour_check import check_captions, match_rates
+    from sdkd.data.sources.colour_check import check_captions, match_rates
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -102,8 +102,8 @@ foreground colour matches the caption in {rates['fg']:.0%}, background in {rates
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "train" / "toy_teacher",
-                        help="the pipeline folder to write (default: train/toy_teacher, what `toy` loads)")
+    parser.add_argument("--out", type=Path, default=ROOT / "train" / "models" / "toy_teacher",
+                        help="the pipeline folder to write (default: train/models/toy_teacher, what `toy` loads)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_teacher_build",
                         help="the trainers' run folders (default: runs/toy_teacher_build)")
     parser.add_argument("--vae-steps", type=int, help="override configs/toy_vae.yaml's train.max_steps")
@@ -127,8 +127,8 @@ def main() -> None:
     from diffusers import AutoencoderKL
     from omegaconf import OmegaConf
 
-    from sdkd.train.sampling import make_grid
-    from sdkd.train.toy import TOY_SEED, toy_pipeline_with
+    from sdkd.train.engine.sampling import make_grid
+    from sdkd.train.models.toy import TOY_SEED, toy_pipeline_with
 
     # 1. the VAE, from random weights
     vae_run = work / "vae"
@@ -174,7 +174,7 @@ def main() -> None:
                                                            "ema.decay", "data.caption_dropout")),
         "init": f"build_toy_pipeline(seed={TOY_SEED}): the U-Net's random initial weights, the text encoder and "
                 "tokenizer (frozen: never trained); the VAE's initial weights are drawn from its train.seed",
-        "colour_check": {**rates, **CHECK, "captions": "data/colour_check.py check_captions"},
+        "colour_check": {**rates, **CHECK, "captions": "data/sources/colour_check.py check_captions"},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Optional
 
 from sdkd.cli.errors import require
-from sdkd.data.config import Choice
-from sdkd.train.config import Config
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.data.sources.config import Choice
+from sdkd.train.engine.config import Config
+from sdkd.train.engine.trainer_cli import run_trainer
 
 
 class OdeSolver(Choice):
@@ -87,7 +87,7 @@ class FeatureMatchingSection:
     """Feature maps L_FM compares: unet_encoder (the teacher U-Net's down and mid blocks on the latents),
     vgg (VGG16's LPIPS taps) or dinov2 (four blocks), both on images decoded by the teacher's VAE."""
     weights_path: Optional[str] = None
-    """vgg: a VGG16 / LPIPS weight file or folder (train/perceptual.py); dinov2: a local transformers Dinov2Model
+    """vgg: a VGG16 / LPIPS weight file or folder (train/losses/perceptual.py); dinov2: a local transformers Dinov2Model
     folder. Never downloaded."""
     layers: Optional[list[str]] = None
     """unet_encoder: the teacher U-Net modules whose outputs are compared; null: each down block's output before
@@ -224,7 +224,7 @@ SCHEMA = OneStepConfig
 
 def build(cfg: OneStepConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.one_step_task import build_one_step_task
+    from sdkd.train.tasks.one_step import build_one_step_task
 
     return build_one_step_task(cfg, acc)
 

@@ -4,7 +4,7 @@
     python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind]
 
 PATH is a model folder (unet/config.json), a U-Net folder or config.json, or `toy`; no weights are read.
-The student is train/students.py's (`describe`).
+The student is train/models/students.py's (`describe`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.train.config import StudentConfig
-from sdkd.train.students import PRESETS, describe
+from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.students import PRESETS, describe
 
 
 def _read_teacher_config(path: str) -> dict:
     """`toy`, a pipeline folder (unet/config.json), a U-Net folder (config.json) or a config.json file."""
     if path == "toy":
-        from sdkd.train.toy import TOY_UNET  # imported here: it pulls in transformers
+        from sdkd.train.models.toy import TOY_UNET  # imported here: it pulls in transformers
 
         return dict(TOY_UNET)
     p = Path(path)

@@ -8,7 +8,7 @@ VAE, or from a latent cache (`data.cache`, written by train/cache_latents.py; wi
 holds the teacher pipeline's own sampled latents, as SDXS trains on). The frozen teacher decoder's image
 of each latent is the target. The tiny decoder learns L1 between both images 8x average-pooled (plus
 optional full-resolution L1 / L2 and LPIPS) and an adversarial term from a conditional patch
-discriminator that sees the image with its latent (train/adversarial.py); the discriminator trains from
+discriminator that sees the image with its latent (train/losses/adversarial.py); the discriminator trains from
 `gan.start` on, every `gan.every` steps, with its own learning rate. `eval.every`: PSNR and SSIM
 against the teacher decoder on held-out latents (at step 0, every `eval.every` steps and the last).
 Writes OUTPUT/tiny_decoder/ (an AutoencoderTiny folder with a model card, the `vae` of our pipeline or of
@@ -23,9 +23,9 @@ from enum import auto
 from typing import Optional
 
 from sdkd.cli.errors import require
-from sdkd.data.config import Choice
-from sdkd.train.config import Config
-from sdkd.train.trainer_cli import run_trainer
+from sdkd.data.sources.config import Choice
+from sdkd.train.engine.config import Config
+from sdkd.train.engine.trainer_cli import run_trainer
 
 
 class GanLoss(Choice):
@@ -53,7 +53,7 @@ class DecoderSection:
     lambda_lpips: float = 0.0
     """Weight of LPIPS (VGG) at full resolution; needs lpips_weights."""
     lpips_weights: Optional[str] = None
-    """Local LPIPS weights (see train/perceptual.py); required when lambda_lpips > 0."""
+    """Local LPIPS weights (see train/losses/perceptual.py); required when lambda_lpips > 0."""
     eval_latents: int = 8
     """Latents held out of training (the data set's last ones) for PSNR/SSIM (`eval.every`) and grids."""
 
@@ -104,7 +104,7 @@ SCHEMA = TinyDecoderConfig
 
 def build(cfg: TinyDecoderConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.decoder_task import build_decoder_task
+    from sdkd.train.tasks.decoder import build_decoder_task
 
     return build_decoder_task(cfg, acc)
 

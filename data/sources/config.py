@@ -1,0 +1,132 @@
+"""The `data` section of every trainer's config, its checks, and `Choice`, the type of config values
+drawn from a fixed set.
+
+Imported by train/engine/config.py (which composes the whole schema) and by the sources; it imports neither of
+them, nor torch, so `--help` and config checks stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Iterable, Optional
+
+from sdkd.cli.errors import require
+
+
+class Choice(str, Enum):
+    """A config value from a fixed set, declared as `name = auto()`: the value is the name, so OmegaConf
+    (which reads and writes members by name) loads, saves and prints the plain text. A member compares
+    equal to that text and str() and f-strings give it (not enum.StrEnum: Python 3.10 lacks it). Declared
+    here, in the lowest layer that has config sections; train/engine/config.py's choices use it too."""
+
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
+        return name
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def expected_one_of(names: Iterable[str], value: object) -> str:
+    """What a config error says about `value` when it is none of `names` (a Choice's members)."""
+    *most, last = names
+    return f"expected {', '.join(most)} or {last}, got '{value}'"
+
+
+class DataSource(Choice):
+    """What data.source names; data/sources/core.py registers a builder for each (a test keeps them equal)."""
+
+    synthetic = auto()
+    imagefolder = auto()
+    hf = auto()
+    webdataset = auto()
+
+
+class Interpolation(Choice):
+    """PIL's resampling filters (`Image.Resampling`) by diffusers' --image_interpolation_mode names."""
+
+    nearest = auto()
+    bilinear = auto()
+    bicubic = auto()
+    lanczos = auto()
+    box = auto()
+    hamming = auto()
+
+
+class CaptionPick(Choice):
+    first = auto()
+    random = auto()
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.synthetic
+    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
+    hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
+    path: Optional[str] = None
+    """imagefolder: the folder; hf: hub name, local folder or .parquet/.arrow file; webdataset: a
+    folder of shards with manifest.json, brace-expanded names (shard-{000000..000099}.tar) or a glob."""
+    split: str = "train"
+    """hf: the split to read."""
+    manifest: Optional[str] = None
+    """webdataset: manifest.json with per-shard sample counts (data/make_shards.py writes it); null:
+    manifest.json beside the shards."""
+    image_column: Optional[str] = None
+    """Field naming or holding the image; null: the source's default (imagefolder file_name, hf image,
+    webdataset jpg;jpeg;png;webp). Several candidates as 'a;b': the first present one is used."""
+    caption_column: str = "text;txt;caption"
+    """Field(s) holding the caption, several as 'a;b;c' (a webdataset field is a file extension or a key
+    of the sample's .json). A field may hold a list of captions. See caption_pick."""
+    caption_pick: CaptionPick = CaptionPick.first
+    """first: the first caption field present (one of its captions at random if it holds a list);
+    random: one at random from all captions of all fields present. Drawn per sample and epoch."""
+    caption_dropout: float = 0.0
+    """Probability of replacing the caption with the empty prompt (for classifier-free guidance)."""
+    resolution: int = 512
+    """Training image size in pixels (shorter side resized, then cropped square)."""
+    interpolation: Interpolation = Interpolation.bilinear
+    """Resampling filter of the resize to data.resolution (PIL's; diffusers' --image_interpolation_mode)."""
+    center_crop: bool = True
+    """Center crop; false takes a random crop."""
+    random_flip: bool = True
+    """Flip horizontally with probability 0.5."""
+    min_size: int = 0
+    """Skip images whose shorter side is below this many pixels (0: keep all)."""
+    strict: bool = False
+    """Stop the run at the first bad sample (unreadable image, missing caption, image below min_size)
+    instead of skipping it (skips are counted as data_skipped in metrics.jsonl and named in a warning)."""
+    max_bad_in_a_row: int = 1000
+    """Stop the run when this many samples in a row are bad (or a whole epoch has no usable one): a source
+    that gives nothing usable stops with its last reasons instead of skipping forever."""
+    num_samples: int = 256
+    """synthetic: number of samples in the set."""
+    max_train_samples: Optional[int] = None
+    """Train on the first this many samples only (diffusers': for debugging or quicker training); webdataset:
+    epochs of this many samples (over all processes) from the usual stream. null: all."""
+    resampled: bool = True
+    """webdataset: every process and worker draws shards with replacement (an endless stream cut into
+    epochs of manifest-many samples); false: shards split by process then by worker, each read once
+    per epoch (needs at least processes x workers shards)."""
+    shuffle_buffer: int = 1000
+    """webdataset: samples held in the shuffle buffer of each worker (0: no sample shuffle)."""
+    cache: Optional[str] = None
+    """Folder of precomputed latents and text embeddings (train/cache_latents.py writes it); trainers then
+    read it instead of `source` and load no VAE or text encoder for the step."""
+
+
+def check_data(d: DataConfig) -> None:
+    """Checks of the data section the schema's types cannot express."""
+    require(d.source == DataSource.synthetic or d.cache is not None or d.path is not None, "data.path",
+            f"required when data.source={d.source}")
+    require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")
+    require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
+    require(d.min_size >= 0, "data.min_size", "must be >= 0")
+    require(d.max_bad_in_a_row > 0, "data.max_bad_in_a_row", "must be > 0")
+    require(d.num_samples > 0, "data.num_samples", "must be > 0")
+    require(d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be > 0 or null")
+    require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")

@@ -1,0 +1,358 @@
+"""Captioned-image datasets, a registry of sources, and the batch collate function.
+
+Map-style sources (synthetic, imagefolder, hf, and the latent cache) are `Dataset`s whose item `i` is
+`{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "original_size": (h, w), "crop_top_left": (top, left),
+"key": name}`, or a skip marker `{"skip": "name: reason"}` for a bad sample (see `transforms.BadSample`).
+All per-sample randomness (augmentation, caption choice) comes from `np.random.default_rng([seed, epoch,
+index])`, so a resumed run that calls `set_epoch` sees exactly the samples the interrupted one would have.
+The webdataset source (`webdataset_source.py`) is an `IterableDataset` yielding the same items.
+
+New sources register a builder `(DataConfig, seed) -> Dataset` with `@register_source("name")`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from sdkd.data.sources.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
+from sdkd.data.sources.config import DataConfig
+from sdkd.cli.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Shared behaviour
+
+
+class CaptionedImageDataset(Dataset):
+    """Base class: subclasses give `__len__` and `load(index, rng) -> (image, caption, name)`, choosing
+    the caption with `self.preprocess.caption` and raising `BadSample` for a sample to skip."""
+
+    def __init__(self, preprocess: Preprocess | ImageTransform, seed: int):
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess(preprocess)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def transform(self) -> ImageTransform:
+        return self.preprocess.transform
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentation. DataLoader workers copy the dataset when an iterator
+        starts, so call this before `iter(loader)` and do not use persistent workers."""
+        self.epoch = epoch
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            image, caption, name = self.load(index, rng)
+            return self.preprocess(image, caption, rng, dropout_rng(self.seed, self.epoch, index), name)
+        except BadSample as err:
+            return skip_marker(err)
+
+
+class FirstSamples(Subset):
+    """The first `n` samples of a map-style dataset (data.max_train_samples), always the same ones. Other
+    attributes are the dataset's, so the trainer's `set_epoch` and a latent cache's `check_teacher` reach it."""
+
+    def __init__(self, dataset: Dataset, n: int):
+        super().__init__(dataset, range(min(n, len(dataset))))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet while unpickling (in a spawned DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> a batch: tensors stacked ("pixel_values" [B,3,R,R], or a cache's latents), pairs as
+    LongTensor [B, 2] ("original_size", "crop_top_left"), "captions" and "keys" as lists, and "skipped":
+    the reasons of the skip markers dropped from the batch (a batch may hold fewer than B samples, or none)."""
+    kept = [s for s in samples if "skip" not in s]
+    batch: dict[str, Any] = {
+        "skipped": [s["skip"] for s in samples if "skip" in s],
+        "captions": [s["caption"] for s in kept],
+        "keys": [s.get("key") for s in kept],
+    }
+    for name in (kept[0] if kept else {}):
+        if name in ("caption", "key"):
+            continue
+        values = [s[name] for s in kept]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder: images + metadata.jsonl (the HF `imagefolder` layout)
+
+
+class CorruptImageError(BadSample, OSError):
+    """An image file that exists but cannot be decoded; the message names the file."""
+
+
+class ImageFolder(CaptionedImageDataset):
+    """A folder with `metadata.jsonl` lines like `{"file_name": "0001.png", "text": "a caption"}`, or a
+    `metadata.csv` with the same columns (the Hugging Face `imagefolder` layout).
+
+    A caption field may also hold a list of captions; one is drawn per sample and epoch. Layout
+    mistakes (malformed lines, a missing image column, missing files, no caption field on any line)
+    raise `UserError` here, at start-up, naming the file and line. A line without a caption and an
+    image that cannot be decoded or is too small are bad samples, skipped when read.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        preprocess: Preprocess | ImageTransform,
+        seed: int = 0,
+        image_column: str = "file_name",
+        caption_column: str | None = None,
+    ):
+        super().__init__(preprocess, seed)
+        if caption_column is not None:  # a shorthand for tests and scripts
+            self.preprocess = Preprocess(self.preprocess.transform, tuple(caption_column.split(";")),
+                                         self.preprocess.caption_pick, self.preprocess.caption_dropout,
+                                         self.preprocess.min_size)
+        self.root = Path(path)
+        self._records = _PackedJson(_read_metadata(self.root, image_column, self.preprocess.caption_fields))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+        file_name, captions = self._records[index]
+        path = self.root / file_name
+        caption = self.preprocess.caption(captions, rng, str(path))
+        return open_image(path), caption, str(path)
+
+
+def _read_metadata(root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list[list]:
+    """`metadata.jsonl` or `metadata.csv` -> [[file_name, {caption field: value}], ...], checked line by line."""
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    meta = root / "metadata.jsonl"
+    if not meta.is_file() and (root / "metadata.csv").is_file():
+        meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise UserError(f"{root / 'metadata.jsonl'}: not found (an image folder needs metadata.jsonl or metadata.csv)")
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{meta}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if meta.suffix == ".csv":
+        # An empty cell is a missing value; the header is line 1.
+        rows = [(f"{meta}, line {n}", {k: v for k, v in row.items() if v not in ("", None)})
+                for n, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+    else:
+        rows = [(f"{meta}, line {n}", _json_line(line, f"{meta}, line {n}"))
+                for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = [_check_row(row, where, root, image_column, caption_fields) for where, row in rows]
+    if not records:
+        raise UserError(f"{meta}: no samples")
+    if not any(captions for _, captions in records):
+        raise UserError(f"{meta}: no line has a caption field {', '.join(caption_fields)} (data.caption_column)")
+    return records
+
+
+def _json_line(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _check_row(row: dict, where: str, root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list:
+    if image_column not in row:
+        raise UserError(f"{where}: no '{image_column}' field (data.image_column); fields are {sorted(row)}")
+    file_name = row[image_column]
+    if not isinstance(file_name, str) or not (root / file_name).is_file():
+        raise UserError(f"{where}: image file not found: {root / str(file_name)}")
+    captions = {f: row[f] for f in caption_fields if row.get(f) is not None}
+    for field, value in captions.items():
+        if not _is_caption(value):
+            raise UserError(f"{where}: '{field}' must be a string or a non-empty list of strings")
+    return [file_name, captions]
+
+
+def _is_caption(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)
+
+
+def open_image(source: Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode an image file or its bytes fully (closing the file), upright per its EXIF orientation.
+    Raises `CorruptImageError` naming `name` (default: the path)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Exception as err:  # PIL raises many types; the caller needs the file name
+        raise CorruptImageError(f"{name or source}: cannot read image ({type(err).__name__}: {err})") from err
+
+
+class _PackedJson:
+    """A read-only list of JSON values stored as one byte buffer.
+
+    A list of Python objects in a forked DataLoader worker is copied page by page as reading it
+    touches reference counts (pytorch/pytorch#13246); a numpy buffer is shared for good.
+    """
+
+    def __init__(self, values: list):
+        encoded = [json.dumps(v, ensure_ascii=False).encode() for v in values]
+        self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> Any:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return json.loads(self._buffer[start:end].tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic captioned shapes: the default, file-free toy set
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 200),
+    "yellow": (240, 220, 40),
+    "purple": (130, 50, 170),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+class SyntheticCaptions(CaptionedImageDataset):
+    """`num_samples` images of one coloured shape on a coloured background, captioned
+    "a red circle on a blue background". Content depends only on (seed, index); drawn at
+    `transform.resolution`, so only the flip varies with the epoch. The shape always covers
+    the centre pixel and never reaches the corners."""
+
+    def __init__(self, num_samples: int, transform: ImageTransform, seed: int = 0):
+        super().__init__(transform, seed)
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+        # A stream of its own (spawn_key) so content never correlates with augmentation draws.
+        content = np.random.default_rng(np.random.SeedSequence([self.seed, index], spawn_key=(1,)))
+        shape = SHAPES[content.integers(len(SHAPES))]
+        fg, bg = (list(COLOURS)[i] for i in content.choice(len(COLOURS), size=2, replace=False))
+        image = draw_shape(shape, COLOURS[fg], COLOURS[bg], self.transform.resolution, content)
+        return image, f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background", f"synthetic/{index}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+RGB = tuple[int, int, int]
+
+
+def draw_shape(shape: str, fg: RGB, bg: RGB, size: int, rng: np.random.Generator) -> Image.Image:
+    """One shape of radius 0.25-0.4 * size, centred within 0.1 * size of the middle."""
+    image = Image.new("RGB", (size, size), bg)
+    cx, cy = (0.5 + rng.uniform(-0.1, 0.1, size=2)) * size
+    r = rng.uniform(0.25, 0.4) * size
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif shape == "square":
+        h = 0.85 * r
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fg)
+    else:  # equilateral, pointing up; its inscribed radius r/2 still covers the centre
+        angles = np.deg2rad([-90, 30, 150])
+        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles], fill=fg)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+SourceBuilder = Callable[[DataConfig, int], Dataset]
+SOURCES: dict[str, SourceBuilder] = {}
+
+
+def register_source(name: str) -> Callable[[SourceBuilder], SourceBuilder]:
+    def add(builder: SourceBuilder) -> SourceBuilder:
+        SOURCES[name] = builder
+        return builder
+
+    return add
+
+
+def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset `cfg.source` names, preprocessed per `cfg`, seeded with `seed`; with `cfg.cache` set,
+    the latent cache instead (see `latent_cache.py`). `cfg.max_train_samples` keeps the first samples of a
+    map-style dataset; the webdataset source shortens its epochs to it itself."""
+    if cfg.cache is not None:
+        from sdkd.data.sources.latent_cache import CachedLatents
+
+        dataset = CachedLatents(cfg.cache, seed, cfg.caption_dropout)
+    elif cfg.source in SOURCES:
+        dataset = SOURCES[cfg.source](cfg, seed)
+    else:
+        raise UserError(f"config key 'data.source': unknown source '{cfg.source}' (known: {', '.join(SOURCES)})")
+    if cfg.max_train_samples is None or isinstance(dataset, IterableDataset):
+        return dataset
+    return FirstSamples(dataset, cfg.max_train_samples)
+
+
+def preprocess_from(cfg: DataConfig) -> Preprocess:
+    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation),
+                      tuple(f for f in cfg.caption_column.split(";") if f), cfg.caption_pick, cfg.caption_dropout,
+                      cfg.min_size)
+
+
+def _require_path(cfg: DataConfig) -> str:
+    if cfg.path is None:
+        raise UserError(f"config key 'data.path': required when data.source={cfg.source}")
+    return cfg.path
+
+
+@register_source("synthetic")
+def _build_synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    if cfg.num_samples <= 0:
+        raise UserError("config key 'data.num_samples': must be > 0")
+    return SyntheticCaptions(cfg.num_samples, preprocess_from(cfg), seed)
+
+
+@register_source("imagefolder")
+def _build_imagefolder(cfg: DataConfig, seed: int) -> Dataset:
+    return ImageFolder(_require_path(cfg), preprocess_from(cfg), seed, cfg.image_column or "file_name")
+
+
+@register_source("hf")
+def _build_hf(cfg: DataConfig, seed: int) -> Dataset:
+    from sdkd.data.sources.hf_source import HFImageDataset
+
+    return HFImageDataset(_require_path(cfg), cfg.split, preprocess_from(cfg), seed, cfg.image_column or "image")
+
+
+@register_source("webdataset")
+def _build_webdataset(cfg: DataConfig, seed: int) -> Dataset:
+    from sdkd.data.sources.webdataset_source import WebDatasetSource
+
+    return WebDatasetSource.from_config(cfg, preprocess_from(cfg), seed)

@@ -1,0 +1,122 @@
+"""What eval/evaluate.py evaluates: RUN_OR_MODEL resolved into models (every checkpoint of a run, one
+checkpoint, a diffusers folder or an sdkd single file), the teacher they are compared with, and loading each
+as an inference pipeline (eval/inference/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdkd.cli.errors import UserError
+from sdkd.eval.inference.pipeline import Pipeline, load_pipeline, resolve_device_dtype
+from sdkd.train.engine.checkpoints import list_checkpoints, saved_step
+from sdkd.train.formats.model_files import META, SOURCES, read_metadata
+
+TEACHER = "teacher"  # the teacher's row name and image folder
+
+
+@dataclass
+class Target:
+    """One model to evaluate."""
+
+    name: str
+    """Its row in the report and its folder under images/ (checkpoint-STEP, the folder's or file's name)."""
+    path: str
+    """What `load_pipeline` loads: a checkpoint folder, a diffusers folder, an sdkd file, or the teacher's name."""
+    step: int | None = None
+    """The training step of a checkpoint (where log_to_run logs its row)."""
+
+
+def run_of(path: Path) -> Path | None:
+    """The run folder a model path belongs to: the run itself, a checkpoint's or a pipeline folder's parent."""
+    if (path / "config.yaml").is_file() and not (path / "model_index.json").is_file():
+        return path
+    if path.is_dir() and (path.parent / "config.yaml").is_file():
+        return path.parent
+    return None
+
+
+def read_run_config(run: Path):
+    """A run's config.yaml as a DictConfig with every key of its trainer's schema (defaults where an older run
+    lacks one, e.g. its `eval` section); not validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sdkd.train.engine.config import Config, FinetuneConfig, LoraTrainConfig
+
+    try:
+        loaded = OmegaConf.load(run / "config.yaml")
+        schema = LoraTrainConfig if "lora" in loaded else FinetuneConfig if "model" in loaded else Config
+        return OmegaConf.merge(OmegaConf.structured(schema), loaded)
+    except (OSError, ValueError, OmegaConfBaseException) as err:
+        raise UserError(f"run '{run}': its config.yaml cannot be read ({str(err).splitlines()[0]})") from None
+
+
+def resolve_targets(src: str, latest_only: bool = False) -> list[Target]:
+    """RUN_OR_MODEL -> the models to evaluate. A run: each complete checkpoint (or only the newest), else its
+    final student/; a checkpoint folder; a diffusers pipeline folder; an sdkd .safetensors file."""
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"'{src}' not found: expected {SOURCES}")
+    if path.is_file():
+        return [Target(path.stem, str(path))]
+    if (path / "model_index.json").is_file():
+        return [Target(path.name, str(path))]
+    if (path / "unet").is_dir() or (path / "unet_ema").is_dir():
+        return [Target(path.name, str(path), saved_step(path))]
+    if (path / "config.yaml").is_file():
+        checkpoints = list_checkpoints(path)
+        if latest_only:
+            checkpoints = checkpoints[-1:]
+        if checkpoints:
+            return [Target(c.name, str(c), saved_step(c)) for c in checkpoints]
+        if (path / "student" / "model_index.json").is_file():
+            return [Target("student", str(path / "student"))]
+        raise UserError(f"run '{src}' has no checkpoint and no student/ yet: nothing to evaluate")
+    raise UserError(f"'{src}' is not {SOURCES}")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher to compare with: a local folder or file, "toy", or a hub id (with revision and variant)."""
+
+    path: str
+    revision: str | None = None
+    variant: str | None = None
+
+
+def default_teacher(src: str) -> TeacherSpec | None:
+    """The teacher of a run (its config.yaml, also for a checkpoint or the run's student/) or of an sdkd single file
+    (its metadata); None when unknown."""
+    path = Path(src)
+    run = run_of(path) if path.is_dir() else None
+    if run is not None:
+        cfg = read_run_config(run)
+        if not cfg.teacher:
+            return None
+        return TeacherSpec(cfg.teacher, cfg.get("teacher_revision"), cfg.get("teacher_variant"))
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            teacher = json.loads(read_metadata(path).get(META + "info", "{}")).get("teacher")
+        except (UserError, ValueError):
+            return None
+        return TeacherSpec(teacher) if teacher else None
+    return None
+
+
+def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle: bool = False) -> Pipeline:
+    """The teacher as eval/inference/pipeline.py's Pipeline: a local model as every model loads, "toy" and hub ids through the
+    trainers' loader."""
+    if Path(spec.path).exists():
+        return load_pipeline(spec.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    from sdkd.train.models.teacher import PipelineSource, load_pipeline as load_named
+
+    dev, torch_dtype = resolve_device_dtype(device, dtype)
+    pipe = load_named(PipelineSource(spec.path, spec.revision, spec.variant, allow_pickle), what="teacher")
+    pipe.to(dev, silence_dtype_warnings=True)
+    for module in (m for m in pipe.components.values() if hasattr(m, "dtype") and hasattr(m, "parameters")):
+        if module.dtype != torch_dtype:
+            module.to(dtype=torch_dtype)
+    return Pipeline(pipe, dev, torch_dtype, dict(model=spec.path, source=f"teacher `{spec.path}`"))

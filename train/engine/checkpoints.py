@@ -1,0 +1,272 @@
+"""Checkpoints: `OUTPUT/checkpoint-STEP/`, written whole or not at all, rotated, resumable.
+
+accelerate's save_state/load_state carry the optimizer, LR scheduler and RNG states; save/load
+hooks store the trained model (and its EMA) through a `ModelState`: by default the whole U-Net as
+diffusers folders (`unet/`, `unet_ema/`, safetensors), so a checkpoint is also a loadable model; a
+LoRA run stores only its adapter (`train/formats/lora_io.py`).
+
+A checkpoint is complete by its contents, not its name: `trainer_state.json`, written last, lists
+every file with its size, and only a folder whose files all match is used. A checkpoint is written
+into a hidden temporary folder and renamed into place; one it replaces (a step saved again) and
+ones rotated out are first renamed to hidden names, so a kill at any point leaves every
+`checkpoint-STEP` either complete or gone, and the next start puts a replaced one back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from sdkd.cli.errors import UserError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+_REPLACED, _DELETING, _TMP = ".replaced-", ".deleting-", ".tmp-"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when every file its state lists is there whole."""
+    try:
+        files = json.loads((path / STATE_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (not a checkpoint, or its write was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is unreadable"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at, or None when its state is missing or unreadable."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _named_checkpoints(root: Path) -> list[Path]:
+    """`checkpoint-STEP` folders, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for p in _named_checkpoints(Path(output_dir)) if checkpoint_problem(p) is None]
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """`latest` -> the newest checkpoint (None when there is none yet), which must be complete;
+    `latest_complete` -> the newest complete one, naming each newer broken one passed over;
+    a path must be a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume in ("latest", "latest_complete"):
+        named = _named_checkpoints(Path(output_dir))
+        for path in reversed(named):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if resume == "latest":
+                raise UserError(f"resume=latest: the newest checkpoint '{path}' is incomplete ({problem}); "
+                                f"remove it, or set resume=latest_complete to use the newest complete one")
+            print(f"warning: resume=latest_complete: passing over '{path}' ({problem})", file=sys.stderr)
+        return None
+    path = Path(resume)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"resume '{resume}': not a complete checkpoint ({problem})")
+    return path
+
+
+def recover(output_dir: Path) -> None:
+    """Undo what a kill left half-done: put back a checkpoint that was being replaced when its
+    replacement never arrived, and finish removing rotated-out and half-written ones."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.iterdir():
+        if path.name.startswith(_REPLACED):
+            final = output_dir / path.name.removeprefix(_REPLACED)
+            if final.exists():
+                shutil.rmtree(path)
+            else:
+                path.rename(final)
+        elif path.name.startswith((_DELETING, _TMP)):
+            shutil.rmtree(path)
+
+
+class ModelState:
+    """How a trained diffusers model is made an EMA of, checkpointed and restored: whole, as a diffusers
+    folder (`SUBFOLDER/`, `SUBFOLDER_ema/`), so a checkpoint is also a loadable model.
+
+    `model` must offer `save_pretrained(dir)` and keep its weights in `dir/diffusion_pytorch_model.safetensors`.
+    `TensorState` keeps any other module; train/formats/lora_io.py `LoraState` keeps only an adapter.
+    """
+
+    def __init__(self, model, subfolder: str = "unet"):
+        self.model, self.subfolder = model, subfolder
+
+    def ema_parameters(self):
+        """The parameters the EMA tracks (and copies into the model at the end of training)."""
+        return self.model.parameters()
+
+    def make_ema(self, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.model.parameters(), decay=decay, model_cls=type(self.model),
+                        model_config=self.model.config)
+
+    def save(self, folder: Path, ema=None) -> None:
+        self.model.save_pretrained(folder / self.subfolder)
+        if ema is not None:
+            ema.save_pretrained(str(folder / f"{self.subfolder}_ema"))
+
+    def load(self, folder: Path, ema=None, device=None) -> None:
+        self.model.load_state_dict(load_file(folder / self.subfolder / "diffusion_pytorch_model.safetensors"),
+                                   strict=True)
+        if ema is not None:
+            loaded = type(ema).from_pretrained(str(folder / f"{self.subfolder}_ema"), model_cls=type(self.model))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(device)
+
+
+class TensorState(ModelState):
+    """Any module (a discriminator, a small decoder): its state dict in `SUBFOLDER.safetensors`, its EMA
+    in `SUBFOLDER_ema.safetensors`."""
+
+    def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The EMA's parameters by the names its file stores them under."""
+        return list(self.model.named_parameters())
+
+    def ema_parameters(self):
+        return [p for _, p in self.named_ema_parameters()]
+
+    def make_ema(self, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.ema_parameters(), decay=decay)
+
+    def save(self, folder: Path, ema=None) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(folder / f"{self.subfolder}.safetensors"))
+        if ema is not None:
+            save_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors")
+
+    def load(self, folder: Path, ema=None, device=None) -> None:
+        self.model.load_state_dict(load_file(folder / f"{self.subfolder}.safetensors"), strict=True)
+        if ema is not None:
+            load_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors", device)
+
+
+def save_ema(ema, named: list[tuple[str, torch.nn.Parameter]], path: Path) -> None:
+    """An EMAModel over `named` parameters as safetensors: the averages by parameter name, the rest of
+    its state (decay, step count) as JSON metadata."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({name: t.detach().cpu().contiguous() for (name, _), t in zip(named, shadow)}, str(path),
+              metadata={"ema": json.dumps(state)})
+
+
+def load_ema(ema, named: list[tuple[str, torch.nn.Parameter]], path: Path, device) -> None:
+    with safe_open(str(path), "pt") as f:
+        state = json.loads(f.metadata()["ema"])
+    tensors = load_file(path)
+    state["shadow_params"] = [tensors[name] for name, _ in named]
+    ema.load_state_dict(state)
+    ema.to(device)
+
+
+class Checkpointer:
+    """Saves and restores the whole training state through one accelerator.
+
+    `models`: each trained module's `ModelState` with its EMA (or None), in the order the loop prepared
+    them (accelerate stores their optimizers and LR schedules in that order)."""
+
+    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple]):
+        self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
+        self.models = models
+        if accelerator.is_main_process:
+            recover(self.output_dir)
+        accelerator.wait_for_everyone()
+        accelerator.register_save_state_pre_hook(self._save_models)
+        accelerator.register_load_state_pre_hook(self._load_models)
+
+    # accelerate hooks: store models ourselves, so accelerate does not pickle them as well.
+    def _save_models(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            for state, ema in self.models:
+                state.save(Path(output_dir), ema)
+        weights.clear()
+
+    def _load_models(self, models, input_dir):
+        for state, ema in self.models:
+            state.load(Path(input_dir), ema, self.accelerator.device)
+        models.clear()
+
+    def save(self, step: int, generator: torch.Generator) -> Path:
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f"{_TMP}checkpoint-{step}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed mid-write
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        save_file({"state": generator.get_state()}, tmp / f"generator-{acc.process_index}.safetensors")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files}))
+            replaced = self.output_dir / f"{_REPLACED}{final.name}"
+            if final.exists():
+                final.rename(replaced)  # `recover` puts it back if we are killed before the next rename
+            tmp.rename(final)
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        if self.total_limit is None:
+            return
+        for old in list_checkpoints(self.output_dir)[: -self.total_limit]:
+            # Renamed first: a kill mid-removal leaves a hidden folder, never a partial checkpoint-STEP.
+            doomed = old.rename(self.output_dir / f"{_DELETING}{old.name}")
+            shutil.rmtree(doomed)
+
+    def load(self, path: Path, generator: torch.Generator) -> int:
+        """Restore everything saved at `path`; returns its step."""
+        acc = self.accelerator
+        rng = path / f"generator-{acc.process_index}.safetensors"
+        if not rng.is_file():
+            raise UserError(f"resume '{path}': written by {len(list(path.glob('generator-*')))} processes, "
+                            f"resumed with {acc.num_processes}")
+        try:
+            acc.load_state(str(path))
+            generator.set_state(load_file(rng)["state"])
+        except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
+            # A layout other than this run's (size mismatch) or damaged contents of the right size.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            # torch's state-dict errors put the first mismatch on their second line.
+            detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+            raise UserError(f"resume '{path}': cannot be loaded into this run: {detail}") from None
+        return saved_step(path)

@@ -1,0 +1,79 @@
+"""The run folder: one run at a time in it, and another run's files never replaced by mistake.
+
+`claim` runs before anything is loaded: the main process takes an exclusive lock on OUTPUT/.lock
+(the OS drops it when the process ends, however it ends, so a crashed run never leaves it stuck)
+and refuses a folder that already holds something, unless the run resumes it or was told to
+overwrite a run there. `start` is the run's first write, once its models and checkpoint have
+loaded: it clears the run being overwritten and saves the resolved config.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from sdkd.train.engine.config import Config, save_config
+from sdkd.cli.errors import UserError
+from sdkd.train.engine.distributed import agree
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}  # folder -> lock file descriptor, open for the life of the process
+
+
+def _lock(folder: Path) -> None:
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"output_dir '{folder}' is in use by another run ({owner}); wait for it to end or "
+                        f"choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}".encode())
+    _held[folder] = fd
+
+
+def _check(cfg: Config) -> None:
+    folder = Path(cfg.output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.resolve() not in _held:
+            _lock(folder.resolve())
+    except OSError as err:
+        raise UserError(f"output_dir '{folder}': cannot be written ({err.strerror or err})") from None
+    contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
+    if not contents or cfg.resume is not None:
+        return
+    if not (folder / "config.yaml").is_file():
+        raise UserError(f"output_dir '{folder}' is not empty and holds no sdkd run (no config.yaml): "
+                        f"choose a new or empty folder")
+    if not cfg.overwrite:
+        raise UserError(f"output_dir '{folder}' holds another run ({', '.join(contents[:4])}"
+                        f"{', ...' if len(contents) > 4 else ''}): set resume=latest to continue it, "
+                        f"overwrite=true to replace it, or choose another output_dir")
+
+
+def claim(cfg: Config, acc) -> None:
+    """Lock OUTPUT and check it may be used (main process); every process stops on a refusal."""
+    problem = None
+    if acc.is_main_process:
+        try:
+            _check(cfg)
+        except UserError as err:
+            problem = str(err)
+    agree(acc, problem)
+
+
+def start(cfg: Config, acc) -> None:
+    """The run's first write to OUTPUT: clear the run it overwrites, save the resolved config."""
+    if acc.is_main_process:
+        folder = Path(cfg.output_dir)
+        if cfg.overwrite and cfg.resume is None:
+            for path in folder.iterdir():
+                if path.name != LOCK:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        save_config(cfg, folder / "config.yaml")
+    acc.wait_for_everyone()

@@ -1,0 +1,295 @@
+"""LoRA adapters (peft) on a student: adding them, the diffusers file, layout checks, checkpoints, sd.cpp.
+
+- `add_adapters`: peft LoRA on the U-Net's (and optionally the text encoder's) target modules; every
+  target must match a module of this model, else one line naming it and the model's layout.
+- `save_lora`: `pytorch_lora_weights.safetensors` exactly as diffusers writes it
+  (`StableDiffusionPipeline.save_lora_weights`: `unet.*` / `text_encoder.*` keys, peft adapter config in
+  the `lora_adapter_metadata`), plus sdkd metadata: the base model, its U-Net layout and config. Plain
+  diffusers `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
+- `check_lora`: before loading, every adapted module must exist in the target model with the LoRA's
+  widths: else `UserError` naming the first module that does not fit and both layouts (diffusers
+  would skip or only warn).
+- `LoraState`: what a LoRA run's checkpoints hold (the adapter file and the EMA of the adapter), so
+  `Checkpointer` and `resume` work unchanged.
+- `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`, `lora_te_*`) over the
+  teacher-slot LDM numbering that sdkd's `--target sdcpp` single files use (`ldm_layout`), `lora_down` /
+  `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1); the command
+  is train/convert_lora.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from sdkd.train.formats import ldm_layout
+from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
+from sdkd.train.engine.config import LoraSection
+from sdkd.cli.errors import UserError, first_line
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SDCPP_FILE = "lora_sdcpp.safetensors"
+EMA_FILE = "lora_ema.safetensors"
+META = "sdkd."
+PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+# diffusers / peft / kohya suffixes of a LoRA tensor -> (down or up)
+_SUFFIX = re.compile(r"\.(lora\.down|lora\.up|lora_A|lora_B|lora_linear_layer\.down|lora_linear_layer\.up|"
+                     r"lora_down|lora_up)(\.[A-Za-z_]+)?\.weight$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+def layout_of(unet) -> str:
+    return ldm_layout.unet_layout(dict(unet.config))
+
+
+def _check_targets(model, targets: list[str], key: str, what: str) -> None:
+    names = [n for n, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            example = next((n for n in reversed(names) if n.count(".") >= 3), names[-1])
+            raise UserError(f"config key '{key}': no module '{target}' in {what}; module names there look like "
+                            f"'{example}'")
+
+
+def add_adapters(unet, text_encoder, cfg: LoraSection, seed: int = 0) -> None:
+    """Put a peft LoRA ("default" adapter, gaussian A, zero B: the model is unchanged) on the targets."""
+    from peft import LoraConfig
+
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    _check_targets(unet, cfg.target_modules, "lora.target_modules", f"this U-Net (layout {layout_of(unet)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout,
+                                    init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
+        if text_encoder is not None:
+            _check_targets(text_encoder, cfg.text_encoder_target_modules, "lora.text_encoder_target_modules",
+                           "the text encoder")
+            text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout,
+                                                init_lora_weights="gaussian",
+                                                target_modules=list(cfg.text_encoder_target_modules)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusers file
+
+
+def _adapter_layers(model) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False)).items()}
+
+
+def save_lora(folder: str | Path, unet, text_encoder=None, base: str | None = None) -> Path:
+    """Write FOLDER/pytorch_lora_weights.safetensors (diffusers format) with sdkd metadata; returns the file."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=_adapter_layers(unet),
+        text_encoder_lora_layers=_adapter_layers(text_encoder) if text_encoder is not None else None,
+        safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
+                                            if text_encoder is not None else None))
+    file = folder / LORA_FILE
+    # diffusers' metadata (the adapter configs) stays; ours says which model the LoRA fits.
+    tensors, meta = load_file(file), read_metadata(file)
+    meta |= {META + "base_model": str(base or ""), META + "layout": layout_of(unet),
+             META + "unet_config": json.dumps(dict(unet.config), default=list)}
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, file)
+    return file
+
+
+def read_metadata(file: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"LoRA '{file}' is not a readable .safetensors file ({err})") from None
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file, or of FOLDER/pytorch_lora_weights.safetensors."""
+    path = Path(path)
+    file = path / LORA_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"LoRA '{path}' not found (expected a .safetensors file or a folder with {LORA_FILE})")
+    meta = read_metadata(file)
+    return load_file(file), meta
+
+
+def _module_name(key: str) -> tuple[str, str, bool] | None:
+    """'unet.down_blocks.0....to_q.lora.down.weight' -> ('unet', 'down_blocks.0....to_q', is_down)."""
+    for prefix, part in PREFIXES.items():
+        if key.startswith(prefix) and (m := _SUFFIX.search(key)):
+            name = key[len(prefix):m.start()].replace(".processor.", ".")
+            name = re.sub(r"\.to_(q|k|v|out)_lora$", r".to_\1", name)  # old attn-processor LoRA names
+            return part, name, m[1] in ("lora.down", "lora_A", "lora_linear_layer.down", "lora_down")
+    return None
+
+
+def _find(model, name: str):
+    for candidate in (name, name.removeprefix("text_model.")):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def check_lora(state: dict, unet, text_encoder=None, source: str = "LoRA", meta: dict | None = None) -> None:
+    """Raise UserError unless every adapted module exists in `unet` / `text_encoder` with the LoRA's widths."""
+    meta = meta or {}
+    theirs = meta.get(META + "layout")
+    base = meta.get(META + "base_model")
+    made_for = (f"the LoRA was trained on a '{theirs}' U-Net" + (f" (base model {base})" if base else "")
+                if theirs else "the LoRA was trained on another model")
+    here = layout_of(unet)
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    targets = []  # (module name, what, module, tensor, is_down): missing modules are named before wrong widths
+    for key, t in state.items():
+        parsed = _module_name(key)
+        if parsed is None:
+            continue
+        part, name, down = parsed
+        model = parts[part]
+        what = f"this U-Net (layout '{here}')" if part == "unet" else "this text encoder"
+        if model is None:
+            raise UserError(f"LoRA '{source}' adapts the text encoder, but no text encoder was given to load it into")
+        module = _find(model, name)
+        if module is None:
+            raise UserError(f"LoRA '{source}' does not fit this model: it adapts '{name}', which {what} does not "
+                            f"have; {made_for}. Load it into that model, or train a LoRA on this one")
+        targets.append((name, what, getattr(module, "base_layer", module), t, down))  # base_layer: peft-adapted
+    found = bool(targets)
+    for name, what, module, t, down in targets:
+        width = getattr(module, "in_features", getattr(module, "in_channels", None))
+        out = getattr(module, "out_features", getattr(module, "out_channels", None))
+        have, expect = (t.shape[1], width) if down else (t.shape[0], out)
+        if expect is not None and have != expect:
+            side = "inputs" if down else "outputs"
+            raise UserError(f"LoRA '{source}' does not fit this model: '{name}' has {expect} {side} in {what}, "
+                            f"{have} in the LoRA; {made_for}. Load it into that model, or train a LoRA on this one")
+    if not found:
+        raise UserError(f"LoRA '{source}' holds no LoRA tensors in diffusers/peft naming ('unet.*.lora.down.weight')")
+
+
+def load_lora_state(path: str | Path, unet, text_encoder=None) -> None:
+    """Set the "default" peft adapter of `unet` (and `text_encoder`) from a LoRA file, after `check_lora`."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state, meta = read_lora(path)
+    check_lora(state, unet, text_encoder, str(path), meta)
+    for prefix, model, convert in (("unet.", unet, convert_unet_state_dict_to_peft),
+                                   ("text_encoder.", text_encoder, convert_state_dict_to_peft)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if model is None or not part:
+            continue
+        result = set_peft_model_state_dict(model, convert(part), adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise UserError(f"LoRA '{path}': {len(unexpected)} tensors have no place in the model, e.g. {unexpected[0]}")
+
+
+def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
+    """A diffusers pipeline + a LoRA file, checked first (`check_lora`), then loaded and fused by diffusers."""
+    state, meta = read_lora(path)
+    check_lora(state, pipe.unet, pipe.text_encoder, str(path), meta)
+    file = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
+        pipe.fuse_lora(lora_scale=scale)
+    except Exception as err:  # diffusers/peft raise many kinds for a file they cannot apply
+        raise UserError(f"LoRA '{path}' could not be applied ({first_line(err)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class LoraState(TensorState):
+    """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net."""
+
+    def __init__(self, unet, text_encoder=None, base: str | None = None):
+        super().__init__(unet)
+        self.unet, self.text_encoder, self.base = unet, text_encoder, base
+
+    def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [("unet." + n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+        if self.text_encoder is not None:
+            named += [("text_encoder." + n, p) for n, p in self.text_encoder.named_parameters() if p.requires_grad]
+        return named
+
+    def save(self, folder: Path, ema=None) -> None:
+        save_lora(folder, self.unet, self.text_encoder, self.base)
+        if ema is not None:
+            save_ema(ema, self.named_ema_parameters(), folder / EMA_FILE)
+
+    def load(self, folder: Path, ema=None, device=None) -> None:
+        load_lora_state(folder / LORA_FILE, self.unet, self.text_encoder)
+        if ema is not None:
+            load_ema(ema, self.named_ema_parameters(), folder / EMA_FILE, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# stable-diffusion.cpp
+
+
+def _alphas(meta: dict) -> dict[str, float]:
+    """Per part, the scale numerator: lora_alpha from diffusers' adapter metadata (else the rank: scale 1)."""
+    adapter = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    return {part: adapter.get(f"{part}.lora_alpha") for part in PREFIXES.values()}
+
+
+def to_sdcpp(state: dict, meta: dict, source: str = "LoRA") -> dict[str, torch.Tensor]:
+    """A diffusers-format sdkd LoRA -> kohya names over the teacher-slot LDM numbering, with alpha tensors."""
+    if META + "unet_config" not in meta:
+        raise UserError(f"LoRA '{source}' has no sdkd metadata (its U-Net config), so its LDM names are unknown; "
+                        f"convert a LoRA written by train/lora.py")
+    unet_config = json.loads(meta[META + "unet_config"])
+    layout = meta.get(META + "layout") or ldm_layout.unet_layout(unet_config)
+    if layout not in ldm_layout.SDCPP_LAYOUTS:
+        raise ldm_layout.UnsupportedLayout(
+            f"LoRA '{source}' is for a '{layout}' U-Net, which stable-diffusion.cpp cannot run; layouts that work "
+            f"there: {ldm_layout.SDCPP_WORKING}")
+    alphas = _alphas(meta)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        parsed = _module_name(key)
+        if parsed is None:
+            continue
+        part, name, down = parsed
+        if part == "unet":
+            ldm = ldm_layout.unet_name(name + ".weight", unet_config, "sdcpp").removesuffix(".weight")
+            stem = "lora_unet_" + ldm.replace(".", "_")
+        else:
+            stem = "lora_te_" + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+        out[f"{stem}.{'lora_down' if down else 'lora_up'}.weight"] = t.detach().cpu().contiguous()
+        if down:
+            alpha = alphas.get(part) or t.shape[0]
+            out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_sdcpp(lora: str | Path, out: str | Path) -> Path:
+    state, meta = read_lora(lora)
+    tensors = to_sdcpp(state, meta, str(lora))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"format": "pt", META + "base_model": meta.get(META + "base_model", ""),
+                                           META + "layout": meta.get(META + "layout", "")})
+    return out

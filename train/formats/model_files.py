@@ -1,0 +1,573 @@
+"""Model files: a student's diffusers folder and single `.safetensors` file (LDM layout, two numberings),
+written and read back.
+
+`load_source` resolves what users name as a model: a run folder (config.yaml; its `student/`, or with
+`ema` the newest checkpoint's `unet_ema/`), a `checkpoint-STEP` folder (its `unet/` or `unet_ema/`, the
+other parts from the run's `student/` or its `model` / teacher), a diffusers pipeline folder
+(model_index.json) or an sdkd single file. train/export.py and eval/inference/pipeline.py load models through it.
+
+- diffusers: a pipeline folder with contiguous safetensors and a model card `README.md` (train/cards.py).
+- single file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder in one flat LDM state
+  dict; the diffusers configs and the tokenizer are stored in the safetensors metadata (k-diffusion's
+  trick), so `load_single_file(file)` rebuilds the student from the file alone. Target `ldm`: packed
+  numbering, for diffusers `from_single_file(file, config=FOLDER)` and other LDM tools; `sdcpp`:
+  teacher-slot numbering, for stable-diffusion.cpp, refused for layouts sd.cpp has no model for.
+
+`save_pipeline(unet, teacher, folder)` is what the trainers call at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdkd.train.engine import console
+from sdkd.train.formats import ldm_layout, lora_io
+from sdkd.cli.errors import UserError, first_line
+from sdkd.train.models.families import family_of
+from sdkd.train.models.teacher import (PipelineParts, PipelineSource, load_pipeline, load_teacher, safe_weights,
+                                 scheduler_class, vae_class)
+
+FORMAT_VERSION = "1"
+META = "sdkd."  # metadata key prefix
+
+
+def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        # Sliced or transposed tensors (e.g. after weight copies) must be written contiguous.
+        p.data = p.data.contiguous()
+    for b in module.buffers():
+        b.data = b.data.contiguous()
+    return module
+
+
+def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, prediction_type: str | None = None,
+                  run: str | Path | None = None) -> Path:
+    """`unet` with the teacher's VAE, text encoder, tokenizer and scheduler, as safetensors; the scheduler
+    set to `prediction_type` when given (what `unet` was trained to predict: loss.prediction_type). With
+    `run` (a trainer's OUTPUT), a model card describing that run goes beside it.
+
+    The frozen parts are read again from the teacher in their stored dtype: during training they
+    were cast to the mixed-precision dtype, which must not leak into the export.
+    """
+    parts = load_teacher(teacher, with_unet=False)
+    if prediction_type is not None:
+        parts.scheduler.register_to_config(prediction_type=prediction_type)
+    _contiguous(unet)
+    pipe = parts.family.pipeline(parts, unet, parts.scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if run is not None:
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
+                                            _run_info(Path(run)))))
+    return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    pipe: DiffusionPipeline
+    description: str
+    """Where the weights came from, for the model card."""
+    info: dict = field(default_factory=dict)
+    """preset, teacher, training summary (whatever is known)."""
+    unet_path: str = ""
+    """The resolved U-Net weights: a `unet/` or `unet_ema/` folder, or the single file."""
+    parts_path: str = ""
+    """Where the VAE, text encoder, tokenizer and scheduler came from: a folder, a file or a teacher id."""
+
+
+def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> DiffusionPipeline:
+    console.quiet_third_party()  # now that diffusers is imported: its "Loading pipeline components" bar
+    return load_pipeline(PipelineSource(str(folder), allow_pickle=allow_pickle), what="pipeline folder")
+
+
+def _load_unet(folder: Path, allow_pickle: bool) -> UNet2DConditionModel:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"no U-Net at '{folder}' (expected config.json and diffusion_pytorch_model.safetensors)")
+    safe = safe_weights("U-Net", allow_pickle, folder)
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True, **safe)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise UserError(f"U-Net '{folder}' could not be loaded: {first_line(err)}") from None
+
+
+def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
+    """What a run folder's config.yaml, metrics.jsonl, checkpoints and sample grids say about its weights (those
+    of `checkpoint`, else of the newest checkpoint): trainer, base model, recipe, data, steps, license, grid."""
+    from omegaconf import OmegaConf
+
+    from sdkd.train.engine.checkpoints import find_latest, saved_step
+
+    info: dict = {}
+    cfg_file = run / "config.yaml"
+    if cfg_file.is_file():
+        cfg = OmegaConf.load(cfg_file)
+        info["trainer"] = "lora" if "lora" in cfg else "finetune" if "model" in cfg else "kd"
+        info["teacher"] = cfg.get("teacher")
+        if cfg.get("model"):  # fine-tune and LoRA runs: the pipeline that was trained
+            info["model"] = cfg.get("model")
+        else:  # a fine-tune's student.preset only describes its feature pairs: its card reads the layout
+            info["preset"] = OmegaConf.select(cfg, "student.preset")
+        info["license"] = cfg.get("license")
+        info["prompts"] = list(OmegaConf.select(cfg, "sample.prompts") or [])
+        summary = {k: OmegaConf.select(cfg, k) for k in (
+            "train.max_steps", "train.batch_size", "train.grad_accum", "train.mixed_precision", "optim.lr",
+            "loss.lambda_task", "loss.lambda_out", "loss.lambda_feat", "student.feature_pairs", "ema.enabled",
+            "lora.rank", "lora.alpha", "data.source", "data.path", "data.cache", "data.resolution")}
+        info["training"] = {k: v for k, v in summary.items() if v is not None}
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        if lines:
+            try:
+                info["last_metrics"] = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                pass
+    checkpoint = checkpoint or find_latest(run)
+    if checkpoint is not None and (step := saved_step(checkpoint)) is not None:
+        info["steps"] = step
+    grids = sorted((int(p.stem.removeprefix("step-")), p) for p in (run / "samples").glob("step-*.png"))
+    grids = [p for step, p in grids if step <= info.get("steps", step)]
+    if grids:  # the newest sample grid of these weights; the teacher's row is on top when teacher.png exists
+        info["sample_grid"] = str(grids[-1])
+        info["teacher_row"] = (run / "samples" / "teacher.png").is_file()
+    return info
+
+
+def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[DiffusionPipeline, str]:
+    """VAE, text encoder, tokenizer and scheduler of a run, and where they came from: its student/ folder,
+    else the pipeline it trained (`model`, fine-tune runs) or its teacher."""
+    if (run / "student" / "model_index.json").is_file():
+        return _load_pipeline_folder(run / "student", allow_pickle), str(run / "student")
+    base = info.get("model") or info.get("teacher")
+    if not base:
+        raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
+                        f"VAE and text encoder to go with the U-Net")
+    parts = load_teacher(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
+    return parts.family.pipeline(parts, None, parts.scheduler), base
+
+
+def _with_unet(run: Path, unet_dir: Path, description: str, info: dict, allow_pickle: bool) -> Source:
+    """A checkpoint's U-Net with the rest of its run's pipeline."""
+    pipe, parts_path = _other_parts(run, info, allow_pickle)
+    pipe.unet = _load_unet(unet_dir, allow_pickle)
+    return Source(pipe, description, info, str(unet_dir), parts_path)
+
+
+def _refuse_lora(path: Path | None) -> None:
+    """A LoRA file, run or checkpoint holds only an adapter: say what to load instead."""
+    if path is None:
+        return
+    file = path if path.is_file() else path / lora_io.LORA_FILE
+    base = read_metadata(file).get(META + "base_model") if file.suffix == ".safetensors" and file.is_file() else None
+    if base is not None:
+        raise UserError(f"'{path}' holds a LoRA adapter, not a model: load its base model with it "
+                        f"(eval/sample.py --model {base or 'BASE'} --lora {file})")
+
+
+SOURCES = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diffusers pipeline folder "
+           "(model_index.json) or an sdkd .safetensors file (train/export.py)")
+
+
+def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None, allow_pickle: bool = False) -> Source:
+    """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline.
+    Weights that exist only as pickle are refused unless `allow_pickle`."""
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"'{src}' not found: expected {SOURCES}")
+    if ema and (path.is_file() or (path / "model_index.json").is_file()):
+        raise UserError(f"--ema needs a run folder or a checkpoint; '{src}' is a "
+                        f"{'single file' if path.is_file() else 'pipeline folder'}, which holds one set of weights")
+    _refuse_lora(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(f"'{src}' is not a .safetensors file: expected {SOURCES}")
+        info = json.loads(read_metadata(path).get(META + "info", "{}"))
+        source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path))
+    elif (path / "model_index.json").is_file():
+        run = path.parent if (path.parent / "config.yaml").is_file() else None
+        source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`", _run_info(run) if run else {},
+                        str(path / "unet"), str(path))
+    elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
+        sub = "unet_ema" if ema else "unet"
+        if not (path / sub).is_dir():
+            raise UserError(f"checkpoint '{src}' has no {sub}/ (the run was trained without ema.enabled)")
+        source = _with_unet(path.parent, path / sub, f"checkpoint `{path.name}` ({sub})",
+                            _run_info(path.parent, path), allow_pickle)
+    elif (path / "config.yaml").is_file():  # a run
+        from sdkd.train.engine.checkpoints import find_latest
+
+        info = _run_info(path)
+        latest = find_latest(path)
+        _refuse_lora(latest)
+        if ema:
+            if latest is None or not (latest / "unet_ema").is_dir():
+                raise UserError(f"run '{src}' has no EMA weights (no checkpoint with unet_ema/; train with "
+                                f"ema.enabled=true)")
+            source = _with_unet(path, latest / "unet_ema", f"run `{path.name}`, EMA weights of `{latest.name}`", info,
+                                allow_pickle)
+        elif (path / "student" / "model_index.json").is_file():
+            student = path / "student"
+            source = Source(_load_pipeline_folder(student, allow_pickle), f"run `{path.name}`, final `student/`", info,
+                            str(student / "unet"), str(student))
+        elif latest is not None:
+            source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info, allow_pickle)
+        else:
+            raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to load")
+    else:
+        raise UserError(f"'{src}' is not {SOURCES}")
+    if vae is not None:
+        source.pipe.vae = load_vae(vae, allow_pickle)
+    return source
+
+
+def load_vae(folder: str | Path, allow_pickle: bool = False):
+    """AutoencoderKL or AutoencoderTiny from a diffusers folder (its config names the class)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "vae" / "config.json").is_file():
+        folder, config_file = folder / "vae", folder / "vae" / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"no VAE at '{folder}' (expected a diffusers VAE folder with config.json)")
+    try:
+        cls_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"VAE '{folder}': config.json is unreadable ({first_line(err)})") from None
+    cls = vae_class(cls_name, f"VAE '{folder}'")
+    safe = safe_weights("VAE", allow_pickle, folder)
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **safe)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise UserError(f"VAE '{folder}' could not be loaded: {first_line(err)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _teacher_params(teacher: str | None) -> int | None:
+    from sdkd.train.models.students import count_params
+
+    if not teacher:
+        return None
+    try:
+        if teacher == "toy":
+            from sdkd.train.models.toy import TOY_UNET
+
+            return count_params(TOY_UNET)
+        config = UNet2DConditionModel.load_config(teacher, subfolder="unet", local_files_only=True)
+        return count_params(config)
+    except Exception:  # an uncached hub id: the card just leaves it out
+        return None
+
+
+def card_info(source: Source) -> dict:
+    pipe, info = source.pipe, dict(source.info)
+    unet_config = dict(pipe.unet.config)
+    info.setdefault("preset", None)
+    info["layout"] = ldm_layout.unet_layout(unet_config)
+    info["preset"] = info["preset"] or info["layout"]
+    info["source"] = source.description
+    info["unet_params"] = _params(pipe.unet)
+    teacher_params = _teacher_params(info.get("teacher"))
+    if teacher_params:
+        info["teacher_unet_params"] = teacher_params
+    info["vae"] = f"{type(pipe.vae).__name__} ({_params(pipe.vae):,} params)"
+    info["text_encoder_params"] = _params(pipe.text_encoder)
+    return info
+
+
+SAMPLE_FILE = "samples.png"  # the run's newest sample grid, copied beside the card
+
+
+def model_card(info: dict, half: bool = False) -> str:
+    """README.md of a student pipeline folder (`card_info`), or of a LoRA run's files (`info["lora_files"]`)."""
+    lora, trainer, base = info.get("lora_files"), info.get("trainer"), info.get("model") or info.get("teacher")
+    tag = "lora" if lora else "fine-tuned" if trainer == "finetune" else "knowledge-distillation"
+    lines = ["---", *([f"license: {info['license']}"] if info.get("license") else []), "library_name: diffusers",
+             "tags:", "- stable-diffusion", f"- {tag}", "- sdkd", "---", ""]
+    if lora:
+        lines += [f"# sdkd LoRA for `{base}`", "", "A LoRA adapter trained with sdkd.", "", "| | |", "|---|---|",
+                  f"| base model | `{base}` |", f"| files | {', '.join(f'`{name}`' for name in lora)} |"]
+    else:
+        ratio = (f" ({info['unet_params'] / info['teacher_unet_params']:.1%} of the teacher's "
+                 f"{info['teacher_unet_params']:,})") if info.get("teacher_unet_params") else ""
+        title, what = (("fine-tune", f"`{base}` fine-tuned with sdkd.") if trainer == "finetune" else
+                       ("student", "A block-removed Stable Diffusion student distilled with sdkd."))
+        lines += [
+            f"# sdkd {title}: {info['preset']}", "", what, "", "| | |", "|---|---|",
+            f"| preset | `{info['preset']}` (U-Net layout `{info['layout']}`) |",
+            f"| U-Net parameters | {info['unet_params']:,}{ratio} |",
+            *([f"| base model | `{base}` |"] if trainer == "finetune" else []),
+            f"| teacher | `{info.get('teacher') or ('none' if trainer else 'unknown')}` |",
+            f"| VAE | {info['vae']} |",
+            f"| text encoder parameters | {info['text_encoder_params']:,} |",
+            f"| weights | {info['source']}, {'fp16' if half else 'stored dtype'} |",
+        ]
+    if trainer:
+        steps = f"{info['steps']:,} steps " if "steps" in info else ""
+        lines.append(f"| trained | {steps}with `train/{trainer}.py` |")
+    if info.get("license"):
+        lines.append(f"| license | `{info['license']}` |")
+    lines.append("")
+    if info.get("training"):
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in info["training"].items()]
+        if info.get("last_metrics"):
+            lines += ["", "Last logged metrics: " + ", ".join(
+                f"`{k}` {v:.4g}" if isinstance(v, float) else f"`{k}` {v}" for k, v in info["last_metrics"].items())]
+        lines.append("")
+    if info.get("sample_grid"):
+        rows = "the teacher's row above this model's" if info.get("teacher_row") else "one row"
+        prompts = "; ".join(f'"{p}"' for p in info.get("prompts", []))
+        lines += ["## Samples", "", f"![samples]({SAMPLE_FILE})", "",
+                  f"`{Path(info['sample_grid']).name}` of the run ({rows}); prompts, left to right: {prompts}.", ""]
+    lines += ["## Use", "", "```python", "from diffusers import StableDiffusionPipeline", ""]
+    if lora:
+        lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+                  'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")',
+                  'image = pipe("a photo of a cat", num_inference_steps=25).images[0]', "```", "",
+                  f"or `python eval/sample.py --model {base} --lora PATH/TO/THIS/FOLDER/{lora[0]} "
+                  f"--prompt \"a photo of a cat\" --out samples/` (sdkd's pipeline).", ""]
+        return "\n".join(lines)
+    steps, cfg = ("1", "0.0") if info["layout"] in ("sdxs", "sdxs09") else ("25", "7.5")  # one-step students
+    lines += [
+        'pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
+        f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={cfg}).images[0]', "```", "",
+        "or `python eval/sample.py --model PATH/TO/THIS/FOLDER --prompt \"a photo of a cat\" --out samples/` "
+        "(sdkd's pipeline).", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: str | Path, info: dict, half: bool = False) -> Path:
+    """`folder`/README.md from `info`, with the run's newest sample grid copied beside it."""
+    folder = Path(folder)
+    if info.get("sample_grid"):
+        shutil.copyfile(info["sample_grid"], folder / SAMPLE_FILE)
+    card = folder / "README.md"
+    card.write_text(model_card(info, half))
+    return card
+
+
+def write_lora_card(run: Path, files: list[Path]) -> Path:
+    """The LoRA trainer's card: README.md beside its LoRA file(s) in the run folder."""
+    return write_card(run, {**_run_info(run), "lora_files": [Path(f).name for f in files]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _cast(pipe: DiffusionPipeline, half: bool) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to("cpu")
+        if half:
+            module.to(torch.float16)
+        _contiguous(module)
+
+
+def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; --format diffusers writes a folder")
+    pipe = source.pipe
+    _cast(pipe, half)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_card(out, card_info(source), half)
+    return out
+
+
+# What a CLIPTokenizer's save_pretrained writes; a single file may carry these and nothing else.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                             "special_tokens_map.json", "added_tokens.json"})
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+    unexpected = set(files) - TOKENIZER_FILES
+    assert not unexpected, f"the tokenizer wrote files the reader would refuse: {sorted(unexpected)}"
+    return files
+
+
+def _config_json(config) -> str:
+    return json.dumps({k: v for k, v in dict(config).items()}, default=list)
+
+
+def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]:
+    """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
+    vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
+    unet_config = dict(pipe.unet.config)
+    flat = ldm_layout.to_ldm(
+        pipe.unet.state_dict(), unet_config, target,
+        vae=pipe.vae.state_dict(), vae_config=dict(pipe.vae.config), vae_tiny=vae_tiny,
+        text=pipe.text_encoder.state_dict(), text_config=pipe.text_encoder.config.to_dict())
+    meta = {
+        "format": "pt",
+        META + "format_version": FORMAT_VERSION,
+        META + "numbering": target,
+        META + "unet_config": _config_json(unet_config),
+        META + "vae_class": type(pipe.vae).__name__,
+        META + "vae_config": _config_json(pipe.vae.config),
+        META + "text_encoder_config": pipe.text_encoder.config.to_json_string(use_diff=False),
+        META + "scheduler_class": type(pipe.scheduler).__name__,
+        META + "scheduler_config": _config_json(pipe.scheduler.config),
+        META + "tokenizer": json.dumps(_tokenizer_files(pipe.tokenizer)),
+    }
+    return flat, meta
+
+
+def export_single_file(source: Source, out: str | Path, target: str = "ldm", half: bool = False) -> Path:
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
+    pipe = source.pipe
+    if target == "sdcpp":  # before anything is written: never a file that fails later
+        for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
+            print(f"warning: {warning}", file=sys.stderr)
+    _cast(pipe, half)
+    flat, meta = single_file_state(pipe, target)
+    info = card_info(source)
+    meta[META + "info"] = json.dumps(info, default=str)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file(flat, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading our single files back
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file '{path}' not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable .safetensors file ({first_line(err)}); re-export it with "
+                        f"python train/export.py") from None
+
+
+def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer from its metadata)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if META + "unet_config" not in meta:
+        raise UserError(f"'{path}' has no sdkd metadata, so its U-Net layout is unknown; export the model with "
+                        f"python train/export.py --format single-file, or load the file with diffusers "
+                        f"from_single_file(file, config=DIFFUSERS_FOLDER)")
+    try:
+        unet_config = json.loads(meta[META + "unet_config"])
+        vae_class_name = meta[META + "vae_class"]
+        vae_config = json.loads(meta[META + "vae_config"])
+        text_config = json.loads(meta[META + "text_encoder_config"])
+        numbering = meta[META + "numbering"]
+        tokenizer_files = json.loads(meta[META + "tokenizer"])
+        scheduler_cls = meta[META + "scheduler_class"]
+        scheduler_config = json.loads(meta[META + "scheduler_config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
+    # The file names what to build: only a scheduler or VAE class, and only the tokenizer files we write ourselves.
+    scheduler_cls = scheduler_class(scheduler_cls, f"'{path}': its metadata")
+    vae_cls = vae_class(vae_class_name, f"'{path}': its metadata")
+    if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
+            isinstance(text, str) for text in tokenizer_files.values()):
+        names = sorted(set(tokenizer_files) - TOKENIZER_FILES) if isinstance(tokenizer_files, dict) else tokenizer_files
+        raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
+                        f"{', '.join(sorted(TOKENIZER_FILES))})")
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+            vae = vae_cls.from_config(vae_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"'{path}': its metadata holds configs no model can be built from ({first_line(err)}); "
+                        f"re-export the model") from None
+    family = family_of(unet.config, f"'{path}'")
+    try:
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' could not be read ({first_line(err)}); the file is damaged: re-export it") from None
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    src = str(path)
+    unet.load_state_dict(ldm_layout.unet_from_ldm(flat, unet_config, numbering, shapes(unet), src),
+                         strict=True, assign=True)
+    vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_cls is AutoencoderTiny, shapes(vae), src),
+                        strict=True, assign=True)
+    te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text_encoder), src)
+    missing = text_encoder.load_state_dict(te_state, strict=False, assign=True)
+    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("position_ids")]:
+        raise UserError(f"'{path}': text-encoder tensors do not fit its config; re-export the model")
+    for name, buf in text_encoder.named_buffers():  # non-persistent buffers are not in the file
+        if buf.is_meta:
+            parent = text_encoder.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TOKENIZER_FILES & set(tokenizer_files):  # our own names, never the file's
+            (Path(tmp) / name).write_text(tokenizer_files[name])
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the model") from None
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    parts = PipelineParts(unet, vae, text_encoder, tokenizer, scheduler, family=family)
+    pipe = family.pipeline(parts, unet, scheduler)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# One-step students (train/one_step.py)
+
+
+def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, vae=None,
+                           run: str | Path | None = None) -> Path:
+    """A one-step student as a pipeline folder: `unet` with the teacher's text encoder and tokenizer, `vae` as
+    its decoder (an AutoencoderTiny; None: the teacher's VAE) and the teacher's scheduler with its timesteps
+    spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or sdkd's
+    steps=1) samples at t = T-1, where the student was trained. With `run`, its model card."""
+    parts = load_teacher(teacher, with_unet=False)
+    parts.scheduler.register_to_config(timestep_spacing="trailing")
+    if vae is not None:
+        parts.vae = _contiguous(vae)
+    pipe = parts.family.pipeline(parts, _contiguous(unet), parts.scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if run is not None:
+        info = _run_info(Path(run))
+        # Not a fine-tune although its config has a `model` key; KD's loss weights played no part.
+        info["trainer"] = "one_step"
+        info["training"] = {k: v for k, v in info.get("training", {}).items() if not k.startswith("loss.")}
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info)))
+    return Path(folder)

@@ -1,0 +1,180 @@
+"""Loading a pipeline's parts (hub id, local diffusers folder, or the built-in trained toy): the teacher, a model to
+fine-tune, a student to sample or export.
+
+Only the classes the pipeline's model family has are built (train/models/families.py: the family comes from the
+U-Net's config), whatever a folder's model_index.json names: its VAE's config may say AutoencoderKL or
+AutoencoderTiny, its scheduler's any diffusers scheduler. Weights load from safetensors unless pickle is
+allowed by name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdkd.cli.errors import UserError, first_line
+from sdkd.train.models.families import ModelFamily, family_of
+
+
+@dataclass
+class PipelineParts:
+    """The pieces of a pipeline a trainer needs. `unet` may be left out, and so may the VAE, text encoder
+    and tokenizer (a run from a latent cache); `vae_config` and `family` are kept either way."""
+
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL | AutoencoderTiny | None
+    text_encoder: CLIPTextModel | None
+    tokenizer: CLIPTokenizer | None
+    scheduler: DDPMScheduler
+    vae_config: Any = None
+    """The VAE's config (a dict-like); taken from `vae` when not given."""
+    family: ModelFamily | None = None
+    """What conditions the U-Net (train/models/families.py); taken from `unet`'s config when not given."""
+
+    def __post_init__(self) -> None:
+        if self.vae_config is None:
+            self.vae_config = self.vae.config
+        if self.family is None:
+            self.family = family_of(self.unet.config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def has_encoders(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """The VAE and the family's text encoders: the frozen models a run from a latent cache leaves out."""
+        return [self.vae, *(getattr(self, name) for name in self.family.text_encoders)]
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    """A pipeline to load: "toy", a local diffusers folder or a hub id, with the hub `revision` (branch, tag or
+    commit) and weight `variant` (fp16: the `*.fp16.safetensors` files) of diffusers' `from_pretrained`."""
+
+    path: str
+    revision: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = False
+    """Load pickle weights (.bin) where there are no safetensors; pickle can run code when loaded."""
+
+    @classmethod
+    def of(cls, cfg, key: str = "teacher") -> "PipelineSource":
+        """The config's `teacher` or `model`, with its `KEY_revision`, `KEY_variant` and `allow_pickle`."""
+        return cls(getattr(cfg, key), getattr(cfg, f"{key}_revision"), getattr(cfg, f"{key}_variant"),
+                   cfg.allow_pickle)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def scheduler_class(name: str, where: str) -> type:
+    """The diffusers scheduler class a config or file names; nothing else is built from a name."""
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise UserError(f"{where} names {name!r}, which is no diffusers scheduler")
+    return cls
+
+
+def vae_class(name: str, where: str) -> type:
+    if name not in VAE_CLASSES:
+        raise UserError(f"{where} names {name!r}; expected a VAE class: {', '.join(VAE_CLASSES)}")
+    return VAE_CLASSES[name]
+
+
+def safe_weights(what: str, allow_pickle: bool, *folders: Path) -> dict:
+    """`from_pretrained` arguments that load safetensors only, unless the user allowed pickle by name (pickle
+    can run code when loaded). A local folder with pickle weights only is refused here, in one line naming
+    it; a hub id is refused by the loader itself (use_safetensors=True)."""
+    if allow_pickle:
+        return {"use_safetensors": None}
+    for folder in folders:
+        files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+        pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            raise UserError(f"{what} '{folder}': weights only as pickle ({', '.join(pickled)}), which can run code "
+                            f"when loaded; convert them to safetensors, or set allow_pickle=true if you trust the files")
+    return {"use_safetensors": True}
+
+
+def _class_name(config_file: Path, what: str) -> str | None:
+    """`_class_name` of a local part's config, if there is one."""
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
+
+
+def _resolve_toy(src: PipelineSource) -> PipelineSource:
+    """The trained toy teacher committed with sdkd (train/models/toy.py `TOY_TEACHER`), a local folder, for "toy"."""
+    if src.path != "toy":
+        return src
+    from sdkd.train.models.toy import toy_teacher_folder
+
+    return PipelineSource(str(toy_teacher_folder()), allow_pickle=False)
+
+
+def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
+                 what: str = "teacher") -> PipelineParts:
+    """`source`: "toy" (the committed trained toy teacher), a local diffusers pipeline folder, or a hub id (cached
+    or downloaded), as a path or a `PipelineSource`.
+
+    `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read).
+    `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
+    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
+    source = src.path
+    local = Path(source)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
+    try:
+        kw = dict(local_files_only=local.exists(), revision=src.revision)
+        # The U-Net's config says which text encoders and tokenizers there are.
+        family = family_of(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), f"{what} '{source}'")
+        parts = ("unet",) * with_unet + ("vae", *family.text_encoders) * with_encoders
+        safe = safe_weights(what, src.allow_pickle, *(local / sub for sub in parts if local.exists()))
+        vae_name = _class_name(local / "vae" / "config.json", what)
+        vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
+        # Tokenizers and configs have no variants; safetensors only unless allowed.
+        weights = dict(kw, variant=src.variant, **safe)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None
+        vae = vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None
+        text = {name: cls.from_pretrained(source, subfolder=name, **weights) if with_encoders else None
+                for name, cls in family.text_encoders.items()}
+        text |= {name: cls.from_pretrained(source, subfolder=name, **kw) if with_encoders else None
+                 for name, cls in family.tokenizers.items()}
+        return PipelineParts(
+            unet=unet, vae=vae, **text, scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw), family=family,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        variant = f" ({what}_variant={src.variant})" if src.variant else ""
+        raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
+
+
+def load_pipeline(source: str | PipelineSource, what: str = "model") -> DiffusionPipeline:
+    """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
+    sampling and export."""
+    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
+    parts = load_teacher(src, what=what)
+    local = Path(src.path)
+    name = _class_name(local / "scheduler" / "scheduler_config.json", what)
+    cls = scheduler_class(name, f"{what} '{local / 'scheduler'}'") if name else DDPMScheduler
+    try:
+        scheduler = cls.from_pretrained(src.path, subfolder="scheduler", local_files_only=local.exists(),
+                                        revision=src.revision)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} '{src.path}': its scheduler could not be loaded: {first_line(err)}") from None
+    return parts.family.pipeline(parts, parts.unet, scheduler)
