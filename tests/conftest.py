@@ -77,6 +77,36 @@ def selected(request) -> list:
     return [item for item in request.session.items if item.module is request.module]
 
 
+def loop_config(out, *overrides):
+    """A small run of the shared loop on synthetic data: 6 steps of batch 2, a checkpoint every 3, a log line
+    every step, no sample grids or trackers."""
+    from sdkd.train.engine.config import load_config
+
+    return load_config(None, ["teacher=toy", f"output_dir={out}", "data.resolution=16", "data.num_samples=8",
+                              "train.batch_size=2", "train.max_steps=6", "train.checkpoint_every=3",
+                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides])
+
+
+def fit_task(cfg, make_task):
+    """`Loop.fit` in this process with the task `make_task(accelerator)` gives, on a fresh accelerator; returns
+    the task."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdkd.data.sources.core import build_dataset
+    from sdkd.train.engine.loop import Loop, make_accelerator
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        acc = make_accelerator(cfg)
+        task = make_task(acc)
+        Loop(cfg, acc, task, build_dataset(cfg.data, cfg.train.seed)).fit()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return task
+
+
 def same_state(a, b) -> bool:
     """Bit-identical nested state (tensors with their dtypes, dicts, lists, tuples, plain values): what a resumed
     run must end with."""

@@ -78,13 +78,12 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class Prepared:
-    """A trained module as the loop runs it: wrapped, with its optimizer, LR schedule and EMA."""
+    """A trained module as the loop runs it: wrapped, with its optimizer and LR schedule (its EMA is `spec.ema`)."""
 
     spec: TrainedModule
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: object
-    ema: object = None
 
 
 class Loop:
@@ -106,7 +105,7 @@ class Loop:
                       f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
         self.prepare(max_steps)
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
-                                    [(p.spec.state, p.ema) for p in self.modules.values()])
+                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task)
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -158,15 +157,16 @@ class Loop:
         acc.wait_for_everyone()
         if acc.is_main_process:
             for p in self.modules.values():
-                if p.ema is not None:
-                    p.ema.copy_to(p.spec.state.ema_parameters())
+                if p.spec.ema is not None:
+                    p.spec.ema.copy_to(p.spec.state.ema_parameters())
             exported = task.export(out)
         acc.end_training()
         if acc.is_main_process:  # last, after the trackers' own closing lines
             print(run_summary(cfg, step, exported, task.next_steps(exported)), flush=True)
 
     def prepare(self, max_steps: int) -> None:
-        """Freeze the task's frozen models; give each trained module its optimizer, LR schedule and EMA."""
+        """Freeze the task's frozen models; give each trained module its optimizer, LR schedule and EMA
+        (`TrainedModule.ema`)."""
         acc = self.accelerator
         for frozen in self.task.frozen.values():
             if frozen is not None:
@@ -182,12 +182,11 @@ class Loop:
         lr_schedule = get_scheduler(spec.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=spec.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=updates * acc.num_processes)
-        ema = None
         if spec.ema_decay is not None:
-            ema = spec.state.make_ema(spec.ema_decay)
-            ema.to(acc.device)
+            spec.ema = spec.state.make_ema(spec.ema_decay)
+            spec.ema.to(acc.device)
         wrapped, optimizer, lr_schedule = acc.prepare(spec.module, optimizer, lr_schedule)
-        return Prepared(spec, wrapped, optimizer, lr_schedule, ema)
+        return Prepared(spec, wrapped, optimizer, lr_schedule)
 
     def _learning_rates(self) -> dict[str, float]:
         """`lr` of a task with one module, else `lr/NAME` of each."""
@@ -230,8 +229,8 @@ class Loop:
         p.optimizer.step()
         p.lr_schedule.step()
         p.optimizer.zero_grad(set_to_none=True)
-        if acc.sync_gradients and p.ema is not None:
-            p.ema.step(p.spec.state.ema_parameters())
+        if acc.sync_gradients and p.spec.ema is not None:
+            p.spec.ema.step(p.spec.state.ema_parameters())
 
     def _loader(self) -> tuple[DataLoader, int]:
         """The DataLoader and the batches each process reads per epoch.
