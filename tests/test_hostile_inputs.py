@@ -466,7 +466,7 @@ def lock_holder(c: Ctx) -> list[str]:
     """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it."""
     busy = fake_finished_run(c.ws / "busy")
     c.holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from accelerate import Accelerator; from sdkd.train import run_folder; "
+        "import time; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
         "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
         "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)

@@ -79,7 +79,7 @@ def test_overwrite_and_resume_together_is_a_config_error(tmp_path):
 
 def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from accelerate import Accelerator; from sdkd.train import run_folder; "
+        "import sys, time; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
         "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(tmp_path)!r}), Accelerator(cpu=True)); "
         "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
