@@ -37,7 +37,7 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["train.bogus=1"], "config key 'train.bogus': unknown key"),
     (["bogus=1"], "config key 'bogus': unknown key"),
     (["train.max_steps=abc"], "config key 'train.max_steps': Value 'abc'"),
-    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny, sdxs or custom"),
+    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny, sdxs, ssd1b, vega, koala_1b, koala_700m or custom"),
     (["student.preset=custom"], "config key 'student.keep_down'"),
     (["student.feature_pairs=custom"], "config key 'student.pairs'"),
     (["data.source=imagefolder"], "config key 'data.path': required"),

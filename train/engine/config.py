@@ -48,6 +48,10 @@ class StudentPreset(Choice):
     bk_small = auto()
     bk_tiny = auto()
     sdxs = auto()
+    ssd1b = auto()
+    vega = auto()
+    koala_1b = auto()
+    koala_700m = auto()
     custom = auto()
 
 
@@ -97,7 +101,8 @@ class Tracker(Choice):
 @dataclass
 class StudentConfig:
     preset: StudentPreset = StudentPreset.bk_small
-    """Block-removal preset; custom: set keep_down/keep_up instead."""
+    """Block-removal preset (bk_base, bk_small, bk_tiny, sdxs: SD-1.x/2.x teachers; ssd1b, vega, koala_1b,
+    koala_700m: SDXL teachers); custom: set keep_down/keep_up instead."""
     keep_down: Optional[list[list[int]]] = None
     """custom: per teacher down block, the resnet (and attention) indices the student keeps."""
     keep_up: Optional[list[list[int]]] = None
@@ -108,6 +113,20 @@ class StudentConfig:
     """custom: keep the deepest down block and its matching up block."""
     drop_attention: list[int] = field(default_factory=list)
     """custom: teacher levels (0 = highest resolution) where the student has no attention (sdxs: [0])."""
+    mid_attention: bool = True
+    """custom: false replaces the kept mid block by one resnet (diffusers' UNetMidBlock2D, as in SSD-1B and
+    Vega), copied from the teacher's first mid resnet."""
+    transformer_layers_per_block: Optional[list[Any]] = None
+    """custom: per teacher down block, the transformer depth of each kept attention: a depth for all, or a list
+    with one per kept index (entries of blocks without attention are ignored); null: the teacher's. The
+    deepest entry also sets the mid block's depth, as diffusers builds it."""
+    reverse_transformer_layers_per_block: Optional[list[Any]] = None
+    """custom: the same per teacher up block; null: the teacher's, or, for a teacher that lists none, each up
+    block at its level's depth in transformer_layers_per_block (diffusers' rule)."""
+    layer_init: Any = "first"
+    """Which teacher transformer layers seed a student attention shallower than its teacher source: first (the
+    first k), even (k evenly spaced, first and last included), or {student attention: [teacher layer
+    indices]} naming every shallower attention (train/show_student.py lists them)."""
     feature_pairs: FeaturePairs = FeaturePairs.bk
     """Feature-KD pair table: bk (BK-SDM's), segmind (segmind's), or custom (then set pairs)."""
     pairs: Optional[list[list[str]]] = None
@@ -431,18 +450,46 @@ def save_config(cfg: Any, path: str | Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), path)
 
 
+def _index(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _depth_entry(entry) -> bool:
+    return _index(entry, 1) or (isinstance(entry, list) and all(_index(d, 1) for d in entry))
+
+
+def _check_layer_init(value) -> None:
+    """first, even, or {student attention: [teacher layer indices]}; whether the lists fit is checked against
+    the teacher (train/models/students.py)."""
+    explicit = isinstance(value, dict) and bool(value) and all(
+        isinstance(name, str) and isinstance(layers, list) and layers and all(_index(i, 0) for i in layers)
+        for name, layers in value.items())
+    require(value in ("first", "even") or explicit, "student.layer_init",
+            f"expected first, even, or {{student attention: [teacher layer indices >= 0]}}, got {value!r}")
+
+
 def check_student(s: StudentConfig) -> None:
     """A preset, or `custom` with its keep_* fields; a preset sets the custom fields itself."""
     # A StudentConfig built in code (train/show_student.py) has not been through the schema's types.
     require(s.preset in StudentPreset.__members__, "student.preset",
             expected_one_of(StudentPreset.__members__, s.preset))
+    _check_layer_init(s.layer_init)
     if s.preset == StudentPreset.custom:
         require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
                 "student.keep_down and student.keep_up are required when student.preset=custom")
+        require(s.mid_block or s.mid_attention, "student.mid_attention",
+                "false replaces the mid block by one resnet, but student.mid_block=false removes it")
+        for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+            value = getattr(s, key)
+            require(value is None or (isinstance(value, list) and all(map(_depth_entry, value))), f"student.{key}",
+                    f"expected one entry per teacher block, each a depth >= 1 or a list of them, got {value}")
         return
     require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage and not s.drop_attention,
             "student.preset", f"keep_down, keep_up, mid_block, deepest_stage and drop_attention apply only to "
                               f"student.preset=custom; '{s.preset}' sets them itself")
+    require(s.mid_attention and s.transformer_layers_per_block is None and s.reverse_transformer_layers_per_block is None,
+            "student.preset", f"mid_attention, transformer_layers_per_block and reverse_transformer_layers_per_block "
+                              f"apply only to student.preset=custom; '{s.preset}' sets them itself")
 
 
 def validate(cfg: Config) -> None:
