@@ -50,7 +50,7 @@ def first_line(err: BaseException) -> str:
 
 
 def _peer_gone(err: BaseException) -> bool:
-    """A collective that failed because another process of the run ended; that process said why (a user
+    """A collective that failed because another process of the run ended; that process tells why (a user
     mistake found on one process only, such as a bad sample under data.strict, or a crash)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
         text in str(err) for text in ("Connection closed by peer", "Connection reset by peer"))
@@ -104,7 +104,7 @@ def run_cli(main: Callable[[], None]) -> None:
     except RuntimeError as err:
         if not _peer_gone(err):
             raise
-        _exit(PEER_GONE)  # quietly: the process that ended first says why (its launcher tells the codes apart)
+        _exit(PEER_GONE)  # quietly, and told apart from a crash by sdkd.train.launch
 
 
 def moved(new: str) -> None:
