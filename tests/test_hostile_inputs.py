@@ -463,13 +463,14 @@ CONFIG_CASES = [
 
 
 def lock_holder(c: Ctx) -> list[str]:
-    """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it."""
+    """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it until its
+    stdin closes (the test kills it at the end, or ends first)."""
     busy = fake_finished_run(c.ws / "busy")
     c.holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
+        "import sys; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
         "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
-        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+        "print('locked', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert c.holder.stdout.readline().strip() == "locked"
     return ["--config", TOY, f"output_dir={busy}", *TINY, "resume=latest"]
 
@@ -811,6 +812,7 @@ def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tm
         if ctx.holder is not None:
             ctx.holder.kill()
             ctx.holder.wait()
+            ctx.holder.stdin.close()
             ctx.holder.stdout.close()
     after = snapshot(root)
 

@@ -78,11 +78,12 @@ def test_overwrite_and_resume_together_is_a_config_error(tmp_path):
 
 
 def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc):
+    # It holds the folder until its stdin closes: when the test kills it, or if the test itself ends first.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
+        "import sys; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
         "from sdkd.train.engine.config import Config; "
         f"run_folder.claim(Config(teacher='toy', output_dir={str(tmp_path)!r}), Accelerator(cpu=True)); "
-        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+        "print('locked', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid}\)"):
@@ -90,6 +91,8 @@ def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc
     finally:
         holder.kill()
         holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
     run_folder.claim(cfg(tmp_path), acc)  # a killed run leaves no stuck lock
 
 
