@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sdkd.data.sources.core import build_dataset
 from sdkd.train.engine.config import load_config
+from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.engine.loop import Loop, make_accelerator
 from sdkd.train.engine.task import StepContext, Task, TrainedModule, every
 
@@ -81,7 +82,8 @@ class GanTask(Task):
 def config(out, *overrides):
     return load_config(None, ["teacher=toy", f"output_dir={out}", "data.resolution=16", "data.num_samples=8",
                               "train.batch_size=2", "train.max_steps=6", "train.checkpoint_every=3",
-                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides])
+                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides],
+                       schema=KDConfig)
 
 
 def fit(cfg, **task_kw) -> GanTask:
