@@ -71,9 +71,9 @@ def picture(out: Path, presets: list[str], seed: int) -> Path:
     import torch
 
     from sdkd.train.engine.config import load_config
-    from sdkd.train.tasks.diffusion_config import KDConfig
     from sdkd.train.engine.sampling import make_grid, sample_images
     from sdkd.train.models.teacher import load_pipeline, load_teacher
+    from sdkd.train.tasks.diffusion_config import KDConfig
 
     cfg = load_config(ROOT / "configs/toy.yaml", ["output_dir=unused"], schema=KDConfig)
     s = cfg.sample

@@ -3,8 +3,7 @@ and reference images are.
 
 A YAML file (configs/eval_*.yaml) plus `key=value` overrides, read and checked with train/engine/config.py's
 machinery, as a trainer's config is: unknown keys, wrong types and impossible values stop with one line naming
-the key (exit 2). Nothing heavy is
-imported here, so --help stays fast.
+the key (exit 2). Nothing heavy is imported here, so --help stays fast.
 """
 
 from __future__ import annotations
