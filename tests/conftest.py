@@ -81,10 +81,12 @@ def loop_config(out, *overrides):
     """A small run of the shared loop on synthetic data: 6 steps of batch 2, a checkpoint every 3, a log line
     every step, no sample grids or trackers."""
     from sdkd.train.engine.config import load_config
+    from sdkd.train.tasks.diffusion_config import KDConfig
 
     return load_config(None, ["teacher=toy", f"output_dir={out}", "data.resolution=16", "data.num_samples=8",
                               "train.batch_size=2", "train.max_steps=6", "train.checkpoint_every=3",
-                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides])
+                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides],
+                       schema=KDConfig)
 
 
 def fit_task(cfg, make_task):

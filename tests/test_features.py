@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
 from sdkd.train.models.students import PRESETS, SD, build_student, removal_spec, student_unet_config

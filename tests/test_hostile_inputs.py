@@ -206,7 +206,7 @@ class Assets:
     def teacher_lora(self) -> Path:
         """A LoRA trained on the toy teacher's full layout (it adapts modules a bk_small student lacks)."""
         from sdkd.train.formats import lora_io
-        from sdkd.train.engine.config import LoraSection
+        from sdkd.train.formats.lora_config import LoraSection
         from sdkd.train.models.toy import build_toy_pipeline
 
         pipe = build_toy_pipeline()
@@ -468,8 +468,8 @@ def lock_holder(c: Ctx) -> list[str]:
     busy = fake_finished_run(c.ws / "busy")
     c.holder = subprocess.Popen([sys.executable, "-c", (
         "import sys; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
-        "from sdkd.train.engine.config import Config; "
-        f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
+        "from sdkd.train.engine.config import RunConfig; "
+        f"run_folder.claim(RunConfig(output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
         "print('locked', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert c.holder.stdout.readline().strip() == "locked"
     return ["--config", TOY, f"output_dir={busy}", *TINY, "resume=latest"]

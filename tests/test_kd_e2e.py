@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdkd.train.engine.sampling import LABEL_CELL
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import build_student, removal_spec
 from sdkd.train.models.teacher import load_teacher
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import ROOT, run_script
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError, run_cli
 from sdkd.train.show_student import main
 from sdkd.train.models.students import (PRESETS, SD, SDXL, RemovalSpec, build_student, count_params, layer_sources,
@@ -284,7 +284,7 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
 
 def test_config_knows_exactly_the_presets_students_builds():
     # config.py names them without importing diffusers (launch.sh checks configs with it alone).
-    from sdkd.train.engine.config import StudentPreset
+    from sdkd.train.models.student_config import StudentPreset
 
     assert [*PRESETS, "custom"] == list(StudentPreset.__members__)
 

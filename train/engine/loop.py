@@ -2,7 +2,7 @@
 EMA, logging, sample grids, checkpoints and resume, the final export. What is trained, and how a
 batch becomes loss terms, is the trainer's task (train/engine/task.py).
 
-Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `eval.every` is due, and at the
+Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `Task.eval_every` is due, and at the
 last step) -> sample -> checkpoint -> done?
 """
 
@@ -26,14 +26,14 @@ from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import collate
 from sdkd.train.engine import console, run_folder, tracking
 from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolve_resume
-from sdkd.train.engine.config import Config, OptimConfig, resolve_max_steps
+from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 from sdkd.train.engine.frozen import freeze
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's accelerator; also creates and locks OUTPUT/, refusing one that holds another run
     (train/engine/run_folder.py; the config is saved there when training starts)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -89,7 +89,7 @@ class Prepared:
 class Loop:
     """Trains `task` on `dataset`: the one loop every trainer runs (train/engine/task.py says what a task gives it)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, task: Task, dataset: Dataset):
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, task: Task, dataset: Dataset):
         self.cfg, self.accelerator, self.task, self.dataset = cfg, accelerator, task, dataset
 
     def fit(self) -> None:
@@ -125,7 +125,7 @@ class Loop:
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
-        if step == 0 and cfg.eval.every:  # the curve's starting point: the freshly initialised model
+        if step == 0 and task.eval_every:  # the curve's starting point: the freshly initialised model
             acc.log(self._evaluate(step), step=step)
         while step < max_steps:
             start = time.perf_counter()
@@ -144,7 +144,7 @@ class Loop:
                 shown = "loss" if "loss" in terms else next(iter(terms), None)
                 if shown is not None:
                     progress.set_postfix(**{shown: f"{logged[shown]:.4f}"})
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == max_steps):  # and the final model
+            if task.eval_every and (step % task.eval_every == 0 or step == max_steps):  # and the final model
                 logged |= self._evaluate(step)
             if logged:
                 acc.log(logged, step=step)
@@ -314,7 +314,7 @@ class Loop:
         acc.wait_for_everyone()
 
 
-def run_summary(cfg: Config, step: int, exported: list[Path], next_steps: list[tuple[str, str]]) -> str:
+def run_summary(cfg: RunConfig, step: int, exported: list[Path], next_steps: list[tuple[str, str]]) -> str:
     """A run's closing lines: what it wrote where, then the commands to run next (the task's, with why).
     `exported` is what the task's export wrote, the model first."""
     out, model = Path(cfg.output_dir), exported[0]
@@ -333,7 +333,7 @@ def run_summary(cfg: Config, step: int, exported: list[Path], next_steps: list[t
     return "\n".join(lines)
 
 
-def _flat(cfg: Config) -> dict:
+def _flat(cfg: RunConfig) -> dict:
     """Config as flat scalar values for trackers (tensorboard takes no lists)."""
     from omegaconf import OmegaConf
 

@@ -127,6 +127,10 @@ class Task:
         for name, value in state.items():
             setattr(self, name, value)
 
+    eval_every: int = 0
+    """The loop calls `evaluate` every this many steps, at step 0 of a new run and at the last step: the
+    trainer's `eval.every` (train/engine/config.py's EvalConfig); 0: never."""
+
     def train_step(self, ctx: StepContext, batch: dict, rng) -> dict[str, torch.Tensor]:
         """One micro-batch: the loss terms to log (`loss` among them when there is one overall loss).
         Call `ctx.backward(name, loss)` for each module due at `ctx.step` (`module.due(ctx.step)`)."""
@@ -136,7 +140,7 @@ class Task:
         """Write this step's sample grid (main process only). Default: none."""
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Metrics of the trained model at this step (main process only; every `eval.every` steps), logged as
+        """Metrics of the trained model at this step (main process only; every `eval_every` steps), logged as
         `eval/NAME` beside the losses. Default: none."""
         return {}
 

@@ -36,7 +36,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.students import RemovalSpec
 

@@ -45,7 +45,7 @@ from typing import Mapping
 import torch
 from diffusers import Transformer2DModel, UNet2DConditionModel
 
-from sdkd.train.engine.config import StudentConfig, check_student
+from sdkd.train.models.student_config import BlockRemovalConfig, StudentConfig
 from sdkd.cli.errors import ConfigError
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -123,9 +123,9 @@ PRESETS: dict[str, RemovalSpec] = {
 }
 
 
-def removal_spec(cfg: StudentConfig) -> RemovalSpec:
+def removal_spec(cfg: BlockRemovalConfig) -> RemovalSpec:
     """The spec named by `student.preset`, or the custom one given by its keep_* fields; with `layer_init`."""
-    check_student(cfg)
+    BlockRemovalConfig.check(cfg, "student")  # its removal keys only: a section built in code is unchecked
     if cfg.preset == "custom":
         return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage, cfg.drop_attention or (),
                            cfg.mid_attention, cfg.transformer_layers_per_block,

@@ -169,6 +169,7 @@ class DecoderTask(Task):
                  lpips=None, encoder_from: str | None = None):
         """`encoder_from`: where the tiny VAE's encoder (never trained here) came from; None: it is random."""
         self.cfg, self.accelerator, self.teacher_vae, self.tiny = cfg, accelerator, teacher_vae, tiny
+        self.eval_every = cfg.eval.every
         self.encoder, self.lpips, self.encoder_from = encoder, lpips, encoder_from
         g = cfg.gan
         self.disc = None
