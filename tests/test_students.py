@@ -607,7 +607,12 @@ def test_mid_attention_needs_a_mid_block_to_replace():
 
 
 def test_recipe_keys_reach_the_spec_and_the_saved_config(tmp_path):
-    from sdkd.train.engine.config import load_config, save_config
+    from sdkd.train.engine.config import load_config as load
+    from sdkd.train.engine.config import save_config
+    from sdkd.train.tasks.diffusion_config import KDConfig
+
+    def load_config(path, overrides=()):
+        return load(path, overrides, schema=KDConfig)
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("teacher: toy\noutput_dir: runs/x\nstudent:\n  preset: ssd1b\n  layer_init:\n"

@@ -99,11 +99,12 @@ class BlockRemovalConfig(Section):
                         f"expected one entry per teacher block, each a depth >= 1 or a list of them, got {value}")
             return
         require(self.keep_down is None and self.keep_up is None and self.mid_block and self.deepest_stage
-                and not self.drop_attention and self.mid_attention and all(getattr(self, k) is None for k in depths),
-                f"{at}.preset",
-                f"keep_down, keep_up, mid_block, deepest_stage, drop_attention, mid_attention, "
-                f"transformer_layers_per_block and reverse_transformer_layers_per_block apply only to "
+                and not self.drop_attention, f"{at}.preset",
+                f"keep_down, keep_up, mid_block, deepest_stage and drop_attention apply only to "
                 f"{at}.preset=custom; '{self.preset}' sets them itself")
+        require(self.mid_attention and all(getattr(self, k) is None for k in depths), f"{at}.preset",
+                f"mid_attention, transformer_layers_per_block and reverse_transformer_layers_per_block apply only "
+                f"to {at}.preset=custom; '{self.preset}' sets them itself")
 
 
 @dataclass
