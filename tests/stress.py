@@ -39,6 +39,7 @@ TESTS = [
     "tests/test_hostile_inputs.py::test_hostile_input_is_one_line_and_changes_nothing[launch-one-process-unknown-key]",
     "tests/test_hostile_inputs.py::test_hostile_input_is_one_line_and_changes_nothing[output-dir-locked-by-another-run]",
     "tests/test_run_folder.py::test_a_running_run_holds_the_lock_and_a_killed_one_releases_it",
+    "tests/test_task_state.py::test_two_processes_each_resume_their_own_task_state",
     "tests/test_tracking.py::test_logged_images_carry_their_prompts",
     "tests/test_demo.py::test_page_in_headless_chromium_shows_one_image_per_model",
 ]
