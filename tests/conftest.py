@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,20 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict 
     return subprocess.run(args, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A port no process listens on now: several processes' rendezvous, so that test runs side by side (a
+    developer's and tests/stress.py's) never meet on one fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(args: list[str], num_processes: int = 1, **kw):
     """`accelerate launch`; several processes use --multi_gpu (gloo on a CPU-only machine)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
               "--mixed_precision", "no"]
-    launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    launch += (["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+               if num_processes > 1 else ["--num_processes", "1"])
     return run_script(launch + args, **kw)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import sys
 
 import pytest
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 from sdkd.cli.errors import (LAUNCHER_REPORTS, PEER_GONE, ConfigError, ReportedElsewhere, UserError, first_line,
                              require, run_cli)
 from sdkd.train.launch import user_mistake
@@ -105,12 +104,6 @@ def test_the_launcher_says_a_mistake_only_when_every_other_failure_ended_because
     assert user_mistake({0: peer, 1: failure(1, 1)}) is None  # a crash and the peer it left
     assert user_mistake({0: peer, 1: failure(1, 2)}) is None  # exit 2 with no record: not one of ours
     assert user_mistake({0: stopped, 1: failure(1, -signal.SIGTERM)}) is None  # stopped from outside
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(*args: str, launcher: str = "python"):

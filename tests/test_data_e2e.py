@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_script
+from conftest import accelerate_launch, free_port, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -148,7 +148,7 @@ def test_a_bad_sample_on_one_of_two_processes_stops_both_with_one_line(tmp_path,
     """data.strict under launch.sh --gpus 2: the launcher exits 2 with the one line of a process that read a bad
     sample (each process may read one: the shards are resampled), whichever process ended first; no traceback
     from the other, left in a collective, nor from the launcher. tests/test_cli_errors.py forces each order."""
-    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29531", "train/kd.py", "--config",
+    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", str(free_port()), "train/kd.py", "--config",
                          "configs/toy.yaml", f"output_dir={tmp_path}", "data.source=webdataset", f"data.path={shards}",
                          "data.strict=true", "train.batch_size=4", "train.max_steps=8", "train.sample_every=0",
                          "log.trackers=[none]"])

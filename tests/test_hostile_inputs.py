@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import ROOT, run_script, save_toy_student
+from conftest import ROOT, free_port, run_script, save_toy_student
 
 TOY = str(ROOT / "configs" / "toy.yaml")
 LORA_TOY = str(ROOT / "configs" / "lora_toy.yaml")
@@ -766,7 +766,8 @@ TOOL_CASES = [
 
 
 def launch(c: Ctx, gpus: list[str], *args: str) -> list[str]:
-    return ["./launch.sh", *gpus, "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, *args]
+    return ["./launch.sh", *gpus, "--port", str(free_port()), "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY,
+            *args]
 
 
 PROCESS_CASES = [
