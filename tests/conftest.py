@@ -11,6 +11,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DURATIONS = ROOT / "test-durations.txt"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    # The fast tier (`-m "not slow"`) leaves out the end-to-end runs and the SD-1.5-width round trips; another
+    # slow test (a command in a new Python process: seconds of imports; a long sampling) carries `slow` itself.
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("sd15"):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every test's seconds (setup, call and teardown together) in test-durations.txt, slowest first: what a
+    CI run leaves for budgeting the suite (`--durations` prints only the slowest)."""
+    seconds, outcomes = {}, {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
+                outcomes.setdefault(report.nodeid, set()).add(report.outcome)
+    if not seconds:
+        return
+    worst = {test: next(o for o in ("failed", "skipped", "passed") if o in found) for test, found in outcomes.items()}
+    lines = [f"{s:9.2f}s  {worst[test]:7}  {test}" for test, s in sorted(seconds.items(), key=lambda item: -item[1])]
+    header = f"# {len(lines)} tests, {sum(seconds.values()):.0f} s in all (setup + call + teardown), slowest first\n"
+    DURATIONS.write_text(header + "\n".join(lines) + "\n")
+    terminalreporter.write_line(f"every test's duration: {DURATIONS.relative_to(ROOT)}")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -18,9 +18,6 @@ from sdkd.train.tasks.autoencoder import Reconstruct, first_images, fit_scaling_
 
 from conftest import launch_trainer, run_script, same_state
 
-pytestmark = pytest.mark.e2e
-
-
 def launch_vae(out, *overrides, ok=True):
     return launch_trainer("train/autoencoder.py", "configs/toy_vae.yaml", out, "log.trackers=[none]", *overrides,
                           check=ok)
@@ -31,6 +28,7 @@ def reconstruction_error(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
         return (vae.eval()(pixels, sample_posterior=False).sample - pixels).abs().mean().item()
 
 
+@pytest.mark.e2e
 def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
     result = launch_vae(tmp_path, "train.max_steps=40", "train.batch_size=16", "train.sample_every=20",
                         "train.checkpoint_every=0", "optim.lr=2e-3", "optim.lr_scheduler=constant",
@@ -57,6 +55,7 @@ def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
     assert first.size == last.size and first.width > first.height
 
 
+@pytest.mark.e2e
 def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
     # From a given pipeline's VAE; EMA, accumulation and a cosine schedule are part of the state.
     common = [f"autoencoder.model={toy_teacher_dir}", "train.max_steps=6", "train.checkpoint_every=3",

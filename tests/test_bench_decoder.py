@@ -23,6 +23,7 @@ def test_macs_and_params_of_the_default_tiny_decoder():
     assert decode_macs(vae, 128, torch.device("cpu"), torch.float32) == pytest.approx(4 * macs, rel=0.01)
 
 
+@pytest.mark.slow
 def test_benchmark_report_and_table(tmp_path):
     out = tmp_path / "bench.json"
     r = run_script([sys.executable, "eval/bench_decoder.py", "--resolution", "32", "--batches", "1,2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -38,6 +39,7 @@ def test_benchmark_toy_json_and_table(tmp_path):
     assert "| teacher" in r.stdout and "time vs MACs" in r.stdout
 
 
+@pytest.mark.slow  # a Python start for one line; the run above covers the command
 def test_benchmark_bad_preset():
     r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_huge"])
     assert r.returncode == 2 and "unknown preset 'bk_huge'" in r.stderr

@@ -21,6 +21,7 @@ RATIOS = dict(images_per_s_speedup="images_per_s", unet_params="unet_params", un
               decoder_ms_per_image="decoder_ms_per_image", latency_ms_per_image="latency_ms_per_image")
 
 
+@pytest.mark.slow
 def test_toy_report_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
     r = run_script([sys.executable, "eval/bench_one_step.py", "--teacher", "toy", "--resolution", "32",

@@ -110,3 +110,26 @@ def test_checked_against_the_teacher(cache, toy):
 def test_unfinished_cache_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a finished latent cache"):
         CachedLatents(tmp_path)
+
+
+def test_teacher_samples_are_stored_exactly_with_a_seed_per_sample(toy):
+    """`train/cache_latents.py --from-samples` (SampledLatents): sample i is the latent diffusers' own pipeline
+    of the teacher samples with seed + i, as a posterior of zero spread; the seeds run on across batches."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from sdkd.train.models.toy import TOY_TEACHER
+    from sdkd.train.tasks.sampled_latents import SampledLatents
+
+    captions = ["a red circle on a blue background", "a green square on a white background", "a yellow triangle"]
+    encoder = SampledLatents(toy, steps=2, guidance_scale=4.0, resolution=R, seed=5)
+    first, spread = encoder.posterior({"captions": captions[:2]})
+    second, _ = encoder.posterior({"captions": captions[2:]})  # the next batch: seeds 7, ...
+    assert torch.equal(spread, torch.zeros_like(first))
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_TEACHER, local_files_only=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expected = [pipe([caption], num_inference_steps=2, guidance_scale=4.0, height=R, width=R, output_type="latent",
+                     generator=torch.Generator().manual_seed(5 + i)).images for i, caption in enumerate(captions)]
+    scaled = torch.cat([first, second]) * toy.vae.config.scaling_factor
+    torch.testing.assert_close(scaled, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(scaled[0], scaled[1])

@@ -68,6 +68,7 @@ def test_image_folder_to_shards(folder, tmp_path):
     assert sorted(tuple(s) for s in batch["original_size"].tolist()) == sorted((50, 60 + 10 * i) for i in range(7))
 
 
+@pytest.mark.slow
 def test_resize_and_cli(folder, tmp_path):
     out = tmp_path / "shards"
     result = run_script([sys.executable, "data/make_shards.py", str(folder), str(out), "--resize", "32",

@@ -114,6 +114,7 @@ def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
         generate(model, "x", steps=0)
 
 
+@pytest.mark.slow  # two Python starts; the page test below checks the same in this process
 def test_no_model_to_show_exits_2_with_one_line_each(tmp_path):
     # Two independent starts, side by side: each spends its seconds importing torch and diffusers.
     with ThreadPoolExecutor(2) as pool:
@@ -257,3 +258,41 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, "".join(output)
+
+
+def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_teacher_dir, tmp_path, capsys):
+    """eval/demo.py and its page without a browser: no model to show stops the command before Gradio; each
+    model's column starts at its own steps and guidance, the models left out are listed, and a click shows
+    "generating..." everywhere, then each image with its line."""
+    import dataclasses
+
+    import gradio as gr
+
+    from sdkd.eval import demo
+    from sdkd.eval.page.layout import build_page
+    from sdkd.eval.page.models import format_params
+
+    with pytest.raises(UserError, match=r"^none of the 2 models could be loaded \(see above\)$"):
+        demo.main(["--models", f"a={tmp_path / 'nope'}", "b=toy:bk_huge"])
+    warnings = capsys.readouterr().err.splitlines()
+    assert [line.split("'")[:2] for line in warnings] == [["warning: model ", "a"], ["warning: model ", "b"]]
+    teacher = load_model("teacher", str(toy_teacher_dir), tmp_path, steps=2)
+    turbo = dataclasses.replace(teacher, name="turbo", one_step=True, default_steps=1, default_guidance=1.0)
+    page = build_page([teacher, turbo], problems=["model 'gone' (runs/gone): not found"])
+    blocks = {block.elem_id: block for block in page.blocks.values() if getattr(block, "elem_id", None)}
+    assert [blocks[f"steps-{i}"].value for i in (0, 1)] == [2, 1]
+    assert [blocks[f"guidance-{i}"].value for i in (0, 1)] == [7.5, 1.0]
+    assert {f"image-{i}" for i in (0, 1)} <= blocks.keys() and "image-2" not in blocks
+    assert any("- model 'gone' (runs/gone): not found" in block.value for block in page.blocks.values()
+               if isinstance(block, gr.Markdown))
+
+    (handler,) = [function.fn for function in page.fns.values()]
+    shown = [list(step) for step in handler("a red circle", "", 3, 2, 7.5, 1, 1.0)]
+    assert len(shown) == 3 and shown[0][1::2] == ["generating...", "generating..."]
+    assert shown[1][3] == "generating..." and shown[2][0] is shown[1][0]  # one model after the other
+    for i, done in enumerate(["2 steps · guidance 7.5", "1 step · guidance 0"]):  # one step turns guidance off
+        line = rf"\*\*\d+\.\d\d s\*\* · {done} · U-Net {re.escape(format_params(teacher.params))} params"
+        assert shown[2][2 * i].size == (32, 32) and re.fullmatch(line, shown[2][2 * i + 1]), shown[2]
+    assert shown[2][0].tobytes() == generate(teacher, "a red circle", seed=3).image.tobytes()
+    with pytest.raises(gr.Error, match="prompt"):
+        next(handler("  ", "", 3, 2, 7.5, 1, 1.0))

@@ -170,6 +170,7 @@ def test_sdcpp_export_refused_and_no_file(layout, layout_dirs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_sdcpp_export_refused_cli_one_line(layout_dirs, tmp_path):
     out = tmp_path / "x.safetensors"
     r = run_script([sys.executable, "train/export.py", str(layout_dirs["bk_small"]), "--format", "single-file",
@@ -209,6 +210,7 @@ def run_dir(toy_teacher_dir, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_export_run_folder_ema_and_checkpoint(run_dir, tmp_path):
     plain = M.load_source(run_dir)
     ema = M.load_source(run_dir, ema=True)

@@ -398,8 +398,8 @@ class Case:
                                    # its new output folder (config.yaml, metrics.jsonl) before the data failed
 
 
-def case(id_: str, script: str, setup, culprit, **kw):
-    return pytest.param(Case(script, setup, culprit, **kw), id=id_)
+def case(id_: str, script: str, setup, culprit, marks=(), **kw):
+    return pytest.param(Case(script, setup, culprit, **kw), id=id_, marks=marks)
 
 
 def _cuda() -> bool:
@@ -762,6 +762,10 @@ TOOL_CASES = [
          ("config key 'decoder'", "{ws}/taesd.safetensors")),
     case("toy-ablation-zero-steps", "eval/toy_ablation.py", lambda c: ["--out", str(c.ws / "abl"), "--steps", "0"],
          "--steps", absent=("{ws}/abl",)),
+    case("launcher-trainer-unknown-key", "train/launch.py",  # what launch.sh runs, with its options given
+         lambda c: ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                    "no", str(ROOT / KD), "--config", TOY, f"output_dir={c.ws / 'out'}", "train.bogus_key=1"],
+         "config key 'train.bogus_key'", absent=("{ws}/out",)),
 ]
 
 
@@ -773,7 +777,7 @@ def launch(c: Ctx, gpus: list[str], *args: str) -> list[str]:
 PROCESS_CASES = [
     case("launch-two-ranks-imagefolder-missing", "launch.sh",
          lambda c: launch(c, ["--gpus", "2"], "data.source=imagefolder", f"data.path={c.ws / 'MISSING'}"),
-         "image folder not found: {ws}/MISSING", subprocess=True),
+         "image folder not found: {ws}/MISSING", subprocess=True, marks=pytest.mark.slow),
     case("launch-one-process-unknown-key", "launch.sh", lambda c: launch(c, ["--gpus", "1"], "train.bogus_key=1"),
          "config key 'train.bogus_key'", subprocess=True),
     case("python-kd-yaml-syntax-error", KD, config_file("teacher: toy\ndata: {source: synthetic\n", "broken.yaml"),

@@ -89,6 +89,7 @@ def test_inception_loads_from_safetensors_and_pth(inception):
     assert want.shape == (1, 2048)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")  # our KID for comparison
 def test_fid_kid_of_a_set_against_itself_and_another_match_torchmetrics(inception, tmp_path):
     fid_kid = FidKid(inception["pth"], "cpu", kid_subset_size=1000)
@@ -116,6 +117,7 @@ def test_fid_kid_of_a_set_against_itself_and_another_match_torchmetrics(inceptio
     assert fid_kid.counts() == (0, 0)
 
 
+@pytest.mark.slow
 def test_reference_stats_give_the_fid_of_the_reference_images(inception, tmp_path):
     fa = inception["fa"].numpy()
     npz = tmp_path / "coco_stats.npz"

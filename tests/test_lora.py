@@ -230,3 +230,33 @@ def test_sd15_sdcpp_lora_matches_the_fused_model_in_stable_diffusion_cpp(tmp_pat
     assert applied and f"({n} / {n})" in applied[0], applied
     change, error = np.abs(with_lora - plain).mean(), np.abs(with_lora - fused_image).mean()
     assert change > 1.0 and error < 0.1 * change, (change, error)
+
+
+def test_a_text_encoder_lora_trains_with_the_unet_as_one_module():
+    """lora.train_text_encoder (train/tasks/lora.py): the U-Net and the text encoder are one trained module fed
+    token ids; it predicts what the U-Net predicts on the text encoder's states, and the loss's gradient reaches
+    both adapters and nothing else."""
+    from sdkd.train.engine.step_random import StepRandom
+    from sdkd.train.models.teacher import load_teacher
+    from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
+    from sdkd.train.tasks.objective import BatchEncoder
+
+    parts = load_teacher("toy")
+    for model in (parts.unet, parts.text_encoder, parts.vae):
+        model.requires_grad_(False)
+    lora_io.add_adapters(parts.unet, parts.text_encoder, LoraSection(rank=4, train_text_encoder=True))
+    randomize_b(parts.unet, parts.text_encoder)
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a red circle", "a blue square"]}
+    latents, tokens = TokenEncoder(parts)(batch, StepRandom(0, "cpu", 2))
+    same_latents, conditioning = BatchEncoder(parts)(batch, StepRandom(0, "cpu", 2))
+    assert torch.equal(latents, same_latents)
+    t = torch.tensor([10, 500])
+    prediction = TextConditionedUNet(parts.unet, parts.text_encoder)(latents, t, **tokens.unet_kwargs()).sample
+    with torch.no_grad():
+        expected = parts.unet(latents, t, **conditioning.unet_kwargs()).sample
+    torch.testing.assert_close(prediction, expected)
+    prediction.square().mean().backward()
+    for model in (parts.unet, parts.text_encoder):
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert grads and all("lora_" in name for name in grads)
+        assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)

@@ -130,6 +130,7 @@ def test_bad_inputs(models, tmp_path):
             resolve_device_dtype("auto", "fp16")
 
 
+@pytest.mark.slow
 def test_sample_cli(models, tmp_path):
     out = tmp_path / "samples"
     r = run_script([sys.executable, "eval/sample.py", "--model", str(models["sdcpp"]), "--prompt", "a fox",

@@ -65,6 +65,7 @@ def test_checkpoint_of_a_run_without_student_takes_the_teacher(run, tmp_path):
     assert pipe(["a fox"], steps=2, output_type="np")[0].shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_sample_cli_ema_and_samples_json(run, tmp_path):
     outs = {}
     for ema in (False, True):
@@ -92,6 +93,7 @@ def test_sample_cli_ema_and_samples_json(run, tmp_path):
                                 {"file": "image-001.png", "prompt": "a car", "seed": 4}]
 
 
+@pytest.mark.slow
 def test_bad_models_say_what_was_expected(run, tmp_path):
     r = run_script([sys.executable, "eval/sample.py", "--model", str(tmp_path / "nope"), "--prompt", "x",
                     "--out", str(tmp_path / "o")])

@@ -233,6 +233,7 @@ def test_preset_errors():
 # CLI
 
 
+@pytest.mark.slow
 def test_cli_json_reports_exact_counts(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD15_UNET}))

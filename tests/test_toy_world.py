@@ -11,6 +11,7 @@ steps, guidance 4, seeds 0-47): foreground 90%, background 40%, both 40%; chance
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from sdkd.data.sources.colour_check import CHANCE, caption_colours, check_captio
 from sdkd.data.sources.core import COLOURS, SyntheticCaptions
 from sdkd.data.sources.transforms import ImageTransform
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 TEACHER = ROOT / "train" / "models" / "toy_teacher"
 N, STEPS, GUIDANCE = 48, 20, 4.0  # train/make_toy_teacher.py CHECK: the check its provenance.json reports
@@ -38,12 +39,14 @@ def samples():
     return images, captions
 
 
+@pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core
 def test_teacher_draws_the_captioned_colours_at_least_twice_as_often_as_chance(samples):
     rates = match_rates(*samples)
     print(rates)
     assert rates["fg"] >= 2 * CHANCE and rates["bg"] >= 2 * CHANCE, rates
 
 
+@pytest.mark.slow
 def test_the_rates_are_those_the_provenance_reports(samples):
     # Same captions, seeds and sampler as train/make_toy_teacher.py's check; CPU kernels may round differently
     # on another machine, so a few images may read otherwise.
@@ -79,3 +82,17 @@ def test_the_committed_teacher_is_small_safetensors_package_data():
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     assert "toy_teacher/" in (ROOT / "pyproject.toml").read_text()  # installed with the package
+
+
+def test_make_toy_teacher_checks_its_arguments_before_it_trains(tmp_path):
+    """train/make_toy_teacher.py: a bad argument is one line and exit 2 before any trainer starts, and a folder
+    that is not a toy teacher is never replaced."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    work = tmp_path / "work"
+    for args, error in [(["--check-images", "57"], "error: --check-images: must be in 1..56"),
+                        (["--out", str(other)], f"error: --out '{other}' holds something other than a toy teacher")]:
+        result = run_script([sys.executable, "train/make_toy_teacher.py", "--work", str(work), *args], timeout=120)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(error), result.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and not work.exists()
