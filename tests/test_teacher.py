@@ -96,7 +96,7 @@ def test_toy_is_the_committed_trained_teacher(monkeypatch, tmp_path):
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(parts.unet.config) == public(random.unet.config)
     assert not torch.equal(parts.unet.conv_in.weight, random.unet.conv_in.weight)
-    assert all(torch.equal(a, b) for a, b in zip(parts.text_encoder.state_dict().values(),
+    assert all(torch.equal(a, b) for a, b in zip(parts.components["text_encoder"].state_dict().values(),
                                                  random.text_encoder.state_dict().values(), strict=True))
     assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # refitted by the VAE trainer
     assert type(load_pipeline("toy").scheduler).__name__ == "DDPMScheduler"
