@@ -27,8 +27,8 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 4
 RUN = ["data.source=synthetic", "data.resolution=32", "data.num_samples=8", "data.random_flip=false",
-       "train.batch_size=4", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
-       "train.log_every=1", "train.sample_every=2", "sample.steps=2", "sample.prompts=[a red circle on a blue background]",
+       "train.batch_size=4", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}", "train.log_every=1",
+       "train.sample_every=2", "sample.steps=2", "sample.prompts=[a red circle on a blue background]",
        "eval.every=2", "eval.timesteps=2", "eval.teacher_steps=2", "loss.lambda_out=1.0", "loss.lambda_feat=1.0",
        "log.trackers=[none]", *XL_STUDENT]
 
@@ -162,6 +162,7 @@ def test_a_run_from_the_latent_cache_trains_as_the_run_without_it(run, teacher, 
     # Same data order, latents, conditioning, noise and timesteps: the same training, bit for bit. (Caption
     # dropout is left out: the second encoder's pooled projection of "" differs in the last bit between a batch
     # of one, the cache's, and a batch of four; test_families.py checks what dropout puts in a cached sample.)
-    a, b = (load_file(o / f"checkpoint-{STEPS}" / "unet" / "diffusion_pytorch_model.safetensors") for o in (out, cached))
+    unet = f"checkpoint-{STEPS}/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(out / unet), load_file(cached / unet)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(out) if "loss" in r] == [r["loss"] for r in metrics(cached) if "loss" in r]

@@ -31,7 +31,7 @@ def test_variant_loads_the_variant_files(variant_dir):
     fp16 = load_teacher(PipelineSource(str(variant_dir), variant="fp16"))
     plain = load_teacher(str(variant_dir))
     for name in ("unet", "vae", "text_encoder"):
-        pairs = zip(getattr(fp16, name).parameters(), getattr(plain, name).parameters(), strict=True)
+        pairs = zip(fp16.components[name].parameters(), plain.components[name].parameters(), strict=True)
         assert all(torch.allclose(a, b + 1) for a, b in pairs), name
 
 

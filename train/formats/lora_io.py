@@ -4,8 +4,9 @@
   target must match a module of this model, else one line naming it and the model's layout.
 - `save_lora`: `pytorch_lora_weights.safetensors` exactly as diffusers writes it (the `save_lora_weights` of
   the U-Net's model family's pipeline class, train/models/families.py: `unet.*` keys and, per adapted text
-  encoder, keys prefixed with its component name; peft adapter configs in the `lora_adapter_metadata`), plus sdkd metadata: the base model, its U-Net layout and config. Plain
-  diffusers `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
+  encoder, keys prefixed with its component name; peft adapter configs in the `lora_adapter_metadata`),
+  plus sdkd metadata: the base model, its U-Net layout and config. Plain diffusers
+  `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
 - `check_lora`: before loading, every adapted module must exist in the target model with the LoRA's
   widths: else `UserError` naming the first module that does not fit and both layouts (diffusers
   would skip or only warn).

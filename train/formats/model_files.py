@@ -412,10 +412,9 @@ def _tokenizer_files(tok, allowed: frozenset[str]) -> dict[str, str]:
     return files
 
 
-def _single_file_family(pipe_or_config, where: str) -> ModelFamily:
-    """The family of a pipeline (or U-Net config) the LDM single file has a place for; else one line naming it."""
-    config = pipe_or_config.unet.config if hasattr(pipe_or_config, "unet") else pipe_or_config
-    family = family_of(config, where)
+def _single_file_family(unet_config, where: str) -> ModelFamily:
+    """The family of a U-Net config, which the LDM single file must have a place for; else one line naming it."""
+    family = family_of(unet_config, where)
     if not family.single_file:
         raise UserError(f"{where}: model family '{family.name}' has no single-file layout (the LDM file holds one "
                         f"text encoder); export it with --format diffusers")
@@ -428,7 +427,7 @@ def _config_json(config) -> str:
 
 def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]:
     """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
-    family = _single_file_family(pipe, "--format single-file")
+    family = _single_file_family(pipe.unet.config, "--format single-file")
     (text_name,), components = family.text_encoders, pipe.components
     text = components[text_name]
     vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
@@ -458,7 +457,7 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     if out.is_dir() or out.suffix != ".safetensors":
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
     pipe = source.pipe
-    _single_file_family(pipe, "--format single-file")  # before anything is written, as the checks below
+    _single_file_family(pipe.unet.config, "--format single-file")  # before anything is written, as below
     if target == "sdcpp":  # before anything is written: never a file that fails later
         for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
             print(f"warning: {warning}", file=sys.stderr)

@@ -172,8 +172,9 @@ class ModelFamily(ABC):
     def assemble(self, unet, vae, scheduler, text_encoders: list, tokenizers: list) -> DiffusionPipeline:
         """`pipeline_class` of these models, the text encoders and tokenizers in `components` order (what
         builders of pipelines from configs give it: train/models/toy.py)."""
-        return self.pipeline_class(unet=unet, vae=vae, scheduler=scheduler, **dict(zip(self.text_encoders, text_encoders)),
-                                   **dict(zip(self.tokenizers, tokenizers)), **self.pipeline_extras)
+        return self.pipeline_class(unet=unet, vae=vae, scheduler=scheduler,
+                                   **dict(zip(self.text_encoders, text_encoders, strict=True)),
+                                   **dict(zip(self.tokenizers, tokenizers, strict=True)), **self.pipeline_extras)
 
 
 class StableDiffusion(ModelFamily):
@@ -270,4 +271,5 @@ def random_conditioning(unet_config: Mapping, batch: int = 1, generator: torch.G
         make = lambda shape: torch.empty(shape, device="meta")  # noqa: E731
     else:
         make = lambda shape: torch.randn(shape, generator=generator).to(device or "cpu")  # noqa: E731
-    return Conditioning.from_tensors({name: make(shape) for name, shape in conditioning_shapes(unet_config, batch).items()})
+    shapes = conditioning_shapes(unet_config, batch)
+    return Conditioning.from_tensors({name: make(shape) for name, shape in shapes.items()})

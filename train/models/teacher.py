@@ -177,8 +177,8 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
         for name in names:
             cls = vae_cls if name == "vae" else family.components[name].cls
             components[name] = cls.from_pretrained(source, subfolder=name, **(weights if name in family.models else kw))
-        return PipelineParts(
-            components, family, vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw))
+        vae_config = None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw)
+        return PipelineParts(components, family, vae_config)
     except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
