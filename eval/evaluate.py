@@ -76,7 +76,7 @@ def output_folder(args, run: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, EvaluateConfig)
+    cfg = load_config(args.config, args.overrides, schema=EvaluateConfig)
     if args.print_config:
         from omegaconf import OmegaConf
 

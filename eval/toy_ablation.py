@@ -73,8 +73,9 @@ def picture(out: Path, presets: list[str], seed: int) -> Path:
     from sdkd.train.engine.config import load_config
     from sdkd.train.engine.sampling import make_grid, sample_images
     from sdkd.train.models.teacher import load_pipeline, load_teacher
+    from sdkd.train.tasks.diffusion_config import KDConfig
 
-    cfg = load_config(ROOT / "configs/toy.yaml", ["output_dir=unused"])
+    cfg = load_config(ROOT / "configs/toy.yaml", ["output_dir=unused"], schema=KDConfig)
     s = cfg.sample
     teacher = load_teacher("toy")
     draw = lambda unet: sample_images(unet, teacher, s.prompts, s.seed, s.steps, s.guidance_scale,  # noqa: E731

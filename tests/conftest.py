@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,20 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict 
     return subprocess.run(args, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A port no process listens on now: several processes' rendezvous, so that test runs side by side (a
+    developer's and tests/stress.py's) never meet on one fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(args: list[str], num_processes: int = 1, **kw):
     """`accelerate launch`; several processes use --multi_gpu (gloo on a CPU-only machine)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
               "--mixed_precision", "no"]
-    launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    launch += (["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+               if num_processes > 1 else ["--num_processes", "1"])
     return run_script(launch + args, **kw)
 
 
@@ -75,6 +85,38 @@ def selected(request) -> list:
     """The selected tests of the requesting fixture's module: what a module fixture that starts work in the
     background at the module's start asks before starting it."""
     return [item for item in request.session.items if item.module is request.module]
+
+
+def loop_config(out, *overrides):
+    """A small run of the shared loop on synthetic data: 6 steps of batch 2, a checkpoint every 3, a log line
+    every step, no sample grids or trackers."""
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.tasks.diffusion_config import KDConfig
+
+    return load_config(None, ["teacher=toy", f"output_dir={out}", "data.resolution=16", "data.num_samples=8",
+                              "train.batch_size=2", "train.max_steps=6", "train.checkpoint_every=3",
+                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides],
+                       schema=KDConfig)
+
+
+def fit_task(cfg, make_task):
+    """`Loop.fit` in this process with the task `make_task(accelerator)` gives, on a fresh accelerator; returns
+    the task."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdkd.data.sources.core import build_dataset
+    from sdkd.train.engine.loop import Loop, make_accelerator
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        acc = make_accelerator(cfg)
+        task = make_task(acc)
+        Loop(cfg, acc, task, build_dataset(cfg.data, cfg.train.seed)).fit()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return task
 
 
 def same_state(a, b) -> bool:

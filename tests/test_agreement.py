@@ -12,6 +12,7 @@ import torch
 from sdkd.train.losses import agreement
 from sdkd.train.losses.agreement import TripleSettings, Triples
 from sdkd.train.engine.config import load_config
+from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.models.toy import build_toy_pipeline
 
 SETTINGS = TripleSettings(prompts=("a red circle", "a blue square"), seed=3, timesteps=3, teacher_steps=2,
@@ -88,12 +89,12 @@ def test_image_mse_and_psnr():
 
 def test_run_settings_resolve_nulls_from_sample_and_data(tmp_path):
     cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.num_prompts=1", "eval.every=5",
-                                           "sample.guidance_scale=2.5"])
+                                           "sample.guidance_scale=2.5"], schema=KDConfig)
     s = agreement.run_settings(cfg)
     assert s.prompts == (cfg.sample.prompts[0],) and s.guidance_scale == 2.5 and s.resolution == 32
     assert s.teacher == "toy" and s.teacher_steps == 8 and s.timesteps == 4
     cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path}", "eval.prompts=[a cat]", "eval.resolution=16",
-                                           "eval.guidance_scale=1.0", "sample.resolution=64"])
+                                           "eval.guidance_scale=1.0", "sample.resolution=64"], schema=KDConfig)
     s = agreement.run_settings(cfg)
     assert s.prompts == ("a cat",) and s.resolution == 16 and s.guidance_scale == 1.0
 
@@ -106,4 +107,4 @@ def test_eval_section_errors_name_the_key(tmp_path, override, key):
     from sdkd.cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
-        load_config("configs/toy.yaml", [f"output_dir={tmp_path}", override])
+        load_config("configs/toy.yaml", [f"output_dir={tmp_path}", override], schema=KDConfig)

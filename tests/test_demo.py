@@ -71,7 +71,7 @@ def test_lora_and_tiny_vae_go_to_the_models_they_fit(toy, tmp_path):
     from diffusers import AutoencoderTiny
 
     from sdkd.train.formats import lora_io
-    from sdkd.train.engine.config import LoraSection
+    from sdkd.train.formats.lora_config import LoraSection
     from sdkd.train.models.toy import build_toy_pipeline
 
     teacher = build_toy_pipeline()

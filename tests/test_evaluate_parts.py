@@ -9,12 +9,13 @@ from sdkd.eval.evaluation.config import EvaluateConfig
 from sdkd.eval.evaluation.prompts import load_prompts
 from sdkd.eval.evaluation.report import markdown
 from sdkd.train.engine.config import load_config
+from sdkd.train.tasks.diffusion_config import KDConfig
 
 from conftest import ROOT
 
 
 def config(*overrides):
-    return load_config(None, list(overrides), EvaluateConfig)
+    return load_config(None, list(overrides), schema=EvaluateConfig)
 
 
 @pytest.mark.parametrize("name", ["eval_toy", "eval_bk_sdm_coco30k", "eval_sdxs_coco5k"])
@@ -22,15 +23,15 @@ def test_shipped_configs_load(name, tmp_path):
     prompts = tmp_path / "captions.txt"
     prompts.write_text("a cat\n\na dog\n")
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"prompt_file={prompts}"] * (name != "eval_toy"),
-                      EvaluateConfig)
+                      schema=EvaluateConfig)
     assert cfg.steps in (1, 8, 25) and load_prompts(cfg) == (["a cat", "a dog"] if name != "eval_toy" else cfg.prompts)
     if name != "eval_toy":  # the protocols name a placeholder caption file: not set, it stops naming the key
         with pytest.raises(ConfigError, match="config key 'prompt_file': '[A-Z0-9_/]+[.a-z]+' does not exist"):
-            load_prompts(load_config(ROOT / "configs" / f"{name}.yaml", [], EvaluateConfig))
+            load_prompts(load_config(ROOT / "configs" / f"{name}.yaml", [], schema=EvaluateConfig))
 
 
 def test_bk_sdm_protocol_settings():
-    cfg = load_config(ROOT / "configs" / "eval_bk_sdm_coco30k.yaml", ["prompt_file=x.csv"], EvaluateConfig)
+    cfg = load_config(ROOT / "configs" / "eval_bk_sdm_coco30k.yaml", ["prompt_file=x.csv"], schema=EvaluateConfig)
     assert (cfg.num_images, cfg.steps, cfg.guidance_scale, cfg.seed, cfg.batch_size, cfg.resolution, cfg.resize,
             cfg.sampler) == (30000, 25, 7.5, 1234, 1, 512, 256, "pndm")
 
@@ -61,7 +62,7 @@ def test_prompts_from_list_txt_csv_or_the_run(tmp_path):
         load_prompts(config(f"prompt_file={csv}", "prompt_column=caption"))
     with pytest.raises(ConfigError, match="config key 'prompt_file': .* does not exist"):
         load_prompts(config(f"prompt_file={tmp_path / 'missing.txt'}"))
-    run_cfg = load_config(ROOT / "configs" / "toy.yaml", [f"output_dir={tmp_path}"])
+    run_cfg = load_config(ROOT / "configs" / "toy.yaml", [f"output_dir={tmp_path}"], schema=KDConfig)
     assert load_prompts(config(), run_cfg) == run_cfg.sample.prompts
     with pytest.raises(ConfigError, match="config key 'prompts': no prompts"):
         load_prompts(config())

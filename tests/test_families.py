@@ -210,7 +210,7 @@ def test_cached_dropout_swaps_only_the_caption_made_tensors(xl, xl_dir, tmp_path
 
 
 def test_lora_on_both_text_encoders(xl, xl_dir, tmp_path):
-    from sdkd.train.engine.config import LoraSection
+    from sdkd.train.formats.lora_config import LoraSection
     from sdkd.train.engine.step_random import StepRandom
     from sdkd.train.formats import lora_io
     from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder

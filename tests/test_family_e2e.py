@@ -13,14 +13,14 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
+from conftest import fit_task
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.config import load_config
-from sdkd.train.engine.loop import Loop, make_accelerator
+from sdkd.train.tasks.diffusion_config import KDConfig
 from xl_family import XL_STUDENT, build_xl_pipeline, registered
 
 pytestmark = pytest.mark.e2e
@@ -46,21 +46,16 @@ def teacher(xl, tmp_path_factory):
     return folder
 
 
+def kd_config(teacher, out, *overrides) -> KDConfig:
+    return load_config(None, [f"teacher={teacher}", f"output_dir={out}", *RUN, *overrides], schema=KDConfig)
+
+
 def kd(teacher, out, *overrides):
     """train/kd.py's task on the loop, as its command runs it; returns the task."""
     from sdkd.train.kd import build
 
-    cfg = load_config(None, [f"teacher={teacher}", f"output_dir={out}", *RUN, *overrides])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        acc = make_accelerator(cfg)
-        task, dataset = build(cfg, acc)
-        Loop(cfg, acc, task, dataset).fit()
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    return task
+    cfg = kd_config(teacher, out, *overrides)
+    return fit_task(cfg, lambda acc: build(cfg, acc)[0])
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def test_kd_trains_evaluates_and_samples(run, teacher, xl):
     assert [r["step"] for r in rows if "eval/noise_mse" in r] == [0, 2, 4]
     assert all((out / "samples" / name).is_file() for name in ("teacher.png", "step-2.png", "step-4.png"))
     # The student moved from where it was cut.
-    spec = removal_spec(load_config(None, [f"teacher={teacher}", f"output_dir={out}", *XL_STUDENT]).student)
+    spec = removal_spec(kd_config(teacher, out).student)
     start = build_student(load_teacher(str(teacher)).unet, spec).state_dict()
     final = load_file(out / f"checkpoint-{STEPS}" / "unet" / "diffusion_pytorch_model.safetensors")
     assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in start)

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
-from sdkd.train.models.students import PRESETS, build_student, removal_spec, student_unet_config
+from sdkd.train.models.students import PRESETS, SD, build_student, removal_spec, student_unet_config
 from sdkd.train.models.toy import build_toy_pipeline
-from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
-from test_students import SDXL_LIKE
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET, SDXL_UNET
+from test_students import SDXL_LIKE, SDXL_TINY
 
 DOWN = [(f"down_blocks.{i}",) * 2 for i in range(4)]
 UP = [(f"up_blocks.{j}",) * 2 for j in range(4)]
@@ -47,7 +47,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def students(teacher):
-    return {name: build_student(teacher, spec) for name, spec in PRESETS.items()}
+    return {name: build_student(teacher, spec) for name, spec in PRESETS.items() if spec.family == SD}
 
 
 def inputs(seed: int = 0):
@@ -237,3 +237,44 @@ def test_custom_spec_without_attention_at_the_last_down_level_pairs_its_resnets(
     sdxs = StudentConfig(preset="custom", keep_down=cfg.keep_down, keep_up=cfg.keep_up, mid_block=False,
                          deepest_stage=False, drop_attention=[0])
     assert feature_pairs(sdxs, removal_spec(sdxs)) == TABLES[("sdxs", "bk")]
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL presets: block-level pairs (every student keeps the deepest stage and its levels' resolutions)
+
+
+XL_DOWN, XL_UP = [(f"down_blocks.{i}",) * 2 for i in range(3)], [(f"up_blocks.{j}",) * 2 for j in range(3)]
+SDXL_TABLES = {
+    **{(preset, "bk"): XL_DOWN + XL_UP for preset in ("ssd1b", "vega", "koala_1b", "koala_700m")},
+    # segmind pairs a kept mid block, also SSD-1B's and Vega's single resnet with the teacher's whole mid block.
+    **{(preset, "segmind"): XL_DOWN + [("mid_block", "mid_block")] + XL_UP for preset in ("ssd1b", "vega", "koala_1b")},
+    ("koala_700m", "segmind"): XL_DOWN + XL_UP,
+}
+
+
+@pytest.mark.parametrize("preset, table", list(SDXL_TABLES))
+def test_sdxl_pair_tables(preset, table):
+    assert pairs_for(preset, table) == SDXL_TABLES[(preset, table)]
+
+
+def test_sdxl_pairs_at_full_size():
+    student = student_unet_config(SDXL_UNET, PRESETS["ssd1b"])
+    found = check_pairs(SDXL_UNET, student, pairs_for("ssd1b", "segmind"), 128)  # 1024 px
+    assert [tuple(t) for t, _ in found] == [(320, 64, 64), (640, 32, 32), (1280, 32, 32), (1280, 32, 32),
+                                            (1280, 64, 64), (640, 128, 128), (320, 128, 128)]
+
+
+@pytest.mark.parametrize("preset", ["vega", "koala_700m"])
+def test_sdxl_hooks_capture_paired_shapes_on_a_tiny_teacher(preset):
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**SDXL_TINY).eval()
+    student = build_student(teacher, PRESETS[preset]).eval()
+    pairs = pairs_for(preset, "segmind")
+    added = dict(text_embeds=torch.randn(1, 32), time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]))
+    t_hooks, s_hooks = FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(student, [s for _, s in pairs])
+    with torch.no_grad(), t_hooks.capture(), s_hooks.capture():
+        teacher(*inputs(), added_cond_kwargs=added)
+        student(*inputs(), added_cond_kwargs=added)
+    real = [(t.shape[1:], s.shape[1:]) for t, s in zip(t_hooks.features, s_hooks.features)]
+    assert all(t == s for t, s in real) and len(real) == len(pairs)
+    assert real == check_pairs(teacher, student, pairs, SDXL_TINY["sample_size"])

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import ROOT, run_script, save_toy_student
+from conftest import ROOT, free_port, run_script, save_toy_student
 
 TOY = str(ROOT / "configs" / "toy.yaml")
 LORA_TOY = str(ROOT / "configs" / "lora_toy.yaml")
@@ -206,7 +206,7 @@ class Assets:
     def teacher_lora(self) -> Path:
         """A LoRA trained on the toy teacher's full layout (it adapts modules a bk_small student lacks)."""
         from sdkd.train.formats import lora_io
-        from sdkd.train.engine.config import LoraSection
+        from sdkd.train.formats.lora_config import LoraSection
         from sdkd.train.models.toy import build_toy_pipeline
 
         pipe = build_toy_pipeline()
@@ -463,13 +463,14 @@ CONFIG_CASES = [
 
 
 def lock_holder(c: Ctx) -> list[str]:
-    """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it."""
+    """Another process runs in ws/busy: it has claimed the folder as a resumed run does, and holds it until its
+    stdin closes (the test kills it at the end, or ends first)."""
     busy = fake_finished_run(c.ws / "busy")
     c.holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from accelerate import Accelerator; from sdkd.train import run_folder; "
-        "from sdkd.train.engine.config import Config; "
-        f"run_folder.claim(Config(teacher='toy', output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
-        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+        "import sys; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
+        "from sdkd.train.engine.config import RunConfig; "
+        f"run_folder.claim(RunConfig(output_dir={str(busy)!r}, resume='latest'), Accelerator(cpu=True)); "
+        "print('locked', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert c.holder.stdout.readline().strip() == "locked"
     return ["--config", TOY, f"output_dir={busy}", *TINY, "resume=latest"]
 
@@ -765,7 +766,8 @@ TOOL_CASES = [
 
 
 def launch(c: Ctx, gpus: list[str], *args: str) -> list[str]:
-    return ["./launch.sh", *gpus, "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, *args]
+    return ["./launch.sh", *gpus, "--port", str(free_port()), "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY,
+            *args]
 
 
 PROCESS_CASES = [
@@ -811,6 +813,7 @@ def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tm
         if ctx.holder is not None:
             ctx.holder.kill()
             ctx.holder.wait()
+            ctx.holder.stdin.close()
             ctx.holder.stdout.close()
     after = snapshot(root)
 

@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdkd.train.engine.sampling import LABEL_CELL
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import build_student, removal_spec
 from sdkd.train.models.teacher import load_teacher
 
-from conftest import launch_trainer, run_script, same_state, selected
+from conftest import free_port, launch_trainer, run_script, same_state, selected
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +110,7 @@ def test_prediction_type_unlike_the_teacher_stops_kd_with_one_line(tmp_path):
 def test_two_processes_through_launch_sh(tmp_path):
     # DDP over 2 gloo processes, with bf16 autocast (teacher, VAE and text encoder cast to bf16),
     # gradient checkpointing under the feature hooks, and EMA.
-    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", "29517", "train/kd.py", "--config",
+    result = run_script(["bash", "launch.sh", "--gpus", "2", "--port", str(free_port()), "train/kd.py", "--config",
                          "configs/toy.yaml", f"output_dir={tmp_path}", "train.max_steps=6", "train.checkpoint_every=3",
                          "train.sample_every=6", "sample.steps=2", "log.trackers=[none]", "data.num_samples=32",
                          "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "ema.enabled=true"])

@@ -10,13 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from sdkd.data.sources.core import build_dataset
-from sdkd.train.engine.config import load_config
-from sdkd.train.engine.loop import Loop, make_accelerator
+from conftest import fit_task, loop_config
 from sdkd.train.engine.task import StepContext, Task, TrainedModule, every
 
 LATENT = 8
@@ -78,21 +75,8 @@ class GanTask(Task):
         return [path]
 
 
-def config(out, *overrides):
-    return load_config(None, ["teacher=toy", f"output_dir={out}", "data.resolution=16", "data.num_samples=8",
-                              "train.batch_size=2", "train.max_steps=6", "train.checkpoint_every=3",
-                              "train.sample_every=0", "train.log_every=1", "log.trackers=[none]", *overrides])
-
-
 def fit(cfg, **task_kw) -> GanTask:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    acc = make_accelerator(cfg)
-    task = GanTask(cfg, **task_kw)
-    Loop(cfg, acc, task, build_dataset(cfg.data, cfg.train.seed)).fit()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return task
+    return fit_task(cfg, lambda acc: GanTask(cfg, **task_kw))
 
 
 def metrics(out) -> list[dict]:
@@ -111,11 +95,11 @@ def test_two_modules_resume_bit_identical(tmp_path):
     run ends: both modules, both optimizers and LR schedules, the EMA and the logged losses."""
     schedule = ["optim.lr_scheduler=cosine"]  # no warm-up: every update moves the weights
     whole = tmp_path / "whole"
-    fit(config(whole, *schedule))
+    fit(loop_config(whole, *schedule))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
-    fit(config(resumed, *schedule, "resume=latest"))
+    fit(loop_config(resumed, *schedule, "resume=latest"))
     a, b = whole / "checkpoint-6", resumed / "checkpoint-6"
     for name in ("gen/diffusion_pytorch_model.safetensors", "disc.safetensors", "final.safetensors"):
         x = load_file((whole if name.startswith("final") else a) / name)
@@ -148,9 +132,9 @@ def test_each_optimizer_touches_only_its_module(tmp_path):
     discriminator (whose loss runs through the generator's output)."""
     start_gen, start_disc = small_unet().state_dict(), discriminator().state_dict()
     changed = lambda before, after: {k for k in before if not torch.equal(before[k], after[k])}  # noqa: E731
-    one = fit(config(tmp_path / "one", "train.max_steps=1", "train.checkpoint_every=0"))
+    one = fit(loop_config(tmp_path / "one", "train.max_steps=1", "train.checkpoint_every=0"))
     assert changed(start_gen, one.gen.state_dict()) and not changed(start_disc, one.disc.state_dict())
-    two = fit(config(tmp_path / "two", "train.max_steps=2", "train.checkpoint_every=0"))
+    two = fit(loop_config(tmp_path / "two", "train.max_steps=2", "train.checkpoint_every=0"))
     assert changed(one.gen.state_dict(), two.gen.state_dict()) == set()
     assert changed(start_disc, two.disc.state_dict())
 
@@ -159,7 +143,7 @@ def test_learning_rates_and_schedules_per_module(tmp_path):
     """Each module logs its own LR; a linear schedule with one warm-up step counts only the module's own
     updates: 3 of 6 steps each, so each decays to zero over its third update."""
     out = tmp_path / "run"
-    fit(config(out, "optim.lr_scheduler=linear", "optim.warmup_steps=1"), gen_lr=1e-3, disc_lr=3e-3)
+    fit(loop_config(out, "optim.lr_scheduler=linear", "optim.warmup_steps=1"), gen_lr=1e-3, disc_lr=3e-3)
     rows = metrics(out)
     gen = [r["lr/gen"] for r in rows]
     disc = [r["lr/disc"] for r in rows]
@@ -172,10 +156,10 @@ def test_learning_rates_and_schedules_per_module(tmp_path):
 def test_module_waits_for_its_start_step(tmp_path):
     """A discriminator started at step 3 (every(2, 1, start=3)) is untouched before it."""
     start_disc = discriminator().state_dict()
-    task = fit(config(tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=0"), disc_from=3)
+    task = fit(loop_config(tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=0"), disc_from=3)
     assert all(torch.equal(start_disc[k], v) for k, v in task.disc.state_dict().items())
 
 
 def test_a_loss_for_a_module_not_due_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="'gen' a loss at step 1, where it is not due"):
-        fit(config(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"), wrong_step=True)
+        fit(loop_config(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"), wrong_step=True)

@@ -15,7 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from sdkd.train.formats import ldm_layout, lora_io
-from sdkd.train.engine.config import LoraSection
+from sdkd.train.formats.lora_config import LoraSection
 from sdkd.cli.errors import UserError
 from sdkd.train.models.students import PRESETS, build_student, student_unet_config
 from sdkd.train.models.sd_configs import SD15_UNET, SDXS_TYPES

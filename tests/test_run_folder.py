@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from sdkd.train.engine import run_folder
-from sdkd.train.engine.config import Config, load_config
+from sdkd.train.engine.config import RunConfig, load_config
+from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.cli.errors import ConfigError, UserError
 
 
@@ -23,7 +24,7 @@ def acc():
 
 
 def cfg(out, **kw):
-    return Config(teacher="toy", output_dir=str(out), **kw)
+    return RunConfig(output_dir=str(out), **kw)
 
 
 def snapshot(folder):
@@ -45,7 +46,7 @@ def test_a_new_or_empty_folder_is_claimed_and_the_config_saved_only_at_start(tmp
     assert (tmp_path / "new" / run_folder.LOCK).is_file()
     assert not (tmp_path / "new" / "config.yaml").exists()
     run_folder.start(cfg(tmp_path / "new"), acc)
-    assert load_config(tmp_path / "new" / "config.yaml").output_dir == str(tmp_path / "new")
+    assert load_config(tmp_path / "new" / "config.yaml", schema=RunConfig).output_dir == str(tmp_path / "new")
 
 
 def test_another_runs_folder_is_refused_and_left_as_it_was(tmp_path, acc):
@@ -74,15 +75,16 @@ def test_resume_keeps_and_overwrite_replaces_the_old_run(tmp_path, acc):
 
 def test_overwrite_and_resume_together_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="'overwrite'"):
-        load_config(None, ["teacher=toy", f"output_dir={tmp_path}", "overwrite=true", "resume=latest"])
+        load_config(None, ["teacher=toy", f"output_dir={tmp_path}", "overwrite=true", "resume=latest"], schema=KDConfig)
 
 
 def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc):
+    # It holds the folder until its stdin closes: when the test kills it, or if the test itself ends first.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from accelerate import Accelerator; from sdkd.train import run_folder; "
-        "from sdkd.train.engine.config import Config; "
-        f"run_folder.claim(Config(teacher='toy', output_dir={str(tmp_path)!r}), Accelerator(cpu=True)); "
-        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+        "import sys; from accelerate import Accelerator; from sdkd.train.engine import run_folder; "
+        "from sdkd.train.engine.config import RunConfig; "
+        f"run_folder.claim(RunConfig(output_dir={str(tmp_path)!r}), Accelerator(cpu=True)); "
+        "print('locked', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid}\)"):
@@ -90,6 +92,8 @@ def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc
     finally:
         holder.kill()
         holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
     run_folder.claim(cfg(tmp_path), acc)  # a killed run leaves no stuck lock
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import launch_trainer, run_script
-from sdkd.train.engine.config import LoraTrainConfig, load_config
+from sdkd.train.engine.config import load_config
+from sdkd.train.tasks.diffusion_config import LoraTrainConfig
 from sdkd.train.tasks.diffusion import next_steps
 from sdkd.train.engine.loop import run_summary
 
@@ -67,7 +68,8 @@ def test_model_card_beside_the_student(kd_run):
 
 
 def test_lora_summary_samples_the_base_model_with_the_lora(tmp_path):
-    cfg = load_config("configs/lora_toy.yaml", [f"output_dir={tmp_path}", "model=runs/my student"], LoraTrainConfig)
+    cfg = load_config("configs/lora_toy.yaml", [f"output_dir={tmp_path}", "model=runs/my student"],
+                      schema=LoraTrainConfig)
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.touch()
     text = run_summary(cfg, 20, [lora], next_steps(cfg, [lora]))

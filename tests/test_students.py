@@ -12,19 +12,29 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import ROOT, run_script
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError, run_cli
 from sdkd.train.show_student import main
-from sdkd.train.models.students import (PRESETS, RemovalSpec, build_student, count_params, removal_spec, removed_modules,
-                                 student_unet_config, weight_map)
-from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET
+from sdkd.train.models.students import (PRESETS, SD, SDXL, RemovalSpec, build_student, count_params, layer_sources,
+                                 removal_spec, removed_modules, student_unet_config, weight_map)
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET, SDXL_UNET
 from sdkd.train.models.toy import build_toy_pipeline
 
+# SDXL's topology (levels, resnets, depths [1, 2, 10], mid depth 10, text_time) at tiny widths, for real weights.
+SDXL_TINY = {**SDXL_UNET, "sample_size": 16, "block_out_channels": [32, 64, 64], "attention_head_dim": [1, 2, 2],
+             "norm_num_groups": 8, "cross_attention_dim": 32, "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 80}  # 6 time ids x 8 + a pooled embedding of 32
 
 
 @pytest.fixture(scope="module")
 def teacher():
     return build_toy_pipeline().unet
+
+
+@pytest.fixture(scope="module")
+def sdxl_teacher():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SDXL_TINY)
 
 
 def custom(**kw) -> RemovalSpec:
@@ -93,25 +103,28 @@ def test_removed_modules():
 # Weight copy
 
 
+def assert_copied_through_the_map(teacher, student, spec):
+    """Every student tensor equals (a copy of) the teacher tensor its longest map prefix names; every entry used."""
+    mapping = weight_map(teacher.config, spec)
+    teacher_state = teacher.state_dict()
+    used = set()
+    for key, tensor in student.state_dict().items():
+        prefix = max((p for p in mapping if key.startswith(p + ".")), key=len)
+        teacher_tensor = teacher_state[mapping[prefix] + key[len(prefix):]]
+        assert torch.equal(tensor, teacher_tensor), key
+        assert tensor.data_ptr() != teacher_tensor.data_ptr(), f"{key} shares the teacher's storage"
+        used.add(prefix)
+    assert used == set(mapping)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_build_student_copies_every_weight_through_the_map(teacher, preset):
+def test_build_student_copies_every_weight_through_the_map(teacher, sdxl_teacher, preset):
     spec = PRESETS[preset]
+    teacher = {SD: teacher, SDXL: sdxl_teacher}[spec.family]
     student = build_student(teacher, spec)
     derived = student_unet_config(teacher.config, spec)
     assert {k: v for k, v in json.loads(json.dumps(dict(student.config))).items() if k in derived} == derived
-    mapping = weight_map(teacher.config, spec)
-    teacher_state = teacher.state_dict()
-    student_state = student.state_dict()
-    copied = 0
-    for prefix, source in mapping.items():
-        keys = [k for k in student_state if k.startswith(prefix + ".")]
-        assert keys, prefix
-        for key in keys:
-            teacher_tensor = teacher_state[source + key[len(prefix):]]
-            assert torch.equal(student_state[key], teacher_tensor), key
-            assert student_state[key].data_ptr() != teacher_tensor.data_ptr(), f"{key} shares the teacher's storage"
-            copied += 1
-    assert copied == len(student_state)
+    assert_copied_through_the_map(teacher, student, spec)
     assert sum(p.numel() for p in student.parameters()) == count_params(student.config)
 
 
@@ -211,8 +224,9 @@ def test_preset_errors():
     with pytest.raises(ConfigError, match=r"student\.preset'.*only to student\.preset=custom"):
         removal_spec(StudentConfig(preset="bk_base", mid_block=False))
     # A preset on a teacher of another shape says so.
+    three_level_sd = {k: v for k, v in SDXL_LIKE.items() if not k.startswith(("addition", "projection_class"))}
     with pytest.raises(ConfigError, match=r"expected 3 entries.*got 4.*student\.preset=bk_base"):
-        student_unet_config(SDXL_LIKE, PRESETS["bk_base"])
+        student_unet_config(three_level_sd, PRESETS["bk_base"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
 
 def test_config_knows_exactly_the_presets_students_builds():
     # config.py names them without importing diffusers (launch.sh checks configs with it alone).
-    from sdkd.train.engine.config import StudentPreset
+    from sdkd.train.models.student_config import StudentPreset
 
     assert [*PRESETS, "custom"] == list(StudentPreset.__members__)
 
@@ -367,3 +381,290 @@ def test_cli_shows_sdxs_for_the_toy_and_an_sd15_config(tmp_path, capsys):
     assert report["spec"]["drop_attention"] == [0] and report["student_config"]["down_block_types"][0] == "DownBlock2D"
     assert [(p["student"], p["shape"]) for p in report["feature_pairs"]][2] == (
         "down_blocks.2.attentions.0.proj_out", [1280, 16, 16])
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL students (student.preset=ssd1b, vega, koala_1b, koala_700m): sdxl-and-scale.md section 1
+
+
+def transformer_layers_and_resnets(config) -> tuple[int, int]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    kinds = [type(m) for m in model.modules()]
+    return kinds.count(BasicTransformerBlock), kinds.count(ResnetBlock2D)
+
+
+@pytest.mark.parametrize("preset, params, layers, resnets", [  # the reference's table 1.1
+    (None, 2_567_463_684, 70, 17),
+    ("ssd1b", 1_331_334_404, 34, 16),
+    ("vega", 745_225_604, 15, 16),
+    ("koala_1b", 1_161_184_324, 30, 11),
+    ("koala_700m", 782_822_724, 21, 9),
+])
+def test_sdxl_presets_have_the_published_sizes(preset, params, layers, resnets):
+    config = SDXL_UNET if preset is None else student_unet_config(SDXL_UNET, PRESETS[preset])
+    assert count_params(config) == params
+    assert transformer_layers_and_resnets(config) == (layers, resnets)
+
+
+def test_sdxl_preset_configs_are_the_published_ones():
+    ssd1b, vega = (student_unet_config(SDXL_UNET, PRESETS[p]) for p in ("ssd1b", "vega"))
+    # segmind/SSD-1B's shipped reverse list, verbatim (onediff issue #570); its mid block is one resnet.
+    assert ssd1b["reverse_transformer_layers_per_block"] == [[4, 4, 10], [2, 1, 1], 1]
+    assert (ssd1b["mid_block_type"], ssd1b["layers_per_block"]) == ("UNetMidBlock2D", 2)
+    assert (vega["transformer_layers_per_block"], vega["reverse_transformer_layers_per_block"]) == ([1, 1, 2], [2, 1, 1])
+    koala_1b, koala_700m = (student_unet_config(SDXL_UNET, PRESETS[p]) for p in ("koala_1b", "koala_700m"))
+    assert (koala_1b["layers_per_block"], koala_1b["transformer_layers_per_block"]) == (1, [1, 2, 6])
+    assert koala_1b["mid_block_type"] == "UNetMidBlock2DCrossAttn" and koala_700m["mid_block_type"] is None
+    for config in (ssd1b, vega, koala_1b, koala_700m):
+        assert {k: config[k] for k in ("cross_attention_dim", "addition_embed_type", "sample_size")} == \
+            {"cross_attention_dim": 2048, "addition_embed_type": "text_time", "sample_size": 128}
+
+
+def removed_transformer_layers_and_resnets(preset: str) -> tuple[int, int]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    removed = removed_modules(SDXL_UNET, PRESETS[preset])
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel.from_config(SDXL_UNET)
+    gone = [type(m) for name, m in teacher.named_modules() if any(name == r or name.startswith(r + ".") for r in removed)]
+    return gone.count(BasicTransformerBlock), gone.count(ResnetBlock2D)
+
+
+def test_sdxl_removed_modules():
+    # sdxl-and-scale.md 1.1: SSD-1B removes 36 of 70 transformer layers and 1 of 17 resnets, Vega 55 and 1.
+    assert removed_transformer_layers_and_resnets("ssd1b") == (36, 1)
+    assert removed_transformer_layers_and_resnets("vega") == (55, 1)
+    removed = removed_modules(SDXL_UNET, PRESETS["ssd1b"])
+    assert {"mid_block.attentions.0", "mid_block.resnets.1", "up_blocks.1.attentions.1.transformer_blocks.1"} <= set(removed)
+    assert "down_blocks.2.attentions.0.transformer_blocks.4" in removed
+    assert "down_blocks.2.attentions.0.transformer_blocks.3" not in removed
+    koala = removed_modules(SDXL_UNET, PRESETS["koala_700m"])
+    assert {"mid_block", "down_blocks.2.attentions.1", "up_blocks.0.attentions.1", "down_blocks.0.resnets.1"} <= set(koala)
+
+
+def test_sdxl_weight_maps():
+    ssd1b = weight_map(SDXL_UNET, PRESETS["ssd1b"])
+    assert ssd1b["mid_block.resnets.0"] == "mid_block.resnets.0" and "mid_block" not in ssd1b
+    assert ssd1b["down_blocks.2.attentions.1.transformer_blocks.3"] == "down_blocks.2.attentions.1.transformer_blocks.3"
+    assert "add_embedding" in ssd1b and "up_blocks.0.attentions.2.transformer_blocks.0" not in ssd1b  # 10 of 10
+    koala = weight_map(SDXL_UNET, PRESETS["koala_1b"])
+    assert koala["up_blocks.0.attentions.1"] == "up_blocks.0.attentions.2"
+    assert koala["up_blocks.0.attentions.1.transformer_blocks.5"] == "up_blocks.0.attentions.2.transformer_blocks.5"
+    assert koala["mid_block.attentions.0.transformer_blocks.5"] == "mid_block.attentions.0.transformer_blocks.5"
+
+
+def test_sdxl_student_runs_with_its_added_conditions(sdxl_teacher):
+    student = build_student(sdxl_teacher, PRESETS["ssd1b"])
+    added = dict(text_embeds=torch.randn(1, 32), time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]))
+    out = student(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 5, 32), added_cond_kwargs=added).sample
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which teacher layers seed a shallower attention (student.layer_init)
+
+
+def seeded(spec, name):
+    return layer_sources(SDXL_UNET, spec)[name][1]
+
+
+def test_layer_init_rules():
+    first = PRESETS["ssd1b"]
+    assert seeded(first, "down_blocks.2.attentions.0") == [0, 1, 2, 3]
+    even = removal_spec(StudentConfig(preset="ssd1b", layer_init="even"))
+    assert even.name == "ssd1b" and even.family == SDXL
+    assert seeded(even, "down_blocks.2.attentions.0") == [0, 3, 6, 9]
+    assert seeded(even, "up_blocks.1.attentions.1") == [0]  # 2 -> 1
+    koala = removal_spec(StudentConfig(preset="koala_1b", layer_init="even"))
+    assert seeded(koala, "mid_block.attentions.0") == [0, 2, 4, 5, 7, 9]  # 10 -> 6
+    assert weight_map(SDXL_UNET, even)["down_blocks.2.attentions.0.transformer_blocks.1"] == \
+        "down_blocks.2.attentions.0.transformer_blocks.3"
+    # Attentions as deep as their source copy all layers in order and are not listed.
+    assert "up_blocks.0.attentions.2" not in layer_sources(SDXL_UNET, even)
+
+
+SSD1B_SHALLOWER = ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.0.attentions.0",
+                   "up_blocks.0.attentions.1", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]
+
+
+def explicit_ssd1b(**changes) -> dict:
+    # furusu/SSD-1B-anime's estimate for 10 -> 4 (block-removal.md section 6); the last layer for 2 -> 1.
+    layers = {name: [0, 1, 2, 6] if "blocks.1." not in name else [1] for name in SSD1B_SHALLOWER}
+    return {**layers, **changes}
+
+
+def test_explicit_layer_init_copies_those_layers(sdxl_teacher):
+    spec = removal_spec(StudentConfig(preset="ssd1b", layer_init=explicit_ssd1b()))
+    student = build_student(sdxl_teacher, spec)
+    assert_copied_through_the_map(sdxl_teacher, student, spec)
+    down, teacher_down = student.down_blocks[2].attentions[1], sdxl_teacher.down_blocks[2].attentions[1]
+    assert torch.equal(down.transformer_blocks[3].attn1.to_q.weight, teacher_down.transformer_blocks[6].attn1.to_q.weight)
+    assert not torch.equal(down.transformer_blocks[3].attn1.to_q.weight,
+                           teacher_down.transformer_blocks[3].attn1.to_q.weight)
+    assert torch.equal(down.proj_out.weight, teacher_down.proj_out.weight)
+    up, teacher_up = student.up_blocks[1].attentions[2], sdxl_teacher.up_blocks[1].attentions[2]
+    assert torch.equal(up.transformer_blocks[0].ff.net[2].weight, teacher_up.transformer_blocks[1].ff.net[2].weight)
+    # Even spacing, the same way.
+    even = removal_spec(StudentConfig(preset="ssd1b", layer_init="even"))
+    student = build_student(sdxl_teacher, even)
+    assert_copied_through_the_map(sdxl_teacher, student, even)
+    assert torch.equal(student.up_blocks[0].attentions[0].transformer_blocks[2].norm1.weight,
+                       sdxl_teacher.up_blocks[0].attentions[0].transformer_blocks[6].norm1.weight)
+
+
+@pytest.mark.parametrize("layer_init, message", [
+    (explicit_ssd1b(**{"down_blocks.2.attentions.0": [0, 1, 2]}),
+     r"student\.layer_init'.*down_blocks\.2\.attentions\.0 has 4 transformer layers.*got \[0, 1, 2\]"),
+    (explicit_ssd1b(**{"up_blocks.0.attentions.0": [0, 1, 2, 10]}), r"student\.layer_init'.*in 0\.\.9, got \[0, 1, 2, 10\]"),
+    (explicit_ssd1b(**{"up_blocks.1.attentions.1": [2]}), r"in 0\.\.1, got \[2\]"),
+    (explicit_ssd1b(**{"down_blocks.2.attentions.0": [3, 2, 1, 0]}), r"sorted distinct"),
+    (explicit_ssd1b(**{"mid_block.attentions.0": [0]}), r"'mid_block\.attentions\.0' is not an attention of the student"),
+    ({"down_blocks.2.attentions.0": [0, 1, 2, 6]},
+     r"student\.layer_init'.*names every student attention shallower.*missing down_blocks\.2\.attentions\.1 \(4 of 10\)"),
+])
+def test_explicit_layer_init_that_does_not_fit_names_the_key(layer_init, message):
+    spec = removal_spec(StudentConfig(preset="ssd1b", layer_init=layer_init))
+    with pytest.raises(ConfigError, match=message):
+        weight_map(SDXL_UNET, spec)
+
+
+@pytest.mark.parametrize("layer_init", ["last", [0, 1, 2], {"up_blocks.0.attentions.0": []},
+                                        {"up_blocks.0.attentions.0": [-1]}, {}])
+def test_layer_init_of_no_known_form_is_refused(layer_init):
+    with pytest.raises(ConfigError, match=r"^config key 'student\.layer_init': expected first, even, or"):
+        removal_spec(StudentConfig(preset="vega", layer_init=layer_init))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom specs with depths and mid-block replacement; refusals
+
+
+SDXL_ALL = dict(keep_down=[[0, 1]] * 3, keep_up=[[0, 1, 2]] * 3)
+
+
+def test_custom_specs_equal_to_sdxl_presets():
+    ssd1b = custom(**SDXL_ALL, mid_attention=False, transformer_layers_per_block=[1, 2, 4],
+                   reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], 1])
+    assert ssd1b == PRESETS["ssd1b"]
+    assert student_unet_config(SDXL_UNET, ssd1b) == student_unet_config(SDXL_UNET, PRESETS["ssd1b"])
+    assert weight_map(SDXL_UNET, ssd1b) == weight_map(SDXL_UNET, PRESETS["ssd1b"])
+    # Per-layer lists, as the published SSD-1B config writes them: the same U-Net.
+    listed = custom(**SDXL_ALL, mid_attention=False, transformer_layers_per_block=[[1, 1], [2, 2], [4, 4]],
+                    reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], [1, 1, 1]])
+    assert count_params(student_unet_config(SDXL_UNET, listed)) == 1_331_334_404
+    koala = custom(keep_down=[[0]] * 3, keep_up=[[0, 2]] * 3, transformer_layers_per_block=[1, 2, 5], mid_block=False)
+    assert student_unet_config(SDXL_UNET, koala) == student_unet_config(SDXL_UNET, PRESETS["koala_700m"])
+
+
+def test_mid_attention_false_on_an_sd_teacher(teacher):
+    # Any cross-attention mid block can become its first resnet, not only SDXL's.
+    spec = custom(keep_down=K, keep_up=U, mid_attention=False)
+    student = build_student(teacher, spec)
+    assert type(student.mid_block).__name__ == "UNetMidBlock2D" and len(student.mid_block.resnets) == 1
+    assert torch.equal(student.mid_block.resnets[0].conv2.weight, teacher.mid_block.resnets[0].conv2.weight)
+    assert "mid_block.attentions.0" in removed_modules(teacher.config, spec)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(SDXL_ALL, transformer_layers_per_block=[1, 2, 11]),
+     r"^config key 'student\.transformer_layers_per_block': student down_blocks\.2\.attentions\.0 would have 11 "
+     r"transformer layers, more than its source, teacher down_blocks\.2\.attentions\.0, has \(10\)$"),
+    (dict(SDXL_ALL, reverse_transformer_layers_per_block=[[4, 4, 10], [2, 3, 1], 1]),
+     r"student\.reverse_transformer_layers_per_block'.*up_blocks\.1\.attentions\.1 would have 3"),
+    (dict(SDXL_ALL, transformer_layers_per_block=[1, [2, 2], [4, 4]]),
+     r"student\.reverse_transformer_layers_per_block': required when transformer_layers_per_block gives a list"),
+    (dict(SDXL_ALL, transformer_layers_per_block=[1, 2]), r"transformer_layers_per_block'.*expected 3 entries"),
+    (dict(SDXL_ALL, transformer_layers_per_block=[1, [2], 4]),
+     r"transformer_layers_per_block'.*entry 1: expected one depth per kept index of keep_down\[1\] \(2\), got \[2\]"),
+    (dict(SDXL_ALL, transformer_layers_per_block=[1, 0, 4]), r"transformer_layers_per_block'.*depth >= 1"),
+    (dict(SDXL_ALL, reverse_transformer_layers_per_block=[[4, 4, 10], "two", 1]),
+     r"reverse_transformer_layers_per_block'.*depth >= 1"),
+    (dict(SDXL_ALL, mid_block=False, mid_attention=False), r"student\.mid_attention'.*mid_block=false removes it"),
+])
+def test_invalid_depths_name_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        student_unet_config(SDXL_UNET, custom(**spec))
+
+
+def test_the_mid_block_takes_the_deepest_levels_depth():
+    # diffusers builds a cross-attention mid block at the depth of the deepest down level's first attention.
+    shallow = custom(**SDXL_ALL, transformer_layers_per_block=[1, 2, 4])
+    assert layer_sources(SDXL_UNET, shallow)["mid_block.attentions.0"] == ("mid_block.attentions.0", [0, 1, 2, 3])
+    # SDXL_LIKE's mid has 2 layers (the first of [2, 3]); keeping down layer 1 (3 layers) would need 3 there.
+    with pytest.raises(ConfigError, match=r"transformer_layers_per_block'.*student mid_block\.attentions\.0 would have "
+                                          r"3 transformer layers.*\(2\) \(a mid block takes the depth"):
+        student_unet_config(SDXL_LIKE, custom(keep_down=[[0], [0], [1]], keep_up=[[1, 2], [0, 2], [0, 2]]))
+
+
+def test_mid_attention_needs_a_mid_block_to_replace():
+    with pytest.raises(ConfigError, match=r"student\.mid_attention'.*teacher mid_block_type None"):
+        student_unet_config({**SDXL_UNET, "mid_block_type": None}, custom(**SDXL_ALL, mid_attention=False))
+
+
+def test_recipe_keys_reach_the_spec_and_the_saved_config(tmp_path):
+    from sdkd.train.engine.config import load_config as load
+    from sdkd.train.engine.config import save_config
+    from sdkd.train.tasks.diffusion_config import KDConfig
+
+    def load_config(path, overrides=()):
+        return load(path, overrides, schema=KDConfig)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("teacher: toy\noutput_dir: runs/x\nstudent:\n  preset: ssd1b\n  layer_init:\n"
+                      "    down_blocks.2.attentions.0: [0, 1, 2, 6]\n")
+    cfg = load_config(recipe)
+    assert removal_spec(cfg.student).layer_init == (("down_blocks.2.attentions.0", (0, 1, 2, 6)),)
+    save_config(cfg, tmp_path / "run" / "config.yaml")  # what a run records
+    assert load_config(tmp_path / "run" / "config.yaml").student.layer_init == {"down_blocks.2.attentions.0": [0, 1, 2, 6]}
+    assert load_config(recipe, ["student.layer_init=even"]).student.layer_init == "even"
+    for overrides, key in [(["student.layer_init=last"], "layer_init"),
+                           (["student.preset=custom", "student.keep_down=[[0]]", "student.keep_up=[[0, 1]]",
+                             "student.reverse_transformer_layers_per_block=[[1, 0]]"], "reverse_transformer_layers_per_block")]:
+        with pytest.raises(ConfigError, match=rf"^config key 'student\.{key}': [^\n]*$"):
+            load_config(recipe, overrides)
+
+
+def test_presets_set_depths_and_mid_attention_themselves():
+    with pytest.raises(ConfigError, match=r"student\.preset'.*mid_attention, transformer_layers_per_block and "
+                                          r"reverse_transformer_layers_per_block apply only to student\.preset=custom"):
+        removal_spec(StudentConfig(preset="ssd1b", transformer_layers_per_block=[1, 2, 3]))
+
+
+@pytest.mark.parametrize("config, preset, message", [
+    (SD15_UNET, "ssd1b", r"^config key 'student\.preset': ssd1b is a preset for SDXL teachers, but the teacher U-Net "
+                         r"is SD-1\.x/2\.x; use bk_base, bk_small, bk_tiny, sdxs or custom$"),
+    (SDXL_UNET, "bk_small", r"^config key 'student\.preset': bk_small is a preset for SD-1\.x/2\.x teachers, but the "
+                            r"teacher U-Net is SDXL; use ssd1b, vega, koala_1b, koala_700m or custom$"),
+    (SD21_BASE_UNET, "koala_700m", r"koala_700m is a preset for SDXL teachers"),
+])
+def test_a_preset_for_another_family_is_refused(config, preset, message):
+    with pytest.raises(ConfigError, match=message):
+        student_unet_config(config, PRESETS[preset])
+
+
+def test_cli_shows_sdxl_presets(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_UNET}))
+    layer_init = tmp_path / "even.yaml"
+    layer_init.write_text("student:\n  layer_init: even\n  feature_pairs: segmind\n")
+    code, out, _ = run_main(["--teacher", str(config), "--preset", "vega", "--spec", str(layer_init), "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and (report["teacher_params"], report["student_params"]) == (2_567_463_684, 745_225_604)
+    assert report["layer_init"] == "even" and report["spec"]["layer_init"] == "even"
+    assert report["layer_sources"]["up_blocks.0.attentions.1"] == dict(teacher="up_blocks.0.attentions.1", layers=[0, 9])
+    assert report["weight_map"]["up_blocks.0.attentions.1.transformer_blocks.1"] == \
+        "up_blocks.0.attentions.1.transformer_blocks.9"
+    assert report["student_config"]["mid_block_type"] == "UNetMidBlock2D"
+    assert [(p["teacher"], p["shape"]) for p in report["feature_pairs"]][3] == ("mid_block", [1280, 32, 32])
+    code, out, _ = run_main(["--teacher", str(config), "--preset", "koala_700m"], capsys)
+    assert code == 0 and "student  koala_700m: 782,822,724 parameters (30.5% of the teacher)" in out
+    assert "teacher layers seeding each shallower student attention (layer_init=first):" in out
+    assert "up_blocks.0.attentions.1" in out and "<- up_blocks.0.attentions.2 layers [0, 1, 2, 3, 4]" in out
+    code, out, err = run_main(["--teacher", str(config), "--preset", "bk_tiny"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: config key 'student.preset': bk_tiny is a preset for SD-1.x/2.x teachers")

@@ -44,7 +44,7 @@ def test_missing_variant_is_one_line_naming_it(toy_teacher_dir):
 
 
 def test_source_of_the_config():
-    from sdkd.train.engine.config import FinetuneConfig
+    from sdkd.train.tasks.diffusion_config import FinetuneConfig
 
     cfg = FinetuneConfig(teacher="t", teacher_variant="fp16", model="m", model_revision="v2", output_dir="o",
                          allow_pickle=True)

@@ -22,7 +22,7 @@ from sdkd.data.sources.transforms import ImageTransform
 
 from conftest import ROOT
 
-TEACHER = ROOT / "train" / "toy_teacher"
+TEACHER = ROOT / "train" / "models" / "toy_teacher"
 N, STEPS, GUIDANCE = 48, 20, 4.0  # train/make_toy_teacher.py CHECK: the check its provenance.json reports
 
 

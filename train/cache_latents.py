@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdkd.train.engine.config import CHECK_CONFIG_HELP, Config, _load_yaml, load_config
+from sdkd.train.engine.config import CHECK_CONFIG_HELP, _load_yaml, load_config
+from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.cli.errors import UserError, run_cli
 
 # latent_cache.DTYPES's names. torch, the data sources and the models are imported only once the arguments
@@ -38,14 +39,14 @@ from sdkd.cli.errors import UserError, run_cli
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
-def load_recipe(path: str | None, overrides: list[str]) -> Config:
-    """A trainer's recipe, its shared sections (teacher, data, train, sample, ...) checked as usual; the
-    sections of a trainer's own schema (train/tiny_decoder.py's `decoder` and `gan`, ...) are not read here."""
-    shared = {f.name for f in dataclasses.fields(Config)}
+def load_recipe(path: str | None, overrides: list[str]) -> KDConfig:
+    """A trainer's recipe read with the KD schema, whose keys this reads (teacher, data, train, sample.guidance_scale)
+    and checks as usual; keys KD has not (train/tiny_decoder.py's `decoder` and `gan`, ...) are not read here."""
+    shared = {f.name for f in dataclasses.fields(KDConfig)}
     own = sorted({str(k) for k in (_load_yaml(Path(path)).keys() if path else [])} - shared)
     schema = dataclasses.make_dataclass("Config", [(k, Any, dataclasses.field(default=None)) for k in own],
-                                        bases=(Config,))
-    return load_config(path, overrides, schema)
+                                        bases=(KDConfig,))
+    return load_config(path, overrides, schema=schema)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,8 @@ and its model card.
 
 from __future__ import annotations
 
-from sdkd.train.engine.config import FinetuneConfig
 from sdkd.train.engine.trainer_cli import run_trainer
+from sdkd.train.tasks.diffusion_config import FinetuneConfig
 
 SCHEMA = FinetuneConfig
 

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from sdkd.train.engine.config import Config
 from sdkd.train.engine.trainer_cli import run_trainer
+from sdkd.train.tasks.diffusion_config import KDConfig
 
-SCHEMA = Config
+SCHEMA = KDConfig
 
 
-def build(cfg: Config, acc):
+def build(cfg: KDConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
     from sdkd.train.tasks.diffusion import DiffusionTask, frozen_parts, load_dataset, trained_module
     from sdkd.train.formats.model_files import save_pipeline

@@ -12,8 +12,8 @@ OUTPUT/lora_sdcpp.safetensors; the model card OUTPUT/README.md beside them.
 
 from __future__ import annotations
 
-from sdkd.train.engine.config import LoraTrainConfig
 from sdkd.train.engine.trainer_cli import run_trainer
+from sdkd.train.tasks.diffusion_config import LoraTrainConfig
 
 SCHEMA = LoraTrainConfig
 

@@ -1,6 +1,7 @@
 """Show a block-removed student of a teacher U-Net: parameter counts, removed modules, weight map, feature pairs.
 
     python train/show_student.py --teacher PATH --preset bk_small [--json]
+    python train/show_student.py --teacher SDXL_PATH --preset ssd1b [--json]
     python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind]
 
 PATH is a model folder (unet/config.json), a U-Net folder or config.json, or `toy`; no weights are read.
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, describe
 
 
@@ -73,6 +74,11 @@ def _print_report(r: dict, teacher_path: str) -> None:
     print(f"\nweight map, student <- teacher ({len(r['weight_map'])} modules; '=' same name):")
     for student, teacher in r["weight_map"].items():
         print(f"  {student:<{width}}  {'=' if student == teacher else '<- ' + teacher}")
+    if r["layer_sources"]:
+        rule = r["layer_init"] if isinstance(r["layer_init"], str) else "explicit"
+        print(f"\nteacher layers seeding each shallower student attention (layer_init={rule}):")
+        for student, source in r["layer_sources"].items():
+            print(f"  {student:<{width}}  <- {source['teacher']} layers {source['layers']}")
     h, w = r["latent_hw"]
     print(f"\nfeature pairs ({r['feature_table']}), teacher -> student, output shape at latent {h}x{w}:")
     for i, p in enumerate(r["feature_pairs"], 1):

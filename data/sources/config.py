@@ -1,8 +1,9 @@
-"""The `data` section of every trainer's config, its checks, and `Choice`, the type of config values
-drawn from a fixed set.
+"""The `data` section of every trainer's config, and what every config section is built from: `Section`,
+the base of the section dataclasses and their checks, and `Choice`, the type of config values drawn from a
+fixed set.
 
-Imported by train/engine/config.py (which composes the whole schema) and by the sources; it imports neither of
-them, nor torch, so `--help` and config checks stay fast.
+Imported by train/engine/config.py (which loads and checks whole schemas) and by the sources; it imports
+neither of them, nor torch, so `--help` and config checks stay fast.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ class Choice(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+
+class Section:
+    """A config section: a dataclass of keys, with a docstring under each, and `check`. Declared here, in the
+    lowest layer that has config sections, as `Choice` is."""
+
+    def check(self, at: str) -> None:
+        """Raise ConfigError (`require`) for a value the field types cannot rule out, naming the key under `at`,
+        the section's dotted path (`eval`, `distill.alpha`; '' for a schema's root, whose check is then the
+        cross-section one). The loader calls it for every section of a config, a section's own sections
+        first (train/engine/config.py's `check_config`). An override calls `super().check(at)` first."""
 
 
 def expected_one_of(names: Iterable[str], value: object) -> str:
@@ -63,7 +75,7 @@ class CaptionPick(Choice):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     source: DataSource = DataSource.synthetic
     """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
     hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
@@ -117,16 +129,16 @@ class DataConfig:
     """Folder of precomputed latents and text embeddings (train/cache_latents.py writes it); trainers then
     read it instead of `source` and load no VAE or text encoder for the step."""
 
-
-def check_data(d: DataConfig) -> None:
-    """Checks of the data section the schema's types cannot express."""
-    require(d.source == DataSource.synthetic or d.cache is not None or d.path is not None, "data.path",
-            f"required when data.source={d.source}")
-    require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
-    require(bool(d.caption_column.strip(";")), "data.caption_column", "at least one field name")
-    require(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
-    require(d.min_size >= 0, "data.min_size", "must be >= 0")
-    require(d.max_bad_in_a_row > 0, "data.max_bad_in_a_row", "must be > 0")
-    require(d.num_samples > 0, "data.num_samples", "must be > 0")
-    require(d.max_train_samples is None or d.max_train_samples > 0, "data.max_train_samples", "must be > 0 or null")
-    require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(self.source == DataSource.synthetic or self.cache is not None or self.path is not None, f"{at}.path",
+                f"required when {at}.source={self.source}")
+        require(self.resolution >= 8 and self.resolution % 8 == 0, f"{at}.resolution", "must be a multiple of 8")
+        require(bool(self.caption_column.strip(";")), f"{at}.caption_column", "at least one field name")
+        require(0.0 <= self.caption_dropout <= 1.0, f"{at}.caption_dropout", "must be in [0, 1]")
+        require(self.min_size >= 0, f"{at}.min_size", "must be >= 0")
+        require(self.max_bad_in_a_row > 0, f"{at}.max_bad_in_a_row", "must be > 0")
+        require(self.num_samples > 0, f"{at}.num_samples", "must be > 0")
+        require(self.max_train_samples is None or self.max_train_samples > 0, f"{at}.max_train_samples",
+                "must be > 0 or null")
+        require(self.shuffle_buffer >= 0, f"{at}.shuffle_buffer", "must be >= 0")

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 
 from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import build_dataset, collate
-from sdkd.train.engine.config import Config
+from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.tasks.diffusion import DiffusionTask, trained_module
 from sdkd.train.models.families import Conditioning, random_conditioning
@@ -40,7 +40,7 @@ class Bench:
     """One model's measured objects, set up as train/kd.py sets them up."""
 
     name: str
-    cfg: Config
+    cfg: KDConfig
     acc: Accelerator
     parts: PipelineParts
     student: UNet2DConditionModel
@@ -63,7 +63,7 @@ class Bench:
 def build_bench(name: str, latent: int, batch_size: int) -> Bench:
     torch.manual_seed(SEED)
     parts = load_teacher("toy") if name == "toy" else sd15_parts()
-    cfg = Config(teacher=name, output_dir="unused")  # the library defaults are what is measured
+    cfg = KDConfig(teacher=name, output_dir="unused")  # the library defaults are what is measured
     cfg.train.batch_size = batch_size
     cfg.data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
     acc = Accelerator(cpu=True, mixed_precision="no")

@@ -1,9 +1,9 @@
 """The config of eval/evaluate.py: the prompt set and how it is sampled, which metrics, where their weights
 and reference images are.
 
-A YAML file (configs/eval_*.yaml) plus `key=value` overrides, read with train/engine/config.py's machinery: unknown
-keys, wrong types and impossible values stop with one line naming the key (exit 2). Nothing heavy is
-imported here, so --help stays fast.
+A YAML file (configs/eval_*.yaml) plus `key=value` overrides, read and checked with train/engine/config.py's
+machinery, as a trainer's config is: unknown keys, wrong types and impossible values stop with one line naming
+the key (exit 2). Nothing heavy is imported here, so --help stays fast.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from enum import auto
 from typing import Optional
 
 from sdkd.cli.errors import require
-from sdkd.data.sources.config import Choice
-from sdkd.eval.metrics.config import INCEPTION_KEY, REFERENCE_STATS_KEY, MetricsConfig, check_metrics, config_value
-from sdkd.train.engine.config import TriplesConfig, check_triples
+from sdkd.data.sources.config import Choice, Section
+from sdkd.eval.metrics.config import INCEPTION_KEY, REFERENCE_STATS_KEY, MetricsConfig, config_value
+from sdkd.train.losses.config import TriplesConfig
 
 
 class Sampler(Choice):
@@ -46,7 +46,7 @@ class AgreementConfig(TriplesConfig):
 
 
 @dataclass
-class LatencyConfig:
+class LatencyConfig(Section):
     enabled: bool = True
     """Time each model: seconds per image of the whole pipeline (batch 1, text encoding to decoded image) and
     of its U-Net alone (one forward at the guidance batch, times the steps)."""
@@ -55,9 +55,14 @@ class LatencyConfig:
     repeats: int = 3
     """Timed runs; the median is reported."""
 
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(self.warmup >= 0, f"{at}.warmup", "must be >= 0")
+        require(self.repeats > 0, f"{at}.repeats", "must be > 0")
+
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Section):
     prompts: Optional[list[str]] = None
     """The prompts, one image per prompt per model; null: prompt_file, else the run's sample.prompts."""
     prompt_file: Optional[str] = None
@@ -114,8 +119,8 @@ class EvaluateConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Weights of the image metrics (local paths; an unset one skips its metric with one line)."""
 
-    def validate(self) -> None:
-        """Cross-field checks (train/engine/config.py's load_config calls this)."""
+    def check(self, at: str) -> None:
+        super().check(at)
         require(self.prompts is None or bool(self.prompts), "prompts", "at least one prompt, or null")
         require(not (self.prompts and self.prompt_file), "prompt_file", "set prompts or prompt_file, not both")
         require(self.num_images is None or self.num_images > 0, "num_images", "must be > 0 or null")
@@ -130,10 +135,6 @@ class EvaluateConfig:
             require(value is None or (value >= 8 and value % 8 == 0), key, "must be a multiple of 8, or null")
         require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.grid_images >= 0, "grid_images", "must be >= 0")
-        require(self.latency.warmup >= 0, "latency.warmup", "must be >= 0")
-        require(self.latency.repeats > 0, "latency.repeats", "must be > 0")
-        check_triples(self.agreement, "agreement")
-        check_metrics(self.metrics)
         require(not (self.reference_images and config_value(self.metrics, "fid_reference_stats")), "reference_images",
                 f"set reference_images or {REFERENCE_STATS_KEY}, not both")
         require(not config_value(self.metrics, "inception_weights") or bool(self.reference_images)

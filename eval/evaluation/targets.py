@@ -44,11 +44,11 @@ def read_run_config(run: Path):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from sdkd.train.engine.config import Config, FinetuneConfig, LoraTrainConfig
+    from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig, LoraTrainConfig
 
     try:
         loaded = OmegaConf.load(run / "config.yaml")
-        schema = LoraTrainConfig if "lora" in loaded else FinetuneConfig if "model" in loaded else Config
+        schema = LoraTrainConfig if "lora" in loaded else FinetuneConfig if "model" in loaded else KDConfig
         return OmegaConf.merge(OmegaConf.structured(schema), loaded)
     except (OSError, ValueError, OmegaConfBaseException) as err:
         raise UserError(f"run '{run}': its config.yaml cannot be read ({str(err).splitlines()[0]})") from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sdkd.cli.errors import require
+from sdkd.data.sources.config import Section
 
 SECTION = "metrics"
 INCEPTION_KEY = f"{SECTION}.inception_weights"
@@ -21,7 +22,7 @@ LPIPS_KEY = f"{SECTION}.lpips_weights"
 
 
 @dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     inception_weights: Optional[str] = None
     """FID/KID: the FID Inception-v3 weights ("pt_inception-2015-12-05", 2048-d pool features) as a local
     .safetensors or .pth file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's
@@ -41,6 +42,10 @@ class MetricsConfig:
     """LPIPS (VGG): a local file or folder with the VGG16 backbone (torchvision's vgg16-397923af.pth) and,
     optionally, lpips' v0.1 linear heads (vgg.pth; torchmetrics' copy is used when absent); see
     train/losses/perceptual.py. null: LPIPS is skipped."""
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_metrics(self)  # its keys are metrics.*: the section's place in eval/evaluate.py's config
 
 
 # metric -> (config field, key, what to put there): the skip line of each metric without weights.

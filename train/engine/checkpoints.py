@@ -3,7 +3,8 @@
 accelerate's save_state/load_state carry the optimizer, LR scheduler and RNG states; save/load
 hooks store the trained model (and its EMA) through a `ModelState`: by default the whole U-Net as
 diffusers folders (`unet/`, `unet_ema/`, safetensors), so a checkpoint is also a loadable model; a
-LoRA run stores only its adapter (`train/formats/lora_io.py`).
+LoRA run stores only its adapter (`train/formats/lora_io.py`). What the task keeps of its own
+(`Task.state_dict`: counters, tensors, generators) each process saves as `task_state-RANK.safetensors`.
 
 A checkpoint is complete by its contents, not its name: `trainer_state.json`, written last, lists
 every file with its size, and only a folder whose files all match is used. A checkpoint is written
@@ -29,6 +30,8 @@ from sdkd.cli.errors import UserError
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 _REPLACED, _DELETING, _TMP = ".replaced-", ".deleting-", ".tmp-"
+TASK_STATE = "task_state-{}.safetensors"
+"""A process's task state (`save_task_state`), by process index."""
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -195,15 +198,85 @@ def load_ema(ema, named: list[tuple[str, torch.nn.Parameter]], path: Path, devic
     ema.to(device)
 
 
+def _leaves(state: dict, prefix: str = ""):
+    """(dotted key, value) of each leaf of a nested state dict."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or "." in key:
+            raise TypeError(f"task state key {prefix}{key!r}: keys are non-empty strings without '.'")
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def save_task_state(state: dict, path: Path) -> None:
+    """A task's state (`Task.state_dict`) as safetensors: tensors, and generators' states as uint8 tensors,
+    by dotted key; numbers, strings and None as JSON metadata. Never pickled."""
+    tensors, plain = {}, {}
+    for key, value in _leaves(state):
+        if isinstance(value, torch.Generator):
+            value = value.get_state()
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            plain[key] = value
+        else:
+            raise TypeError(f"task state '{key}': a {type(value).__name__}; a task keeps tensors, generators, "
+                            f"numbers, strings, None and dicts of these")
+    save_file(tensors, str(path), metadata={"plain": json.dumps(plain)})
+
+
+def load_task_state(path: Path, like: dict) -> dict:
+    """What `save_task_state` wrote to `path`, in the layout of `like` (the task's state now): the same keys,
+    each tensor on the device of the one in `like`, each generator of `like` set to its saved state (in
+    place). A missing file holds no state."""
+    tensors, plain = {}, {}
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            plain = json.loads((f.metadata() or {})["plain"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    wanted = dict(_leaves(like))
+    if wanted and not path.is_file():
+        raise ValueError(f"no {path.name}: its task kept no state of its own, this run's keeps "
+                         f"{', '.join(wanted)}")
+    saved = set(tensors) | set(plain)
+    for key, value in wanted.items():
+        if key not in (tensors if isinstance(value, (torch.Tensor, torch.Generator)) else plain):
+            raise ValueError(f"{path.name} holds no task state '{key}'")
+    if saved - set(wanted):
+        raise ValueError(f"{path.name} holds task state '{sorted(saved - set(wanted))[0]}', which this run's "
+                         f"task does not keep")
+
+    def rebuild(node: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                out[key] = rebuild(value, name + ".")
+            elif isinstance(value, torch.Generator):
+                value.set_state(tensors[name])
+                out[key] = value
+            elif isinstance(value, torch.Tensor):
+                out[key] = tensors[name].to(value.device)
+            else:
+                out[key] = plain[name]
+        return out
+
+    return rebuild(like, "")
+
+
 class Checkpointer:
     """Saves and restores the whole training state through one accelerator.
 
     `models`: each trained module's `ModelState` with its EMA (or None), in the order the loop prepared
-    them (accelerate stores their optimizers and LR schedules in that order)."""
+    them (accelerate stores their optimizers and LR schedules in that order). `task`: what keeps state of
+    its own (torchtitan's Stateful: `state_dict()` / `load_state_dict(state)`, train/engine/task.py); each
+    process saves its own, so per-process state (a generator per process) stays its process's."""
 
-    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple]):
+    def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple],
+                 task=None):
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
-        self.models = models
+        self.models, self.task = models, task
         if accelerator.is_main_process:
             recover(self.output_dir)
         accelerator.wait_for_everyone()
@@ -231,6 +304,9 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         save_file({"state": generator.get_state()}, tmp / f"generator-{acc.process_index}.safetensors")
+        state = self.task.state_dict() if self.task is not None else {}
+        if state:  # a task with none writes no file: its checkpoints stay as they were
+            save_task_state(state, tmp / TASK_STATE.format(acc.process_index))
         acc.wait_for_everyone()
         if acc.is_main_process:
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -263,6 +339,9 @@ class Checkpointer:
         try:
             acc.load_state(str(path))
             generator.set_state(load_file(rng)["state"])
+            if self.task is not None:
+                state = load_task_state(path / TASK_STATE.format(acc.process_index), self.task.state_dict())
+                self.task.load_state_dict(state)
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
             # A layout other than this run's (size mismatch) or damaged contents of the right size.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]

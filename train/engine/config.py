@@ -1,10 +1,13 @@
-"""Typed configuration: YAML recipes merged into dataclasses, dotted overrides, validation.
+"""Typed configuration: YAML recipes merged into dataclasses, dotted overrides, checks, --help.
 
-Every trainer script declares the schema it reads as `SCHEMA` and loads it with `load_trainer_config`:
-`Config` (train/kd.py), `FinetuneConfig` (train/finetune.py: `Config` plus `model`, teacher optional) or
-`LoraTrainConfig` (train/lora.py: plus `lora`). A recipe in `configs/` sets what differs from these defaults;
-`key=value` arguments after `--config` override it. Unknown keys, wrong types, values outside a `Choice`,
-missing required values and impossible combinations raise `ConfigError` with the dotted key.
+`RunConfig` is what every run has, whatever it trains: its folder (output_dir, resume, overwrite), training
+(train), optimizer (optim), EMA, data, trackers (log). Each trainer's schema is a `RunConfig` with its own
+keys and sections added (train/tasks/*_config.py); its script declares it as `SCHEMA` and loads it with
+`load_trainer_config`. A recipe in `configs/` sets what differs from the defaults; `key=value` arguments after
+`--config` override it. Unknown keys, wrong types, values outside a `Choice` and missing required values
+raise `ConfigError` with the dotted key as the YAML is merged; then `check_config` calls each section's
+`check` (data/sources/config.py's `Section`), which names the key of an out-of-range value or impossible
+combination.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import auto
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdkd.cli.errors import ConfigError, first_line, require
-from sdkd.data.sources.config import Choice, DataConfig, check_data, expected_one_of
+from sdkd.data.sources.config import Choice, DataConfig, Section, expected_one_of
 
 try:
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
@@ -38,28 +41,7 @@ except ImportError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schema
-
-
-class StudentPreset(Choice):
-    """train/models/students.py's PRESETS (a test keeps them equal: that module imports diffusers), or custom."""
-
-    bk_base = auto()
-    bk_small = auto()
-    bk_tiny = auto()
-    sdxs = auto()
-    custom = auto()
-
-
-class FeaturePairs(Choice):
-    bk = auto()
-    segmind = auto()
-    custom = auto()
-
-
-class PredictionType(Choice):
-    epsilon = auto()
-    v_prediction = auto()
+# What every run has
 
 
 class MixedPrecision(Choice):
@@ -95,49 +77,7 @@ class Tracker(Choice):
 
 
 @dataclass
-class StudentConfig:
-    preset: StudentPreset = StudentPreset.bk_small
-    """Block-removal preset; custom: set keep_down/keep_up instead."""
-    keep_down: Optional[list[list[int]]] = None
-    """custom: per teacher down block, the resnet (and attention) indices the student keeps."""
-    keep_up: Optional[list[list[int]]] = None
-    """custom: per teacher up block, the resnet (and attention) indices kept; the last one must be kept."""
-    mid_block: bool = True
-    """custom: keep the mid block."""
-    deepest_stage: bool = True
-    """custom: keep the deepest down block and its matching up block."""
-    drop_attention: list[int] = field(default_factory=list)
-    """custom: teacher levels (0 = highest resolution) where the student has no attention (sdxs: [0])."""
-    feature_pairs: FeaturePairs = FeaturePairs.bk
-    """Feature-KD pair table: bk (BK-SDM's), segmind (segmind's), or custom (then set pairs)."""
-    pairs: Optional[list[list[str]]] = None
-    """custom: [teacher_module, student_module] names; checked by shape at start-up."""
-
-
-@dataclass
-class LossConfig:
-    lambda_task: float = 1.0
-    """Weight of MSE(student prediction, diffusion target)."""
-    lambda_out: float = 1.0
-    """Weight of MSE(student prediction, teacher prediction)."""
-    lambda_feat: float = 1.0
-    """Weight of the sum over feature pairs of MSE(student feature, teacher feature)."""
-    snr_gamma: Optional[float] = None
-    """Min-SNR-gamma weighting applied to every term (5.0 is usual); null disables it."""
-    noise_offset: float = 0.0
-    """diffusers' noise offset: noise += noise_offset * randn(B, C, 1, 1), a per-sample, per-channel shift
-    (lets the model learn very dark and bright images; 0.05-0.1 is usual). Target and teacher see the same noise."""
-    input_perturbation: float = 0.0
-    """diffusers' input perturbation (arXiv 2301.11706): the U-Nets' input is noised from
-    noise + input_perturbation * randn_like(noise), the target from the unperturbed noise (0.1 is usual)."""
-    prediction_type: Optional[PredictionType] = None
-    """Train to predict this instead of the scheduler's prediction type (diffusers' --prediction_type; sample
-    grids and the exported scheduler follow it). Output and feature KD need a teacher predicting the same
-    (checked at start-up); null: the scheduler's."""
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: Optional[int] = None
     """Optimizer steps to train for; null: train.num_epochs' worth when that is set, else 100."""
     num_epochs: Optional[int] = None
@@ -151,8 +91,6 @@ class TrainConfig:
     """Micro-steps per optimizer step."""
     mixed_precision: MixedPrecision = MixedPrecision.no
     """Autocast for the student (no: float32); frozen models are cast to it."""
-    gradient_checkpointing: bool = False
-    """Recompute student activations in backward to save memory."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
     checkpoint_every: int = 500
@@ -166,9 +104,26 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes per training process."""
 
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(self.max_steps is None or self.max_steps > 0, f"{at}.max_steps", "must be > 0 or null")
+        require(self.num_epochs is None or self.num_epochs > 0, f"{at}.num_epochs", "must be > 0 or null")
+        require(self.max_steps is None or self.num_epochs is None, f"{at}.num_epochs",
+                f"{at}.max_steps and {at}.num_epochs are both set: set one, the other to null")
+        require(self.batch_size > 0, f"{at}.batch_size", "must be > 0")
+        require(self.grad_accum > 0, f"{at}.grad_accum", "must be > 0")
+        require(self.checkpoint_every >= 0, f"{at}.checkpoint_every", "must be >= 0")
+        require(self.sample_every >= 0, f"{at}.sample_every", "must be >= 0")
+        require(self.log_every > 0, f"{at}.log_every", "must be > 0")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
+                f"{at}.checkpoints_total_limit", "must be > 0 or null")
+        require(self.max_grad_norm >= 0, f"{at}.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        require(self.seed >= 0, f"{at}.seed", "must be >= 0")
+        require(self.num_workers >= 0, f"{at}.num_workers", "must be >= 0")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 5e-5
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -184,69 +139,30 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up steps (counted in optimizer steps)."""
 
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{at}.betas",
+                "expected two numbers in [0, 1)")
+        require(self.lr > 0, f"{at}.lr", "must be > 0")
+        require(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
+        require(self.eps > 0, f"{at}.eps", "must be > 0")
+        require(self.warmup_steps >= 0, f"{at}.warmup_steps", "must be >= 0")
+
 
 @dataclass
-class EMAConfig:
+class EMAConfig(Section):
     enabled: bool = False
     """Keep an exponential moving average of the student, initialised from it after weight copy."""
     decay: float = 0.9999
     """Maximum EMA decay (diffusers EMAModel, warm-up ramp (1+t)/(10+t))."""
 
-
-@dataclass
-class SampleConfig:
-    prompts: list[str] = field(
-        default_factory=lambda: ["a red circle on a blue background", "a portrait photo of an astronaut"]
-    )
-    """Fixed prompts sampled during training."""
-    seed: int = 1234
-    """Seed of the first prompt; prompt i uses seed + i."""
-    steps: int = 25
-    """Sampler steps (DPM-Solver++)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance scale."""
-    resolution: Optional[int] = None
-    """Image size; null uses data.resolution."""
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(0 <= self.decay <= 1, f"{at}.decay", "must be in [0, 1]")
 
 
 @dataclass
-class TriplesConfig:
-    """Held-out (x_t, t, prompt) triples for teacher agreement (train/losses/agreement.py): made without data, once,
-    from the teacher's own latents for fixed prompts and seeds, noised at fixed timesteps with fixed noise."""
-
-    seed: int = 0
-    """Seed of the triples: prompt i's clean latents start from seed + i, the noise added to them comes from a
-    generator seeded from seed too (another stream)."""
-    prompts: Optional[list[str]] = None
-    """Prompts of the triples; null: sample.prompts in a run, the evaluation prompts in eval/evaluate.py."""
-    num_prompts: int = 16
-    """Use at most this many prompts (the first ones)."""
-    timesteps: int = 4
-    """Timesteps per prompt, spread evenly over the training schedule's (4 of 1000: 125, 375, 625, 875)."""
-    teacher_steps: int = 8
-    """Sampler steps (DPM-Solver++) the teacher takes to make each prompt's clean latents x_0."""
-    guidance_scale: Optional[float] = None
-    """Classifier-free guidance of the teacher's x_0; null: sample.guidance_scale in a run, the evaluation's
-    guidance_scale in eval/evaluate.py."""
-    resolution: Optional[int] = None
-    """Image size of the triples; null: sample.resolution (else data.resolution) in a run, the evaluation's
-    resolution in eval/evaluate.py."""
-    batch_size: int = 8
-    """Triples per U-Net forward."""
-
-
-@dataclass
-class EvalConfig(TriplesConfig):
-    """In-loop evaluation: the student's noise predictions against its teacher's on the held-out triples
-    (made at the first evaluation, kept in OUTPUT/eval_triples.safetensors with the teacher's predictions),
-    logged as eval/noise_mse (and eval/noise_mse_tT per timestep) beside the losses."""
-
-    every: int = 0
-    """Evaluate every this many steps, at step 0 of a new run and at the last step; 0: never. Needs a teacher."""
-
-
-@dataclass
-class LogConfig:
+class LogConfig(Section):
     trackers: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     """Trackers besides OUTPUT/metrics.jsonl; [] or [none] for none."""
     project: str = "sdkd"
@@ -254,18 +170,25 @@ class LogConfig:
 
 
 @dataclass
-class Config:
-    teacher: str = MISSING
-    """Teacher pipeline: hub id, local diffusers folder, or "toy" (built locally from a seed)."""
-    teacher_revision: Optional[str] = None
-    """Hub revision of the teacher (branch, tag or commit); null: the default branch."""
-    teacher_variant: Optional[str] = None
-    """Weight files of the teacher to load, e.g. fp16 for *.fp16.safetensors; null: the plain ones."""
-    allow_pickle: bool = False
-    """Load pickle weights (.bin, .ckpt) of the teacher or model where they have no safetensors. Pickle can run
-    code when loaded: set it only for files you trust (diffusers' own conversion script makes safetensors)."""
+class EvalConfig(Section):
+    """The `eval` section of a trainer whose task evaluates in the loop (`Task.evaluate`); a trainer adds what
+    it measures on."""
+
+    every: int = 0
+    """Evaluate every this many steps, at step 0 of a new run and at the last step; 0: never."""
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(self.every >= 0, f"{at}.every", "must be >= 0 (0: never)")
+
+
+@dataclass
+class RunConfig(Section):
+    """What every run has: what the loop (train/engine/loop.py), the run folder (run_folder.py) and every
+    trainer's task read."""
+
     output_dir: str = MISSING
-    """Run folder: config.yaml, metrics.jsonl, checkpoint-STEP/, samples/, student/."""
+    """Run folder: config.yaml, metrics.jsonl, checkpoint-STEP/, samples/ and what the run exports."""
     resume: Optional[str] = None
     """latest (the newest checkpoint in output_dir, if any; stops with one line if its contents are incomplete),
     latest_complete (the newest whose contents are complete, naming newer broken ones it passes over) or a
@@ -273,70 +196,27 @@ class Config:
     overwrite: bool = False
     """Replace the run already in output_dir (its files are removed once the new run has loaded); without
     it, or resume, a non-empty output_dir stops the run."""
-    license: str = "creativeml-openrail-m"
-    """License named in the model card of what the run writes (a Hugging Face license id). Default: SD-1.x's
-    CreativeML OpenRAIL-M, whose use restrictions carry over to derivatives such as distilled students,
-    fine-tunes and LoRAs; openrail++ for an SD-2.x teacher or model; your base model's license otherwise."""
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    allow_pickle: bool = False
+    """Load pickle weights (.bin, .ckpt) where a model the run loads has no safetensors. Pickle can run code
+    when loaded: set it only for files you trust (diffusers' own conversion script makes safetensors)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-
-@dataclass
-class FinetuneConfig(Config):
-    """train/finetune.py: train `model` on its own data with the task loss, optionally continuing KD from
-    a teacher (output KD; feature KD when `student` describes `model`'s layout relative to the teacher)."""
-
-    teacher: Optional[str] = None
-    """Optional teacher for continued KD (loss.lambda_out, loss.lambda_feat): hub id, diffusers folder or "toy"."""
-    model: str = MISSING
-    """The pipeline to train: a diffusers folder (e.g. a distilled student's OUTPUT/student), a hub id, or "toy".
-    Its VAE, text encoder, tokenizer and scheduler are used for training, sampling and the export."""
-    model_revision: Optional[str] = None
-    """Hub revision of `model` (branch, tag or commit); null: the default branch."""
-    model_variant: Optional[str] = None
-    """Weight files of `model` to load, e.g. fp16 for *.fp16.safetensors; null: the plain ones."""
-    student: StudentConfig = field(default_factory=StudentConfig)
-    """Only read when loss.lambda_feat > 0: the block removal that makes `model`'s layout from the teacher's,
-    which gives the feature pairs (checked by shape at start-up)."""
-    loss: LossConfig = field(default_factory=lambda: LossConfig(lambda_out=0.0, lambda_feat=0.0))
-    """Fine-tuning defaults: task loss only; lambda_out / lambda_feat > 0 need a teacher."""
+    def check(self, at: str) -> None:
+        super().check(at)
+        require(not (self.overwrite and self.resume is not None), "overwrite",
+                "overwrite=true replaces the run in output_dir; resume continues it: set one of them")
 
 
-@dataclass
-class LoraSection:
-    rank: int = 16
-    """LoRA rank r of every adapted layer."""
-    alpha: Optional[float] = None
-    """LoRA alpha (the update is scaled by alpha / rank); null: equal to rank (scale 1)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA branch's input."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """U-Net module names (or name suffixes) to adapt. The attention projections exist in every block-removed
-    student that keeps attention (bk_base/small/tiny, SDXS); each entry must match at least one module."""
-    train_text_encoder: bool = False
-    """Also put a LoRA on the text encoder (then data.cache cannot be used: the text encoder runs each step)."""
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    """Text-encoder module names (or suffixes) to adapt when train_text_encoder is set."""
-    sdcpp: bool = True
-    """Also write OUTPUT/lora_sdcpp.safetensors (kohya naming, teacher-slot LDM numbering, alpha tensors) for
-    stable-diffusion.cpp when the model's layout runs there (teacher, bk_tiny, SDXS)."""
-
-
-@dataclass
-class LoraTrainConfig(FinetuneConfig):
-    """train/lora.py: a LoRA (peft) on `model`'s U-Net (and optionally its text encoder); everything else as
-    train/finetune.py, whose `model` stays frozen."""
-
-    lora: LoraSection = field(default_factory=LoraSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
-    """LoRA default: lr 1e-4 (BK-SDM's and segmind's LoRA recipes)."""
+def resolve_max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: train.max_steps, else train.num_epochs x the optimizer steps of one epoch
+    (rounded up, as diffusers' num_update_steps_per_epoch), else 100."""
+    if t.num_epochs is None:
+        return t.max_steps or 100
+    return t.num_epochs * math.ceil(batches_per_epoch / t.grad_accum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +282,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(_load_yaml(path.parent / str(parent), seen + (path.resolve(),)), node)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = Config) -> Any:
-    """YAML file + `key=value` overrides -> a validated `schema` instance."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schema: type) -> Any:
+    """YAML file + `key=value` overrides -> a checked `schema` instance (`check_config`)."""
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
@@ -419,123 +299,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), schema: type
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    if isinstance(cfg, Config):
-        validate(cfg)
-    if hasattr(cfg, "validate"):  # a trainer's own sections, another command's schema (eval/evaluation/config.py)
-        cfg.validate()
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: Section, at: str = "") -> None:
+    """Every section's `check`, each given its dotted path; a section's own sections first, so the schema's
+    check, the cross-section one, comes last."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):  # a section that is no Section has no check: AttributeError, a programming error
+            check_config(value, f"{at}.{f.name}" if at else f.name)
+    cfg.check(at)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), path)
-
-
-def check_student(s: StudentConfig) -> None:
-    """A preset, or `custom` with its keep_* fields; a preset sets the custom fields itself."""
-    # A StudentConfig built in code (train/show_student.py) has not been through the schema's types.
-    require(s.preset in StudentPreset.__members__, "student.preset",
-            expected_one_of(StudentPreset.__members__, s.preset))
-    if s.preset == StudentPreset.custom:
-        require(s.keep_down is not None and s.keep_up is not None, "student.keep_down",
-                "student.keep_down and student.keep_up are required when student.preset=custom")
-        return
-    require(s.keep_down is None and s.keep_up is None and s.mid_block and s.deepest_stage and not s.drop_attention,
-            "student.preset", f"keep_down, keep_up, mid_block, deepest_stage and drop_attention apply only to "
-                              f"student.preset=custom; '{s.preset}' sets them itself")
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks the schema cannot express."""
-    t, s = cfg.train, cfg.student
-    require(not (cfg.overwrite and cfg.resume is not None), "overwrite",
-            "overwrite=true replaces the run in output_dir; resume continues it: set one of them")
-    require(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
-    require(t.num_epochs is None or t.num_epochs > 0, "train.num_epochs", "must be > 0 or null")
-    require(t.max_steps is None or t.num_epochs is None, "train.num_epochs",
-            "train.max_steps and train.num_epochs are both set: set one, the other to null")
-    require(t.batch_size > 0, "train.batch_size", "must be > 0")
-    require(t.grad_accum > 0, "train.grad_accum", "must be > 0")
-    require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    require(t.sample_every >= 0, "train.sample_every", "must be >= 0")
-    require(t.log_every > 0, "train.log_every", "must be > 0")
-    require(t.checkpoints_total_limit is None or t.checkpoints_total_limit > 0,
-            "train.checkpoints_total_limit", "must be > 0 or null")
-    o = cfg.optim
-    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "expected two numbers in [0, 1)")
-    require(o.lr > 0, "optim.lr", "must be > 0")
-    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    require(o.eps > 0, "optim.eps", "must be > 0")
-    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    require(0 <= cfg.ema.decay <= 1, "ema.decay", "must be in [0, 1]")
-    require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    require(t.seed >= 0, "train.seed", "must be >= 0")
-    require(cfg.loss.lambda_task + cfg.loss.lambda_out + cfg.loss.lambda_feat > 0, "loss.lambda_task",
-            "every loss weight (loss.lambda_task, lambda_out, lambda_feat) is 0: nothing to train")
-    sm = cfg.sample
-    require(sm.steps > 0, "sample.steps", "must be > 0")
-    require(sm.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
-    require(sm.resolution is None or (sm.resolution >= 8 and sm.resolution % 8 == 0), "sample.resolution",
-            "must be a multiple of 8, or null")
-    for name in ("lambda_task", "lambda_out", "lambda_feat"):
-        require(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
-    require(cfg.loss.snr_gamma is None or cfg.loss.snr_gamma > 0, "loss.snr_gamma", "must be > 0 or null")
-    require(cfg.loss.noise_offset >= 0, "loss.noise_offset", "must be >= 0")
-    require(cfg.loss.input_perturbation >= 0, "loss.input_perturbation", "must be >= 0")
-    check_student(s)
-    require((s.feature_pairs == FeaturePairs.custom) == (s.pairs is not None),
-            "student.pairs", "give student.pairs exactly when student.feature_pairs=custom")
-    require(s.pairs is None or all(len(p) == 2 for p in s.pairs),
-            "student.pairs", "each pair is [teacher_module, student_module]")
-    check_data(cfg.data)
-    require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
-    require(bool(cfg.sample.prompts), "sample.prompts", "at least one prompt")
-    check_triples(cfg.eval, "eval")
-    require(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: never)")
-    require(cfg.eval.every == 0 or cfg.teacher is not None, "eval.every",
-            "in-loop evaluation compares the model with a teacher: set teacher, or eval.every=0")
-    if isinstance(cfg, FinetuneConfig):
-        _validate_finetune(cfg)
-
-
-def check_triples(e: TriplesConfig, section: str) -> None:
-    """Checks of a held-out triples section (`eval` of a run, `agreement` of eval/evaluate.py)."""
-    require(e.seed >= 0, f"{section}.seed", "must be >= 0")
-    require(e.prompts is None or bool(e.prompts), f"{section}.prompts", "at least one prompt, or null")
-    require(e.num_prompts > 0, f"{section}.num_prompts", "must be > 0")
-    require(e.timesteps > 0, f"{section}.timesteps", "must be > 0")
-    require(e.teacher_steps > 0, f"{section}.teacher_steps", "must be > 0")
-    require(e.guidance_scale is None or e.guidance_scale >= 0, f"{section}.guidance_scale", "must be >= 0 or null")
-    require(e.resolution is None or (e.resolution >= 8 and e.resolution % 8 == 0), f"{section}.resolution",
-            "must be a multiple of 8, or null")
-    require(e.batch_size > 0, f"{section}.batch_size", "must be > 0")
-
-
-def _validate_finetune(cfg: FinetuneConfig) -> None:
-    for name in ("lambda_out", "lambda_feat"):
-        require(cfg.teacher is not None or getattr(cfg.loss, name) == 0, f"loss.{name}",
-                "continued KD needs a teacher: set teacher, or set this to 0")
-    if isinstance(cfg, LoraTrainConfig):
-        lo = cfg.lora
-        require(lo.rank > 0, "lora.rank", "must be > 0")
-        require(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 or null")
-        require(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        require(bool(lo.target_modules), "lora.target_modules", "at least one module name")
-        require(not lo.train_text_encoder or bool(lo.text_encoder_target_modules),
-                "lora.text_encoder_target_modules", "at least one module name")
-        require(not (lo.train_text_encoder and cfg.data.cache is not None), "data.cache",
-                "a latent cache holds text embeddings: it cannot be used with lora.train_text_encoder=true")
-        require(not (lo.train_text_encoder and cfg.teacher is not None), "teacher",
-                "continued KD with lora.train_text_encoder=true is not supported (the teacher would need the "
-                "adapted text embeddings); drop the teacher or the text-encoder LoRA")
-
-
-def resolve_max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
-    """The run's optimizer steps: train.max_steps, else train.num_epochs x the optimizer steps of one epoch
-    (rounded up, as diffusers' num_update_steps_per_epoch), else 100."""
-    if t.num_epochs is None:
-        return t.max_steps or 100
-    return t.num_epochs * math.ceil(batches_per_epoch / t.grad_accum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +338,7 @@ def _field_docs(path: str) -> dict[str, dict[str, str]]:
 
 def _field_doc(cls: type, name: str) -> str:
     """From the class that declares the field, else the nearest base that documents it, each read from its
-    own source file (data/sources/config.py, this file, a trainer script)."""
+    own source file (data/sources/config.py, this file, a trainer's train/tasks/*_config.py)."""
     return next((docs[name] for c in cls.__mro__ if is_dataclass(c)
                  and name in (docs := _field_docs(inspect.getfile(c)).get(c.__name__, {}))), "")
 
@@ -604,7 +384,7 @@ CHECK_CONFIG_HELP = ("load and validate the config, print nothing and exit 0 (a 
                      "exit 2); launch.sh runs this once before it starts any process")
 
 
-def parse_args(argv: list[str], description: str | None, schema: type = Config,
+def parse_args(argv: list[str], description: str | None, schema: type,
                prog: str | None = None) -> argparse.Namespace:
     """`[--print-config | --check-config] --config FILE key=value ...` -> the parsed arguments (config,
     overrides, print_config, check_config); --help lists `schema`."""
@@ -620,16 +400,16 @@ def parse_args(argv: list[str], description: str | None, schema: type = Config,
     return parser.parse_intermixed_args(argv)
 
 
-def load_trainer_config(schema: type, argv: list[str], description: str | None, prog: str) -> Config:
+def load_trainer_config(schema: type, argv: list[str], description: str | None, prog: str) -> RunConfig:
     """`--config FILE key=value ...` for a trainer script, validated against the schema it declares
     (`SCHEMA`). With --print-config the config is printed as YAML, with --check-config nothing; either
     way the process then exits 0 before anything starts."""
     # A subclass without @dataclass would silently drop the fields it declares.
-    if not (isinstance(schema, type) and issubclass(schema, Config) and "__dataclass_fields__" in vars(schema)):
-        raise TypeError(f"load_trainer_config: the schema must be Config or a @dataclass subclass of it, "
+    if not (isinstance(schema, type) and issubclass(schema, RunConfig) and "__dataclass_fields__" in vars(schema)):
+        raise TypeError(f"load_trainer_config: the schema must be RunConfig or a @dataclass subclass of it, "
                         f"got {schema!r}")
     args = parse_args(argv, description, schema, prog)
-    cfg = load_config(args.config, args.overrides, schema)
+    cfg = load_config(args.config, args.overrides, schema=schema)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
     if args.print_config or args.check_config:

@@ -2,7 +2,7 @@
 EMA, logging, sample grids, checkpoints and resume, the final export. What is trained, and how a
 batch becomes loss terms, is the trainer's task (train/engine/task.py).
 
-Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `eval.every` is due, and at the
+Loop order (edm2 / torchtitan): step -> log (with the task's metrics when `Task.eval_every` is due, and at the
 last step) -> sample -> checkpoint -> done?
 """
 
@@ -26,14 +26,14 @@ from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import collate
 from sdkd.train.engine import console, run_folder, tracking
 from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolve_resume
-from sdkd.train.engine.config import Config, OptimConfig, resolve_max_steps
+from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 from sdkd.train.engine.frozen import freeze
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's accelerator; also creates and locks OUTPUT/, refusing one that holds another run
     (train/engine/run_folder.py; the config is saved there when training starts)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -78,19 +78,18 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class Prepared:
-    """A trained module as the loop runs it: wrapped, with its optimizer, LR schedule and EMA."""
+    """A trained module as the loop runs it: wrapped, with its optimizer and LR schedule (its EMA is `spec.ema`)."""
 
     spec: TrainedModule
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: object
-    ema: object = None
 
 
 class Loop:
     """Trains `task` on `dataset`: the one loop every trainer runs (train/engine/task.py says what a task gives it)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, task: Task, dataset: Dataset):
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, task: Task, dataset: Dataset):
         self.cfg, self.accelerator, self.task, self.dataset = cfg, accelerator, task, dataset
 
     def fit(self) -> None:
@@ -106,7 +105,7 @@ class Loop:
                       f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
         self.prepare(max_steps)
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
-                                    [(p.spec.state, p.ema) for p in self.modules.values()])
+                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task)
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -126,7 +125,7 @@ class Loop:
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
-        if step == 0 and cfg.eval.every:  # the curve's starting point: the freshly initialised model
+        if step == 0 and task.eval_every:  # the curve's starting point: the freshly initialised model
             acc.log(self._evaluate(step), step=step)
         while step < max_steps:
             start = time.perf_counter()
@@ -145,7 +144,7 @@ class Loop:
                 shown = "loss" if "loss" in terms else next(iter(terms), None)
                 if shown is not None:
                     progress.set_postfix(**{shown: f"{logged[shown]:.4f}"})
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == max_steps):  # and the final model
+            if task.eval_every and (step % task.eval_every == 0 or step == max_steps):  # and the final model
                 logged |= self._evaluate(step)
             if logged:
                 acc.log(logged, step=step)
@@ -158,8 +157,8 @@ class Loop:
         acc.wait_for_everyone()
         if acc.is_main_process:
             for p in self.modules.values():
-                if p.ema is not None:
-                    p.ema.copy_to(p.spec.state.ema_parameters())
+                if p.spec.ema is not None:
+                    p.spec.ema.copy_to(p.spec.state.ema_parameters())
             exported = task.export(out)
         acc.end_training()
         if acc.is_main_process:  # last, after the trackers' own closing lines
@@ -167,7 +166,7 @@ class Loop:
 
     def prepare(self, max_steps: int) -> None:
         """Freeze the task's frozen models (each in its `frozen_dtype`); give each trained module its optimizer,
-        LR schedule and EMA."""
+        LR schedule and EMA (`TrainedModule.ema`)."""
         acc = self.accelerator
         for name, frozen in self.task.frozen.items():
             if frozen is not None:
@@ -183,12 +182,11 @@ class Loop:
         lr_schedule = get_scheduler(spec.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=spec.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=updates * acc.num_processes)
-        ema = None
         if spec.ema_decay is not None:
-            ema = spec.state.make_ema(spec.ema_decay)
-            ema.to(acc.device)
+            spec.ema = spec.state.make_ema(spec.ema_decay)
+            spec.ema.to(acc.device)
         wrapped, optimizer, lr_schedule = acc.prepare(spec.module, optimizer, lr_schedule)
-        return Prepared(spec, wrapped, optimizer, lr_schedule, ema)
+        return Prepared(spec, wrapped, optimizer, lr_schedule)
 
     def _learning_rates(self) -> dict[str, float]:
         """`lr` of a task with one module, else `lr/NAME` of each."""
@@ -231,8 +229,8 @@ class Loop:
         p.optimizer.step()
         p.lr_schedule.step()
         p.optimizer.zero_grad(set_to_none=True)
-        if acc.sync_gradients and p.ema is not None:
-            p.ema.step(p.spec.state.ema_parameters())
+        if acc.sync_gradients and p.spec.ema is not None:
+            p.spec.ema.step(p.spec.state.ema_parameters())
 
     def _loader(self) -> tuple[DataLoader, int]:
         """The DataLoader and the batches each process reads per epoch.
@@ -316,7 +314,7 @@ class Loop:
         acc.wait_for_everyone()
 
 
-def run_summary(cfg: Config, step: int, exported: list[Path], next_steps: list[tuple[str, str]]) -> str:
+def run_summary(cfg: RunConfig, step: int, exported: list[Path], next_steps: list[tuple[str, str]]) -> str:
     """A run's closing lines: what it wrote where, then the commands to run next (the task's, with why).
     `exported` is what the task's export wrote, the model first."""
     out, model = Path(cfg.output_dir), exported[0]
@@ -335,7 +333,7 @@ def run_summary(cfg: Config, step: int, exported: list[Path], next_steps: list[t
     return "\n".join(lines)
 
 
-def _flat(cfg: Config) -> dict:
+def _flat(cfg: RunConfig) -> dict:
     """Config as flat scalar values for trackers (tensorboard takes no lists)."""
     from omegaconf import OmegaConf
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sdkd.train.engine.config import Config, save_config
+from sdkd.train.engine.config import RunConfig, save_config
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.distributed import agree
 
@@ -36,7 +36,7 @@ def _lock(folder: Path) -> None:
     _held[folder] = fd
 
 
-def _check(cfg: Config) -> None:
+def _check(cfg: RunConfig) -> None:
     folder = Path(cfg.output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def _check(cfg: Config) -> None:
                         f"overwrite=true to replace it, or choose another output_dir")
 
 
-def claim(cfg: Config, acc) -> None:
+def claim(cfg: RunConfig, acc) -> None:
     """Lock OUTPUT and check it may be used (main process); every process stops on a refusal."""
     problem = None
     if acc.is_main_process:
@@ -67,7 +67,7 @@ def claim(cfg: Config, acc) -> None:
     agree(acc, problem)
 
 
-def start(cfg: Config, acc) -> None:
+def start(cfg: RunConfig, acc) -> None:
     """The run's first write to OUTPUT: clear the run it overwrites, save the resolved config."""
     if acc.is_main_process:
         folder = Path(cfg.output_dir)

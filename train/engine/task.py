@@ -5,13 +5,19 @@ clipping, optional EMA, checkpointed state and the steps it updates at), the fro
 and one `train_step` that turns a batch into loss terms, giving each module's loss to `StepContext.backward`.
 The loop does everything else once for every task: data, accumulation, optimizer and LR-schedule steps,
 EMA, logging, sample grids, checkpoints and resume, and the final export.
+
+What a task keeps of its own beyond its modules (counters, tensors, its own generators) it names in
+`state_attributes`, or gives as `state_dict` / `load_state_dict` (torchtitan's Stateful): every checkpoint
+saves it and a resumed run restores it (train/engine/checkpoints.py). A module's EMA weights are at hand in
+`TrainedModule.ema_weights()` (a teacher-as-EMA target).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from diffusers import ModelMixin
@@ -45,6 +51,9 @@ class TrainedModule:
     a loadable folder, `ModelState`; any other as a safetensors file, `TensorState`)."""
     due: Callable[[int], bool] = field(default_factory=every)
     """step -> whether this module updates at that step (0-based); its LR schedule counts only those steps."""
+    ema: object = field(default=None, init=False, repr=False)
+    """Its EMA (a diffusers `EMAModel` over `state.ema_parameters()`), made by the loop when `ema_decay` is set
+    and restored with the rest on resume; None before the loop prepares the module, or without an EMA."""
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -54,6 +63,24 @@ class TrainedModule:
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[torch.nn.Module]:
+        """The plain module with its EMA weights in, without gradients; on leaving, the trained weights are
+        back, bit for bit (diffusers' EMAModel store / copy_to / restore: they wait in host memory). For a
+        teacher that is the student's EMA (consistency distillation), or sampling from the EMA. Back-propagate
+        outside the block: inside it the parameters hold other values than the ones a graph built outside saw."""
+        if self.ema is None:
+            raise RuntimeError(f"module '{self.name}' has no EMA (ema_decay is None, or the loop has not "
+                               f"prepared it yet)")
+        params = list(self.state.ema_parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            with torch.no_grad():
+                yield self.module
+        finally:
+            self.ema.restore(params)
 
 
 class StepContext:
@@ -82,6 +109,27 @@ class Task:
     modules: list[TrainedModule]
     frozen: dict[str, torch.nn.Module | None] = {}
     """Models the step uses but never trains; the loop freezes them on the device, each in `frozen_dtype`."""
+    state_attributes: tuple[str, ...] = ()
+    """The task's own attributes that checkpoints keep beside its modules (`state_dict`): say, a counter, a
+    tensor, the task's own `torch.Generator`."""
+
+    def state_dict(self) -> dict:
+        """The task's own state, which every checkpoint saves and a resumed run gives back to `load_state_dict`
+        before its first step: tensors, `torch.Generator`s (CPU or device), numbers, strings, None and dicts of
+        these, by string keys without '.'. Each process saves its own (a generator per process stays its
+        process's). Default: the attributes named in `state_attributes`."""
+        return {name: getattr(self, name) for name in self.state_attributes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what `state_dict` gave at the checkpoint: the same keys, each tensor on the device of the
+        one `state_dict` gives now, each generator that one, set to its saved state. Default: sets the
+        attributes back."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    eval_every: int = 0
+    """The loop calls `evaluate` every this many steps, at step 0 of a new run and at the last step: the
+    trainer's `eval.every` (train/engine/config.py's EvalConfig); 0: never."""
 
     def train_step(self, ctx: StepContext, batch: dict, rng) -> dict[str, torch.Tensor]:
         """One micro-batch: the loss terms to log (`loss` among them when there is one overall loss).
@@ -97,7 +145,7 @@ class Task:
         """Write this step's sample grid (main process only). Default: none."""
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Metrics of the trained model at this step (main process only; every `eval.every` steps), logged as
+        """Metrics of the trained model at this step (main process only; every `eval_every` steps), logged as
         `eval/NAME` beside the losses. Default: none."""
         return {}
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from sdkd.train.formats import ldm_layout
 from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
-from sdkd.train.engine.config import LoraSection
+from sdkd.train.formats.lora_config import LoraSection
 from sdkd.cli.errors import UserError, first_line
 from sdkd.train.models.families import family_of
 

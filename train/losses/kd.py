@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import compute_snr
 
-from sdkd.train.engine.config import LossConfig
+from sdkd.train.losses.config import LossConfig
 from sdkd.cli.errors import UserError
 
 

@@ -14,6 +14,8 @@ This gives BK-SDM's 8 pairs (bk_base, bk_small) and 6 (bk_tiny), segmind's 9 (sd
 and 6 (sd_tiny = bk_tiny), and the same pairs for a custom spec equal to a preset. `sdxs` gets
 bk_tiny's pairs: dropping the 320-channel attention changes no block output shape, so every
 student down and up block is still paired (SDXS's feature KD on every Dn and Up block output).
+The SDXL presets keep the deepest stage: 3 down and 3 up pairs, and with segmind the mid block where
+kept (SSD-1B's and Vega's one resnet imitating the teacher's whole mid block, as SSD-1B did).
 `student.feature_pairs: custom` takes `student.pairs` verbatim; `check_pairs` verifies shapes.
 
 The proj_out pair assumes a cross-attention block there (SD-1.x/2.x). A hook inside an attention
@@ -34,7 +36,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.engine.config import StudentConfig
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.families import random_conditioning
 from sdkd.train.models.students import RemovalSpec

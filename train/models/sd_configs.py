@@ -1,4 +1,4 @@
-"""Configs of the public SD-1.x / SD-2.x models (block-removal.md section 1) and the SDXS-512 layout.
+"""Configs of the public SD-1.x / SD-2.x / SDXL models (block-removal.md sections 1 and 6) and the SDXS-512 layout.
 
 Enough to count parameters on the meta device or to build random-weight models at real widths
 for benchmarks and export tests, with nothing downloaded.
@@ -15,6 +15,18 @@ SD15_UNET = dict(
 SD21_BASE_UNET = {**SD15_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
                   "use_linear_projection": True}
 SD21_UNET = {**SD21_BASE_UNET, "sample_size": 96, "upcast_attention": True}
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the keys that shape the U-Net (2,567,463,684 params).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=[1, 2, 10],
+    cross_attention_dim=2048, attention_head_dim=[5, 10, 20], use_linear_projection=True,
+    # pooled OpenCLIP-bigG text (1280) + 6 size/crop time ids x 256 = 2816
+    addition_embed_type="text_time", addition_time_embed_dim=256, addition_embed_type_num_heads=64,
+    projection_class_embeddings_input_dim=2816,
+)
 SD15_VAE = dict(
     in_channels=3,
     out_channels=3,

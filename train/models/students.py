@@ -22,19 +22,30 @@ initialise them). SDXS-512 (`sdxs`, block-removal.md section 5) is bk_tiny plus 
 three levels, one resnet per level, no mid block, no attention at 320 channels. The same preset
 on an SD-2.x teacher gives the SD-2.1-based variant the paper reports (319M; SDXS-0.9's
 cross-attention-only 320-ch stage is another layout).
+
+SDXL students (sdxl-and-scale.md section 1, block-removal.md section 6) also make attentions shallower:
+`transformer_layers_per_block` / `reverse_transformer_layers_per_block` give, per teacher down / up block,
+the depth of each kept attention (an int for all, or one per kept index), and `mid_attention: false`
+replaces the mid block by one resnet (UNetMidBlock2D). SSD-1B and Segmind-Vega keep every resnet, cut
+depths and replace the mid block; KOALA-1B / -700M keep one resnet per level as BK-SDM does (layers_per_block
+1), cut the deepest level to 6 / 5 layers, and keep (at depth 6) / drop the mid block. Nobody published which
+teacher layers seeded the shallower attentions, so `layer_init` chooses: the first k (diffengine's copy by
+name), k evenly spaced, or an explicit list per student attention. A preset is made for one family: an SDXL
+preset on an SD-1.x/2.x teacher, or the reverse, is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import Transformer2DModel, UNet2DConditionModel
 
-from sdkd.train.engine.config import StudentConfig, check_student
+from sdkd.train.models.student_config import BlockRemovalConfig, StudentConfig
 from sdkd.cli.errors import ConfigError
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -42,6 +53,11 @@ UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 BLOCK_LISTS = ("down_blocks", "up_blocks", "mid_block")
 # Config entries given per down block (a list) or for all blocks (a scalar); trimmed with the levels.
 PER_LEVEL_KEYS = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention")
+# diffusers' own types for the student's mid block: a one-resnet UNetMidBlock2D replaces a kept one's attention.
+MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+# Lists of the units a spec keeps or drops by index: a removed one is named item by item.
+UNIT_LISTS = ("resnets", "attentions", "transformer_blocks")
+SD, SDXL = "SD-1.x/2.x", "SDXL"
 UNET_DEFAULTS = {
     name: p.default for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
     if name != "self"
@@ -62,32 +78,59 @@ class RemovalSpec:
     deepest_stage: bool = True
     drop_attention: tuple[int, ...] = ()
     """Teacher levels (0 = highest resolution) whose attentions the student drops, in down and up block."""
+    mid_attention: bool = True
+    """False: a kept mid block becomes one resnet (UNetMidBlock2D), the teacher's first mid resnet."""
+    transformer_layers_per_block: tuple | None = None
+    """Per teacher down block: the depth of the kept attentions, an int or one per kept index; None: the teacher's."""
+    reverse_transformer_layers_per_block: tuple | None = None
+    """Per teacher up block, the same; None: the teacher's (diffusers derives them when the teacher lists none)."""
+    layer_init: str | tuple = "first"
+    """first, even, or ((student attention, teacher layer indices), ...): the layers seeding a shallower attention."""
+    family: str | None = field(default=None, compare=False)
+    """The teacher family a preset is made for (SD or SDXL); None (custom): any."""
     name: str = field(default="custom", compare=False)
     """Preset name, or custom; only used in error messages."""
 
     def __post_init__(self):
-        # Accept lists (YAML, tests) but store tuples, so specs are hashable and comparable.
+        # Accept lists and dicts (YAML, tests) but store tuples, so specs are hashable and comparable.
         for key in ("keep_down", "keep_up"):
             object.__setattr__(self, key, tuple(tuple(entry) for entry in getattr(self, key)))
         object.__setattr__(self, "drop_attention", tuple(self.drop_attention))
+        for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, tuple(tuple(e) if isinstance(e, list) else e for e in getattr(self, key)))
+        if isinstance(self.layer_init, Mapping):
+            object.__setattr__(self, "layer_init", tuple((k, tuple(v)) for k, v in self.layer_init.items()))
 
 
-_BK = dict(keep_down=[[0]] * 4, keep_up=[[0, 2]] * 4)
+_BK = dict(keep_down=[[0]] * 4, keep_up=[[0, 2]] * 4, family=SD)
+_SEGMIND = dict(keep_down=[[0, 1]] * 3, keep_up=[[0, 1, 2]] * 3, mid_attention=False, family=SDXL)
+_KOALA = dict(keep_down=[[0]] * 3, keep_up=[[0, 2]] * 3, family=SDXL)
 PRESETS: dict[str, RemovalSpec] = {
     "bk_base": RemovalSpec(**_BK, name="bk_base"),
     "bk_small": RemovalSpec(**_BK, mid_block=False, name="bk_small"),
     "bk_tiny": RemovalSpec(**_BK, mid_block=False, deepest_stage=False, name="bk_tiny"),
     # SDXS-512 (arXiv 2403.16627 sec. 3.1): bk_tiny without the transformer blocks of the highest resolution.
     "sdxs": RemovalSpec(**_BK, mid_block=False, deepest_stage=False, drop_attention=[0], name="sdxs"),
+    # SDXL students: every depth as sd.cpp's tables for the released weights (block-removal.md section 6);
+    # level-0 entries are ignored (no attention there). KOALA's depths are inferred from its exact counts.
+    "ssd1b": RemovalSpec(**_SEGMIND, transformer_layers_per_block=[1, 2, 4],
+                         reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], 1], name="ssd1b"),
+    "vega": RemovalSpec(**_SEGMIND, transformer_layers_per_block=[1, 1, 2],
+                        reverse_transformer_layers_per_block=[2, 1, 1], name="vega"),
+    "koala_1b": RemovalSpec(**_KOALA, transformer_layers_per_block=[1, 2, 6], name="koala_1b"),
+    "koala_700m": RemovalSpec(**_KOALA, transformer_layers_per_block=[1, 2, 5], mid_block=False, name="koala_700m"),
 }
 
 
-def removal_spec(cfg: StudentConfig) -> RemovalSpec:
-    """The spec named by `student.preset`, or the custom one given by its keep_* fields."""
-    check_student(cfg)
+def removal_spec(cfg: BlockRemovalConfig) -> RemovalSpec:
+    """The spec named by `student.preset`, or the custom one given by its keep_* fields; with `layer_init`."""
+    BlockRemovalConfig.check(cfg, "student")  # its removal keys only: a section built in code is unchecked
     if cfg.preset == "custom":
-        return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage, cfg.drop_attention or ())
-    return PRESETS[cfg.preset]
+        return RemovalSpec(cfg.keep_down, cfg.keep_up, cfg.mid_block, cfg.deepest_stage, cfg.drop_attention or (),
+                           cfg.mid_attention, cfg.transformer_layers_per_block,
+                           cfg.reverse_transformer_layers_per_block, cfg.layer_init)
+    return replace(PRESETS[cfg.preset], layer_init=cfg.layer_init)
 
 
 def _fail(spec: RemovalSpec, key: str, message: str):
@@ -122,8 +165,46 @@ def _check_indices(spec: RemovalSpec, key: str, block: int, kept: tuple[int, ...
                          f"in 0..{count - 1}, got {list(kept)}")
 
 
+def _family(config: Mapping) -> str:
+    """SDXL's U-Net takes a pooled text embedding and size/crop time ids ("text_time"); SD-1.x/2.x's does not."""
+    return SDXL if config.get("addition_embed_type") == "text_time" else SD
+
+
+def _check_family(t: dict, spec: RemovalSpec) -> None:
+    family = _family(t)
+    if spec.family not in (None, family):
+        fitting = [name for name, preset in PRESETS.items() if preset.family == family]
+        raise ConfigError(f"config key 'student.preset': {spec.name} is a preset for {spec.family} teachers, but the "
+                          f"teacher U-Net is {family}; use {', '.join(fitting)} or custom")
+
+
+def _check_depth_lists(t: dict, spec: RemovalSpec) -> None:
+    """Each given depth entry of a block with attention is an int or has one depth per kept index."""
+    n = len(t["down_block_types"])
+    down, up = _levels(n, spec)
+    for key, kind, blocks, keep in (("transformer_layers_per_block", "down", down, spec.keep_down),
+                                    ("reverse_transformer_layers_per_block", "up", up, spec.keep_up)):
+        given = getattr(spec, key)
+        if given is None:
+            continue
+        if len(given) != n:
+            _fail(spec, key, f"expected {n} entries, one per teacher {kind} block, got {len(given)}")
+        for b in blocks:
+            entry = given[b]
+            if _attends(t, spec, kind, b) and isinstance(entry, tuple) and len(entry) != len(keep[b]):
+                _fail(spec, key, f"entry {b}: expected one depth per kept index of keep_{kind}[{b}] "
+                                 f"({len(keep[b])}), got {list(entry)}")
+    lists = spec.transformer_layers_per_block is not None and any(
+        isinstance(spec.transformer_layers_per_block[i], tuple) for i in down if _attends(t, spec, "down", i))
+    if lists and spec.reverse_transformer_layers_per_block is None and t["reverse_transformer_layers_per_block"] is None:
+        _fail(spec, "reverse_transformer_layers_per_block", "required when transformer_layers_per_block gives a "
+                                                            "list for a block (diffusers derives up-block depths "
+                                                            "only from one depth per level)")
+
+
 def _check_spec(t: dict, spec: RemovalSpec) -> None:
     """Structural checks of a spec against a (normalized) teacher config."""
+    _check_family(t, spec)
     n = len(t["down_block_types"])
     bad = [b for b in t["down_block_types"] if b not in DOWN_TYPES]
     bad += [b for b in t["up_block_types"] if b not in UP_TYPES]
@@ -159,6 +240,11 @@ def _check_spec(t: dict, spec: RemovalSpec) -> None:
             _fail(spec, "keep_up", f"entry {j}: expected {len(spec.keep_down[level]) + 1} indices (an up block has one "
                                    f"resnet more than keep_down[{level}], which has {len(spec.keep_down[level])}), "
                                    f"got {len(kept)}")
+    if not spec.mid_attention and (not spec.mid_block or t["mid_block_type"] not in MID_TYPES):
+        _fail(spec, "mid_attention", f"false replaces the mid block by one resnet, but the student keeps no "
+                                     f"{' or '.join(MID_TYPES)} (teacher mid_block_type {t['mid_block_type']}, "
+                                     f"mid_block {str(spec.mid_block).lower()})")
+    _check_depth_lists(t, spec)
 
 
 def _has_attention(t: dict, level: int) -> bool:
@@ -178,6 +264,15 @@ def _select(entry, kept: tuple[int, ...]):
     return [entry[k] for k in kept] if isinstance(entry, list) else entry
 
 
+def _depths(t: dict, spec: RemovalSpec, kind: str, blocks: range, teacher: list) -> list:
+    """The student's depth entries of its `kind` blocks: the spec's where it sets them for a block with
+    attention, else the teacher's for the kept layers."""
+    given = getattr(spec, "transformer_layers_per_block" if kind == "down" else "reverse_transformer_layers_per_block")
+    keep = spec.keep_down if kind == "down" else spec.keep_up
+    return [_select(teacher[b], keep[b]) if given is None or not _attends(t, spec, kind, b)
+            else list(given[b]) if isinstance(given[b], tuple) else given[b] for b in blocks]
+
+
 def _derive(t: dict, spec: RemovalSpec) -> dict:
     n = len(t["down_block_types"])
     down, up = _levels(n, spec)
@@ -192,14 +287,17 @@ def _derive(t: dict, spec: RemovalSpec) -> dict:
             s[key] = [t[key][i] for i in down]
     layers = [len(spec.keep_down[i]) for i in down]
     s["layers_per_block"] = layers[0] if len(set(layers)) == 1 else layers
-    if isinstance(t["transformer_layers_per_block"], list):
-        s["transformer_layers_per_block"] = [
-            _select(t["transformer_layers_per_block"][i], spec.keep_down[i]) for i in down]
-    if t["reverse_transformer_layers_per_block"] is not None:
-        s["reverse_transformer_layers_per_block"] = [
-            _select(t["reverse_transformer_layers_per_block"][j], spec.keep_up[j]) for j in up]
+    depths = _per_block(t["transformer_layers_per_block"], n)
+    if isinstance(t["transformer_layers_per_block"], list) or spec.transformer_layers_per_block is not None:
+        s["transformer_layers_per_block"] = _depths(t, spec, "down", down, depths)
+    reverse = t["reverse_transformer_layers_per_block"]
+    if reverse is not None or spec.reverse_transformer_layers_per_block is not None:
+        # A teacher without the list has diffusers' derived one: its down depths per level, reversed.
+        s["reverse_transformer_layers_per_block"] = _depths(t, spec, "up", up, reverse or depths[::-1])
     if not spec.mid_block:
         s["mid_block_type"] = None
+    elif not spec.mid_attention:
+        s["mid_block_type"] = "UNetMidBlock2D"
     return s
 
 
@@ -233,12 +331,39 @@ def _check_channels(t: dict, s: dict, spec: RemovalSpec) -> None:
                              f"{teacher}, takes {io_t[teacher][0]} (keep index 0 where a block changes channels)")
 
 
+@functools.lru_cache(maxsize=16)
+def _attention_depths(config_json: str) -> tuple[tuple[str, int], ...]:
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(json.loads(config_json))
+    return tuple((name, len(m.transformer_blocks)) for name, m in model.named_modules()
+                 if isinstance(m, Transformer2DModel))
+
+
+def attention_depths(config: Mapping) -> dict[str, int]:
+    """Transformer layers of every attention module of a (normalized) U-Net config, as diffusers builds it."""
+    return dict(_attention_depths(json.dumps(config, sort_keys=True)))
+
+
+def _check_depths(t: dict, s: dict, spec: RemovalSpec) -> None:
+    """No student attention is deeper than its teacher source: each of its layers needs a teacher layer."""
+    mapping, teacher = _block_map(t, spec), attention_depths(t)
+    for name, depth in attention_depths(s).items():
+        source = _source_key(name, mapping)
+        if depth > teacher[source]:
+            key = "reverse_transformer_layers_per_block" if name.startswith("up") else "transformer_layers_per_block"
+            why = (" (a mid block takes the depth of the deepest down level's first attention, as diffusers builds "
+                   "it)" if name.startswith("mid") else "")
+            _fail(spec, key, f"student {name} would have {depth} transformer layers, more than its source, teacher "
+                             f"{source}, has ({teacher[source]}){why}")
+
+
 def student_unet_config(teacher_config: Mapping, spec: RemovalSpec) -> dict:
     """The student's complete `UNet2DConditionModel` config; every other setting inherited from the teacher."""
     t = _normalized(teacher_config)
     _check_spec(t, spec)
     s = _derive(t, spec)
     _check_channels(t, s, spec)
+    _check_depths(t, s, spec)
     return s
 
 
@@ -268,7 +393,7 @@ def _block_map(t: dict, spec: RemovalSpec) -> dict[str, str]:
         if i < last:  # the student's final down block has no downsampler
             m[f"down_blocks.{i}.downsamplers"] = f"down_blocks.{i}.downsamplers"
     if spec.mid_block and t["mid_block_type"]:
-        m["mid_block"] = "mid_block"
+        m.update({"mid_block": "mid_block"} if spec.mid_attention else {"mid_block.resnets.0": "mid_block.resnets.0"})
     for js, j in enumerate(up):
         attn = _attends(t, spec, "up", j)
         for p, k in enumerate(spec.keep_up[j]):
@@ -280,11 +405,50 @@ def _block_map(t: dict, spec: RemovalSpec) -> dict[str, str]:
     return m
 
 
+def _layers(rule, depth: int, teacher_depth: int) -> list[int]:
+    if rule == "first":
+        return list(range(depth))
+    # even: first and last included; the spacing is >= 1, so rounding keeps the indices distinct.
+    return [round(p * (teacher_depth - 1) / (depth - 1)) for p in range(depth)] if depth > 1 else [0]
+
+
+def layer_sources(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, tuple[str, list[int]]]:
+    """Student attention shallower than its teacher source -> (that source, the teacher layers seeding its
+    layers in order), by `spec.layer_init`; an explicit one must name each such attention with a fitting list."""
+    t = _normalized(teacher_config)
+    s = student_unet_config(t, spec)
+    mapping, teacher, student = _block_map(t, spec), attention_depths(t), attention_depths(s)
+    explicit = {} if isinstance(spec.layer_init, str) else {k: list(v) for k, v in spec.layer_init}
+    unknown = [name for name in explicit if name not in student]
+    if unknown:
+        raise ConfigError(f"config key 'student.layer_init': '{unknown[0]}' is not an attention of the student "
+                          f"(its attentions: {_listed(list(student))})")
+    sources, missing = {}, []
+    for name, depth in student.items():
+        source = _source_key(name, mapping)
+        full = teacher[source]
+        layers = explicit.get(name)
+        if layers is None and explicit and depth < full:
+            missing.append(f"{name} ({depth} of {full})")
+        elif layers is not None and (len(layers) != depth or layers != sorted(set(layers)) or layers[0] < 0
+                                         or layers[-1] >= full):
+            raise ConfigError(f"config key 'student.layer_init': {name} has {depth} transformer layers, seeded from "
+                              f"teacher {source}'s {full}: expected {depth} sorted distinct indices in 0..{full - 1}, "
+                              f"got {layers}")
+        elif depth < full:
+            sources[name] = (source, layers or _layers(spec.layer_init, depth, full))
+    if missing:
+        raise ConfigError(f"config key 'student.layer_init': an explicit list names every student attention shallower "
+                          f"than its teacher source; missing {_listed(missing)}")
+    return sources
+
+
 def weight_map(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, str]:
     """Student module prefix -> teacher module prefix, covering every student weight.
 
     Modules outside the blocks (conv_in, time embedding, conv_norm_out, conv_out, ...) map to
     themselves; they are listed from the student's own state dict, so optional embeddings are included.
+    Each layer of a shallower attention maps to the teacher layer `layer_sources` chooses.
     """
     t = _normalized(teacher_config)
     with torch.device("meta"):
@@ -294,31 +458,39 @@ def weight_map(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, str]:
     outside = [name for name in tops if name not in BLOCK_LISTS]
     stem = [name for name in outside if tops.index(name) < first_block]
     head = [name for name in outside if name not in stem]
-    return {**{k: k for k in stem}, **_block_map(t, spec), **{k: k for k in head}}
+    layers = {f"{name}.transformer_blocks.{p}": f"{source}.transformer_blocks.{k}"
+              for name, (source, kept) in layer_sources(t, spec).items() for p, k in enumerate(kept)}
+    return {**{k: k for k in stem}, **_block_map(t, spec), **layers, **{k: k for k in head}}
+
+
+def _prefixes(keys) -> set[str]:
+    """The names of the modules holding these state-dict keys, and of every module above them."""
+    return {".".join(parts[:cut]) for parts in (k.split(".") for k in keys) for cut in range(1, len(parts))}
 
 
 def removed_modules(teacher_config: Mapping, spec: RemovalSpec) -> list[str]:
-    """Teacher modules with no student counterpart; a block that goes entirely is named once."""
+    """Teacher modules no student weight is copied from, each named once at the largest such module (a
+    resnet, attention or transformer layer by its index)."""
     t = _normalized(teacher_config)
-    student_unet_config(t, spec)  # validates the spec
-    kept = set(_block_map(t, spec).values())
-    n = len(t["down_block_types"])
-    layers = _per_block(t["layers_per_block"], n)
-    everything = RemovalSpec([range(c) for c in layers], [range(c + 1) for c in layers[::-1]])
-    by_block: dict[str, list[str]] = {}
-    for unit in _block_map(t, everything).values():
-        by_block.setdefault(".".join(unit.split(".")[:2]), []).append(unit)
+    mapping = weight_map(t, spec)
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel.from_config(t)
+        student = UNet2DConditionModel.from_config(student_unet_config(t, spec))
+    used = _prefixes(_source_key(key, mapping) for key in student.state_dict())
+    held = _prefixes(teacher.state_dict())
     removed = []
-    for block, units in by_block.items():
-        gone = [u for u in units if u not in kept]
-        removed += [block] if len(gone) == len(units) else gone
+    for name, module in teacher.named_modules():
+        parent, _, last = name.rpartition(".")
+        if name not in held or name in used or (parent and parent not in used):
+            continue  # no weights, copied from, or inside a removed module
+        removed += [f"{name}.{c}" for c, _ in module.named_children()] if last in UNIT_LISTS else [name]
     return removed
 
 
 def _source_key(key: str, mapping: Mapping[str, str]) -> str | None:
-    """Teacher state-dict key of a student key, through the longest matching module prefix."""
+    """Teacher state-dict key (or module) of a student key (or module), through the longest matching prefix."""
     parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
+    for cut in range(len(parts), 0, -1):
         prefix = ".".join(parts[:cut])
         if prefix in mapping:
             return mapping[prefix] + key[len(prefix):]
@@ -378,6 +550,9 @@ def describe(teacher_config: Mapping, student: StudentConfig) -> dict:
         student_params=count_params(config),
         removed=removed_modules(teacher_config, spec),
         weight_map=weight_map(teacher_config, spec),
+        layer_init=student.layer_init,
+        layer_sources={name: dict(teacher=source, layers=layers)
+                       for name, (source, layers) in layer_sources(teacher_config, spec).items()},
         feature_table=student.feature_pairs,
         latent_hw=list(latent_hw),
         feature_pairs=[dict(teacher=t, student=s, shape=list(shape)) for (t, s), (shape, _) in zip(pairs, shapes)],

@@ -170,7 +170,7 @@ class DecoderTask(Task):
         """`teacher`: its VAE is distilled; `encoder_from`: where the tiny VAE's encoder (never trained here) came
         from; None: it is random."""
         self.cfg, self.accelerator, self.teacher_vae, self.tiny = cfg, accelerator, teacher.vae, tiny
-        self.family = teacher.family
+        self.family, self.eval_every = teacher.family, cfg.eval.every
         self.encoder, self.lpips, self.encoder_from = encoder, lpips, encoder_from
         g = cfg.gan
         self.disc = None

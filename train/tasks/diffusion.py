@@ -16,9 +16,10 @@ import torch
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import build_dataset
 from sdkd.train.losses import agreement
-from sdkd.train.engine.config import Config, FinetuneConfig
+from sdkd.train.engine.config import RunConfig
 from sdkd.train.engine.distributed import main_process_first
 from sdkd.train.losses.kd import KDLoss
+from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig
 from sdkd.train.tasks.objective import DiffusionObjective, kd_objective, set_prediction_type
 from sdkd.train.engine.sampling import sample_images
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
@@ -26,7 +27,7 @@ from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
 
 
-def load_dataset(cfg: Config, acc):
+def load_dataset(cfg: RunConfig, acc):
     """The run's training set. Data mistakes fail fast, on every process at once; a hf source prepares its
     arrow cache once."""
     dataset = main_process_first(acc, lambda: build_dataset(cfg.data, cfg.train.seed))
@@ -42,7 +43,7 @@ def frozen_parts(parts: PipelineParts, *trained: torch.nn.Module) -> dict[str, t
     return {name: m for name, m in parts.frozen.items() if all(m is not t for t in trained)}
 
 
-def trained_module(cfg: Config, module: torch.nn.Module, state=None) -> TrainedModule:
+def trained_module(cfg: RunConfig, module: torch.nn.Module, state=None) -> TrainedModule:
     """The U-Net trainers' one module, `unet`, with the config's optimizer, clipping and EMA."""
     return TrainedModule("unet", module, cfg.optim, cfg.train.max_grad_norm,
                          cfg.ema.decay if cfg.ema.enabled else None, state)
@@ -51,7 +52,7 @@ def trained_module(cfg: Config, module: torch.nn.Module, state=None) -> TrainedM
 class DiffusionTask(Task):
     """Trains `trained` on `objective(model, latents, conditioning, rng)` of the encoded batch."""
 
-    def __init__(self, cfg: Config, accelerator, trained: TrainedModule, encoder: Callable,
+    def __init__(self, cfg: KDConfig, accelerator, trained: TrainedModule, encoder: Callable,
                  objective: DiffusionObjective, parts: PipelineParts, export: Callable[[Path], list[Path]],
                  frozen: dict, reference_unet=None, sample_unet=None, frozen_source: PipelineSource | None = None):
         """`encoder`: batch, StepRandom -> (latents, conditioning). `parts`: the frozen VAE and text encoder
@@ -61,6 +62,7 @@ class DiffusionTask(Task):
         `reference_unet` (the teacher) is sampled once above the trained model's row; `sample_unet` is the
         U-Net the grids use (default: the trained module)."""
         self.cfg, self.accelerator, self.modules = cfg, accelerator, [trained]
+        self.eval_every = cfg.eval.every
         self.encoder, self.objective, self.parts, self._export = encoder, objective, parts, export
         self.frozen, self.reference_unet = frozen, reference_unet
         self.sample_unet, self.frozen_source = sample_unet, frozen_source or PipelineSource.of(cfg)
@@ -136,7 +138,7 @@ class DiffusionTask(Task):
             model.train(was_training)
 
 
-def next_steps(cfg: Config, exported: list[Path]) -> list[tuple[str, str]]:
+def next_steps(cfg: KDConfig, exported: list[Path]) -> list[tuple[str, str]]:
     """Sample, export and LoRA commands for a pipeline folder; a sample command for LoRA files."""
     out, model = Path(cfg.output_dir), exported[0]
     q = lambda path: shlex.quote(str(path))  # noqa: E731  # commands stay runnable whatever the paths

@@ -31,7 +31,8 @@ from sdkd.train.losses import agreement
 from sdkd.train.tasks import ode_pairs
 from sdkd.train.losses.adversarial import discriminator_loss, generator_loss
 from sdkd.train.engine.checkpoints import ModelState
-from sdkd.train.engine.config import LoraSection, resolve_max_steps
+from sdkd.train.engine.config import resolve_max_steps
+from sdkd.train.formats.lora_config import LoraSection
 from sdkd.train.engine.distributed import main_process_first
 from sdkd.train.models.families import Conditioning, prompt_batch
 from sdkd.train.losses.feature_matching import DinoFeatures, FeatureMatching, UNetEncoder, VggFeatures, encoder_layers
@@ -97,6 +98,7 @@ class OneStepTask(Task):
         `classifier`: the head of the adversarial term, or None; `decoder`: the export's AutoencoderTiny."""
         d, device = cfg.distill, accelerator.device
         self.cfg, self.accelerator, self.autocast = cfg, accelerator, accelerator.autocast
+        self.eval_every = cfg.eval.every
         self.teacher, self.student, self.online, self.classifier = teacher, student, online, classifier
         self.held_out, self.decoder = held_out, decoder
         self.resolution = held_out.settings.resolution  # what the pairs were solved at
