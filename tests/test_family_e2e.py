@@ -107,8 +107,11 @@ def test_the_student_folder_is_the_family_pipeline(run, teacher):
 
 
 def test_export_sampling_and_cost(run, teacher, tmp_path):
+    """The export, eval's pipeline, and cost counting (MACs, latency, the benchmarks' U-Net timing) call the U-Net
+    with the added conditions it takes."""
+    from sdkd.eval.bench.timing import interleaved_step_times
     from sdkd.eval.bench.timing import unet_macs as bench_macs
-    from sdkd.eval.evaluation.cost import pipeline_params, unet_macs
+    from sdkd.eval.evaluation.cost import latency, pipeline_params, unet_macs
     from sdkd.eval.inference.pipeline import load_pipeline
     from sdkd.train.export import export
 
@@ -131,6 +134,11 @@ def test_export_sampling_and_cost(run, teacher, tmp_path):
     macs = {name: unet_macs(p, 32, device, dtype) for name, p in (("student", pipe.pipe), ("teacher", teacher_pipe))}
     assert 0 < macs["student"] < macs["teacher"]
     assert bench_macs(pipe.unet, 32, pipe.pipe.vae_scale_factor, device, dtype) == macs["student"]
+    seconds = latency(pipe, "a red circle", steps=2, guidance_scale=4.0, resolution=32, seed=0, negative_prompt=None,
+                      warmup=0, repeats=1)
+    assert seconds["sec_per_image"] > 0 and seconds["unet_sec_per_image"] > 0
+    times = interleaved_step_times({"student": pipe.unet}, 2, 32, 2, device, dtype, repeats=1)
+    assert len(times["student"]) == 1 and times["student"][0] > 0
     counted = pipeline_params(pipe.pipe)
     assert counted["params"] == sum(p.numel() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
                                     for p in getattr(pipe.pipe, name).parameters())
