@@ -149,8 +149,8 @@ def run(args) -> dict:
         if runs[name][2] != batch:  # guidance: a sampling step is one forward at twice the batch
             unet_batches["unet step"] = runs[name][2]
         for key, b in unet_batches.items():
-            sample, t, ctx = unet_inputs(pipe.unet, b, res, pipe.vae_scale_factor, device, dtype)
-            calls[f"{name} {key}"] = functools.partial(pipe.unet, sample, t, encoder_hidden_states=ctx)
+            sample, t, cond = unet_inputs(pipe.unet, b, res, pipe.vae_scale_factor, device, dtype)
+            calls[f"{name} {key}"] = functools.partial(pipe.unet, sample, t, **cond)
         calls[f"{name} decoder"] = functools.partial(decode, pipe.vae, latents_for(pipe.vae, batch, res, device, dtype))
     clock = time.process_time if args.cpu_time and device.type == "cpu" else time.perf_counter
     log(f"timing U-Net forwards and decodes, interleaved ({args.repeats} rounds after 1 warm-up)...")

@@ -24,7 +24,7 @@ R, N = 32, 10
 @pytest.fixture(scope="module")
 def toy():
     parts = load_teacher("toy")
-    for m in (parts.vae, parts.text_encoder):
+    for m in parts.frozen.values():
         m.requires_grad_(False).eval()
     return parts
 

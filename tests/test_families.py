@@ -1,5 +1,8 @@
 """Model families: SD-1.x/2.x conditioning as before, the latent cache's named tensors, the U-Net's
-arguments, SDXL refused in one line, and a cache made for one family refused by another."""
+arguments, SDXL refused in one line, and a cache made for one family refused by another; a registered family
+of two text encoders (tests/xl_family.py): claimed U-Nets, components loaded by name, its conditioning as its
+pipeline makes it, its dtype rule, cached caption dropout, LoRA files on both text encoders. Its runs through
+the trainers are in test_family_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,16 +12,20 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection
 
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.core import SyntheticCaptions
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
-from sdkd.train.models.families import SD, Conditioning, StableDiffusion, family_of
+from sdkd.train.models.families import (SD, Conditioning, StableDiffusion, conditioning_shapes, family_of,
+                                        prompt_batch, register_family)
 from sdkd.train.tasks.objective import BatchEncoder
-from sdkd.train.models.teacher import PipelineParts, load_teacher
+from sdkd.train.models.teacher import PipelineParts, load_pipeline, load_teacher
 from sdkd.train.models.toy import TOY_UNET
+from xl_family import XL_UNET, build_xl_pipeline, registered
 
 CAPTIONS = ["a red fox", "", "a lighthouse at dusk " * 20]  # the last one is cut at 77 tokens
 SDXL_CONFIG = {**TOY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
@@ -28,16 +35,17 @@ SDXL_CONFIG = {**TOY_UNET, "addition_embed_type": "text_time", "addition_time_em
 @pytest.fixture(scope="module")
 def toy():
     parts = load_teacher("toy")
-    for m in parts.encoders:
+    for m in parts.frozen.values():
         m.requires_grad_(False).eval()
     return parts
 
 
 def test_sd_encodes_captions_as_one_hidden_state(toy):
-    ids = toy.tokenizer(CAPTIONS, padding="max_length", max_length=toy.tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+    tokenizer, text_encoder = toy.components["tokenizer"], toy.components["text_encoder"]
+    ids = tokenizer(CAPTIONS, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
-        expected = toy.text_encoder(ids)[0]
+        expected = text_encoder(ids)[0]
         cond = SD.encode(toy, {"captions": CAPTIONS})
     assert torch.equal(cond.hidden_states, expected) and cond.added == {}
     assert torch.equal(SD.empty_prompt(toy)["embeds"], expected[1])
@@ -68,9 +76,11 @@ def test_cache_tensors_round_trip(toy):
 def test_pipeline_class_and_parts(toy):
     pipe = SD.pipeline(toy, toy.unet, toy.scheduler)
     assert type(pipe) is StableDiffusionPipeline and pipe.safety_checker is None
-    assert (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet) == (toy.vae, toy.text_encoder, toy.tokenizer,
-                                                                         toy.unet)
-    assert PipelineParts(toy.unet, None, None, None, toy.scheduler, vae_config=toy.vae_config).family is SD
+    assert all(pipe.components[name] is part for name, part in toy.components.items())
+    assert list(toy.components) == ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    cached = PipelineParts({**dict.fromkeys(SD.components), "unet": toy.unet, "scheduler": toy.scheduler},
+                           vae_config=toy.vae_config)
+    assert cached.family is SD and not cached.has_encoders and set(cached.frozen) == {"vae", "text_encoder"}
 
 
 def test_sdxl_is_refused_in_one_line(toy_teacher_dir, tmp_path):
@@ -109,3 +119,141 @@ def test_cache_of_another_family_is_refused(toy, tmp_path):
     CachedLatents(tmp_path).check_teacher(toy, 32)
     with pytest.raises(UserError, match="made for model family 'sd'"):
         CachedLatents(tmp_path).check_teacher(other, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# A registered family of two text encoders (tests/xl_family.py), which nothing outside families.py knows of
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xl")
+    build_xl_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def xl():
+    with registered() as family:
+        yield family
+
+
+def test_a_registered_family_claims_its_unets(xl_dir):
+    with pytest.raises(UserError, match="SDXL is not supported yet"):
+        family_of(XL_UNET)
+    with registered() as family:
+        assert family_of(XL_UNET) is family and family_of(SDXL_CONFIG) is family and family_of(TOY_UNET) is SD
+        assert load_teacher(str(xl_dir)).family is family
+        with pytest.raises(ValueError, match="'xl-test' is registered already"):
+            register_family(family)
+    with pytest.raises(UserError, match=f"^teacher '{xl_dir}': SDXL is not supported yet"):
+        load_teacher(str(xl_dir))
+
+
+def test_components_load_by_name(xl, xl_dir):
+    parts = load_teacher(str(xl_dir))
+    assert list(parts.components) == list(xl.components)
+    assert type(parts.components["text_encoder_2"]) is CLIPTextModelWithProjection
+    assert xl.text_encoders == ("text_encoder", "text_encoder_2") and xl.tokenizers == ("tokenizer", "tokenizer_2")
+    assert set(parts.frozen) == {"vae", "text_encoder", "text_encoder_2"} and xl.models[0] == "unet"
+    cached = load_teacher(str(xl_dir), with_encoders=False)
+    assert [n for n, c in cached.components.items() if c is not None] == ["unet", "scheduler"]
+    assert cached.vae_config["latent_channels"] == 4 and cached.vae_scale_factor == 2
+    assert type(load_pipeline(str(xl_dir))) is StableDiffusionXLPipeline
+
+
+def test_the_family_encodes_as_its_pipeline_does(xl, xl_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True)
+    parts = PipelineParts.of(pipe)
+    with torch.no_grad():
+        cond = xl.encode(parts, prompt_batch(CAPTIONS, 32))
+        hidden, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(cond.hidden_states, hidden) and torch.equal(cond.added["text_embeds"], pooled)
+    assert cond.hidden_states.shape == (3, 77, 32) and cond.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
+    assert set(cond.tensors()) == set(xl.fields)
+    assert {k: t.shape for k, t in cond.tensors().items()} == {k: (3, *s[1:]) for k, s in
+                                                               conditioning_shapes(XL_UNET).items()}
+    # A data batch: each sample's original size and crop, and the images' size.
+    batch = {"captions": CAPTIONS[:2], "pixel_values": torch.zeros(2, 3, 32, 32),
+             "original_size": torch.tensor([[64, 48], [32, 40]]), "crop_top_left": torch.tensor([[16, 8], [0, 4]])}
+    with torch.no_grad():
+        assert xl.encode(parts, batch).added["time_ids"].tolist() == [[64, 48, 16, 8, 32, 32], [32, 40, 0, 4, 32, 32]]
+
+
+def test_frozen_models_take_their_family_dtype(xl, xl_dir):
+    parts = load_teacher(str(xl_dir))
+    parts.freeze(torch.device("cpu"), torch.float16)
+    assert {name: m.dtype for name, m in parts.frozen.items()} == {
+        "vae": torch.float32, "text_encoder": torch.float16, "text_encoder_2": torch.float16}
+    assert parts.unet.dtype == torch.float32 and not any(p.requires_grad for p in parts.vae.parameters())
+    assert SD.dtype("vae", torch.float16) == torch.float16 and xl.dtype("vae", torch.bfloat16) == torch.bfloat16
+
+
+def test_cached_dropout_swaps_only_the_caption_made_tensors(xl, xl_dir, tmp_path):
+    parts = load_teacher(str(xl_dir))
+    for m in parts.frozen.values():
+        m.requires_grad_(False).eval()
+    data = SyntheticCaptions(4, Preprocess(ImageTransform(32, True, False)), seed=0)
+    write_cache(data, BatchEncoder(parts), tmp_path, batch_size=4, info={"resolution": 32})
+    CachedLatents(tmp_path).check_teacher(parts, 32)
+    with pytest.raises(UserError, match="made for model family 'xl-test'"):
+        CachedLatents(tmp_path).check_teacher(load_teacher("toy"), 32)
+    empty = load_file(tmp_path / "empty_prompt.safetensors")
+    assert set(empty) == {"embeds", "text_embeds"}
+    kept, dropped = CachedLatents(tmp_path)[1], CachedLatents(tmp_path, caption_dropout=1.0)[1]
+    assert dropped["caption"] == "" and torch.equal(dropped["text_embeds"], empty["text_embeds"])
+    assert torch.equal(dropped["embeds"], empty["embeds"]) and not torch.equal(kept["embeds"], empty["embeds"])
+    assert torch.equal(dropped["time_ids"], kept["time_ids"]) and kept["time_ids"][-2:].tolist() == [32, 32]
+    with torch.no_grad():
+        encoded = BatchEncoder(parts).conditioning(prompt_batch([""], 32))
+    assert torch.allclose(encoded.added["text_embeds"][0], empty["text_embeds"], atol=1e-6)
+
+
+def test_lora_on_both_text_encoders(xl, xl_dir, tmp_path):
+    from sdkd.train.formats.lora_config import LoraSection
+    from sdkd.train.engine.step_random import StepRandom
+    from sdkd.train.formats import lora_io
+    from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
+
+    def pipe():
+        return StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True)
+
+    src = pipe()
+    text = {name: getattr(src, name) for name in xl.text_encoders}
+    lora_io.add_adapters(src.unet, text, LoraSection(rank=2, train_text_encoder=True), seed=1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (src.unet, *text.values()):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3, generator=gen)
+    file = lora_io.save_lora(tmp_path, src.unet, text, base="xl")
+    keys = load_file(file).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    # The trained module of a text-encoder LoRA: the family's conditioning made inside it.
+    parts = PipelineParts.of(src)
+    batch = prompt_batch(CAPTIONS, 32)
+    x, t = torch.randn(3, 4, 16, 16, generator=gen), torch.tensor([1, 500, 999])
+    rng = StepRandom(0, torch.device("cpu"), 3)
+    with torch.no_grad():
+        tokens = TokenEncoder(parts)({**batch, "pixel_values": torch.zeros(3, 3, 32, 32)}, rng)[1].tokens
+        ours = TextConditionedUNet(src.unet, xl, text)(x, t, tokens).sample
+        theirs = src.unet(x, t, **xl.encode(parts, batch).unet_kwargs()).sample
+    assert torch.equal(ours, theirs)
+
+    back = pipe()
+    back_text = {name: getattr(back, name) for name in xl.text_encoders}
+    lora_io.add_adapters(back.unet, back_text, LoraSection(rank=2, train_text_encoder=True), seed=2)
+    lora_io.load_lora_state(file, back.unet, back_text)
+    adapter = lambda model: {n: p for n, p in model.named_parameters() if "lora_" in n}  # noqa: E731
+    for a, b in ((src.unet, back.unet), *((text[n], back_text[n]) for n in text)):
+        mine, loaded = adapter(a), adapter(b)
+        assert mine and mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
+    fused = pipe()
+    before = fused.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight.clone()
+    lora_io.load_lora(fused, file)  # checked, then loaded and fused by diffusers' SDXL loader
+    assert not torch.equal(before, fused.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(UserError, match="adapts the text encoder 'text_encoder_2', but no text encoder was given"):
+        lora_io.check_lora(load_file(file), back.unet, {"text_encoder": back.text_encoder}, "x")
+    with pytest.raises(UserError, match="model family 'xl-test'"):
+        lora_io.export_sdcpp(file, tmp_path / "sdcpp.safetensors")

@@ -32,6 +32,11 @@ def toy_pipe(layout: str):
     return pipe
 
 
+def text_encoders(pipe) -> dict:
+    """What lora_io takes: the adapted text encoders by component name."""
+    return {"text_encoder": pipe.text_encoder}
+
+
 def randomize_b(*models, seed=0, std=0.3):
     """LoRA B starts at zero (no change); give it values so the adapter does something."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +58,7 @@ def predict(unet, seed=0):
 def test_default_targets_fit_every_layout(layout):
     pipe = toy_pipe(layout)
     assert ldm_layout.unet_layout(dict(pipe.unet.config)) == layout
-    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, train_text_encoder=True))
+    lora_io.add_adapters(pipe.unet, text_encoders(pipe), LoraSection(rank=4, train_text_encoder=True))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
     assert adapted and all(any(n.endswith(t) for t in LoraSection().target_modules) for n in adapted)
     assert any(".lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
@@ -69,9 +74,9 @@ def test_unknown_target_is_one_clear_error():
 
 def test_save_load_round_trip_and_metadata(tmp_path):
     pipe = toy_pipe("bk_tiny")
-    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True))
+    lora_io.add_adapters(pipe.unet, text_encoders(pipe), LoraSection(rank=4, alpha=8, train_text_encoder=True))
     randomize_b(pipe.unet, pipe.text_encoder)
-    file = lora_io.save_lora(tmp_path, pipe.unet, pipe.text_encoder, base="runs/toy/student")
+    file = lora_io.save_lora(tmp_path, pipe.unet, text_encoders(pipe), base="runs/toy/student")
     assert file == tmp_path / "pytorch_lora_weights.safetensors"
     meta = lora_io.read_metadata(file)
     assert meta["sdkd.base_model"] == "runs/toy/student" and meta["sdkd.layout"] == "bk_tiny"
@@ -81,8 +86,8 @@ def test_save_load_round_trip_and_metadata(tmp_path):
     assert all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(k.startswith("text_encoder.") for k in keys)
 
     fresh = toy_pipe("bk_tiny")
-    lora_io.add_adapters(fresh.unet, fresh.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True), seed=5)
-    lora_io.load_lora_state(file, fresh.unet, fresh.text_encoder)
+    lora_io.add_adapters(fresh.unet, text_encoders(fresh), LoraSection(rank=4, alpha=8, train_text_encoder=True), seed=5)
+    lora_io.load_lora_state(file, fresh.unet, text_encoders(fresh))
     for a, b in ((pipe.unet, fresh.unet), (pipe.text_encoder, fresh.text_encoder)):
         sa, sb = get_peft_model_state_dict(a), get_peft_model_state_dict(b)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -101,7 +106,7 @@ def test_lora_into_another_layout_fails_clearly(tmp_path, trained_on, loaded_int
     dst = toy_pipe(loaded_into)
     state, meta = lora_io.read_lora(file)
     with pytest.raises(UserError) as err:
-        lora_io.check_lora(state, dst.unet, dst.text_encoder, str(file), meta)
+        lora_io.check_lora(state, dst.unet, text_encoders(dst), str(file), meta)
     msg = str(err.value)
     assert "\n" not in msg and missing in msg and f"'{loaded_into}'" in msg and f"'{trained_on}'" in msg, msg
     # resume into the wrong model and the diffusers route refuse it the same way, before loading anything
@@ -125,8 +130,8 @@ def test_width_mismatch_fails_clearly(tmp_path):
 
 def test_checkpoint_state_with_ema(tmp_path):
     pipe = toy_pipe("bk_tiny")
-    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, train_text_encoder=True))
-    state = lora_io.LoraState(pipe.unet, pipe.text_encoder, "base")
+    lora_io.add_adapters(pipe.unet, text_encoders(pipe), LoraSection(rank=4, train_text_encoder=True))
+    state = lora_io.LoraState(pipe.unet, text_encoders(pipe), "base")
     ema = state.make_ema(0.9)
     randomize_b(pipe.unet, pipe.text_encoder)
     for _ in range(3):
@@ -135,8 +140,8 @@ def test_checkpoint_state_with_ema(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_ema.safetensors", "pytorch_lora_weights.safetensors"]
 
     other = toy_pipe("bk_tiny")
-    lora_io.add_adapters(other.unet, other.text_encoder, LoraSection(rank=4, train_text_encoder=True), seed=3)
-    restored = lora_io.LoraState(other.unet, other.text_encoder, "base")
+    lora_io.add_adapters(other.unet, text_encoders(other), LoraSection(rank=4, train_text_encoder=True), seed=3)
+    restored = lora_io.LoraState(other.unet, text_encoders(other), "base")
     ema2 = restored.make_ema(0.9)
     restored.load(tmp_path, ema2, "cpu")
     assert ema2.optimization_step == ema.optimization_step == 3
@@ -147,8 +152,8 @@ def test_checkpoint_state_with_ema(tmp_path):
 
 def test_sdcpp_file_names_and_alphas(tmp_path):
     pipe = toy_pipe("bk_tiny")
-    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=6, train_text_encoder=True))
-    file = lora_io.save_lora(tmp_path, pipe.unet, pipe.text_encoder)
+    lora_io.add_adapters(pipe.unet, text_encoders(pipe), LoraSection(rank=4, alpha=6, train_text_encoder=True))
+    file = lora_io.save_lora(tmp_path, pipe.unet, text_encoders(pipe))
     out = load_file(lora_io.export_sdcpp(file, tmp_path / "sdcpp.safetensors"))
     n_unet = sum(1 for k in load_file(file) if k.startswith("unet."))
     assert sum(1 for k in out if k.startswith("lora_unet_") and not k.endswith(".alpha")) == n_unet
@@ -195,9 +200,9 @@ def test_sd15_sdcpp_lora_matches_the_fused_model_in_stable_diffusion_cpp(tmp_pat
 
     pipe = bk_tiny()
     base = E.export_single_file(E.Source(pipe, "test"), tmp_path / "base.safetensors", target="sdcpp", half=True)
-    lora_io.add_adapters(pipe.unet, pipe.text_encoder, LoraSection(rank=4, alpha=8, train_text_encoder=True))
+    lora_io.add_adapters(pipe.unet, text_encoders(pipe), LoraSection(rank=4, alpha=8, train_text_encoder=True))
     randomize_b(pipe.unet, pipe.text_encoder, std=0.05)  # larger updates overflow fp16 weights
-    lora_file = lora_io.save_lora(tmp_path / "lora", pipe.unet, pipe.text_encoder)
+    lora_file = lora_io.save_lora(tmp_path / "lora", pipe.unet, text_encoders(pipe))
     sdcpp_lora = lora_io.export_sdcpp(lora_file, tmp_path / "lora_sdcpp.safetensors")
     del pipe
     gc.collect()

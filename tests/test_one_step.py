@@ -28,8 +28,8 @@ def toy():
     from sdkd.train.models.teacher import load_teacher
 
     parts = load_teacher("toy")
-    for model in (parts.unet, parts.vae, parts.text_encoder):
-        model.requires_grad_(False).eval()
+    for name in parts.family.models:
+        parts.components[name].requires_grad_(False).eval()
     return parts
 
 

@@ -166,7 +166,7 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
     unet = task.online
     assert unet is task.teacher.unet  # the LoRA is on the teacher's U-Net: two U-Nets in memory
     frozen = {f"{part}.{n}": p.detach().clone() for part, model in (("unet", unet), ("vae", task.teacher.vae),
-                                                                  ("text", task.teacher.text_encoder))
+                                                                  ("text", task.teacher.components["text_encoder"]))
               for n, p in model.named_parameters() if "lora_" not in n}
     save_lora(tmp_path / "initial", unet)
     states = [{"student": {k: v.clone() for k, v in task.student.state_dict().items()},
@@ -185,7 +185,7 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
     assert changed == {0: {"student"}, 1: {"student"}, 2: {"student", "online"}, 3: {"online", "classifier"},
                        4: {"student", "online", "classifier"}}
     now = {f"{part}.{n}": p for part, model in (("unet", unet), ("vae", task.teacher.vae),
-                                                ("text", task.teacher.text_encoder))
+                                                ("text", task.teacher.components["text_encoder"]))
            for n, p in model.named_parameters() if "lora_" not in n}
     assert now.keys() == frozen.keys() and all(torch.equal(now[k].cpu(), frozen[k].cpu()) for k in frozen)
     held = {name: {id(p) for group in m.optimizer.param_groups for p in group["params"]}

@@ -31,7 +31,7 @@ def test_variant_loads_the_variant_files(variant_dir):
     fp16 = load_teacher(PipelineSource(str(variant_dir), variant="fp16"))
     plain = load_teacher(str(variant_dir))
     for name in ("unet", "vae", "text_encoder"):
-        pairs = zip(getattr(fp16, name).parameters(), getattr(plain, name).parameters(), strict=True)
+        pairs = zip(fp16.components[name].parameters(), plain.components[name].parameters(), strict=True)
         assert all(torch.allclose(a, b + 1) for a, b in pairs), name
 
 
@@ -96,7 +96,7 @@ def test_toy_is_the_committed_trained_teacher(monkeypatch, tmp_path):
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(parts.unet.config) == public(random.unet.config)
     assert not torch.equal(parts.unet.conv_in.weight, random.unet.conv_in.weight)
-    assert all(torch.equal(a, b) for a, b in zip(parts.text_encoder.state_dict().values(),
+    assert all(torch.equal(a, b) for a, b in zip(parts.components["text_encoder"].state_dict().values(),
                                                  random.text_encoder.state_dict().values(), strict=True))
     assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # refitted by the VAE trainer
     assert type(load_pipeline("toy").scheduler).__name__ == "DDPMScheduler"

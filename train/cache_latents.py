@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     from sdkd.train.tasks.objective import BatchEncoder
     from sdkd.train.tasks.sampled_latents import SampledLatents
     from sdkd.train.models.teacher import PipelineSource, load_teacher
-    from sdkd.train.engine.frozen import freeze
 
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
@@ -93,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = build_dataset(source, cfg.train.seed)
     teacher = load_teacher(PipelineSource.of(cfg), with_unet=args.from_samples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for frozen in [*teacher.encoders, teacher.unet]:
-        if frozen is not None:
-            freeze(frozen, device, torch.float32)
+    teacher.freeze(device, torch.float32, teacher.family.models)
     encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,
                               cfg.train.seed) if args.from_samples else BatchEncoder(teacher))
     if cfg.data.random_flip or not cfg.data.center_crop:

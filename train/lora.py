@@ -1,4 +1,4 @@
-"""Train a LoRA (peft) on a student's U-Net, and optionally its text encoder.
+"""Train a LoRA (peft) on a student's U-Net, and optionally its text encoders.
 
     accelerate launch train/lora.py --config configs/lora.yaml model=runs/tiny/student data.path=/data/set
 
@@ -31,48 +31,46 @@ def build(cfg: LoraTrainConfig, acc):
     from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
     from sdkd.train.tasks.objective import build_encoder
     from sdkd.train.models.teacher import PipelineSource
-    from sdkd.train.engine.frozen import freeze
 
     dataset = load_dataset(cfg, acc)
     run = load_finetune_parts(cfg, acc)
-    unet, text_encoder = run.parts.unet, run.parts.text_encoder if cfg.lora.train_text_encoder else None
-    for base in (unet, text_encoder):  # the base weights: frozen, in the mixed-precision dtype
-        if base is not None:
-            freeze(base, acc.device, weight_dtype(acc))
-    lora_io.add_adapters(unet, text_encoder, cfg.lora, seed=cfg.train.seed)
-    for model in (unet, text_encoder):
-        if model is not None:
-            for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype
-                if p.requires_grad:
-                    p.data = p.data.float()
+    family, unet = run.parts.family, run.parts.unet
+    names = family.text_encoders if cfg.lora.train_text_encoder else ()
+    text = {name: run.parts.components[name] for name in names}
+    run.parts.freeze(acc.device, weight_dtype(acc), ("unet", *names))  # the base weights, as frozen models are
+    lora_io.add_adapters(unet, text, cfg.lora, seed=cfg.train.seed)
+    for model in (unet, *text.values()):
+        for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype
+            if p.requires_grad:
+                p.data = p.data.float()
     unet.train()
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if text_encoder is not None:
-        # The text encoder runs inside the trained module, on token ids.
-        trained = TextConditionedUNet(unet, text_encoder)
+    if text:
+        # The text encoders run inside the trained module, on what they read of the batch.
+        trained = TextConditionedUNet(unet, family, text)
         encoder = TokenEncoder(run.parts)
     else:
         trained, encoder = unet, build_encoder(cfg.data, run.parts, dataset, acc.device)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     acc.print(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.target_modules)}"
-              + (" and the text encoder" if text_encoder is not None else "") + f": {n_train:,} trained params")
+              + (" and the text encoder" + "s" * (len(text) > 1) if text else "") + f": {n_train:,} trained params")
 
     def export(out):
-        files = [lora_io.save_lora(out, unet, text_encoder, cfg.model)]
+        files = [lora_io.save_lora(out, unet, text, cfg.model)]
         if cfg.lora.sdcpp:
             try:
                 files.append(lora_io.export_sdcpp(files[0], out / lora_io.SDCPP_FILE))
             except UnsupportedLayout as err:
                 print(f"note: no {lora_io.SDCPP_FILE}: {err}", file=sys.stderr)
-        write_lora_card(out, files)
+        write_lora_card(out, files, family)
         return files
 
     task = DiffusionTask(
-        cfg, acc, trained_module(cfg, trained, lora_io.LoraState(unet, text_encoder, cfg.model)), encoder,
+        cfg, acc, trained_module(cfg, trained, lora_io.LoraState(unet, text, cfg.model)), encoder,
         run.objective, run.parts, export,
         # A text encoder with an adapter is trained, not frozen: the loop must not cast it.
-        frozen=dict(teacher=run.teacher and run.teacher.unet, **frozen_parts(run.parts, text_encoder)),
+        frozen=dict(teacher=run.teacher and run.teacher.unet, **frozen_parts(run.parts, *text.values())),
         reference_unet=run.teacher.unet if run.teacher else None, sample_unet=unet,
         frozen_source=PipelineSource.of(cfg, "model"),
     )

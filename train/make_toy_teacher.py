@@ -34,8 +34,6 @@ VAE_CONFIG, UNET_CONFIG = "configs/toy_vae.yaml", "configs/toy_teacher_unet.yaml
 CHECK = dict(steps=20, guidance_scale=4.0, seed=0, caption_seed=0)
 """How the colour check samples: DPM-Solver++ steps, guidance, first image seed (image i: seed + i), and the
 seed of `check_captions`' order; tests/test_toy_world.py samples the same way."""
-FILES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
-"""What the committed folder holds of the trained pipeline (the run's model card is replaced by ours)."""
 
 
 def launch(script: str, config: str, out: Path, overrides: list[str], resume: bool) -> tuple[str, float]:
@@ -128,6 +126,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sdkd.train.engine.sampling import make_grid
+    from sdkd.train.models.families import SD
     from sdkd.train.models.toy import TOY_SEED, toy_pipeline_with
 
     # 1. the VAE, from random weights
@@ -146,7 +145,7 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for name in FILES:
+    for name in ("model_index.json", *sorted(SD.components)):  # the run's model card is replaced by ours
         src = unet_run / "student" / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / name)
     rates, images, captions = check_samples(out, args.check_images)

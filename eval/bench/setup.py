@@ -19,13 +19,12 @@ from sdkd.data.sources.core import build_dataset, collate
 from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.tasks.diffusion import DiffusionTask, trained_module
-from sdkd.train.models.families import Conditioning
+from sdkd.train.models.families import Conditioning, random_conditioning
 from sdkd.train.tasks.objective import BatchEncoder, DiffusionObjective, kd_objective
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.models.sd_configs import SD15_UNET
 from sdkd.train.models.students import build_student, removal_spec
 from sdkd.train.models.teacher import PipelineParts, load_teacher
-from sdkd.train.engine.frozen import freeze
 from sdkd.train.models.toy import build_random_pipeline
 
 SEED = 0
@@ -33,8 +32,7 @@ SEED = 0
 
 def sd15_parts() -> PipelineParts:
     """SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder at their real widths, random weights."""
-    p = build_random_pipeline(SD15_UNET, widths="sd15")
-    return PipelineParts(p.unet, p.vae, p.text_encoder, p.tokenizer, p.scheduler)
+    return PipelineParts.of(build_random_pipeline(SD15_UNET, widths="sd15"))
 
 
 @dataclass
@@ -73,8 +71,7 @@ def build_bench(name: str, latent: int, batch_size: int) -> Bench:
     student = build_student(parts.unet, removal_spec(cfg.student)).float()
     student.train()
     objective = kd_objective(cfg, parts.scheduler, student, parts.unet, latent, acc.autocast)  # the trainer's own
-    for frozen in (parts.unet, parts.vae, parts.text_encoder):
-        freeze(frozen, acc.device, weight_dtype(acc))
+    parts.freeze(acc.device, weight_dtype(acc), parts.family.models)
 
     dataset = build_dataset(cfg.data, SEED)
     batch = collate([dataset[i] for i in range(batch_size)])
@@ -84,5 +81,5 @@ def build_bench(name: str, latent: int, batch_size: int) -> Bench:
         latents, cond = encoder(batch, rng)
     else:  # random weights make the encodings meaningless anyway; the step only needs the shapes
         latents = torch.randn(batch_size, 4, latent, latent, generator=rng.generator)
-        cond = Conditioning(torch.randn(batch_size, 77, parts.unet.config.cross_attention_dim, generator=rng.generator))
+        cond = random_conditioning(parts.unet.config, batch_size, rng.generator)
     return Bench(name, cfg, acc, parts, student, objective, encoder, batch, latents, cond)

@@ -1,6 +1,7 @@
 """What the benchmarks share (eval/bench_inference.py, bench_decoder.py, bench_one_step.py): timing calls
 interleaved across models, peak memory, MACs counted with torch.utils.flop_counter.FlopCounterMode
-(MACs = FLOPs / 2), U-Net and decoder inputs, whole pipeline calls, the teacher pipelines they build, and
+(MACs = FLOPs / 2), U-Net inputs (with the conditioning the U-Net's model family gives it:
+train/models/families.py) and decoder inputs, whole pipeline calls, the teacher pipelines they build, and
 their Markdown tables."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from sdkd.train.models.families import family_of, random_conditioning
 
 
 def sync(device: torch.device) -> None:
@@ -53,20 +56,21 @@ class PeakMemory:
 
 
 def unet_inputs(unet, batch: int, resolution: int, vae_scale: int, device, dtype):
+    """(latents, timesteps, the U-Net's keyword arguments): fixed random inputs of one forward."""
     latent = resolution // vae_scale
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)
-    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    cond = random_conditioning(unet.config, batch, g).to(device, dtype)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    return sample, t, ctx
+    return sample, t, cond.unet_kwargs()
 
 
 @torch.inference_mode()
 def unet_macs(unet, resolution: int, vae_scale: int, device, dtype) -> int:
-    sample, t, ctx = unet_inputs(unet, 1, resolution, vae_scale, device, dtype)
+    sample, t, cond = unet_inputs(unet, 1, resolution, vae_scale, device, dtype)
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(sample, t, encoder_hidden_states=ctx)
+        unet(sample, t, **cond)
     return counter.get_total_flops() // 2
 
 
@@ -98,14 +102,18 @@ def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: 
     clock = time.process_time if cpu_time and device.type == "cpu" else time.perf_counter
     calls = {}
     for name, unet in unets.items():
-        sample, t, ctx = unet_inputs(unet, batch, resolution, vae_scale, device, dtype)
-        calls[name] = functools.partial(unet, sample, t, encoder_hidden_states=ctx)
+        sample, t, cond = unet_inputs(unet, batch, resolution, vae_scale, device, dtype)
+        calls[name] = functools.partial(unet, sample, t, **cond)
     return interleaved(calls, device, repeats, warmup=1, clock=clock)
 
 
+def models(pipe) -> list[torch.nn.Module]:
+    """A pipeline's U-Net, VAE and text encoders (its model family's models)."""
+    return [pipe.components[name] for name in family_of(pipe.unet.config).models]
+
+
 def weight_bytes(pipe) -> int:
-    return sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
-               for p in m.parameters())
+    return sum(p.numel() * p.element_size() for m in models(pipe) for p in m.parameters())
 
 
 def e2e_call(pipeline, args) -> Callable[[], list]:
@@ -169,7 +177,7 @@ def prepare_for_speed(pipe, device, dtype, compile_: bool):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in models(pipe):
         if module.dtype != dtype:
             module.to(dtype=dtype)
     pipe.unet.set_attn_processor(AttnProcessor2_0())

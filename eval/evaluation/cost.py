@@ -1,8 +1,9 @@
 """What a model costs: parameters, MACs of one U-Net forward, and latency per image.
 
-- Parameters: of the U-Net, and of the whole pipeline (U-Net, VAE, text encoder).
-- MACs: one U-Net forward at batch 1 and the evaluation's resolution, counted with
-  torch.utils.flop_counter.FlopCounterMode; MACs = FLOPs / 2 (BK-SDM counts the U-Net at a 64x64 latent).
+- Parameters: of the U-Net, and of the whole pipeline (U-Net, VAE, text encoders).
+- MACs: one U-Net forward at batch 1 and the evaluation's resolution, with the conditioning its model family
+  gives it (train/models/families.py), counted with torch.utils.flop_counter.FlopCounterMode; MACs = FLOPs / 2
+  (BK-SDM counts the U-Net at a 64x64 latent).
 - Latency (warm-up runs excluded, median of the timed ones): seconds per image of the whole pipeline at batch 1
   (text encoding, every sampler step, VAE decoding) and of the U-Net alone (one forward at the guidance batch,
   2 with classifier-free guidance, times the steps).
@@ -16,6 +17,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdkd.train.models.families import family_of, random_conditioning
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -27,28 +30,30 @@ def params(module: torch.nn.Module) -> int:
 
 
 def pipeline_params(pipe) -> dict[str, int]:
-    """`unet_params` and `params` (U-Net, VAE and text encoder) of a diffusers pipeline."""
-    return {"unet_params": params(pipe.unet),
-            "params": sum(params(m) for m in (pipe.unet, pipe.vae, pipe.text_encoder))}
+    """`unet_params` and `params` (the U-Net, VAE and text encoders: its model family's models) of a diffusers
+    pipeline."""
+    models = family_of(pipe.unet.config).models
+    return {"unet_params": params(pipe.unet), "params": sum(params(pipe.components[name]) for name in models)}
 
 
 def unet_inputs(pipe, batch: int, resolution: int, device, dtype) -> tuple:
-    """Fixed random U-Net inputs at `resolution`: latents, timestep 500, a full-length text context."""
+    """Fixed random U-Net inputs at `resolution`: latents, timestep 500, and keyword arguments with a
+    full-length text context (and the added conditions of a family that takes them)."""
     unet = pipe.unet
     side = resolution // pipe.vae_scale_factor
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(device, dtype)
-    context = torch.randn(batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=g)
-    return sample, torch.full((batch,), 500, device=device, dtype=torch.long), context.to(device, dtype)
+    cond = random_conditioning(unet.config, batch, g).to(device, dtype)
+    return sample, torch.full((batch,), 500, device=device, dtype=torch.long), cond.unet_kwargs()
 
 
 @torch.inference_mode()
 def unet_macs(pipe, resolution: int, device, dtype) -> int:
     """Multiply-accumulates of one U-Net forward at batch 1."""
-    sample, t, context = unet_inputs(pipe, 1, resolution, device, dtype)
+    sample, t, cond = unet_inputs(pipe, 1, resolution, device, dtype)
     counter = FlopCounterMode(display=False)
     with counter:
-        pipe.unet(sample, t, encoder_hidden_states=context)
+        pipe.unet(sample, t, **cond)
     return counter.get_total_flops() // 2
 
 
@@ -76,7 +81,6 @@ def latency(pipeline, prompt: str, steps: int, guidance_scale: float, resolution
                                              guidance_scale=guidance_scale, seed=seed, height=resolution,
                                              width=resolution, output_type="pt"), device, warmup, repeats)
     batch = 2 if run["guidance_scale"] > 1 else 1  # diffusers runs the U-Net on [uncond, cond] with guidance
-    sample, t, context = unet_inputs(pipeline.pipe, batch, resolution, device, pipeline.dtype)
-    forward = _median_seconds(lambda: pipeline.unet(sample, t, encoder_hidden_states=context), device, warmup,
-                              repeats)
+    sample, t, cond = unet_inputs(pipeline.pipe, batch, resolution, device, pipeline.dtype)
+    forward = _median_seconds(lambda: pipeline.unet(sample, t, **cond), device, warmup, repeats)
     return {"sec_per_image": whole, "unet_sec_per_image": forward * steps}

@@ -141,6 +141,8 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
         load_lora(pipe, lora, lora_scale)  # checked against this model's layout first
     # diffusers warns, per fp16 part, that fp16 cannot run on CPU: such parts are cast to fp32 just below.
     pipe.to(dev, silence_dtype_warnings=True)
+    # Every model in the inference dtype, whatever its family's training dtype rule: a pipeline class whose VAE
+    # must decode in fp32 upcasts it itself (diffusers' SDXL: `force_upcast`).
     for module in (m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):  # the family's models
         if module.dtype != torch_dtype:  # a no-op cast still makes diffusers warn
             module.to(dtype=torch_dtype)

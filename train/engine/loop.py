@@ -165,12 +165,12 @@ class Loop:
             print(run_summary(cfg, step, exported, task.next_steps(exported)), flush=True)
 
     def prepare(self, max_steps: int) -> None:
-        """Freeze the task's frozen models; give each trained module its optimizer, LR schedule and EMA
-        (`TrainedModule.ema`)."""
+        """Freeze the task's frozen models (each in its `frozen_dtype`); give each trained module its optimizer,
+        LR schedule and EMA (`TrainedModule.ema`)."""
         acc = self.accelerator
-        for frozen in self.task.frozen.values():
+        for name, frozen in self.task.frozen.items():
             if frozen is not None:
-                freeze(frozen, acc.device, weight_dtype(acc))
+                freeze(frozen, acc.device, self.task.frozen_dtype(name, weight_dtype(acc)))
         self.modules = {m.name: self._prepare(m, max_steps) for m in self.task.modules}
 
     def _prepare(self, spec: TrainedModule, max_steps: int) -> Prepared:

@@ -108,7 +108,7 @@ class Task:
 
     modules: list[TrainedModule]
     frozen: dict[str, torch.nn.Module | None] = {}
-    """Models the step uses but never trains; the loop freezes them on the device in the mixed-precision dtype."""
+    """Models the step uses but never trains; the loop freezes them on the device, each in `frozen_dtype`."""
     state_attributes: tuple[str, ...] = ()
     """The task's own attributes that checkpoints keep beside its modules (`state_dict`): say, a counter, a
     tensor, the task's own `torch.Generator`."""
@@ -135,6 +135,11 @@ class Task:
         """One micro-batch: the loss terms to log (`loss` among them when there is one overall loss).
         Call `ctx.backward(name, loss)` for each module due at `ctx.step` (`module.due(ctx.step)`)."""
         raise NotImplementedError
+
+    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
+        """The dtype frozen model `name` runs in under the mixed-precision dtype `mixed` (a model family may keep
+        one in fp32: train/models/families.py). Default: `mixed`."""
+        return mixed
 
     def sample(self, step: int, sink: "SampleSink") -> None:
         """Write this step's sample grid (main process only). Default: none."""

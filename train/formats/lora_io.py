@@ -1,11 +1,12 @@
 """LoRA adapters (peft) on a student: adding them, the diffusers file, layout checks, checkpoints, sd.cpp.
 
-- `add_adapters`: peft LoRA on the U-Net's (and optionally the text encoder's) target modules; every
+- `add_adapters`: peft LoRA on the U-Net's (and optionally the text encoders') target modules; every
   target must match a module of this model, else one line naming it and the model's layout.
-- `save_lora`: `pytorch_lora_weights.safetensors` exactly as diffusers writes it
-  (`StableDiffusionPipeline.save_lora_weights`: `unet.*` / `text_encoder.*` keys, peft adapter config in
-  the `lora_adapter_metadata`), plus sdkd metadata: the base model, its U-Net layout and config. Plain
-  diffusers `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
+- `save_lora`: `pytorch_lora_weights.safetensors` exactly as diffusers writes it (the `save_lora_weights` of
+  the U-Net's model family's pipeline class, train/models/families.py: `unet.*` keys and, per adapted text
+  encoder, keys prefixed with its component name; peft adapter configs in the `lora_adapter_metadata`),
+  plus sdkd metadata: the base model, its U-Net layout and config. Plain diffusers
+  `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
 - `check_lora`: before loading, every adapted module must exist in the target model with the LoRA's
   widths: else `UserError` naming the first module that does not fit and both layouts (diffusers
   would skip or only warn).
@@ -13,8 +14,8 @@
   `Checkpointer` and `resume` work unchanged.
 - `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`, `lora_te_*`) over the
   teacher-slot LDM numbering that sdkd's `--target sdcpp` single files use (`ldm_layout`), `lora_down` /
-  `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1); the command
-  is train/convert_lora.py.
+  `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1), for families
+  the single file has a place for; the command is train/convert_lora.py.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from sdkd.train.formats import ldm_layout
 from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
 from sdkd.train.formats.lora_config import LoraSection
 from sdkd.cli.errors import UserError, first_line
+from sdkd.train.models.families import family_of
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SDCPP_FILE = "lora_sdcpp.safetensors"
 EMA_FILE = "lora_ema.safetensors"
 META = "sdkd."
-PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
 # diffusers / peft / kohya suffixes of a LoRA tensor -> (down or up)
 _SUFFIX = re.compile(r"\.(lora\.down|lora\.up|lora_A|lora_B|lora_linear_layer\.down|lora_linear_layer\.up|"
                      r"lora_down|lora_up)(\.[A-Za-z_]+)?\.weight$")
@@ -60,8 +61,15 @@ def _check_targets(model, targets: list[str], key: str, what: str) -> None:
                             f"'{example}'")
 
 
-def add_adapters(unet, text_encoder, cfg: LoraSection, seed: int = 0) -> None:
-    """Put a peft LoRA ("default" adapter, gaussian A, zero B: the model is unchanged) on the targets."""
+def _parts(unet) -> tuple[str, ...]:
+    """The models of the U-Net's family a LoRA file may adapt, by component name: the U-Net first."""
+    family = family_of(unet.config)
+    return ("unet", *family.text_encoders)
+
+
+def add_adapters(unet, text_encoders: dict | None, cfg: LoraSection, seed: int = 0) -> None:
+    """Put a peft LoRA ("default" adapter, gaussian A, zero B: the model is unchanged) on the targets of the
+    U-Net and of `text_encoders` (by component name)."""
     from peft import LoraConfig
 
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
@@ -70,12 +78,12 @@ def add_adapters(unet, text_encoder, cfg: LoraSection, seed: int = 0) -> None:
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout,
                                     init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
-        if text_encoder is not None:
-            _check_targets(text_encoder, cfg.text_encoder_target_modules, "lora.text_encoder_target_modules",
-                           "the text encoder")
-            text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout,
-                                                init_lora_weights="gaussian",
-                                                target_modules=list(cfg.text_encoder_target_modules)))
+        for name, encoder in (text_encoders or {}).items():
+            _check_targets(encoder, cfg.text_encoder_target_modules, "lora.text_encoder_target_modules",
+                           f"the text encoder '{name}'" if len(text_encoders) > 1 else "the text encoder")
+            encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout,
+                                           init_lora_weights="gaussian",
+                                           target_modules=list(cfg.text_encoder_target_modules)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,18 +98,15 @@ def _adapter_layers(model) -> dict[str, torch.Tensor]:
             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False)).items()}
 
 
-def save_lora(folder: str | Path, unet, text_encoder=None, base: str | None = None) -> Path:
-    """Write FOLDER/pytorch_lora_weights.safetensors (diffusers format) with sdkd metadata; returns the file."""
-    from diffusers import StableDiffusionPipeline
-
+def save_lora(folder: str | Path, unet, text_encoders: dict | None = None, base: str | None = None) -> Path:
+    """Write FOLDER/pytorch_lora_weights.safetensors (diffusers format) with sdkd metadata; returns the file.
+    `text_encoders`: the adapted text encoders by component name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=_adapter_layers(unet),
-        text_encoder_lora_layers=_adapter_layers(text_encoder) if text_encoder is not None else None,
-        safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
-                                            if text_encoder is not None else None))
+    adapted = {"unet": unet, **(text_encoders or {})}
+    family_of(unet.config).pipeline_class.save_lora_weights(
+        folder, safe_serialization=True, **{f"{name}_lora_layers": _adapter_layers(m) for name, m in adapted.items()},
+        **{f"{name}_lora_adapter_metadata": m.peft_config["default"].to_dict() for name, m in adapted.items()})
     file = folder / LORA_FILE
     # diffusers' metadata (the adapter configs) stays; ours says which model the LoRA fits.
     tensors, meta = load_file(file), read_metadata(file)
@@ -131,9 +136,11 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return load_file(file), meta
 
 
-def _module_name(key: str) -> tuple[str, str, bool] | None:
-    """'unet.down_blocks.0....to_q.lora.down.weight' -> ('unet', 'down_blocks.0....to_q', is_down)."""
-    for prefix, part in PREFIXES.items():
+def _module_name(key: str, parts: tuple[str, ...]) -> tuple[str, str, bool] | None:
+    """'unet.down_blocks.0....to_q.lora.down.weight' -> ('unet', 'down_blocks.0....to_q', is_down), for a key of
+    one of `parts` (component names)."""
+    for part in parts:
+        prefix = part + "."
         if key.startswith(prefix) and (m := _SUFFIX.search(key)):
             name = key[len(prefix):m.start()].replace(".processor.", ".")
             name = re.sub(r"\.to_(q|k|v|out)_lora$", r".to_\1", name)  # old attn-processor LoRA names
@@ -150,25 +157,28 @@ def _find(model, name: str):
     return None
 
 
-def check_lora(state: dict, unet, text_encoder=None, source: str = "LoRA", meta: dict | None = None) -> None:
-    """Raise UserError unless every adapted module exists in `unet` / `text_encoder` with the LoRA's widths."""
+def check_lora(state: dict, unet, text_encoders: dict | None = None, source: str = "LoRA",
+               meta: dict | None = None) -> None:
+    """Raise UserError unless every adapted module exists in `unet` / `text_encoders` (by component name) with the
+    LoRA's widths."""
     meta = meta or {}
     theirs = meta.get(META + "layout")
     base = meta.get(META + "base_model")
     made_for = (f"the LoRA was trained on a '{theirs}' U-Net" + (f" (base model {base})" if base else "")
                 if theirs else "the LoRA was trained on another model")
     here = layout_of(unet)
-    parts = {"unet": unet, "text_encoder": text_encoder}
+    models, parts = {"unet": unet, **(text_encoders or {})}, _parts(unet)
     targets = []  # (module name, what, module, tensor, is_down): missing modules are named before wrong widths
     for key, t in state.items():
-        parsed = _module_name(key)
+        parsed = _module_name(key, parts)
         if parsed is None:
             continue
         part, name, down = parsed
-        model = parts[part]
-        what = f"this U-Net (layout '{here}')" if part == "unet" else "this text encoder"
+        model = models.get(part)
+        encoder = "the text encoder" + (f" '{part}'" if len(parts) > 2 else "")  # named where a family has several
+        what = f"this U-Net (layout '{here}')" if part == "unet" else encoder.replace("the ", "this ", 1)
         if model is None:
-            raise UserError(f"LoRA '{source}' adapts the text encoder, but no text encoder was given to load it into")
+            raise UserError(f"LoRA '{source}' adapts {encoder}, but no text encoder was given to load it into")
         module = _find(model, name)
         if module is None:
             raise UserError(f"LoRA '{source}' does not fit this model: it adapts '{name}', which {what} does not "
@@ -187,15 +197,19 @@ def check_lora(state: dict, unet, text_encoder=None, source: str = "LoRA", meta:
         raise UserError(f"LoRA '{source}' holds no LoRA tensors in diffusers/peft naming ('unet.*.lora.down.weight')")
 
 
-def load_lora_state(path: str | Path, unet, text_encoder=None) -> None:
-    """Set the "default" peft adapter of `unet` (and `text_encoder`) from a LoRA file, after `check_lora`."""
+def load_lora_state(path: str | Path, unet, text_encoders: dict | None = None) -> None:
+    """Set the "default" peft adapter of `unet` (and of `text_encoders`, by component name) from a LoRA file,
+    after `check_lora`."""
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
     state, meta = read_lora(path)
-    check_lora(state, unet, text_encoder, str(path), meta)
-    for prefix, model, convert in (("unet.", unet, convert_unet_state_dict_to_peft),
-                                   ("text_encoder.", text_encoder, convert_state_dict_to_peft)):
+    check_lora(state, unet, text_encoders, str(path), meta)
+    text_encoders = text_encoders or {}
+    for name in _parts(unet):
+        model = unet if name == "unet" else text_encoders.get(name)
+        convert = convert_unet_state_dict_to_peft if name == "unet" else convert_state_dict_to_peft
+        prefix = name + "."
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if model is None or not part:
             continue
@@ -208,7 +222,8 @@ def load_lora_state(path: str | Path, unet, text_encoder=None) -> None:
 def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     """A diffusers pipeline + a LoRA file, checked first (`check_lora`), then loaded and fused by diffusers."""
     state, meta = read_lora(path)
-    check_lora(state, pipe.unet, pipe.text_encoder, str(path), meta)
+    text_encoders = {name: pipe.components[name] for name in _parts(pipe.unet)[1:]}
+    check_lora(state, pipe.unet, text_encoders, str(path), meta)
     file = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
@@ -222,25 +237,25 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
 
 
 class LoraState(TensorState):
-    """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net."""
+    """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net.
+    `text_encoders`: the adapted text encoders by component name."""
 
-    def __init__(self, unet, text_encoder=None, base: str | None = None):
+    def __init__(self, unet, text_encoders: dict | None = None, base: str | None = None):
         super().__init__(unet)
-        self.unet, self.text_encoder, self.base = unet, text_encoder, base
+        self.unet, self.text_encoders, self.base = unet, text_encoders or {}, base
 
     def named_ema_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        named = [("unet." + n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
-        if self.text_encoder is not None:
-            named += [("text_encoder." + n, p) for n, p in self.text_encoder.named_parameters() if p.requires_grad]
-        return named
+        adapted = {"unet": self.unet, **self.text_encoders}
+        return [(f"{part}.{n}", p) for part, model in adapted.items() for n, p in model.named_parameters()
+                if p.requires_grad]
 
     def save(self, folder: Path, ema=None) -> None:
-        save_lora(folder, self.unet, self.text_encoder, self.base)
+        save_lora(folder, self.unet, self.text_encoders, self.base)
         if ema is not None:
             save_ema(ema, self.named_ema_parameters(), folder / EMA_FILE)
 
     def load(self, folder: Path, ema=None, device=None) -> None:
-        load_lora_state(folder / LORA_FILE, self.unet, self.text_encoder)
+        load_lora_state(folder / LORA_FILE, self.unet, self.text_encoders)
         if ema is not None:
             load_ema(ema, self.named_ema_parameters(), folder / EMA_FILE, device)
 
@@ -249,10 +264,10 @@ class LoraState(TensorState):
 # stable-diffusion.cpp
 
 
-def _alphas(meta: dict) -> dict[str, float]:
+def _alphas(meta: dict, parts: tuple[str, ...]) -> dict[str, float]:
     """Per part, the scale numerator: lora_alpha from diffusers' adapter metadata (else the rank: scale 1)."""
     adapter = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    return {part: adapter.get(f"{part}.lora_alpha") for part in PREFIXES.values()}
+    return {part: adapter.get(f"{part}.lora_alpha") for part in parts}
 
 
 def to_sdcpp(state: dict, meta: dict, source: str = "LoRA") -> dict[str, torch.Tensor]:
@@ -261,15 +276,20 @@ def to_sdcpp(state: dict, meta: dict, source: str = "LoRA") -> dict[str, torch.T
         raise UserError(f"LoRA '{source}' has no sdkd metadata (its U-Net config), so its LDM names are unknown; "
                         f"convert a LoRA written by train/lora.py")
     unet_config = json.loads(meta[META + "unet_config"])
+    family = family_of(unet_config, f"LoRA '{source}'")
+    if not family.single_file:
+        raise ldm_layout.UnsupportedLayout(f"LoRA '{source}' is for a U-Net of model family '{family.name}', which "
+                                           f"the LDM single file (and so stable-diffusion.cpp) has no layout for")
+    parts = ("unet", *family.text_encoders)
     layout = meta.get(META + "layout") or ldm_layout.unet_layout(unet_config)
     if layout not in ldm_layout.SDCPP_LAYOUTS:
         raise ldm_layout.UnsupportedLayout(
             f"LoRA '{source}' is for a '{layout}' U-Net, which stable-diffusion.cpp cannot run; layouts that work "
             f"there: {ldm_layout.SDCPP_WORKING}")
-    alphas = _alphas(meta)
+    alphas = _alphas(meta, parts)
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
-        parsed = _module_name(key)
+        parsed = _module_name(key, parts)
         if parsed is None:
             continue
         part, name, down = parsed

@@ -8,10 +8,12 @@ other parts from the run's `student/` or its `model` / teacher), a diffusers pip
 
 - diffusers: a pipeline folder with contiguous safetensors and a model card `README.md` (train/cards.py).
 - single file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder in one flat LDM state
-  dict; the diffusers configs and the tokenizer are stored in the safetensors metadata (k-diffusion's
+  dict; the diffusers configs and the tokenizer files are stored in the safetensors metadata (k-diffusion's
   trick), so `load_single_file(file)` rebuilds the student from the file alone. Target `ldm`: packed
   numbering, for diffusers `from_single_file(file, config=FOLDER)` and other LDM tools; `sdcpp`:
-  teacher-slot numbering, for stable-diffusion.cpp, refused for layouts sd.cpp has no model for.
+  teacher-slot numbering, for stable-diffusion.cpp, refused for layouts sd.cpp has no model for. Model
+  families the LDM layout has no place for (train/models/families.py `single_file`) are refused in one line.
+  The metadata names each text encoder's config and each tokenizer's files by component name.
 
 `save_pipeline(unet, teacher, folder)` is what the trainers call at the end of a run.
 """
@@ -30,12 +32,11 @@ import torch
 from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.train.engine import console
 from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.cli.errors import UserError, first_line
-from sdkd.train.models.families import family_of
+from sdkd.train.models.families import ModelFamily, family_of
 from sdkd.train.models.teacher import (PipelineParts, PipelineSource, load_pipeline, load_teacher, safe_weights,
                                  scheduler_class, vae_class)
 
@@ -54,7 +55,7 @@ def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
 
 def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, prediction_type: str | None = None,
                   run: str | Path | None = None) -> Path:
-    """`unet` with the teacher's VAE, text encoder, tokenizer and scheduler, as safetensors; the scheduler
+    """`unet` with the teacher's VAE, text encoders, tokenizers and scheduler, as safetensors; the scheduler
     set to `prediction_type` when given (what `unet` was trained to predict: loss.prediction_type). With
     `run` (a trainer's OUTPUT), a model card describing that run goes beside it.
 
@@ -69,7 +70,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
     pipe.save_pretrained(folder, safe_serialization=True)
     if run is not None:
         write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
-                                            _run_info(Path(run)))))
+                                            _run_info(Path(run)))), type(pipe))
     return Path(folder)
 
 
@@ -87,7 +88,7 @@ class Source:
     unet_path: str = ""
     """The resolved U-Net weights: a `unet/` or `unet_ema/` folder, or the single file."""
     parts_path: str = ""
-    """Where the VAE, text encoder, tokenizer and scheduler came from: a folder, a file or a teacher id."""
+    """Where the VAE, text encoders, tokenizers and scheduler came from: a folder, a file or a teacher id."""
 
 
 def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> DiffusionPipeline:
@@ -149,7 +150,7 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
 
 
 def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[DiffusionPipeline, str]:
-    """VAE, text encoder, tokenizer and scheduler of a run, and where they came from: its student/ folder,
+    """VAE, text encoders, tokenizers and scheduler of a run, and where they came from: its student/ folder,
     else the pipeline it trained (`model`, fine-tune runs) or its teacher."""
     if (run / "student" / "model_index.json").is_file():
         return _load_pipeline_folder(run / "student", allow_pickle), str(run / "student")
@@ -291,15 +292,20 @@ def card_info(source: Source) -> dict:
     if teacher_params:
         info["teacher_unet_params"] = teacher_params
     info["vae"] = f"{type(pipe.vae).__name__} ({_params(pipe.vae):,} params)"
-    info["text_encoder_params"] = _params(pipe.text_encoder)
+    info["text_encoder_params"] = sum(_params(pipe.components[name]) for name in _family(pipe).text_encoders)
     return info
+
+
+def _family(pipe: DiffusionPipeline) -> ModelFamily:
+    return family_of(pipe.unet.config)
 
 
 SAMPLE_FILE = "samples.png"  # the run's newest sample grid, copied beside the card
 
 
-def model_card(info: dict, half: bool = False) -> str:
-    """README.md of a student pipeline folder (`card_info`), or of a LoRA run's files (`info["lora_files"]`)."""
+def model_card(info: dict, pipeline_class: type[DiffusionPipeline], half: bool = False) -> str:
+    """README.md of a student pipeline folder (`card_info`), or of a LoRA run's files (`info["lora_files"]`);
+    `pipeline_class`: the model family's, which its usage example loads it with."""
     lora, trainer, base = info.get("lora_files"), info.get("trainer"), info.get("model") or info.get("teacher")
     tag = "lora" if lora else "fine-tuned" if trainer == "finetune" else "knowledge-distillation"
     lines = ["---", *([f"license: {info['license']}"] if info.get("license") else []), "library_name: diffusers",
@@ -340,9 +346,10 @@ def model_card(info: dict, half: bool = False) -> str:
         prompts = "; ".join(f'"{p}"' for p in info.get("prompts", []))
         lines += ["## Samples", "", f"![samples]({SAMPLE_FILE})", "",
                   f"`{Path(info['sample_grid']).name}` of the run ({rows}); prompts, left to right: {prompts}.", ""]
-    lines += ["## Use", "", "```python", "from diffusers import StableDiffusionPipeline", ""]
+    pipeline = pipeline_class.__name__
+    lines += ["## Use", "", "```python", f"from diffusers import {pipeline}", ""]
     if lora:
-        lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        lines += [f'pipe = {pipeline}.from_pretrained("{base}")',
                   'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")',
                   'image = pipe("a photo of a cat", num_inference_steps=25).images[0]', "```", "",
                   f"or `python eval/sample.py --model {base} --lora PATH/TO/THIS/FOLDER/{lora[0]} "
@@ -350,7 +357,7 @@ def model_card(info: dict, half: bool = False) -> str:
         return "\n".join(lines)
     steps, cfg = ("1", "0.0") if info["layout"] in ("sdxs", "sdxs09") else ("25", "7.5")  # one-step students
     lines += [
-        'pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
+        f'pipe = {pipeline}.from_pretrained("PATH/TO/THIS/FOLDER")',
         f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={cfg}).images[0]', "```", "",
         "or `python eval/sample.py --model PATH/TO/THIS/FOLDER --prompt \"a photo of a cat\" --out samples/` "
         "(sdkd's pipeline).", "",
@@ -358,19 +365,19 @@ def model_card(info: dict, half: bool = False) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: str | Path, info: dict, half: bool = False) -> Path:
+def write_card(folder: str | Path, info: dict, pipeline_class: type[DiffusionPipeline], half: bool = False) -> Path:
     """`folder`/README.md from `info`, with the run's newest sample grid copied beside it."""
     folder = Path(folder)
     if info.get("sample_grid"):
         shutil.copyfile(info["sample_grid"], folder / SAMPLE_FILE)
     card = folder / "README.md"
-    card.write_text(model_card(info, half))
+    card.write_text(model_card(info, pipeline_class, half))
     return card
 
 
-def write_lora_card(run: Path, files: list[Path]) -> Path:
-    """The LoRA trainer's card: README.md beside its LoRA file(s) in the run folder."""
-    return write_card(run, {**_run_info(run), "lora_files": [Path(f).name for f in files]})
+def write_lora_card(run: Path, files: list[Path], family: ModelFamily) -> Path:
+    """The LoRA trainer's card: README.md beside its LoRA file(s) in the run folder; `family`: its base model's."""
+    return write_card(run, {**_run_info(run), "lora_files": [Path(f).name for f in files]}, family.pipeline_class)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +385,7 @@ def write_lora_card(run: Path, files: list[Path]) -> Path:
 
 
 def _cast(pipe: DiffusionPipeline, half: bool) -> None:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.components[name] for name in _family(pipe).models):
         module.to("cpu")
         if half:
             module.to(torch.float16)
@@ -392,22 +399,26 @@ def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Pat
     pipe = source.pipe
     _cast(pipe, half)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_card(out, card_info(source), half)
+    write_card(out, card_info(source), type(pipe), half)
     return out
 
 
-# What a CLIPTokenizer's save_pretrained writes; a single file may carry these and nothing else.
-TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                             "special_tokens_map.json", "added_tokens.json"})
-
-
-def _tokenizer_files(tokenizer) -> dict[str, str]:
+def _tokenizer_files(tok, allowed: frozenset[str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
-    unexpected = set(files) - TOKENIZER_FILES
+    unexpected = set(files) - allowed
     assert not unexpected, f"the tokenizer wrote files the reader would refuse: {sorted(unexpected)}"
     return files
+
+
+def _single_file_family(unet_config, where: str) -> ModelFamily:
+    """The family of a U-Net config, which the LDM single file must have a place for; else one line naming it."""
+    family = family_of(unet_config, where)
+    if not family.single_file:
+        raise UserError(f"{where}: model family '{family.name}' has no single-file layout (the LDM file holds one "
+                        f"text encoder); export it with --format diffusers")
+    return family
 
 
 def _config_json(config) -> str:
@@ -416,12 +427,15 @@ def _config_json(config) -> str:
 
 def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]:
     """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
+    family = _single_file_family(pipe.unet.config, "--format single-file")
+    (text_name,), components = family.text_encoders, pipe.components
+    text = components[text_name]
     vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
     unet_config = dict(pipe.unet.config)
     flat = ldm_layout.to_ldm(
         pipe.unet.state_dict(), unet_config, target,
         vae=pipe.vae.state_dict(), vae_config=dict(pipe.vae.config), vae_tiny=vae_tiny,
-        text=pipe.text_encoder.state_dict(), text_config=pipe.text_encoder.config.to_dict())
+        text=text.state_dict(), text_config=text.config.to_dict())
     meta = {
         "format": "pt",
         META + "format_version": FORMAT_VERSION,
@@ -429,10 +443,11 @@ def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]
         META + "unet_config": _config_json(unet_config),
         META + "vae_class": type(pipe.vae).__name__,
         META + "vae_config": _config_json(pipe.vae.config),
-        META + "text_encoder_config": pipe.text_encoder.config.to_json_string(use_diff=False),
+        META + f"{text_name}_config": text.config.to_json_string(use_diff=False),
         META + "scheduler_class": type(pipe.scheduler).__name__,
         META + "scheduler_config": _config_json(pipe.scheduler.config),
-        META + "tokenizer": json.dumps(_tokenizer_files(pipe.tokenizer)),
+        **{META + name: json.dumps(_tokenizer_files(components[name], family.tokenizer_files))
+           for name in family.tokenizers},
     }
     return flat, meta
 
@@ -442,6 +457,7 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     if out.is_dir() or out.suffix != ".safetensors":
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
     pipe = source.pipe
+    _single_file_family(pipe.unet.config, "--format single-file")  # before anything is written, as below
     if target == "sdcpp":  # before anything is written: never a file that fails later
         for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
             print(f"warning: {warning}", file=sys.stderr)
@@ -476,7 +492,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer from its metadata)."""
+    """Rebuild the whole pipeline from an sdkd single file (configs and tokenizer files from its metadata)."""
     path = Path(path)
     meta = read_metadata(path)
     if META + "unet_config" not in meta:
@@ -485,32 +501,36 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
                         f"from_single_file(file, config=DIFFUSERS_FOLDER)")
     try:
         unet_config = json.loads(meta[META + "unet_config"])
+        family = _single_file_family(unet_config, f"'{path}'")  # which metadata names its components
+        (text_name,) = family.text_encoders
         vae_class_name = meta[META + "vae_class"]
         vae_config = json.loads(meta[META + "vae_config"])
-        text_config = json.loads(meta[META + "text_encoder_config"])
+        text_config = json.loads(meta[META + f"{text_name}_config"])
         numbering = meta[META + "numbering"]
-        tokenizer_files = json.loads(meta[META + "tokenizer"])
+        tokenizer_files = {name: json.loads(meta[META + name]) for name in family.tokenizers}
         scheduler_cls = meta[META + "scheduler_class"]
         scheduler_config = json.loads(meta[META + "scheduler_config"])
-    except (KeyError, json.JSONDecodeError) as err:
+    except (KeyError, json.JSONDecodeError, AttributeError) as err:
         raise UserError(f"'{path}': damaged sdkd metadata ({first_line(err)}); re-export the model") from None
     # The file names what to build: only a scheduler or VAE class, and only the tokenizer files we write ourselves.
     scheduler_cls = scheduler_class(scheduler_cls, f"'{path}': its metadata")
     vae_cls = vae_class(vae_class_name, f"'{path}': its metadata")
-    if not isinstance(tokenizer_files, dict) or not set(tokenizer_files) <= TOKENIZER_FILES or not all(
-            isinstance(text, str) for text in tokenizer_files.values()):
-        names = sorted(set(tokenizer_files) - TOKENIZER_FILES) if isinstance(tokenizer_files, dict) else tokenizer_files
-        raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
-                        f"{', '.join(sorted(TOKENIZER_FILES))})")
+    allowed = family.tokenizer_files
+    for files in tokenizer_files.values():
+        if not isinstance(files, dict) or not set(files) <= allowed or not all(
+                isinstance(text, str) for text in files.values()):
+            names = sorted(set(files) - allowed) if isinstance(files, dict) else files
+            raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
+                            f"{', '.join(sorted(allowed))})")
+    text_cls = family.components[text_name].cls
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
             vae = vae_cls.from_config(vae_config)
-            text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+            text = text_cls(text_cls.config_class.from_dict(text_config))
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise UserError(f"'{path}': its metadata holds configs no model can be built from ({first_line(err)}); "
                         f"re-export the model") from None
-    family = family_of(unet.config, f"'{path}'")
     try:
         from safetensors.torch import load_file
 
@@ -523,24 +543,26 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
                          strict=True, assign=True)
     vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_cls is AutoencoderTiny, shapes(vae), src),
                         strict=True, assign=True)
-    te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text_encoder), src)
-    missing = text_encoder.load_state_dict(te_state, strict=False, assign=True)
+    te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text), src)
+    missing = text.load_state_dict(te_state, strict=False, assign=True)
     if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("position_ids")]:
         raise UserError(f"'{path}': text-encoder tensors do not fit its config; re-export the model")
-    for name, buf in text_encoder.named_buffers():  # non-persistent buffers are not in the file
+    for name, buf in text.named_buffers():  # non-persistent buffers are not in the file
         if buf.is_meta:
-            parent = text_encoder.get_submodule(name.rsplit(".", 1)[0])
+            parent = text.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in TOKENIZER_FILES & set(tokenizer_files):  # our own names, never the file's
-            (Path(tmp) / name).write_text(tokenizer_files[name])
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
-        except (OSError, ValueError, TypeError) as err:
-            raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the model") from None
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    parts = PipelineParts(unet, vae, text_encoder, tokenizer, scheduler, family=family)
-    pipe = family.pipeline(parts, unet, scheduler)
+    components = {"unet": unet, "vae": vae, text_name: text}
+    for name, files in tokenizer_files.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in allowed & set(files):  # our own names, never the file's
+                (Path(tmp) / file).write_text(files[file])
+            try:
+                components[name] = family.components[name].cls.from_pretrained(tmp, local_files_only=True)
+            except (OSError, ValueError, TypeError) as err:
+                raise UserError(f"'{path}': its tokenizer cannot be rebuilt ({first_line(err)}); re-export the "
+                                f"model") from None
+    components["scheduler"] = scheduler_cls.from_config(scheduler_config)
+    pipe = family.pipeline(PipelineParts(components, family), unet, components["scheduler"])
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe
@@ -554,14 +576,14 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
 
 def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, vae=None,
                            run: str | Path | None = None) -> Path:
-    """A one-step student as a pipeline folder: `unet` with the teacher's text encoder and tokenizer, `vae` as
+    """A one-step student as a pipeline folder: `unet` with the teacher's text encoders and tokenizers, `vae` as
     its decoder (an AutoencoderTiny; None: the teacher's VAE) and the teacher's scheduler with its timesteps
     spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or sdkd's
     steps=1) samples at t = T-1, where the student was trained. With `run`, its model card."""
     parts = load_teacher(teacher, with_unet=False)
     parts.scheduler.register_to_config(timestep_spacing="trailing")
     if vae is not None:
-        parts.vae = _contiguous(vae)
+        parts.components["vae"] = _contiguous(vae)
     pipe = parts.family.pipeline(parts, _contiguous(unet), parts.scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     if run is not None:
@@ -569,5 +591,6 @@ def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Pa
         # Not a fine-tune although its config has a `model` key; KD's loss weights played no part.
         info["trainer"] = "one_step"
         info["training"] = {k: v for k, v in info.get("training", {}).items() if not k.startswith("loss.")}
-        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info)))
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info)),
+                   type(pipe))
     return Path(folder)

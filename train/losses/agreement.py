@@ -33,7 +33,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sdkd.train.models.families import Conditioning, family_of
+from sdkd.train.models.families import Conditioning, family_of, prompt_batch
 
 TRIPLES_FILE = "eval_triples.safetensors"  # in a run folder, and in an evaluation's output folder
 NOISE_STREAM = 2 ** 32  # the added noise's generator is seeded seed + this: never one of the x_0 seeds (seed + i)
@@ -130,8 +130,8 @@ def _device_dtype(unet) -> tuple[torch.device, torch.dtype]:
 @torch.no_grad()
 def teacher_latents(teacher_unet, parts, settings: TripleSettings, autocast=nullcontext) -> torch.Tensor:
     """The teacher's clean latents x_0 [P, C, h, w] (float32, CPU), one per prompt: prompt i from initial noise
-    drawn on the CPU with seed + i (the same on every device). `parts` holds the VAE, text encoder, tokenizer
-    and scheduler as attributes (a `PipelineParts` or a diffusers pipeline)."""
+    drawn on the CPU with seed + i (the same on every device). `parts` holds the VAE, text encoders, tokenizers
+    and scheduler as its family's `components` (a `PipelineParts` or a diffusers pipeline)."""
     family = family_of(teacher_unet.config, "teacher")
     pipe = family.pipeline(parts, teacher_unet, DPMSolverMultistepScheduler.from_config(parts.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
@@ -166,7 +166,7 @@ def make_triples(teacher_unet, parts, settings: TripleSettings, batch_size: int 
     noisy = noise_schedule.add_noise(x0, noise, timesteps)
     family = family_of(teacher_unet.config, "teacher")
     with autocast():
-        cond = family.encode(parts, {"captions": list(settings.prompts)})
+        cond = family.encode(parts, prompt_batch(list(settings.prompts), settings.resolution))
     cond = Conditioning.from_tensors({name: t.float().cpu().repeat_interleave(per_prompt, dim=0)
                                       for name, t in cond.tensors().items()})
     triples = Triples(noisy, timesteps, cond, torch.empty(0), settings)

@@ -1,27 +1,39 @@
-"""Model families: the one place that knows what a family of pipelines needs beside its U-Net.
+"""Model families: the one place that knows a family of pipelines' components and conditioning.
 
-A family names its text encoders and tokenizers (the pipeline components `load_teacher` loads), turns a
-batch's captions (and, for SDXL, each sample's original size, crop and target size) into the U-Net's
-`Conditioning`, names the per-sample tensors a latent cache stores, and builds the pipeline class that
-samples and exports. The loop, the objective and the cache see only `Conditioning` and those names.
+A family declares its pipeline's components (`Component`: name -> class, role, whether the trainers train it,
+the dtype a frozen copy runs in under mixed precision), claims the U-Nets it conditions (from their config),
+turns a batch's captions (and, for families that take them, the samples' sizes and crops) into the U-Net's
+`Conditioning`, names the per-sample tensors a latent cache stores, says whether the LDM single file has a
+place for it, and builds the pipeline class that samples and exports. Loading, casting and freezing, the
+latent cache, sampling, cost counting, model files and LoRA files ask the family; the loop, the objective and
+the cache see only `Conditioning`, component names and these declarations.
 
-- SD-1.x and SD-2.x (`SD`): one CLIP text encoder; the conditioning is its last hidden state.
-- SDXL (two text encoders, hidden states concatenated, a pooled embedding and size/crop time ids as
-  `added_cond_kwargs`) is recognised by its U-Net config and refused until a family implements it.
+- SD-1.x and SD-2.x (`SD`): one CLIP text encoder; the conditioning is its last hidden state. The default.
+- Another family joins through `register_family`; `family_of` hands a U-Net to the newest registered family
+  that claims its config. SDXL's U-Net (`addition_embed_type` "text_time": two text encoders, a pooled
+  embedding and size/crop time ids as `added_cond_kwargs`) is refused in one line until a family claims it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdkd.cli.errors import UserError
 
 HIDDEN = "embeds"  # the hidden states' name among a latent cache's tensors (its name before families)
+CONTEXT = 77  # CLIP's context length: what every text encoder of the families so far pads captions to
+ROLES = UNET, VAE, TEXT, TOKENIZER, SCHEDULER = ("unet", "vae", "text", "tokenizer", "scheduler")
+MODEL_ROLES = (UNET, VAE, TEXT)
+# What a CLIPTokenizer's save_pretrained writes: the only files an sdkd single file may carry for one.
+CLIP_TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                                  "special_tokens_map.json", "added_tokens.json"})
 
 
 @dataclass(frozen=True)
@@ -55,33 +67,114 @@ class Conditioning:
         return cls(tensors[HIDDEN], added)
 
 
+@dataclass(frozen=True)
+class Component:
+    """One component of a family's pipeline."""
+
+    cls: type
+    """What loads it (`from_pretrained` of its subfolder). The VAE's: the class when its config names none (an
+    AutoencoderTiny folder loads as one); the scheduler's: the training one (a pipeline loads its own class)."""
+    role: str
+    """unet, vae, text (a text encoder), tokenizer or scheduler (`ROLES`): how it is loaded and what uses it."""
+    trained: bool = False
+    """Trained by the U-Net trainers (the U-Net); the other models stay frozen (a text-encoder LoRA adapts them
+    without training their weights)."""
+    fp32_under: tuple[torch.dtype, ...] = ()
+    """Mixed-precision dtypes a frozen copy stays fp32 under instead of taking them (where it overflows)."""
+
+    def dtype(self, mixed: torch.dtype) -> torch.dtype:
+        """The dtype a frozen copy runs in when a run's mixed-precision dtype is `mixed`."""
+        return torch.float32 if mixed in self.fp32_under else mixed
+
+
 class ModelFamily(ABC):
-    """What one family of pipelines needs. `parts` below is whatever holds the family's components as
-    attributes (`teacher.PipelineParts`, a diffusers pipeline)."""
+    """What one family of pipelines needs. `parts` below is whatever maps the family's component names to the
+    components in `.components` (`teacher.PipelineParts`, a diffusers pipeline)."""
 
     name: str
     """Recorded in latent-cache manifests: a cache made for one family is refused by another."""
     pipeline_class: type[DiffusionPipeline]
-    text_encoders: dict[str, type]
-    """Pipeline component (subfolder) -> class, loaded with the weights' variant."""
-    tokenizers: dict[str, type]
+    components: dict[str, Component]
+    """The pipeline's components by their `pipeline_class` names (its subfolders); every family has a `unet`, a
+    `vae` and a `scheduler`."""
     fields: tuple[str, ...]
     """The names of `Conditioning.tensors()`: what a latent cache stores per sample."""
     pipeline_extras: dict = {}
     """Further arguments of `pipeline_class` (components left out)."""
+    single_file: bool = False
+    """The LDM single file (train/formats/ldm_layout.py) has a place for each of its models: the U-Net, the
+    VAE and one text encoder (`cond_stage_model`)."""
+    tokenizer_files: frozenset[str] = frozenset()
+    """The files its tokenizers' `save_pretrained` writes: the only ones a single file may carry for them."""
 
     @abstractmethod
+    def claims(self, unet_config: Mapping) -> bool:
+        """Whether a U-Net of this config is of this family."""
+
+    def named(self, *roles: str) -> tuple[str, ...]:
+        """The names of the components of these roles, in `components` order."""
+        return tuple(name for name, c in self.components.items() if c.role in roles)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return self.named(TEXT)
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return self.named(TOKENIZER)
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The VAE, the text encoders and the tokenizers: what encodes a batch, which a run from a latent cache
+        leaves out."""
+        return self.named(VAE, TEXT, TOKENIZER)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The components that are torch modules: the U-Net, the VAE, the text encoders."""
+        return self.named(*MODEL_ROLES)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The models the trainers never train: the VAE and the text encoders, which a run from a latent cache
+        leaves out."""
+        return tuple(name for name in self.models if not self.components[name].trained)
+
+    def dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
+        """The dtype frozen component `name` runs in under mixed precision `mixed`."""
+        return self.components[name].dtype(mixed)
+
+    @abstractmethod
+    def tokenize(self, parts, batch: dict) -> dict[str, torch.Tensor]:
+        """What the text encoders read of a batch ("captions"; for families that take them, the samples'
+        "original_size" and "crop_top_left", and "target_size" or the "pixel_values"' size): the inputs of
+        `encode_tokens`, which need no text encoder to make, on the text encoders' device."""
+
+    @abstractmethod
+    def encode_tokens(self, encoders: Mapping[str, torch.nn.Module], tokens: dict[str, torch.Tensor]) -> Conditioning:
+        """The conditioning of `tokenize`'s output, from the text encoders by name. Apart from `encode` for a
+        text-encoder LoRA, whose trained module runs the text encoders itself (train/tasks/lora.py)."""
+
     def encode(self, parts, batch: dict) -> Conditioning:
-        """A batch's conditioning, from its "captions" (and the samples' sizes, for families that take them)."""
+        """A batch's conditioning."""
+        return self.encode_tokens(parts.components, self.tokenize(parts, batch))
 
     @abstractmethod
     def empty_prompt(self, parts) -> dict[str, torch.Tensor]:
-        """The caption-made tensors of "" for one sample: what caption dropout puts in a cached sample."""
+        """The caption-made tensors of "" for one sample: what caption dropout puts in a cached sample (the
+        tensors not made from the caption, such as size ids, stay the sample's own)."""
 
     def pipeline(self, parts, unet, scheduler) -> DiffusionPipeline:
-        """`parts`' VAE, text encoders and tokenizers around `unet` and `scheduler`."""
-        text = {name: getattr(parts, name) for name in (*self.text_encoders, *self.tokenizers)}
-        return self.pipeline_class(vae=parts.vae, unet=unet, scheduler=scheduler, **text, **self.pipeline_extras)
+        """`parts`' components around `unet` and `scheduler`, as `pipeline_class`."""
+        given = {name: parts.components[name] for name in self.components}
+        return self.pipeline_class(**(given | dict(unet=unet, scheduler=scheduler)), **self.pipeline_extras)
+
+    def assemble(self, unet, vae, scheduler, text_encoders: list, tokenizers: list) -> DiffusionPipeline:
+        """`pipeline_class` of these models, the text encoders and tokenizers in `components` order (what
+        builders of pipelines from configs give it: train/models/toy.py)."""
+        return self.pipeline_class(unet=unet, vae=vae, scheduler=scheduler,
+                                   **dict(zip(self.text_encoders, text_encoders, strict=True)),
+                                   **dict(zip(self.tokenizers, tokenizers, strict=True)), **self.pipeline_extras)
 
 
 class StableDiffusion(ModelFamily):
@@ -90,42 +183,93 @@ class StableDiffusion(ModelFamily):
 
     name = "sd"
     pipeline_class = StableDiffusionPipeline
-    text_encoders = {"text_encoder": CLIPTextModel}
-    tokenizers = {"tokenizer": CLIPTokenizer}
+    components = {
+        "unet": Component(UNet2DConditionModel, UNET, trained=True),
+        "vae": Component(AutoencoderKL, VAE),
+        "text_encoder": Component(CLIPTextModel, TEXT),
+        "tokenizer": Component(CLIPTokenizer, TOKENIZER),
+        "scheduler": Component(DDPMScheduler, SCHEDULER),
+    }
     fields = (HIDDEN,)
     pipeline_extras = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    single_file = True
+    tokenizer_files = CLIP_TOKENIZER_FILES
 
-    def tokenize(self, parts, captions: list[str]) -> torch.Tensor:
-        """Token ids, padded to the tokenizer's length, on the text encoder's device."""
-        ids = parts.tokenizer(
-            captions, padding="max_length", max_length=parts.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        return ids.to(parts.text_encoder.device)
+    def claims(self, unet_config: Mapping) -> bool:
+        return unet_config.get("addition_embed_type") is None
 
-    def encode_tokens(self, parts, ids: torch.Tensor) -> Conditioning:
-        """The conditioning of token ids: apart from `encode` for a text-encoder LoRA, whose trained module runs
-        the text encoder itself (lora_io.TextConditionedUNet)."""
-        return Conditioning(parts.text_encoder(ids)[0])
+    def tokenize(self, parts, batch: dict) -> dict[str, torch.Tensor]:
+        """Token ids, padded to the tokenizer's length."""
+        tokenizer, encoder = parts.components["tokenizer"], parts.components["text_encoder"]
+        ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return {"text_encoder": ids.to(encoder.device)}
 
-    def encode(self, parts, batch: dict) -> Conditioning:
-        return self.encode_tokens(parts, self.tokenize(parts, batch["captions"]))
+    def encode_tokens(self, encoders, tokens: dict[str, torch.Tensor]) -> Conditioning:
+        return Conditioning(encoders["text_encoder"](tokens["text_encoder"])[0])
 
     def empty_prompt(self, parts) -> dict[str, torch.Tensor]:
         return {HIDDEN: self.encode(parts, {"captions": [""]}).hidden_states[0]}
 
 
 SD = StableDiffusion()
+_FAMILIES: list[ModelFamily] = [SD]
 
 
-def family_of(unet_config, what: str = "model") -> ModelFamily:
-    """The family of a U-Net, from its config: SDXL's U-Net takes a pooled text embedding and time ids
-    (`addition_embed_type` "text_time"), SD-1.x/2.x's no added conditions. `what` names it in errors."""
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make `family_of` hand `family` the U-Nets it claims, before the families registered earlier (SD last)."""
+    if any(f.name == family.name for f in _FAMILIES):
+        raise ValueError(f"a model family named '{family.name}' is registered already")
+    _FAMILIES.insert(0, family)
+    return family
+
+
+def unregister_family(family: ModelFamily) -> None:
+    _FAMILIES.remove(family)
+
+
+def family_of(unet_config: Mapping, what: str = "model") -> ModelFamily:
+    """The family of a U-Net, from its config: the newest registered family that claims it. `what` names it in
+    errors."""
+    for family in _FAMILIES:
+        if family.claims(unet_config):
+            return family
     kind = unet_config.get("addition_embed_type")
     if kind == "text_time":
         raise UserError(f"{what}: SDXL is not supported yet (its U-Net has addition_embed_type 'text_time'); "
                         f"use an SD-1.x or SD-2.x model")
-    if kind is not None:
-        raise UserError(f"{what}: a U-Net with addition_embed_type '{kind}' is of no model family sdkd trains "
-                        f"(SD-1.x, SD-2.x)")
-    return SD
+    raise UserError(f"{what}: a U-Net with addition_embed_type '{kind}' is of no model family sdkd trains "
+                    f"(SD-1.x, SD-2.x)")
+
+
+def prompt_batch(captions: list[str], resolution: int) -> dict:
+    """Captions alone as a batch of uncropped `resolution`-pixel images: what a sampling pipeline conditions
+    on (the sizes matter to families with size ids)."""
+    size = torch.tensor([[resolution, resolution]] * len(captions))
+    return {"captions": list(captions), "original_size": size, "crop_top_left": torch.zeros_like(size),
+            "target_size": size}
+
+
+def conditioning_shapes(unet_config: Mapping, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """The shapes of the `Conditioning.tensors()` a U-Net of this config is called with, from its config alone
+    (whichever family claims it, if any): the inputs of shape checks, MAC counts and timings."""
+    width = unet_config.get("encoder_hid_dim") or unet_config.get("cross_attention_dim", 1280)
+    width = width[0] if isinstance(width, (list, tuple)) else width
+    shapes = {HIDDEN: (batch, CONTEXT, width)}
+    if unet_config.get("addition_embed_type") == "text_time":  # a pooled text embedding and 6 size/crop ids
+        ids = 6
+        pooled = unet_config["projection_class_embeddings_input_dim"] - ids * unet_config["addition_time_embed_dim"]
+        shapes |= {"text_embeds": (batch, pooled), "time_ids": (batch, ids)}
+    return shapes
+
+
+def random_conditioning(unet_config: Mapping, batch: int = 1, generator: torch.Generator | None = None,
+                        device: str | torch.device | None = None) -> Conditioning:
+    """Standard-normal conditioning of `conditioning_shapes`, drawn from `generator` in their order; on the
+    meta device, empty tensors."""
+    if torch.device(device or "cpu").type == "meta":
+        make = lambda shape: torch.empty(shape, device="meta")  # noqa: E731
+    else:
+        make = lambda shape: torch.randn(shape, generator=generator).to(device or "cpu")  # noqa: E731
+    shapes = conditioning_shapes(unet_config, batch)
+    return Conditioning.from_tensors({name: make(shape) for name, shape in shapes.items()})

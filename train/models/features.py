@@ -38,6 +38,7 @@ from torch import nn
 
 from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
+from sdkd.train.models.families import random_conditioning
 from sdkd.train.models.students import RemovalSpec
 
 Pair = tuple[str, str]
@@ -158,18 +159,11 @@ def _config_of(model_or_config) -> dict:
 
 
 def _meta_inputs(config: dict, hw: tuple[int, int]) -> tuple[tuple, dict]:
-    """Batch-1 dummy U-Net inputs on the meta device."""
+    """Batch-1 dummy U-Net inputs on the meta device, the conditioning as its config asks for
+    (train/models/families.py)."""
     meta = dict(device="meta")
-    context = config.get("encoder_hid_dim") or config.get("cross_attention_dim", 1280)
-    context = context[0] if isinstance(context, (list, tuple)) else context
-    args = (torch.empty(1, config.get("in_channels", 4), *hw, **meta), torch.zeros(1, **meta),
-            torch.empty(1, 77, context, **meta))
-    kwargs = {}
-    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size/crop ids
-        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = dict(text_embeds=torch.empty(1, text_dim, **meta),
-                                          time_ids=torch.empty(1, 6, **meta))
-    return args, kwargs
+    args = (torch.empty(1, config.get("in_channels", 4), *hw, **meta), torch.zeros(1, **meta))
+    return args, random_conditioning(config, 1, device="meta").unet_kwargs()
 
 
 def _feature_shapes(role: str, model_or_config, names: list[str], hw: tuple[int, int]) -> list[torch.Size]:

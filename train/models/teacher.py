@@ -16,32 +16,47 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.train.engine.frozen import freeze
 from sdkd.train.models.families import ModelFamily, family_of
 
 
 @dataclass
 class PipelineParts:
-    """The pieces of a pipeline a trainer needs. `unet` may be left out, and so may the VAE, text encoder
-    and tokenizer (a run from a latent cache); `vae_config` and `family` are kept either way."""
+    """The components of a pipeline a trainer needs, by their family's names (train/models/families.py). The
+    U-Net may be left out, and so may the VAE, text encoders and tokenizers (a run from a latent cache: their
+    entries are None); `vae_config` and `family` are kept either way."""
 
-    unet: UNet2DConditionModel | None
-    vae: AutoencoderKL | AutoencoderTiny | None
-    text_encoder: CLIPTextModel | None
-    tokenizer: CLIPTokenizer | None
-    scheduler: DDPMScheduler
-    vae_config: Any = None
-    """The VAE's config (a dict-like); taken from `vae` when not given."""
+    components: dict[str, Any]
     family: ModelFamily | None = None
-    """What conditions the U-Net (train/models/families.py); taken from `unet`'s config when not given."""
+    """Whose components they are; taken from the U-Net's config when not given."""
+    vae_config: Any = None
+    """The VAE's config (a dict-like); taken from the VAE when not given."""
 
     def __post_init__(self) -> None:
-        if self.vae_config is None:
-            self.vae_config = self.vae.config
         if self.family is None:
             self.family = family_of(self.unet.config)
+        if self.vae_config is None:
+            self.vae_config = self.vae.config
+
+    @classmethod
+    def of(cls, pipe: DiffusionPipeline) -> "PipelineParts":
+        """A diffusers pipeline's components, as its U-Net's family names them."""
+        family = family_of(pipe.unet.config)
+        return cls({name: getattr(pipe, name) for name in family.components}, family)
+
+    @property
+    def unet(self) -> UNet2DConditionModel | None:
+        return self.components["unet"]
+
+    @property
+    def vae(self) -> AutoencoderKL | AutoencoderTiny | None:
+        return self.components["vae"]
+
+    @property
+    def scheduler(self) -> DDPMScheduler:
+        return self.components["scheduler"]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -52,9 +67,17 @@ class PipelineParts:
         return self.vae is not None
 
     @property
-    def encoders(self) -> list[torch.nn.Module]:
-        """The VAE and the family's text encoders: the frozen models a run from a latent cache leaves out."""
-        return [self.vae, *(getattr(self, name) for name in self.family.text_encoders)]
+    def frozen(self) -> dict[str, torch.nn.Module | None]:
+        """The VAE and the text encoders by name: the models no trainer trains, which a run from a latent
+        cache leaves out (None)."""
+        return {name: self.components[name] for name in self.family.frozen}
+
+    def freeze(self, device: torch.device, mixed: torch.dtype, names: tuple[str, ...] | None = None) -> None:
+        """Freeze the models `names` (default: `frozen`'s) on `device`, each in the dtype its family gives it
+        under mixed precision `mixed`; those not loaded are passed over."""
+        for name in self.family.frozen if names is None else names:
+            if self.components[name] is not None:
+                freeze(self.components[name], device, self.family.dtype(name, mixed))
 
 
 @dataclass(frozen=True)
@@ -132,7 +155,7 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
     """`source`: "toy" (the committed trained toy teacher), a local diffusers pipeline folder, or a hub id (cached
     or downloaded), as a path or a `PipelineSource`.
 
-    `with_encoders=False` leaves out the VAE, text encoder and tokenizer (only the VAE's config is read).
+    `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
     src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     source = src.path
@@ -141,24 +164,21 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
         raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
     try:
         kw = dict(local_files_only=local.exists(), revision=src.revision)
-        # The U-Net's config says which text encoders and tokenizers there are.
+        # The U-Net's config says which family, and so which components, there are.
         family = family_of(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), f"{what} '{source}'")
-        parts = ("unet",) * with_unet + ("vae", *family.text_encoders) * with_encoders
-        safe = safe_weights(what, src.allow_pickle, *(local / sub for sub in parts if local.exists()))
+        names = ("unet",) * with_unet + family.encoders * with_encoders + ("scheduler",)
+        safe = safe_weights(what, src.allow_pickle, *(local / name for name in names
+                                                      if name in family.models and local.exists()))
         vae_name = _class_name(local / "vae" / "config.json", what)
-        vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else AutoencoderKL
-        # Tokenizers and configs have no variants; safetensors only unless allowed.
+        vae_cls = vae_class(vae_name, f"{what} '{local / 'vae'}'") if vae_name else family.components["vae"].cls
+        # Tokenizers, schedulers and configs have no variants; safetensors only unless allowed.
         weights = dict(kw, variant=src.variant, **safe)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights) if with_unet else None
-        vae = vae_cls.from_pretrained(source, subfolder="vae", **weights) if with_encoders else None
-        text = {name: cls.from_pretrained(source, subfolder=name, **weights) if with_encoders else None
-                for name, cls in family.text_encoders.items()}
-        text |= {name: cls.from_pretrained(source, subfolder=name, **kw) if with_encoders else None
-                 for name, cls in family.tokenizers.items()}
-        return PipelineParts(
-            unet=unet, vae=vae, **text, scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            vae_config=None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw), family=family,
-        )
+        components = dict.fromkeys(family.components)
+        for name in names:
+            cls = vae_cls if name == "vae" else family.components[name].cls
+            components[name] = cls.from_pretrained(source, subfolder=name, **(weights if name in family.models else kw))
+        vae_config = None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw)
+        return PipelineParts(components, family, vae_config)
     except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None

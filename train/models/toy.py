@@ -2,7 +2,7 @@
 
 Same block structure as SD-1.5 (four levels, two resnets per down block, cross-attention in
 the first three, a cross-attention mid block), so every student preset applies to it. Nothing
-is downloaded: the tokenizer's files are written here (byte-level BPE with no merges).
+is downloaded: the CLIP tokenizer's files are written here (byte-level BPE with no merges).
 
 `teacher: toy` (and `model: toy`) loads the trained toy teacher committed in `toy_teacher/` beside
 this file: its VAE and U-Net trained on the synthetic captioned shapes by sdkd's own trainers, the
@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdkd.cli.errors import UserError
+from sdkd.train.models.families import SD
 from sdkd.train.models.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT
 
 TOY_SEED = 0
@@ -103,25 +104,21 @@ def write_toy_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
+def toy_clip_tokenizer() -> CLIPTokenizer:
+    """The toy CLIP tokenizer (`write_toy_tokenizer`'s files), padding to CLIP's 77 tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+
+
 def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
     """The toy teacher pipeline; the same seed always gives the same weights."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+    tokens = toy_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TOY_UNET)
         vae = AutoencoderKL(**TOY_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TOY_TEXT))
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDPMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        text = CLIPTextModel(CLIPTextConfig(**TOY_TEXT))
+    return SD.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])
 
 
 def toy_teacher_folder() -> Path:
@@ -133,7 +130,7 @@ def toy_teacher_folder() -> Path:
 
 
 def toy_pipeline_with(vae: AutoencoderKL, seed: int = TOY_SEED) -> StableDiffusionPipeline:
-    """The toy pipeline of `seed` (random U-Net, the toy text encoder and tokenizer) with `vae` in it: what the
+    """The toy pipeline of `seed` (random U-Net, the toy text encoder and CLIP tokenizer) with `vae` in it: what the
     toy teacher's U-Net is trained on (train/make_toy_teacher.py)."""
     pipe = build_toy_pipeline(seed)
     pipe.register_modules(vae=vae)
@@ -182,15 +179,12 @@ def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: boo
 
     if widths not in RANDOM_WIDTHS:
         raise ValueError(f"widths must be one of {sorted(RANDOM_WIDTHS)}, got {widths!r}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp), model_max_length=77)
+    tokens = toy_clip_tokenizer()
     vae_cfg, text_cfg = RANDOM_WIDTHS[widths]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    for i, m in enumerate((unet, vae, text_encoder)):
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    for i, m in enumerate((unet, vae, text)):
         _random_init(m, seed + i, dtype)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return SD.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])

@@ -23,7 +23,7 @@ from sdkd.train.tasks.diffusion import load_dataset
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
-from sdkd.train.models.teacher import PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
 from sdkd.train.formats.weight_files import load_strict, read_weights
 
 TAESD_FILE = "taesd.safetensors"
@@ -165,11 +165,12 @@ def ssim(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class DecoderTask(Task):
     """Decoder every step; discriminator from `gan.start` every `gan.every` steps."""
 
-    def __init__(self, cfg, accelerator, teacher_vae, tiny: TinyDecoder, encoder, held_out: torch.Tensor,
+    def __init__(self, cfg, accelerator, teacher: PipelineParts, tiny: TinyDecoder, encoder, held_out: torch.Tensor,
                  lpips=None, encoder_from: str | None = None):
-        """`encoder_from`: where the tiny VAE's encoder (never trained here) came from; None: it is random."""
-        self.cfg, self.accelerator, self.teacher_vae, self.tiny = cfg, accelerator, teacher_vae, tiny
-        self.eval_every = cfg.eval.every
+        """`teacher`: its VAE is distilled; `encoder_from`: where the tiny VAE's encoder (never trained here) came
+        from; None: it is random."""
+        self.cfg, self.accelerator, self.teacher_vae, self.tiny = cfg, accelerator, teacher.vae, tiny
+        self.family, self.eval_every = teacher.family, cfg.eval.every
         self.encoder, self.lpips, self.encoder_from = encoder, lpips, encoder_from
         g = cfg.gan
         self.disc = None
@@ -183,10 +184,13 @@ class DecoderTask(Task):
         if self.disc is not None:
             self.modules.append(TrainedModule("discriminator", self.disc, replace(cfg.optim, lr=g.lr),
                                               cfg.train.max_grad_norm, due=every(g.every, start=g.start)))
-        self.frozen = {"teacher_vae": teacher_vae}
+        self.frozen = {"teacher_vae": teacher.vae}
         self.held_out = held_out
         self._held_out_targets = None
         self.steps, self.last_eval = 0, None  # for the model card
+
+    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
+        return self.family.dtype("vae", mixed)  # the one frozen model: the teacher's VAE
 
     def target(self, latents: torch.Tensor) -> torch.Tensor:
         """The teacher decoder's image of scaled latents (the KL decoder takes them unscaled)."""
@@ -361,8 +365,7 @@ def build_decoder_task(cfg, acc):
     teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
     if teacher.vae is None or not hasattr(teacher.vae, "encode") or "block_out_channels" not in teacher.vae.config:
         raise UserError(f"teacher '{cfg.teacher}': its VAE is no AutoencoderKL to distil from")
-    for name in teacher.family.text_encoders:  # only the VAE is used
-        setattr(teacher, name, None)
+    teacher.components |= dict.fromkeys(teacher.family.text_encoders)  # only the VAE is used
     dataset, held_out = split_held_out(dataset, cfg.decoder.eval_latents)
     encoder = CachedEncoder(teacher, acc.device) if cfg.data.cache else BatchEncoder(teacher)
     if cfg.data.cache:
@@ -392,4 +395,4 @@ def build_decoder_task(cfg, acc):
               + f"; {len(held_out_latents)} held-out latents; encoder "
               + (f"from {encoder_from}" if encoder_from else f"{UNTRAINED}, left out of {TAESD_FILE}")
               + ("" if not problems else f"; stable-diffusion.cpp cannot run this layout ({problems[0]})"))
-    return DecoderTask(cfg, acc, teacher.vae, tiny, encoder, held_out_latents.cpu(), lpips, encoder_from), dataset
+    return DecoderTask(cfg, acc, teacher, tiny, encoder, held_out_latents.cpu(), lpips, encoder_from), dataset

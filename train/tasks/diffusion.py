@@ -25,7 +25,6 @@ from sdkd.train.engine.sampling import sample_images
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
-from sdkd.train.engine.frozen import freeze
 
 
 def load_dataset(cfg: RunConfig, acc):
@@ -39,9 +38,9 @@ def load_dataset(cfg: RunConfig, acc):
 
 
 def frozen_parts(parts: PipelineParts, *trained: torch.nn.Module) -> dict[str, torch.nn.Module | None]:
-    """`parts`' VAE and text encoders (None where not loaded) for a task's `frozen`, less those `trained`."""
-    names = ("vae", *parts.family.text_encoders)
-    return {name: getattr(parts, name) for name in names if all(getattr(parts, name) is not m for m in trained)}
+    """`parts`' VAE and text encoders by name (None where not loaded) for a task's `frozen`, less those
+    `trained`."""
+    return {name: m for name, m in parts.frozen.items() if all(m is not t for t in trained)}
 
 
 def trained_module(cfg: RunConfig, module: torch.nn.Module, state=None) -> TrainedModule:
@@ -58,7 +57,8 @@ class DiffusionTask(Task):
                  frozen: dict, reference_unet=None, sample_unet=None, frozen_source: PipelineSource | None = None):
         """`encoder`: batch, StepRandom -> (latents, conditioning). `parts`: the frozen VAE and text encoder
         (None from a latent cache: sample grids then load them from `frozen_source` when first due).
-        `frozen`: the models the loop freezes (teacher, VAE, text encoder; None for one not loaded).
+        `frozen`: the models the loop freezes (the teacher U-Net, and by component name the VAE and text
+        encoders: `frozen_parts`; None for one not loaded).
         `reference_unet` (the teacher) is sampled once above the trained model's row; `sample_unet` is the
         U-Net the grids use (default: the trained module)."""
         self.cfg, self.accelerator, self.modules = cfg, accelerator, [trained]
@@ -68,6 +68,10 @@ class DiffusionTask(Task):
         self.sample_unet, self.frozen_source = sample_unet, frozen_source or PipelineSource.of(cfg)
         self._reference_images = None
         self._triples = None
+
+    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
+        # The teacher is a U-Net; the other frozen models are components of `parts`' family.
+        return self.parts.family.dtype("unet" if name == "teacher" else name, mixed)
 
     def train_step(self, ctx: StepContext, batch: dict, rng) -> dict[str, torch.Tensor]:
         latents, cond = self.encoder(batch, rng)
@@ -86,10 +90,9 @@ class DiffusionTask(Task):
         process loads them from `frozen_source` the first time a sample grid is due."""
         if not self.parts.has_encoders:
             loaded = load_teacher(self.frozen_source, with_unet=False)
-            for frozen in loaded.encoders:
-                freeze(frozen, self.accelerator.device, weight_dtype(self.accelerator))
-            names = ("vae", *loaded.family.text_encoders, *loaded.family.tokenizers)
-            self.parts = dataclasses.replace(self.parts, **{name: getattr(loaded, name) for name in names})
+            loaded.freeze(self.accelerator.device, weight_dtype(self.accelerator))
+            self.parts = dataclasses.replace(self.parts, components=self.parts.components | {
+                name: loaded.components[name] for name in loaded.family.encoders})
         return self.parts
 
     def sample(self, step: int, sink: SampleSink) -> None:

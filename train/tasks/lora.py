@@ -1,4 +1,4 @@
-"""A LoRA on the U-Net and the text encoder at once, trained as one module (train/lora.py,
+"""A LoRA on the U-Net and the text encoders at once, trained as one module (train/lora.py,
 lora.train_text_encoder)."""
 
 from __future__ import annotations
@@ -8,36 +8,36 @@ from dataclasses import dataclass
 import torch
 
 from sdkd.train.engine.step_random import StepRandom
-from sdkd.train.models.families import SD
 from sdkd.train.tasks.objective import BatchEncoder
 
 
 class TextConditionedUNet(torch.nn.Module):
-    """U-Net + text encoder as one trained module (a LoRA on both): called with token ids instead of a
-    `Conditioning`, so the objective and the loop stay those of every other trainer. SD-1.x/2.x (one text
-    encoder), which is all `load_teacher` loads for now."""
+    """U-Net + the family's text encoders as one trained module (a LoRA on all of them): called with what the
+    text encoders read (`Tokens`) instead of a `Conditioning`, so the objective and the loop stay those of every
+    other trainer."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, unet, family, text_encoders: dict[str, torch.nn.Module]):
+        """`family`: the U-Net's model family (train/models/families.py); `text_encoders` by component name."""
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.family, self.text_encoders = unet, family, torch.nn.ModuleDict(text_encoders)
 
-    def forward(self, sample, timestep, input_ids):
-        return self.unet(sample, timestep, **SD.encode_tokens(self, input_ids).unet_kwargs())
+    def forward(self, sample, timestep, tokens: dict[str, torch.Tensor]):
+        return self.unet(sample, timestep, **self.family.encode_tokens(self.text_encoders, tokens).unet_kwargs())
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """Token ids in the place of a `Conditioning`: what the objective hands a `TextConditionedUNet`. Never
-    cast for a teacher: lora.train_text_encoder refuses one."""
+    """What the text encoders read (the family's `tokenize`), in the place of a `Conditioning`: what the objective
+    hands a `TextConditionedUNet`. Never cast for a teacher: lora.train_text_encoder refuses one."""
 
-    ids: torch.Tensor
+    tokens: dict[str, torch.Tensor]
 
     def unet_kwargs(self) -> dict:
-        return {"input_ids": self.ids}
+        return {"tokens": self.tokens}
 
 
 class TokenEncoder(BatchEncoder):
-    """Latents and token ids: what a `TextConditionedUNet` is conditioned on."""
+    """Latents and `Tokens`: what a `TextConditionedUNet` is conditioned on."""
 
     def __call__(self, batch: dict, rng: StepRandom) -> tuple[torch.Tensor, Tokens]:
-        return self.latents(batch, rng), Tokens(SD.tokenize(self.parts, batch["captions"]))
+        return self.latents(batch, rng), Tokens(self.family.tokenize(self.parts, batch))

@@ -79,7 +79,7 @@ def initial_noise(settings: PairSettings, shape: tuple[int, ...]) -> torch.Tenso
 @torch.no_grad()
 def make_pairs(unet, parts, settings: PairSettings, batch_size: int = 8, autocast=nullcontext,
                desc: str = "ode pairs") -> Pairs:
-    """The teacher `unet` (with `parts`' text encoder, tokenizer, VAE config and scheduler) solves from each
+    """The teacher `unet` (with `parts`' text encoders, tokenizers, VAE config and scheduler) solves from each
     pair's noise; a progress bar counts the pairs."""
     cls, extra = SOLVERS[settings.solver]
     scheduler = cls.from_config(parts.scheduler.config, timestep_spacing="trailing", **extra)

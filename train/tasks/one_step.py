@@ -34,7 +34,7 @@ from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.config import resolve_max_steps
 from sdkd.train.formats.lora_config import LoraSection
 from sdkd.train.engine.distributed import main_process_first
-from sdkd.train.models.families import Conditioning
+from sdkd.train.models.families import Conditioning, prompt_batch
 from sdkd.train.losses.feature_matching import DinoFeatures, FeatureMatching, UNetEncoder, VggFeatures, encoder_layers
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.losses.kd import diffusion_target
@@ -101,6 +101,7 @@ class OneStepTask(Task):
         self.eval_every = cfg.eval.every
         self.teacher, self.student, self.online, self.classifier = teacher, student, online, classifier
         self.held_out, self.decoder = held_out, decoder
+        self.resolution = held_out.settings.resolution  # what the pairs were solved at
         self.warmup, self.max_steps = d.warmup_steps, resolve_max_steps(cfg.train, 0)
         self.scheduler = teacher.scheduler
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)  # add_noise moves it each call
@@ -124,8 +125,7 @@ class OneStepTask(Task):
                                               replace(online_optim, lr=cfg.gan.lr or online_optim.lr),
                                               cfg.train.max_grad_norm,
                                               due=every(start=d.warmup_steps + cfg.gan.start)))
-        self.frozen = {"teacher": None if lora else teacher.unet, "vae": teacher.vae,
-                       "text_encoder": teacher.text_encoder}
+        self.frozen = {"teacher": None if lora else teacher.unet, **teacher.frozen}
         self._uncond = None
         self._held_out_images = None
 
@@ -144,17 +144,23 @@ class OneStepTask(Task):
                 extractor = UNetEncoder(unet, f.layers or encoder_layers(unet), f.timestep, self.offline, self.autocast)
         return FeatureMatching(extractor, f.layer_weights, f.window)
 
+    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
+        # The teacher is a U-Net; the other frozen models are components of its family.
+        return self.teacher.family.dtype("unet" if name == "teacher" else name, mixed)
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> Conditioning:
         with self.autocast():
-            return self.teacher.family.encode(self.teacher, {"captions": captions})
+            return self.teacher.family.encode(self.teacher, prompt_batch(captions, self.resolution))
 
-    def uncond(self, n: int) -> Conditioning:
-        """The empty prompt's conditioning, `n` times (classifier-free guidance of the real score)."""
+    def uncond(self, cond: Conditioning) -> Conditioning:
+        """`cond` with the empty prompt in place of its captions (classifier-free guidance of the real score)."""
         if self._uncond is None:
             with torch.no_grad(), self.autocast():
                 self._uncond = self.teacher.family.empty_prompt(self.teacher)
-        return Conditioning.from_tensors({k: v.unsqueeze(0).expand(n, *v.shape) for k, v in self._uncond.items()})
+        n = len(cond.hidden_states)
+        return Conditioning.from_tensors(
+            cond.tensors() | {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in self._uncond.items()})
 
     def generate(self, unet, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The one-step sample: pure noise read as x_T at t = T-1 -> the U-Net's prediction -> x0."""
@@ -170,7 +176,7 @@ class OneStepTask(Task):
             if scale == 1.0:
                 pred = unet(noisy.to(dtype), t, **cond.to(dtype=dtype).unet_kwargs()).sample
             else:
-                both = _cat(self.uncond(len(noisy)), cond).to(dtype=dtype)
+                both = _cat(self.uncond(cond), cond).to(dtype=dtype)
                 uncond, text = unet(noisy.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), **both.unet_kwargs()).sample.chunk(2)
                 pred = guided(uncond.float(), text.float(), scale)
         return x0_from_prediction(pred, noisy, self.scheduler.alphas_cumprod, t, self.prediction)
@@ -411,8 +417,8 @@ def build_one_step_task(cfg, acc):
 
         with config_key("decoder.init", "decoder"):
             decoder = load_tiny_vae(cfg.decoder, teacher.vae.config)[0].float()
-    for frozen in (teacher.unet, teacher.vae, teacher.text_encoder):
-        frozen.requires_grad_(False).eval().to(device)
+    for name in teacher.family.models:
+        teacher.components[name].requires_grad_(False).eval().to(device)
     train_pairs, held_out = load_pairs(cfg, acc, teacher)
 
     o = cfg.online
