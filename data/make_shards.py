@@ -30,9 +30,9 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdkd.cli.errors import UserError, run_cli
 from sdkd.data.sources.core import _read_metadata, open_image
 from sdkd.data.sources.transforms import BadSample, caption_candidates, resize_shorter_side
-from sdkd.cli.errors import UserError, run_cli
 
 MANIFEST = "manifest.json"
 FORMAT = "sdkd-shards"

@@ -140,8 +140,8 @@ def report_loader(r: dict) -> str:
 def bench_cache(name: str, latent: int, batch: int, repeats: int, warmup: int) -> dict:
     from sdkd.eval.bench.setup import build_bench
     from sdkd.train.engine.loop import Loop
-    from sdkd.train.tasks.objective import CachedEncoder
     from sdkd.train.engine.step_random import StepRandom
+    from sdkd.train.tasks.objective import CachedEncoder
 
     b = build_bench(name, latent, batch)
     mean, std = b.encoder.posterior(b.batch)

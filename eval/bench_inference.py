@@ -25,9 +25,14 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.eval.bench.timing import (end_to_end, interleaved_step_times, markdown_table, prepare_for_speed,
-                                    teacher_pipe, unet_macs)
-
+from sdkd.eval.bench.timing import (
+    end_to_end,
+    interleaved_step_times,
+    markdown_table,
+    prepare_for_speed,
+    teacher_pipe,
+    unet_macs,
+)
 
 
 def add_ratios(rows: list[dict]) -> None:

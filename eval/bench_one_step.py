@@ -39,9 +39,20 @@ from types import SimpleNamespace
 import torch
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
-from sdkd.eval.bench.timing import (decode, decode_macs, decoder_params, e2e_call, interleaved, latents_for,
-                                    markdown_table, pixels_per_latent, prepare_for_speed, teacher_pipe, unet_inputs,
-                                    unet_macs)
+from sdkd.eval.bench.timing import (
+    decode,
+    decode_macs,
+    decoder_params,
+    e2e_call,
+    interleaved,
+    latents_for,
+    markdown_table,
+    pixels_per_latent,
+    prepare_for_speed,
+    teacher_pipe,
+    unet_inputs,
+    unet_macs,
+)
 
 # SDXS (arXiv 2403.16627v2) Table 1, per-component cost at batch 1 (SDXS-512 against SD v2.1 base at 512 px),
 # Table 3's latency (fp16, batch 1, compiled) and the ~100 FPS headline; the paper does not name the GPU.
@@ -70,8 +81,8 @@ def tiny_decoder(path: str | None, pipe):
     else a random one of the VAE's layout (TAESD's for SD's VAE). It must fit the student's latents."""
     from diffusers import AutoencoderTiny
 
-    from sdkd.train.tasks.decoder import tiny_vae_config
     from sdkd.train.formats.model_files import load_vae
+    from sdkd.train.tasks.decoder import tiny_vae_config
 
     if path is None:
         if isinstance(pipe.vae, AutoencoderTiny):

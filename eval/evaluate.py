@@ -83,10 +83,17 @@ def main(argv: list[str] | None = None) -> None:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return
     # After the arguments: --help and config mistakes answer at once.
-    from sdkd.eval.evaluation.runner import Evaluation
     from sdkd.eval.evaluation.prompts import load_prompts
     from sdkd.eval.evaluation.report import log_to_run, write_grids, write_report
-    from sdkd.eval.evaluation.targets import TEACHER, TeacherSpec, default_teacher, read_run_config, resolve_targets, run_of
+    from sdkd.eval.evaluation.runner import Evaluation
+    from sdkd.eval.evaluation.targets import (
+        TEACHER,
+        TeacherSpec,
+        default_teacher,
+        read_run_config,
+        resolve_targets,
+        run_of,
+    )
 
     src = Path(args.model)
     targets = resolve_targets(args.model, latest_only=cfg.checkpoints == Checkpoints.latest)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdkd.train.losses import agreement
-from sdkd.train.losses.agreement import TripleSettings, Triples
 from sdkd.train.engine.config import load_config
-from sdkd.train.tasks.diffusion_config import KDConfig
+from sdkd.train.losses import agreement
+from sdkd.train.losses.agreement import Triples, TripleSettings
 from sdkd.train.models.toy import build_toy_pipeline
+from sdkd.train.tasks.diffusion_config import KDConfig
 
 SETTINGS = TripleSettings(prompts=("a red circle", "a blue square"), seed=3, timesteps=3, teacher_steps=2,
                           guidance_scale=3.0, resolution=32, teacher="toy")

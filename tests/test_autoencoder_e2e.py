@@ -18,6 +18,7 @@ from sdkd.train.tasks.autoencoder import Reconstruct, first_images, fit_scaling_
 
 from conftest import launch_trainer, run_script, same_state
 
+
 def launch_vae(out, *overrides, ok=True):
     return launch_trainer("train/autoencoder.py", "configs/toy_vae.yaml", out, "log.trackers=[none]", *overrides,
                           check=ok)

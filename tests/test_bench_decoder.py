@@ -10,8 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
-from conftest import run_script
 from sdkd.eval.bench.timing import decode_macs, decoder_params
+
+from conftest import run_script
 
 
 def test_macs_and_params_of_the_default_tiny_decoder():

@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import run_script
 from sdkd.eval.bench.timing import unet_macs
+
+from conftest import run_script
 
 
 def test_macs_of_a_one_conv_unet_are_counted():

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 from diffusers import AutoencoderTiny
 
-from conftest import run_script
 from sdkd.cli.errors import UserError
 from sdkd.eval.bench_one_step import PAPER, header, main, table, tiny_decoder
 from sdkd.train.models.toy import TOY_VAE
+
+from conftest import run_script
 
 RATIOS = dict(images_per_s_speedup="images_per_s", unet_params="unet_params", unet_macs="unet_gmacs",
               unet_ms_per_forward="unet_ms_per_forward", unet_ms_per_image="unet_ms_per_image",

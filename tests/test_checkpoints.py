@@ -7,9 +7,15 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from sdkd.train.engine.checkpoints import (Checkpointer, ModelState, checkpoint_problem, find_latest, list_checkpoints,
-                                    resolve_resume)
 from sdkd.cli.errors import UserError
+from sdkd.train.engine.checkpoints import (
+    Checkpointer,
+    ModelState,
+    checkpoint_problem,
+    find_latest,
+    list_checkpoints,
+    resolve_resume,
+)
 
 
 @pytest.fixture

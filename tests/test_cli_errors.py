@@ -11,10 +11,19 @@ import pytest
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from conftest import ROOT, free_port, run_script
-from sdkd.cli.errors import (LAUNCHER_REPORTS, PEER_GONE, ConfigError, ReportedElsewhere, UserError, first_line,
-                             require, run_cli)
+from sdkd.cli.errors import (
+    LAUNCHER_REPORTS,
+    PEER_GONE,
+    ConfigError,
+    ReportedElsewhere,
+    UserError,
+    first_line,
+    require,
+    run_cli,
+)
 from sdkd.train.launch import user_mistake
+
+from conftest import ROOT, free_port, run_script
 
 
 def ending(main, capsys) -> tuple[int, str]:

@@ -8,11 +8,19 @@ from dataclasses import dataclass
 import pytest
 from omegaconf import OmegaConf
 
-from sdkd.data.sources.config import DataSource
-from sdkd.train.engine.config import (LRScheduler, MixedPrecision, RunConfig, Tracker, load_config, load_trainer_config,
-                                      parse_args, save_config)
-from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig, LoraTrainConfig
 from sdkd.cli.errors import ConfigError
+from sdkd.data.sources.config import DataSource
+from sdkd.train.engine.config import (
+    LRScheduler,
+    MixedPrecision,
+    RunConfig,
+    Tracker,
+    load_config,
+    load_trainer_config,
+    parse_args,
+    save_config,
+)
+from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig, LoraTrainConfig
 
 from conftest import ROOT, run_script
 
@@ -512,7 +520,8 @@ def test_another_trainers_key_on_the_command_line_is_one_line_and_exit_2(tmp_pat
 
 def _sections(schema):
     """(dotted path, section) of every section of `schema`'s default tree, the root ('') first."""
-    from dataclasses import fields as dc_fields, is_dataclass
+    from dataclasses import fields as dc_fields
+    from dataclasses import is_dataclass
 
     found = []
 
@@ -536,7 +545,9 @@ def _bad_values():
     from sdkd.train.formats.lora_config import LoraSection
     from sdkd.train.losses.config import LossConfig, TriplesConfig
     from sdkd.train.models.student_config import BlockRemovalConfig, StudentConfig
-    from sdkd.train.tasks import autoencoder_config as ae, decoder_config as td, diffusion_config as dc
+    from sdkd.train.tasks import autoencoder_config as ae
+    from sdkd.train.tasks import decoder_config as td
+    from sdkd.train.tasks import diffusion_config as dc
     from sdkd.train.tasks import one_step_config as os_
 
     return {

@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
-from conftest import save_toy_student
 from sdkd.train.engine import console
+
+from conftest import save_toy_student
 
 
 class Terminal(io.StringIO):

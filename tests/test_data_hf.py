@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdkd.data.sources.hf_source import HFImageDataset
-from sdkd.data.sources.core import build_dataset
-from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.config import DataConfig
+from sdkd.data.sources.core import build_dataset
+from sdkd.data.sources.hf_source import HFImageDataset
 
 R = 16
 

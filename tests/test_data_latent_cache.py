@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sdkd.data.sources.latent_cache import CachedLatents, write_cache
-from sdkd.data.sources.core import SyntheticCaptions, build_dataset, collate
-from sdkd.data.sources.transforms import ImageTransform, Preprocess
-from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
-from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder, build_encoder
+from sdkd.data.sources.config import DataConfig
+from sdkd.data.sources.core import SyntheticCaptions, build_dataset, collate
+from sdkd.data.sources.latent_cache import CachedLatents, write_cache
+from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.models.teacher import load_teacher
+from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder, build_encoder
 
 R, N = 32, 10
 

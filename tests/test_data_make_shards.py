@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdkd.data.make_shards import make_shards
-from sdkd.data.sources.core import build_dataset, collate
-from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
+from sdkd.data.make_shards import make_shards
+from sdkd.data.sources.config import DataConfig
+from sdkd.data.sources.core import build_dataset, collate
 
 from conftest import run_script
 

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from sdkd.cli.errors import UserError
+from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import (
     COLOURS,
     SHAPES,
@@ -23,8 +25,6 @@ from sdkd.data.sources.core import (
     open_image,
 )
 from sdkd.data.sources.transforms import ImageTransform
-from sdkd.data.sources.config import DataConfig
-from sdkd.cli.errors import UserError
 
 R = 32
 

@@ -12,10 +12,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from sdkd.cli.errors import UserError
+from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import build_dataset, collate
 from sdkd.data.sources.webdataset_source import WebDatasetSource, resolve_shards
-from sdkd.data.sources.config import DataConfig
-from sdkd.cli.errors import UserError
 
 R = 16
 

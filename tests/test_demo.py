@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, run_script, script_env, selected
 from sdkd.cli.errors import UserError
 from sdkd.eval.page.models import generate, load_model, load_models, parse_loras, parse_models
+
+from conftest import ROOT, run_script, script_env, selected
 
 INSTALL = 'pip install -c constraints.txt -e ".[dev]"'
 

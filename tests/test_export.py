@@ -19,14 +19,15 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionM
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 
-from conftest import run_script
-from sdkd.train import export as E
-from sdkd.train.formats import model_files as M
-from sdkd.train.formats import ldm_layout as L
 from sdkd.cli.errors import UserError
-from sdkd.train.models.students import PRESETS, build_student, student_unet_config
+from sdkd.train import export as E
+from sdkd.train.formats import ldm_layout as L
+from sdkd.train.formats import model_files as M
 from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
+from sdkd.train.models.students import PRESETS, build_student, student_unet_config
 from sdkd.train.models.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
+
+from conftest import run_script
 
 LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]
 BASE_UNETS = {"toy": TOY_UNET, "toy_sd2": TOY_SD2_UNET, "sd15": SD15_UNET, "sd21": SD21_BASE_UNET}

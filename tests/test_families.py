@@ -15,17 +15,24 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
+from xl_family import XL_UNET, build_xl_pipeline, registered
 
 from sdkd.cli.errors import UserError
-from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.core import SyntheticCaptions
+from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
-from sdkd.train.models.families import (SD, Conditioning, StableDiffusion, conditioning_shapes, family_of,
-                                        prompt_batch, register_family)
-from sdkd.train.tasks.objective import BatchEncoder
+from sdkd.train.models.families import (
+    SD,
+    Conditioning,
+    StableDiffusion,
+    conditioning_shapes,
+    family_of,
+    prompt_batch,
+    register_family,
+)
 from sdkd.train.models.teacher import PipelineParts, load_pipeline, load_teacher
 from sdkd.train.models.toy import TOY_UNET
-from xl_family import XL_UNET, build_xl_pipeline, registered
+from sdkd.train.tasks.objective import BatchEncoder
 
 CAPTIONS = ["a red fox", "", "a lighthouse at dusk " * 20]  # the last one is cut at 77 tokens
 SDXL_CONFIG = {**TOY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
@@ -210,9 +217,9 @@ def test_cached_dropout_swaps_only_the_caption_made_tensors(xl, xl_dir, tmp_path
 
 
 def test_lora_on_both_text_encoders(xl, xl_dir, tmp_path):
-    from sdkd.train.formats.lora_config import LoraSection
     from sdkd.train.engine.step_random import StepRandom
     from sdkd.train.formats import lora_io
+    from sdkd.train.formats.lora_config import LoraSection
     from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
 
     def pipe():

@@ -16,12 +16,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
+from xl_family import XL_STUDENT, build_xl_pipeline, registered
 
-from conftest import fit_task
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.config import load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
-from xl_family import XL_STUDENT, build_xl_pipeline, registered
+
+from conftest import fit_task
 
 pytestmark = pytest.mark.e2e
 

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET, SDXL_UNET
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, SD, build_student, removal_spec, student_unet_config
 from sdkd.train.models.toy import build_toy_pipeline
-from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET, SDXL_UNET
+
 from test_students import SDXL_LIKE, SDXL_TINY
 
 DOWN = [(f"down_blocks.{i}",) * 2 for i in range(4)]

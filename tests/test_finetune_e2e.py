@@ -12,7 +12,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-
 from conftest import launch_trainer, run_script, same_state, save_toy_student, selected
 
 pytestmark = pytest.mark.e2e

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                 convert_open_clip_checkpoint)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdkd.train.formats import ldm_layout as L
-from sdkd.train.models.students import PRESETS, student_unet_config
 from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_TEXT, SDXS_TYPES
+from sdkd.train.models.students import PRESETS, student_unet_config
 from sdkd.train.models.toy import TOY_SD2_TEXT, TOY_SD2_UNET, TOY_TEXT, TOY_UNET, TOY_VAE
 
 LAYOUTS = ["teacher", "bk_base", "bk_small", "bk_tiny", "sdxs"]

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from conftest import fit_task, loop_config
 from sdkd.train.engine.task import StepContext, Task, TrainedModule, every
+
+from conftest import fit_task, loop_config
 
 LATENT = 8
 

@@ -14,11 +14,11 @@ from diffusers.training_utils import EMAModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from sdkd.cli.errors import UserError
 from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.train.formats.lora_config import LoraSection
-from sdkd.cli.errors import UserError
-from sdkd.train.models.students import PRESETS, build_student, student_unet_config
 from sdkd.train.models.sd_configs import SD15_UNET, SDXS_TYPES
+from sdkd.train.models.students import PRESETS, build_student, student_unet_config
 from sdkd.train.models.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline
 
 

@@ -7,11 +7,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdkd.cli.errors import UserError
-from sdkd.train.models.families import Conditioning
-from sdkd.train.losses.kd import KDLoss
-from sdkd.train.tasks.objective import DiffusionObjective, set_prediction_type
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.losses.kd import KDLoss
+from sdkd.train.models.families import Conditioning
 from sdkd.train.models.toy import TOY_UNET
+from sdkd.train.tasks.objective import DiffusionObjective, set_prediction_type
 
 LATENTS = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 

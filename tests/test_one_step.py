@@ -11,13 +11,21 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from conftest import ROOT, run_script
 from sdkd.cli.errors import ConfigError
-from sdkd.train.tasks import ode_pairs
 from sdkd.train.engine.config import load_config
 from sdkd.train.losses.feature_matching import FeatureMatching, UNetEncoder, encoder_layers, ssim
-from sdkd.train.losses.score_distillation import diffusion_loss, dmd_gradient, dmd_loss, guided, ramp, x0_from_prediction
+from sdkd.train.losses.score_distillation import (
+    diffusion_loss,
+    dmd_gradient,
+    dmd_loss,
+    guided,
+    ramp,
+    x0_from_prediction,
+)
 from sdkd.train.models.toy import SD_SCHEDULER
+from sdkd.train.tasks import ode_pairs
+
+from conftest import ROOT, run_script
 
 TOY_CONFIG = ROOT / "configs" / "one_step_toy.yaml"
 

@@ -22,9 +22,10 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_trainer, same_state
-from sdkd.train.tasks.decoder import tiny_vae_config
 from sdkd.train.models.toy import TOY_VAE
+from sdkd.train.tasks.decoder import tiny_vae_config
+
+from conftest import ROOT, launch_trainer, same_state
 
 pytestmark = pytest.mark.e2e
 
@@ -150,8 +151,8 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
     from accelerate.state import AcceleratorState, GradientState
 
     from sdkd.train.engine.config import load_config
-    from sdkd.train.formats.lora_io import LORA_FILE, save_lora
     from sdkd.train.engine.loop import Loop, make_accelerator
+    from sdkd.train.formats.lora_io import LORA_FILE, save_lora
     from sdkd.train.one_step import SCHEMA, build
 
     out = tmp_path / "lora"

@@ -10,12 +10,13 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from conftest import run_script
+from sdkd.cli.errors import UserError
 from sdkd.eval.inference.pipeline import load_pipeline, resolve_device_dtype
 from sdkd.train import export as E
 from sdkd.train.formats import model_files as M
-from sdkd.cli.errors import UserError
 from sdkd.train.models.students import PRESETS, build_student
+
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")

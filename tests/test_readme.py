@@ -29,7 +29,6 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
 def test_constraints_pin_every_package_exactly_and_agree_with_pyproject():
     """The known-good set pins each package once, exactly, and lies inside pyproject's ranges."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     pins = {}

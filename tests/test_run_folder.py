@@ -8,10 +8,10 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from sdkd.cli.errors import ConfigError, UserError
 from sdkd.train.engine import run_folder
 from sdkd.train.engine.config import RunConfig, load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
-from sdkd.cli.errors import ConfigError, UserError
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import launch_trainer, run_script
 from sdkd.train.engine.config import load_config
-from sdkd.train.tasks.diffusion_config import LoraTrainConfig
-from sdkd.train.tasks.diffusion import next_steps
 from sdkd.train.engine.loop import run_summary
+from sdkd.train.tasks.diffusion import next_steps
+from sdkd.train.tasks.diffusion_config import LoraTrainConfig
+
+from conftest import launch_trainer, run_script
 
 SILENCED = ("The following values were not passed to `accelerate launch`", "requires torchvision",
             "should be kept in float32: []", "cannot run with `cpu` device", "Writing model shards",

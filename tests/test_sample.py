@@ -13,9 +13,10 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import run_script, save_toy_student
-from sdkd.eval.inference.pipeline import load_pipeline
 from sdkd.cli.errors import UserError
+from sdkd.eval.inference.pipeline import load_pipeline
+
+from conftest import run_script, save_toy_student
 
 
 def _shifted(unet_dir, out, delta: float) -> None:

@@ -11,14 +11,26 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import ROOT, run_script
-from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError, run_cli
-from sdkd.train.show_student import main
-from sdkd.train.models.students import (PRESETS, SD, SDXL, RemovalSpec, build_student, count_params, layer_sources,
-                                 removal_spec, removed_modules, student_unet_config, weight_map)
 from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SD21_UNET, SDXL_UNET
+from sdkd.train.models.student_config import StudentConfig
+from sdkd.train.models.students import (
+    PRESETS,
+    SD,
+    SDXL,
+    RemovalSpec,
+    build_student,
+    count_params,
+    layer_sources,
+    removal_spec,
+    removed_modules,
+    student_unet_config,
+    weight_map,
+)
 from sdkd.train.models.toy import build_toy_pipeline
+from sdkd.train.show_student import main
+
+from conftest import ROOT, run_script
 
 # SDXL's topology (levels, resnets, depths [1, 2, 10], mid depth 10, text_time) at tiny widths, for real weights.
 SDXL_TINY = {**SDXL_UNET, "sample_size": 16, "block_out_channels": [32, 64, 64], "attention_head_dim": [1, 2, 2],

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import accelerate_launch, fit_task, loop_config, same_state
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.checkpoints import checkpoint_problem, load_task_state
 from sdkd.train.engine.task import StepContext, Task, TrainedModule
+
+from conftest import accelerate_launch, fit_task, loop_config, same_state
 
 WIDTH = 16
 STATE = "task_state-{}.safetensors"

@@ -55,9 +55,9 @@ def test_source_of_the_config():
 @pytest.fixture(scope="module")
 def pickle_dir(tmp_path_factory):
     """The toy teacher with .bin (pickle) weights only, as old hub checkpoints are."""
-    from sdkd.train.models.toy import build_toy_pipeline
-
     from safetensors.torch import load_file
+
+    from sdkd.train.models.toy import build_toy_pipeline
 
     folder = tmp_path_factory.mktemp("pickled")
     build_toy_pipeline().save_pretrained(folder, safe_serialization=False)

@@ -23,11 +23,18 @@ from diffusers import AutoencoderTiny, StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import launch_trainer, run_script, same_state
 from sdkd.cli.errors import UserError
-from sdkd.train.tasks.decoder import TAESD_FILE, UNTRAINED, export_tiny_decoder, load_tiny_vae, sdcpp_problems, \
-    tiny_vae_config
 from sdkd.train.models.toy import TOY_VAE
+from sdkd.train.tasks.decoder import (
+    TAESD_FILE,
+    UNTRAINED,
+    export_tiny_decoder,
+    load_tiny_vae,
+    sdcpp_problems,
+    tiny_vae_config,
+)
+
+from conftest import launch_trainer, run_script, same_state
 
 pytestmark = pytest.mark.e2e
 

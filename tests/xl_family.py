@@ -13,8 +13,20 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdkd.train.models.families import (HIDDEN, SCHEDULER, TEXT, TOKENIZER, UNET, VAE, Component, Conditioning,
-                                        ModelFamily, prompt_batch, register_family, unregister_family)
+from sdkd.train.models.families import (
+    HIDDEN,
+    SCHEDULER,
+    TEXT,
+    TOKENIZER,
+    UNET,
+    VAE,
+    Component,
+    Conditioning,
+    ModelFamily,
+    prompt_batch,
+    register_family,
+    unregister_family,
+)
 from sdkd.train.models.toy import SD_SCHEDULER, TOY_TEXT, TOY_VAE, toy_clip_tokenizer
 
 TIME_IDS = 6  # original size, crop top-left, target size

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdkd.cli.errors import UserError, run_cli
 from sdkd.train.engine.config import CHECK_CONFIG_HELP, _load_yaml, load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
-from sdkd.cli.errors import UserError, run_cli
 
 # latent_cache.DTYPES's names. torch, the data sources and the models are imported only once the arguments
 # and the output folder are checked: --help and --check-config answer at once.
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from sdkd.data.sources.latent_cache import write_cache
     from sdkd.data.sources.core import build_dataset
+    from sdkd.data.sources.latent_cache import write_cache
+    from sdkd.train.models.teacher import PipelineSource, load_teacher
     from sdkd.train.tasks.objective import BatchEncoder
     from sdkd.train.tasks.sampled_latents import SampledLatents
-    from sdkd.train.models.teacher import PipelineSource, load_teacher
 
     # Caption dropout and data.max_train_samples apply at train time; a webdataset is read once, in order.
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,

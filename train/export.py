@@ -26,7 +26,6 @@ from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
 
 
-
 def export(src: str, fmt: str, out: str, target: str | None = None, half: bool = False, ema: bool = False,
            vae: str | None = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
     if fmt not in ("diffusers", "single-file"):

@@ -19,11 +19,16 @@ SCHEMA = FinetuneConfig
 
 def build(cfg: FinetuneConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.tasks.diffusion import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
-                                          trained_module)
     from sdkd.train.formats.model_files import save_pipeline
-    from sdkd.train.tasks.objective import build_encoder
     from sdkd.train.models.teacher import PipelineSource
+    from sdkd.train.tasks.diffusion import (
+        DiffusionTask,
+        frozen_parts,
+        load_dataset,
+        load_finetune_parts,
+        trained_module,
+    )
+    from sdkd.train.tasks.objective import build_encoder
 
     dataset = load_dataset(cfg, acc)
     run = load_finetune_parts(cfg, acc)

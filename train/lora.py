@@ -22,15 +22,20 @@ def build(cfg: LoraTrainConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
     import sys
 
-    from sdkd.train.formats import lora_io
-    from sdkd.train.tasks.diffusion import (DiffusionTask, frozen_parts, load_dataset, load_finetune_parts,
-                                          trained_module)
-    from sdkd.train.formats.ldm_layout import UnsupportedLayout
     from sdkd.train.engine.loop import weight_dtype
+    from sdkd.train.formats import lora_io
+    from sdkd.train.formats.ldm_layout import UnsupportedLayout
     from sdkd.train.formats.model_files import write_lora_card
+    from sdkd.train.models.teacher import PipelineSource
+    from sdkd.train.tasks.diffusion import (
+        DiffusionTask,
+        frozen_parts,
+        load_dataset,
+        load_finetune_parts,
+        trained_module,
+    )
     from sdkd.train.tasks.lora import TextConditionedUNet, TokenEncoder
     from sdkd.train.tasks.objective import build_encoder
-    from sdkd.train.models.teacher import PipelineSource
 
     dataset = load_dataset(cfg, acc)
     run = load_finetune_parts(cfg, acc)

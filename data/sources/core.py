@@ -23,9 +23,9 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from sdkd.data.sources.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
-from sdkd.data.sources.config import DataConfig
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.config import DataConfig
+from sdkd.data.sources.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
 
 # ---------------------------------------------------------------------------------------------
 # Shared behaviour

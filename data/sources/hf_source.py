@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import CaptionedImageDataset, CorruptImageError, open_image
 from sdkd.data.sources.transforms import Preprocess
-from sdkd.cli.errors import UserError
 
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from sdkd.data.sources.transforms import dropout_rng
 from sdkd.cli.errors import UserError, first_line
+from sdkd.data.sources.transforms import dropout_rng
 
 FORMAT = "sdkd-latent-cache"
 MANIFEST = "manifest.json"

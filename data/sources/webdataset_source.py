@@ -42,10 +42,10 @@ from torch.utils.data import IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed, pytorch_worker_info
 
+from sdkd.cli.errors import UserError
+from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import open_image
 from sdkd.data.sources.transforms import BadSample, Preprocess, dropout_rng, skip_marker
-from sdkd.data.sources.config import DataConfig
-from sdkd.cli.errors import UserError
 
 IMAGE_FIELDS = "jpg;jpeg;png;webp"
 MANIFEST = "manifest.json"

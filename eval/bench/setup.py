@@ -16,16 +16,16 @@ from diffusers import UNet2DConditionModel
 
 from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import build_dataset, collate
-from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.engine.loop import weight_dtype
-from sdkd.train.tasks.diffusion import DiffusionTask, trained_module
-from sdkd.train.models.families import Conditioning, random_conditioning
-from sdkd.train.tasks.objective import BatchEncoder, DiffusionObjective, kd_objective
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.models.families import Conditioning, random_conditioning
 from sdkd.train.models.sd_configs import SD15_UNET
 from sdkd.train.models.students import build_student, removal_spec
 from sdkd.train.models.teacher import PipelineParts, load_teacher
 from sdkd.train.models.toy import build_random_pipeline
+from sdkd.train.tasks.diffusion import DiffusionTask, trained_module
+from sdkd.train.tasks.diffusion_config import KDConfig
+from sdkd.train.tasks.objective import BatchEncoder, DiffusionObjective, kd_objective
 
 SEED = 0
 

@@ -23,11 +23,11 @@ from PIL import Image
 from sdkd.cli.errors import ConfigError
 from sdkd.eval.evaluation import cost
 from sdkd.eval.evaluation.config import EvaluateConfig, Sampler
-from sdkd.eval.metrics.image_metrics import ImageMetrics, image_metrics
-from sdkd.eval.inference.pipeline import Pipeline, load_pipeline
 from sdkd.eval.evaluation.targets import TEACHER, Target, TeacherSpec, load_teacher_model
-from sdkd.train.losses import agreement
+from sdkd.eval.inference.pipeline import Pipeline, load_pipeline
+from sdkd.eval.metrics.image_metrics import ImageMetrics, image_metrics
 from sdkd.train.engine import console
+from sdkd.train.losses import agreement
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -111,7 +111,8 @@ def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle:
     trainers' loader."""
     if Path(spec.path).exists():
         return load_pipeline(spec.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    from sdkd.train.models.teacher import PipelineSource, load_pipeline as load_named
+    from sdkd.train.models.teacher import PipelineSource
+    from sdkd.train.models.teacher import load_pipeline as load_named
 
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     pipe = load_named(PipelineSource(spec.path, spec.revision, spec.variant, allow_pickle), what="teacher")

@@ -25,8 +25,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdkd.cli.errors import UserError
-from sdkd.train.formats.model_files import load_source, load_vae
 from sdkd.train.formats.lora_io import load_lora
+from sdkd.train.formats.model_files import load_source, load_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5

@@ -33,9 +33,17 @@ import torch
 from torch import nn
 
 from sdkd.cli.errors import ConfigError, UserError, first_line
+from sdkd.eval.metrics.config import (
+    CLIP_KEY,
+    INCEPTION_KEY,
+    LPIPS_KEY,
+    REFERENCE_STATS_KEY,
+    MetricsConfig,
+    check_metrics,
+    config_value,
+    skipped_lines,
+)
 from sdkd.eval.metrics.inception import NUM_FEATURES, load_fid_inception
-from sdkd.eval.metrics.config import (CLIP_KEY, INCEPTION_KEY, LPIPS_KEY, REFERENCE_STATS_KEY, MetricsConfig,
-                                      check_metrics, config_value, skipped_lines)
 from sdkd.train.losses.perceptual import load_lpips_vgg
 
 __all__ = ["ClipScore", "FidKid", "ImageMetrics", "Lpips", "MetricsConfig", "image_metrics", "load_clip",

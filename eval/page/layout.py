@@ -15,10 +15,10 @@ import traceback
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check: read before import
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from sdkd.cli.errors import UserError, first_line  # noqa: E402
-from sdkd.eval.page.models import DemoModel, format_params, generate  # noqa: E402
+from sdkd.cli.errors import UserError, first_line
+from sdkd.eval.page.models import DemoModel, format_params, generate
 
 CSS = """
 .result-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }

@@ -28,9 +28,9 @@ from sdkd.train.engine import console, run_folder, tracking
 from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolve_resume
 from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
+from sdkd.train.engine.frozen import freeze
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
-from sdkd.train.engine.frozen import freeze
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:

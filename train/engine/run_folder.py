@@ -14,8 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from sdkd.train.engine.config import RunConfig, save_config
 from sdkd.cli.errors import UserError
+from sdkd.train.engine.config import RunConfig, save_config
 from sdkd.train.engine.distributed import agree
 
 LOCK = ".lock"

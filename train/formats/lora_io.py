@@ -29,10 +29,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sdkd.train.formats import ldm_layout
-from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
-from sdkd.train.formats.lora_config import LoraSection
 from sdkd.cli.errors import UserError, first_line
+from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
+from sdkd.train.formats import ldm_layout
+from sdkd.train.formats.lora_config import LoraSection
 from sdkd.train.models.families import family_of
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -33,12 +33,19 @@ from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sdkd.cli.errors import UserError, first_line
 from sdkd.train.engine import console
 from sdkd.train.formats import ldm_layout, lora_io
-from sdkd.cli.errors import UserError, first_line
 from sdkd.train.models.families import ModelFamily, family_of
-from sdkd.train.models.teacher import (PipelineParts, PipelineSource, load_pipeline, load_teacher, safe_weights,
-                                 scheduler_class, vae_class)
+from sdkd.train.models.teacher import (
+    PipelineParts,
+    PipelineSource,
+    load_pipeline,
+    load_teacher,
+    safe_weights,
+    scheduler_class,
+    vae_class,
+)
 
 FORMAT_VERSION = "1"
 META = "sdkd."  # metadata key prefix

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import compute_snr
 
-from sdkd.train.losses.config import LossConfig
 from sdkd.cli.errors import UserError
+from sdkd.train.losses.config import LossConfig
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

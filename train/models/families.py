@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdkd.cli.errors import UserError

@@ -36,9 +36,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sdkd.train.models.student_config import StudentConfig
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.families import random_conditioning
+from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import RemovalSpec
 
 Pair = tuple[str, str]

@@ -45,8 +45,8 @@ from typing import Mapping
 import torch
 from diffusers import Transformer2DModel, UNet2DConditionModel
 
-from sdkd.train.models.student_config import BlockRemovalConfig, StudentConfig
 from sdkd.cli.errors import ConfigError
+from sdkd.train.models.student_config import BlockRemovalConfig, StudentConfig
 
 DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")

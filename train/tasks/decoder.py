@@ -18,13 +18,13 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
-from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from sdkd.train.tasks.diffusion import load_dataset
-from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
 from sdkd.train.formats.weight_files import load_strict, read_weights
+from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.tasks.diffusion import load_dataset
+from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 
 TAESD_FILE = "taesd.safetensors"
 GRID_LATENTS = 8

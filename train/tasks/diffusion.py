@@ -15,16 +15,16 @@ import torch
 
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import build_dataset
-from sdkd.train.losses import agreement
 from sdkd.train.engine.config import RunConfig
 from sdkd.train.engine.distributed import main_process_first
-from sdkd.train.losses.kd import KDLoss
-from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig
-from sdkd.train.tasks.objective import DiffusionObjective, kd_objective, set_prediction_type
+from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.engine.sampling import sample_images
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
-from sdkd.train.engine.loop import weight_dtype
+from sdkd.train.losses import agreement
+from sdkd.train.losses.kd import KDLoss
 from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig
+from sdkd.train.tasks.objective import DiffusionObjective, kd_objective, set_prediction_type
 
 
 def load_dataset(cfg: RunConfig, acc):

@@ -12,9 +12,9 @@ import torch
 
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.losses.kd import KDLoss, diffusion_target, min_snr_weights
 from sdkd.train.models.families import Conditioning
 from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
-from sdkd.train.losses.kd import KDLoss, diffusion_target, min_snr_weights
 from sdkd.train.models.students import removal_spec
 
 

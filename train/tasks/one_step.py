@@ -27,22 +27,28 @@ from torch.utils.data import IterableDataset
 
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import build_dataset
-from sdkd.train.losses import agreement
-from sdkd.train.tasks import ode_pairs
-from sdkd.train.losses.adversarial import discriminator_loss, generator_loss
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.config import resolve_max_steps
-from sdkd.train.formats.lora_config import LoraSection
 from sdkd.train.engine.distributed import main_process_first
-from sdkd.train.models.families import Conditioning, prompt_batch
-from sdkd.train.losses.feature_matching import DinoFeatures, FeatureMatching, UNetEncoder, VggFeatures, encoder_layers
-from sdkd.train.engine.loop import weight_dtype
-from sdkd.train.losses.kd import diffusion_target
-from sdkd.train.losses.score_distillation import (diffusion_loss, dmd_gradient, dmd_loss, guided, ramp,
-                                           x0_from_prediction)
-from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
 from sdkd.train.engine.frozen import freeze
+from sdkd.train.engine.loop import weight_dtype
+from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
+from sdkd.train.formats.lora_config import LoraSection
+from sdkd.train.losses import agreement
+from sdkd.train.losses.adversarial import discriminator_loss, generator_loss
+from sdkd.train.losses.feature_matching import DinoFeatures, FeatureMatching, UNetEncoder, VggFeatures, encoder_layers
+from sdkd.train.losses.kd import diffusion_target
+from sdkd.train.losses.score_distillation import (
+    diffusion_loss,
+    dmd_gradient,
+    dmd_loss,
+    guided,
+    ramp,
+    x0_from_prediction,
+)
+from sdkd.train.models.families import Conditioning, prompt_batch
+from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.tasks import ode_pairs
 
 GRID = 8
 """Held-out pairs shown in the sample grids (the first ones)."""
@@ -324,7 +330,7 @@ class OneStepTask(Task):
         from sdkd.train.formats import ldm_layout
 
         folder = exported[0]
-        out, q = folder.parent, lambda p: shlex.quote(str(p))  # noqa: E731
+        out, q = folder.parent, lambda p: shlex.quote(str(p))
         steps = [(f"python eval/sample.py --model {q(folder)} --steps 1 --prompt {q(self.cfg.sample.prompts[0])} "
                   f"--out {q(out / 'generated')}", "one-step images (guidance off)")]
         try:
