@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resize", type=int, default=None, help="resize the shorter side down to this many pixels")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
     parser.add_argument("--image-column", default=None, help="image field (default file_name / image)")
-    parser.add_argument("--caption-column", default="text;txt;caption", help="caption field(s), 'a;b' (default text;txt;caption)")
+    parser.add_argument("--caption-column", default="text;txt;caption",
+                        help="caption field(s), 'a;b' (default text;txt;caption)")
     parser.add_argument("--split", default="train", help="data-set split (default train)")
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
     args = parser.parse_args(argv)

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (1 = one-step mode, no guidance)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch", type=int, default=1, help="images per pipeline call")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of U-Net forwards (the minimum per model is used)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved rounds of U-Net forwards (the minimum per model is used)")
     parser.add_argument("--e2e-repeats", type=int, default=2, help="timed end-to-end calls per model (median)")
     parser.add_argument("--no-decode", action="store_true", help="end-to-end without the VAE decode")
     parser.add_argument("--device", default="auto")

@@ -39,7 +39,8 @@ def train(out: Path, preset: str, variant: str, seed: int, steps: int) -> dict:
     task, output, feat = VARIANTS[variant]
     if not (run / "student").is_dir():
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "train/kd.py", "--config", str(ROOT / "configs/toy.yaml"),
+                   "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "train/kd.py", "--config", str(ROOT / "configs/toy.yaml"),
                    f"output_dir={run}", "overwrite=true", f"student.preset={preset}", f"train.seed={seed}",
                    f"train.max_steps={steps}", f"eval.every={steps}", "train.sample_every=0",
                    "train.checkpoint_every=0", "log.trackers=[none]", f"loss.lambda_task={task}",

@@ -65,7 +65,8 @@ def main() -> int:
     parser.add_argument("tests", nargs="*", default=TESTS, help="pytest node ids (default: TESTS above)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sdkd-stress-"))
-    burners = [] if args.no_load else [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(os.cpu_count() or 1)]
+    burners = [] if args.no_load else [subprocess.Popen([sys.executable, "-c", BURN])
+                                       for _ in range(os.cpu_count() or 1)]
     print(f"{len(burners)} CPU burner(s) running; {args.rounds} round(s) of {len(args.tests)} test path(s); "
           f"round output in {work}", flush=True)
     counts: dict[str, dict[str, list[int]]] = {}

@@ -125,7 +125,8 @@ def launch_two(*args: str, launcher: str = "python"):
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), *script]
     # launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
-    return run_script(command, cwd=ROOT, env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    return run_script(command, cwd=ROOT,
+                      env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
 
 
 @pytest.mark.parametrize("scenario, finder, launcher", [

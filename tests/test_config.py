@@ -46,7 +46,8 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["train.bogus=1"], "config key 'train.bogus': unknown key"),
     (["bogus=1"], "config key 'bogus': unknown key"),
     (["train.max_steps=abc"], "config key 'train.max_steps': Value 'abc'"),
-    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny, sdxs, ssd1b, vega, koala_1b, koala_700m or custom"),
+    (["student.preset=huge"], "config key 'student.preset': expected bk_base, bk_small, bk_tiny, sdxs, ssd1b, vega, "
+                              "koala_1b, koala_700m or custom"),
     (["student.preset=custom"], "config key 'student.keep_down'"),
     (["student.feature_pairs=custom"], "config key 'student.pairs'"),
     (["data.source=imagefolder"], "config key 'data.path': required"),
@@ -197,7 +198,8 @@ def test_entry_script_reports_one_line_and_exit_2(tmp_path):
     result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml",
                          f"output_dir={tmp_path}", "train.bogus=1"], timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: config key 'train.bogus': unknown key (Key 'bogus' not in 'UNetTrainConfig')"
+    assert result.stderr.strip().splitlines()[-1] == ("error: config key 'train.bogus': unknown key "
+                                                      "(Key 'bogus' not in 'UNetTrainConfig')")
     assert "Traceback" not in result.stderr
 
 
@@ -400,7 +402,8 @@ def test_config_names_exactly_the_sources_the_data_package_implements():
 @pytest.mark.parametrize("text, expected", [
     ("teacher: toy\ntrain:\n  max_steps: [1, 2\n", r"config file .*bad.yaml: YAML syntax error at line 4, column 1"),
     ("teacher: toy\n  output_dir: x\n", r"config file .*bad.yaml: YAML syntax error at line 2, column 13"),
-    ("- teacher: toy\n- output_dir: x\n", r"config file .*bad.yaml: expected keys and values at the top level, got a list"),
+    ("- teacher: toy\n- output_dir: x\n",
+     r"config file .*bad.yaml: expected keys and values at the top level, got a list"),
 ])
 def test_a_broken_config_file_is_one_line_with_file_line_and_column(tmp_path, text, expected):
     (tmp_path / "bad.yaml").write_text(text)

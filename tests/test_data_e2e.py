@@ -129,12 +129,14 @@ def test_a_source_with_no_usable_sample_stops_the_run(tmp_path, shards):
     broken = tmp_path / "broken_shards"
     broken.mkdir()
     (broken / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:700])
-    (broken / "manifest.json").write_text(json.dumps({"samples": 8, "shards": [{"name": "shard-000000.tar", "samples": 8}]}))
+    (broken / "manifest.json").write_text(
+        json.dumps({"samples": 8, "shards": [{"name": "shard-000000.tar", "samples": 8}]}))
     folder = tmp_path / "bad_images"
     folder.mkdir()
     for i in range(6):
         (folder / f"{i}.png").write_bytes(b"not a png")
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n" for i in range(6)))
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n" for i in range(6)))
     common = ["train/kd.py", "--config", "configs/toy.yaml", "train.batch_size=2", "train.max_steps=3",
               "train.sample_every=0", "log.trackers=[none]", "data.max_bad_in_a_row=20"]
     run = lambda args: run_script([sys.executable] + common + args)  # noqa: E731

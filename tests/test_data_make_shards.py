@@ -39,7 +39,8 @@ def folder(tmp_path):
     (root / "trunc.jpg").write_bytes((root / "trunc.jpg").read_bytes()[:200])
     (root / "text.png").write_text("hello")
     noise(40, 40, 10).save(root / "nocap.png")
-    rows += [{"file_name": "trunc.jpg", "text": "t"}, {"file_name": "text.png", "text": "x"}, {"file_name": "nocap.png"}]
+    rows += [{"file_name": "trunc.jpg", "text": "t"}, {"file_name": "text.png", "text": "x"},
+             {"file_name": "nocap.png"}]
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root
 
@@ -75,7 +76,8 @@ def test_resize_and_cli(folder, tmp_path):
                          "--shard-size", "4", "--workers", "2"])
     assert result.returncode == 0, result.stderr
     assert "wrote 7 samples in 2 shards" in result.stdout and "trunc.jpg" in result.stderr
-    assert "next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset data.path=" in result.stdout
+    assert ("next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset data.path="
+            in result.stdout)
     with tarfile.open(out / "shard-000000.tar") as tar:
         image = Image.open(tar.extractfile("000000001.jpg"))
         meta = json.load(tar.extractfile("000000001.json"))

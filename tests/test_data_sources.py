@@ -89,7 +89,7 @@ def same_sample(a, b) -> bool:
 def test_imagefolder_samples(folder):
     ds = make_folder_ds(folder)
     assert len(ds) == len(FILES)
-    for (name, make, caption), sample in zip(FILES, samples(ds)):
+    for (_name, make, caption), sample in zip(FILES, samples(ds)):
         image = make()
         assert sample["caption"] == caption
         assert sample["pixel_values"].shape == (3, R, R)

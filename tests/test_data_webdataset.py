@@ -162,8 +162,8 @@ def test_bad_samples_become_named_skips(tmp_path):
 
 def test_caption_fields_from_members_and_json(tmp_path):
     def make(i):
-        return {"__key__": f"k{i}", "jpg": jpeg(i), "json": json.dumps({"caption": f"json {i}", "alt": [f"a{i}", f"b{i}"]}),
-                "txt": f"txt {i}"}
+        return {"__key__": f"k{i}", "jpg": jpeg(i),
+                "json": json.dumps({"caption": f"json {i}", "alt": [f"a{i}", f"b{i}"]}), "txt": f"txt {i}"}
 
     write_shards(tmp_path, n_shards=1, per_shard=4, make=make)
     first = read_epoch(source(tmp_path, resampled=False, shuffle_buffer=0), batch_size=4)[1][0]["captions"]

@@ -102,8 +102,8 @@ def test_check_pairs_gives_the_reference_shapes_at_full_size(unet, preset, table
 
 def test_check_pairs_rejects_mismatched_and_unknown_pairs(teacher, students):
     with pytest.raises(ConfigError) as err:
-        check_pairs(teacher, students["bk_tiny"], [("down_blocks.0", "down_blocks.0"), ("down_blocks.2", "down_blocks.2")],
-                    TOY_LATENT)
+        check_pairs(teacher, students["bk_tiny"],
+                    [("down_blocks.0", "down_blocks.0"), ("down_blocks.2", "down_blocks.2")], TOY_LATENT)
     assert str(err.value) == ("feature pair 2 (teacher down_blocks.2 -> student down_blocks.2): "
                               "shapes (64, 2, 2) vs (64, 4, 4) differ")
     with pytest.raises(ConfigError, match=r"student feature pair module 'up_blocks.3' does not exist"):
@@ -140,7 +140,7 @@ def test_hooks_record_only_inside_capture(students):
     student = students["bk_small"]
     hooks = FeatureHooks(student, ["down_blocks.1", "up_blocks.3"])
     with pytest.raises(RuntimeError, match="capture"):
-        hooks.features
+        _ = hooks.features
     with torch.no_grad(), hooks.capture():
         student(*inputs(0))
     kept = hooks.features
@@ -154,7 +154,7 @@ def test_hooks_record_only_inside_capture(students):
     with torch.no_grad(), hooks.capture():
         student(*inputs(1))
     with pytest.raises(RuntimeError, match="did not run during capture.*down_blocks.1, up_blocks.3"):
-        hooks.features
+        _ = hooks.features
 
 
 def test_unknown_module_names_the_valid_blocks(students):

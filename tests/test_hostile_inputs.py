@@ -770,8 +770,8 @@ TOOL_CASES = [
 
 
 def launch(c: Ctx, gpus: list[str], *args: str) -> list[str]:
-    return ["./launch.sh", *gpus, "--port", str(free_port()), "train/kd.py", "--config", TOY, f"output_dir={c.ws / 'out'}", *TINY,
-            *args]
+    return ["./launch.sh", *gpus, "--port", str(free_port()), "train/kd.py", "--config", TOY,
+            f"output_dir={c.ws / 'out'}", *TINY, *args]
 
 
 PROCESS_CASES = [

@@ -166,7 +166,8 @@ def test_the_walker_sees_imports_inside_functions(tmp_path):
     assert imported_modules(probe) == [(1, "os"), (4, "sdkd.eval.inference.pipeline"), (8, "sdkd.data.sources.core"),
                                        (9, "sdkd.train.models.students")]
     assert layer_violations(probe) == [
-        "line 4: sdkd.eval.inference.pipeline (train/ may import only " + ", ".join(LAYERS[:LAYERS.index("train") + 1]) + ")"]
+        "line 4: sdkd.eval.inference.pipeline (train/ may import only "
+        + ", ".join(LAYERS[:LAYERS.index("train") + 1]) + ")"]
     room = tmp_path / "train" / "engine" / "probe.py"
     room.parent.mkdir()
     room.write_text("from sdkd.train.tasks.objective import kd_objective\nfrom sdkd.train.engine import console\n")

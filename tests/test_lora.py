@@ -83,10 +83,12 @@ def test_save_load_round_trip_and_metadata(tmp_path):
     assert json.loads(meta["sdkd.unet_config"])["down_block_types"] == list(pipe.unet.config.down_block_types)
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8  # diffusers' own metadata kept
     keys = load_file(file).keys()
-    assert all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys)
 
     fresh = toy_pipe("bk_tiny")
-    lora_io.add_adapters(fresh.unet, text_encoders(fresh), LoraSection(rank=4, alpha=8, train_text_encoder=True), seed=5)
+    lora_io.add_adapters(fresh.unet, text_encoders(fresh), LoraSection(rank=4, alpha=8, train_text_encoder=True),
+                         seed=5)
     lora_io.load_lora_state(file, fresh.unet, text_encoders(fresh))
     for a, b in ((pipe.unet, fresh.unet), (pipe.text_encoder, fresh.text_encoder)):
         sa, sb = get_peft_model_state_dict(a), get_peft_model_state_dict(b)

@@ -229,7 +229,8 @@ def test_ode_pairs_are_made_once_remade_on_change_and_never_half_written(toy, tm
     other = ode_pairs.PairSettings(**{**ode_pairs.asdict(settings), "steps": 3})
     remade = ode_pairs.load_or_make(tmp_path, "train", toy.unet, toy, other)
     notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notice == [f"note: ode pairs {tmp_path / 'train'}: made with other settings (steps 2 -> 3); making them again"]
+    assert notice == [f"note: ode pairs {tmp_path / 'train'}: made with other settings (steps 2 -> 3); "
+                      f"making them again"]
     assert not torch.equal(remade.latents, made.latents) and torch.equal(remade.noise, made.noise)
     # A write killed before its manifest: no manifest, so the tensors are never taken as a complete set.
     (tmp_path / "train.json").unlink()
@@ -273,8 +274,8 @@ def test_bad_values_name_their_key(override, error):
 
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path):
     """(g) As a user runs it: one `error:` line on stderr, exit code 2, nothing started."""
-    result = run_script([sys.executable, "train/one_step.py", "--config", str(TOY_CONFIG), f"output_dir={tmp_path / 'r'}",
-                         "distill.lambda_fm.start=-1"], timeout=120)
+    result = run_script([sys.executable, "train/one_step.py", "--config", str(TOY_CONFIG),
+                         f"output_dir={tmp_path / 'r'}", "distill.lambda_fm.start=-1"], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: config key 'distill.lambda_fm.start': must be >= 0"]
     assert not (tmp_path / "r").exists()

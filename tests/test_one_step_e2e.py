@@ -87,8 +87,9 @@ def test_warm_up_lowers_the_distance_to_the_teachers_ode_output(run):
     e = evals(out)
     assert sorted(e) == [0, 10, 20, 30, 40]
     before, after = e[0], e[WARMUP]
-    print(f"warm-up: ode_mse {before['eval/ode_mse']:.2f} -> {after['eval/ode_mse']:.2f}, fm {before['eval/fm']:.3f} -> "
-          f"{after['eval/fm']:.3f}, psnr {before['eval/psnr']:.2f} -> {after['eval/psnr']:.2f} dB")
+    print(f"warm-up: ode_mse {before['eval/ode_mse']:.2f} -> {after['eval/ode_mse']:.2f}, "
+          f"fm {before['eval/fm']:.3f} -> {after['eval/fm']:.3f}, "
+          f"psnr {before['eval/psnr']:.2f} -> {after['eval/psnr']:.2f} dB")
     assert after["eval/ode_mse"] < 0.8 * before["eval/ode_mse"], (before, after)
     warm = [line for line in metrics(out) if 0 < line["step"] <= WARMUP]
     assert all(set(line) >= {"fm", "loss", "lr/student"} and "online_loss" not in line for line in warm)
@@ -109,13 +110,15 @@ def test_score_distillation_is_stable_and_improves_on_the_warm_up(run):
         assert all(np.isfinite(v) for v in line.values() if isinstance(v, float)), line
     student = [line for line in lines if "dm" in line]
     assert [line["step"] - 1 - WARMUP for line in student] == list(range(0, STEPS - WARMUP, 2))
-    assert all({"dm", "dm_grad_norm", "fm", "alpha", "lambda_fm", "loss", "online_loss"} <= set(line) for line in student)
+    assert all({"dm", "dm_grad_norm", "fm", "alpha", "lambda_fm", "loss", "online_loss"} <= set(line)
+               for line in student)
     alphas = [line["alpha"] for line in student]
     assert alphas[0] == pytest.approx(0.98) and alphas == sorted(alphas, reverse=True)
     assert student[0]["dm"] > 0 and student[-1]["lambda_fm"] < student[0]["lambda_fm"]
     e = evals(out)
     warm, final = e[WARMUP], e[STEPS]
-    print(f"agreement with the teacher's ODE output: ode_mse {warm['eval/ode_mse']:.2f} -> {final['eval/ode_mse']:.2f}, "
+    print(f"agreement with the teacher's ODE output: "
+          f"ode_mse {warm['eval/ode_mse']:.2f} -> {final['eval/ode_mse']:.2f}, "
           f"psnr {warm['eval/psnr']:.2f} -> {final['eval/psnr']:.2f} dB")
     assert final["eval/ode_mse"] < warm["eval/ode_mse"], (warm, final)
 

@@ -75,7 +75,8 @@ def test_negative_prompt_changes_images(models):
 
 def test_tiny_vae(models, tmp_path):
     AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(tmp_path / "taesd")
+                    num_encoder_blocks=(1, 1, 1, 1),
+                    num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(tmp_path / "taesd")
     pipe = load_pipeline(models["folder"], tiny_vae=tmp_path / "taesd")
     assert isinstance(pipe.pipe.vae, AutoencoderTiny)
     out = images(pipe, prompt=["x"])

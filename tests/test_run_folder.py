@@ -100,7 +100,8 @@ def test_a_running_run_holds_the_lock_and_a_killed_one_releases_it(tmp_path, acc
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
 def test_an_unwritable_output_dir_is_one_line(tmp_path, acc, where):
     (tmp_path / "f").write_text("x")
-    out = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "run", "read-only": tmp_path / "ro" / "run"}[where]
+    out = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "run",
+           "read-only": tmp_path / "ro" / "run"}[where]
     if where == "read-only":
         if os.geteuid() == 0:
             pytest.skip("root writes into read-only folders")

@@ -1,5 +1,6 @@
-"""A trainer's closing summary (train/engine/loop.py `run_summary`, with the U-Net task's `next_steps`): what it wrote where and next commands that run;
-its output to a pipe has no progress redraws and none of the third-party notices sdkd silences."""
+"""A trainer's closing summary (train/engine/loop.py `run_summary`, with the U-Net task's `next_steps`): what it wrote
+where and next commands that run; its output to a pipe has no progress redraws and none of the third-party notices
+sdkd silences."""
 
 from __future__ import annotations
 

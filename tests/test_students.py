@@ -89,14 +89,16 @@ def test_weight_maps_are_bk_sdms_tables():
     remapped = {s: t for s, t in weight_map(SD15_UNET, PRESETS["bk_base"]).items() if s != t}
     assert remapped == {
         "up_blocks.0.resnets.1": "up_blocks.0.resnets.2",
-        **{f"up_blocks.{j}.{kind}.1": f"up_blocks.{j}.{kind}.2" for j in (1, 2, 3) for kind in ("resnets", "attentions")},
+        **{f"up_blocks.{j}.{kind}.1": f"up_blocks.{j}.{kind}.2"
+           for j in (1, 2, 3) for kind in ("resnets", "attentions")},
     }
     tiny = weight_map(SD15_UNET, PRESETS["bk_tiny"])
     for j in (0, 1, 2):
         assert tiny[f"up_blocks.{j}.resnets.0"] == f"up_blocks.{j + 1}.resnets.0"
         assert tiny[f"up_blocks.{j}.attentions.1"] == f"up_blocks.{j + 1}.attentions.2"
     assert tiny["up_blocks.1.upsamplers"] == "up_blocks.2.upsamplers" and "up_blocks.2.upsamplers" not in tiny
-    assert "down_blocks.2.downsamplers" not in tiny and tiny["down_blocks.1.downsamplers"] == "down_blocks.1.downsamplers"
+    assert "down_blocks.2.downsamplers" not in tiny
+    assert tiny["down_blocks.1.downsamplers"] == "down_blocks.1.downsamplers"
     assert {"conv_in", "time_embedding", "conv_norm_out", "conv_out"} <= set(tiny)
 
 
@@ -281,7 +283,8 @@ def test_cli_custom_spec_and_errors(tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text("student:\n  keep_down: [[0], [0], [0], []]\n  keep_up: [[], [0, 2], [0, 2], [0, 2]]\n"
                     "  mid_block: false\n  deepest_stage: false\n")
-    code, out, _ = run_main(["--teacher", "toy", "--preset", "custom", "--spec", str(spec), "--pairs", "segmind"], capsys)
+    code, out, _ = run_main(["--teacher", "toy", "--preset", "custom", "--spec", str(spec), "--pairs", "segmind"],
+                            capsys)
     assert code == 0 and "3. up_blocks.0 -> down_blocks.2" in out
     typo = tmp_path / "typo.yaml"
     typo.write_text("keep_dwn: [[0]]\n")
@@ -428,7 +431,8 @@ def test_sdxl_preset_configs_are_the_published_ones():
     # segmind/SSD-1B's shipped reverse list, verbatim (onediff issue #570); its mid block is one resnet.
     assert ssd1b["reverse_transformer_layers_per_block"] == [[4, 4, 10], [2, 1, 1], 1]
     assert (ssd1b["mid_block_type"], ssd1b["layers_per_block"]) == ("UNetMidBlock2D", 2)
-    assert (vega["transformer_layers_per_block"], vega["reverse_transformer_layers_per_block"]) == ([1, 1, 2], [2, 1, 1])
+    assert (vega["transformer_layers_per_block"], vega["reverse_transformer_layers_per_block"]) == (
+        [1, 1, 2], [2, 1, 1])
     koala_1b, koala_700m = (student_unet_config(SDXL_UNET, PRESETS[p]) for p in ("koala_1b", "koala_700m"))
     assert (koala_1b["layers_per_block"], koala_1b["transformer_layers_per_block"]) == (1, [1, 2, 6])
     assert koala_1b["mid_block_type"] == "UNetMidBlock2DCrossAttn" and koala_700m["mid_block_type"] is None
@@ -444,7 +448,8 @@ def removed_transformer_layers_and_resnets(preset: str) -> tuple[int, int]:
     removed = removed_modules(SDXL_UNET, PRESETS[preset])
     with torch.device("meta"):
         teacher = UNet2DConditionModel.from_config(SDXL_UNET)
-    gone = [type(m) for name, m in teacher.named_modules() if any(name == r or name.startswith(r + ".") for r in removed)]
+    gone = [type(m) for name, m in teacher.named_modules()
+            if any(name == r or name.startswith(r + ".") for r in removed)]
     return gone.count(BasicTransformerBlock), gone.count(ResnetBlock2D)
 
 
@@ -453,11 +458,13 @@ def test_sdxl_removed_modules():
     assert removed_transformer_layers_and_resnets("ssd1b") == (36, 1)
     assert removed_transformer_layers_and_resnets("vega") == (55, 1)
     removed = removed_modules(SDXL_UNET, PRESETS["ssd1b"])
-    assert {"mid_block.attentions.0", "mid_block.resnets.1", "up_blocks.1.attentions.1.transformer_blocks.1"} <= set(removed)
+    assert {"mid_block.attentions.0", "mid_block.resnets.1",
+            "up_blocks.1.attentions.1.transformer_blocks.1"} <= set(removed)
     assert "down_blocks.2.attentions.0.transformer_blocks.4" in removed
     assert "down_blocks.2.attentions.0.transformer_blocks.3" not in removed
     koala = removed_modules(SDXL_UNET, PRESETS["koala_700m"])
-    assert {"mid_block", "down_blocks.2.attentions.1", "up_blocks.0.attentions.1", "down_blocks.0.resnets.1"} <= set(koala)
+    assert {"mid_block", "down_blocks.2.attentions.1", "up_blocks.0.attentions.1",
+            "down_blocks.0.resnets.1"} <= set(koala)
 
 
 def test_sdxl_weight_maps():
@@ -516,7 +523,8 @@ def test_explicit_layer_init_copies_those_layers(sdxl_teacher):
     student = build_student(sdxl_teacher, spec)
     assert_copied_through_the_map(sdxl_teacher, student, spec)
     down, teacher_down = student.down_blocks[2].attentions[1], sdxl_teacher.down_blocks[2].attentions[1]
-    assert torch.equal(down.transformer_blocks[3].attn1.to_q.weight, teacher_down.transformer_blocks[6].attn1.to_q.weight)
+    assert torch.equal(down.transformer_blocks[3].attn1.to_q.weight,
+                       teacher_down.transformer_blocks[6].attn1.to_q.weight)
     assert not torch.equal(down.transformer_blocks[3].attn1.to_q.weight,
                            teacher_down.transformer_blocks[3].attn1.to_q.weight)
     assert torch.equal(down.proj_out.weight, teacher_down.proj_out.weight)
@@ -533,12 +541,15 @@ def test_explicit_layer_init_copies_those_layers(sdxl_teacher):
 @pytest.mark.parametrize("layer_init, message", [
     (explicit_ssd1b(**{"down_blocks.2.attentions.0": [0, 1, 2]}),
      r"student\.layer_init'.*down_blocks\.2\.attentions\.0 has 4 transformer layers.*got \[0, 1, 2\]"),
-    (explicit_ssd1b(**{"up_blocks.0.attentions.0": [0, 1, 2, 10]}), r"student\.layer_init'.*in 0\.\.9, got \[0, 1, 2, 10\]"),
+    (explicit_ssd1b(**{"up_blocks.0.attentions.0": [0, 1, 2, 10]}),
+     r"student\.layer_init'.*in 0\.\.9, got \[0, 1, 2, 10\]"),
     (explicit_ssd1b(**{"up_blocks.1.attentions.1": [2]}), r"in 0\.\.1, got \[2\]"),
     (explicit_ssd1b(**{"down_blocks.2.attentions.0": [3, 2, 1, 0]}), r"sorted distinct"),
-    (explicit_ssd1b(**{"mid_block.attentions.0": [0]}), r"'mid_block\.attentions\.0' is not an attention of the student"),
+    (explicit_ssd1b(**{"mid_block.attentions.0": [0]}),
+     r"'mid_block\.attentions\.0' is not an attention of the student"),
     ({"down_blocks.2.attentions.0": [0, 1, 2, 6]},
-     r"student\.layer_init'.*names every student attention shallower.*missing down_blocks\.2\.attentions\.1 \(4 of 10\)"),
+     r"student\.layer_init'.*names every student attention shallower"
+     r".*missing down_blocks\.2\.attentions\.1 \(4 of 10\)"),
 ])
 def test_explicit_layer_init_that_does_not_fit_names_the_key(layer_init, message):
     spec = removal_spec(StudentConfig(preset="ssd1b", layer_init=layer_init))
@@ -633,11 +644,13 @@ def test_recipe_keys_reach_the_spec_and_the_saved_config(tmp_path):
     cfg = load_config(recipe)
     assert removal_spec(cfg.student).layer_init == (("down_blocks.2.attentions.0", (0, 1, 2, 6)),)
     save_config(cfg, tmp_path / "run" / "config.yaml")  # what a run records
-    assert load_config(tmp_path / "run" / "config.yaml").student.layer_init == {"down_blocks.2.attentions.0": [0, 1, 2, 6]}
+    assert load_config(tmp_path / "run" / "config.yaml").student.layer_init == {
+        "down_blocks.2.attentions.0": [0, 1, 2, 6]}
     assert load_config(recipe, ["student.layer_init=even"]).student.layer_init == "even"
     for overrides, key in [(["student.layer_init=last"], "layer_init"),
                            (["student.preset=custom", "student.keep_down=[[0]]", "student.keep_up=[[0, 1]]",
-                             "student.reverse_transformer_layers_per_block=[[1, 0]]"], "reverse_transformer_layers_per_block")]:
+                             "student.reverse_transformer_layers_per_block=[[1, 0]]"],
+                            "reverse_transformer_layers_per_block")]:
         with pytest.raises(ConfigError, match=rf"^config key 'student\.{key}': [^\n]*$"):
             load_config(recipe, overrides)
 
@@ -669,7 +682,8 @@ def test_cli_shows_sdxl_presets(tmp_path, capsys):
     report = json.loads(out)
     assert code == 0 and (report["teacher_params"], report["student_params"]) == (2_567_463_684, 745_225_604)
     assert report["layer_init"] == "even" and report["spec"]["layer_init"] == "even"
-    assert report["layer_sources"]["up_blocks.0.attentions.1"] == dict(teacher="up_blocks.0.attentions.1", layers=[0, 9])
+    assert report["layer_sources"]["up_blocks.0.attentions.1"] == dict(teacher="up_blocks.0.attentions.1",
+                                                                       layers=[0, 9])
     assert report["weight_map"]["up_blocks.0.attentions.1.transformer_blocks.1"] == \
         "up_blocks.0.attentions.1.transformer_blocks.9"
     assert report["student_config"]["mid_block_type"] == "UNetMidBlock2D"

@@ -90,7 +90,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if name in ("caption", "key"):
             continue
         values = [s[name] for s in kept]
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values, dtype=torch.long)
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        else:
+            batch[name] = torch.tensor(values, dtype=torch.long)
     return batch
 
 

@@ -117,7 +117,10 @@ class CachedLatents(Dataset):
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         j = index - int(self.offsets[k])
         handle, captions, keys = self._shard(k)
-        get = lambda name: handle.get_slice(name)[j : j + 1][0]
+
+        def get(name):
+            return handle.get_slice(name)[j : j + 1][0]
+
         sample = {
             "latent_mean": get("mean"),
             "latent_std": get("std"),

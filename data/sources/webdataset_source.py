@@ -83,7 +83,8 @@ def read_manifest(path: Path) -> dict:
         data = json.loads(path.read_text())
         assert all(isinstance(s["name"], str) and int(s["samples"]) >= 0 for s in data["shards"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError):
-        raise UserError(f"{path}: not a shard manifest (expected {{\"shards\": [{{\"name\": ..., \"samples\": N}}, ...]}})") from None
+        raise UserError(f"{path}: not a shard manifest "
+                        f"(expected {{\"shards\": [{{\"name\": ..., \"samples\": N}}, ...]}})") from None
     return data
 
 
@@ -217,7 +218,8 @@ def _collect(errors: list[str], max_bad_in_a_row: int):
 
     def handler(exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and ("/" in a or "." in a)), None)
-        errors.append(f"{Path(where).name if where else 'shard'}: cannot read ({type(exn).__name__}: {exn.args[0] if exn.args else exn})")
+        errors.append(f"{Path(where).name if where else 'shard'}: cannot read "
+                      f"({type(exn).__name__}: {exn.args[0] if exn.args else exn})")
         if len(errors) >= max_bad_in_a_row:
             raise _Unreadable
         return True

@@ -73,8 +73,8 @@ def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> floa
 @torch.inference_mode()
 def latency(pipeline, prompt: str, steps: int, guidance_scale: float, resolution: int, seed: int,
             negative_prompt: str | None, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
-    """`sec_per_image` of the whole pipeline at batch 1 and `unet_sec_per_image`; `pipeline` is eval/inference/pipeline.py's
-    Pipeline (its scheduler and guidance rules: one step takes no guidance)."""
+    """`sec_per_image` of the whole pipeline at batch 1 and `unet_sec_per_image`; `pipeline` is
+    eval/inference/pipeline.py's Pipeline (its scheduler and guidance rules: one step takes no guidance)."""
     device = pipeline.device
     run = pipeline.settings(steps, guidance_scale, resolution, resolution)
     whole = _median_seconds(lambda: pipeline(prompt, negative_prompt=negative_prompt, steps=steps,

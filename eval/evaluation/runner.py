@@ -66,7 +66,8 @@ class Evaluation:
     resolution: int | None = None
     """Image size; None: the first model's (the teacher's) native size."""
     run_cfg: object = None
-    """The evaluated run's config (eval/evaluation/targets.py's read_run_config), when a run or its checkpoint is evaluated."""
+    """The evaluated run's config (eval/evaluation/targets.py's read_run_config), when a run or its checkpoint is
+    evaluated."""
     run: Path | None = None
     device: torch.device | None = field(default=None, init=False)
     """The models' device and dtype, once the first has loaded."""

@@ -107,8 +107,8 @@ def default_teacher(src: str) -> TeacherSpec | None:
 
 
 def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle: bool = False) -> Pipeline:
-    """The teacher as eval/inference/pipeline.py's Pipeline: a local model as every model loads, "toy" and hub ids through the
-    trainers' loader."""
+    """The teacher as eval/inference/pipeline.py's Pipeline: a local model as every model loads, "toy" and hub ids
+    through the trainers' loader."""
     if Path(spec.path).exists():
         return load_pipeline(spec.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     from sdkd.train.models.teacher import PipelineSource

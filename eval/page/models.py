@@ -34,7 +34,8 @@ def default_models() -> list[tuple[str, str]]:
 
 
 def toy_student() -> str:
-    """The toy student: the committed one where sdkd.train.models.toy offers it, else bk_small built from the teacher."""
+    """The toy student: the committed one where sdkd.train.models.toy offers it, else bk_small built from the
+    teacher."""
     from sdkd.train.models import toy
 
     committed = getattr(toy, "TOY_STUDENT", None)
@@ -108,7 +109,8 @@ def is_one_step(pipe: Pipeline) -> bool:
 
 def _toy_source(path: str, scratch: Path) -> Path:
     """`toy`: the committed toy teacher's folder. `toy:PRESET`: a student built from it, written as a diffusers
-    folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA: eval/inference/pipeline.py)."""
+    folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA:
+    eval/inference/pipeline.py)."""
     from sdkd.train.models.students import PRESETS, build_student
     from sdkd.train.models.teacher import load_pipeline as load_parts
     from sdkd.train.models.toy import toy_teacher_folder

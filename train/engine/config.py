@@ -259,7 +259,8 @@ def _read_yaml(text: str, where: str, in_file: bool = False) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if in_file and mark is not None else ""
-        raise ConfigError(f"{where}: YAML syntax error{at}: {getattr(err, 'problem', None) or first_line(err)}") from None
+        raise ConfigError(f"{where}: YAML syntax error{at}: "
+                          f"{getattr(err, 'problem', None) or first_line(err)}") from None
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:

@@ -72,7 +72,9 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, fused=True, **kw)
         except RuntimeError:
             if cfg.implementation == "fused":
-                raise UserError("optim.implementation=fused: no fused AdamW for this device; use auto or foreach")
+                raise UserError(
+                    "optim.implementation=fused: no fused AdamW for this device; use auto or foreach"
+                ) from None
     return torch.optim.AdamW(params, foreach=cfg.implementation != "loop", **kw)
 
 

@@ -218,7 +218,10 @@ def _take(flat: Mapping[str, torch.Tensor], names: dict[str, tuple[str, int | No
             continue
         state[key] = t.reshape(shapes[key])
     if missing or wrong:
-        detail = f"{len(missing)} missing, e.g. {missing[0]}" if missing else f"{len(wrong)} of the wrong shape, e.g. {wrong[0]}"
+        if missing:
+            detail = f"{len(missing)} missing, e.g. {missing[0]}"
+        else:
+            detail = f"{len(wrong)} of the wrong shape, e.g. {wrong[0]}"
         raise UnsupportedLayout(f"{source}: the {what} tensors do not match the layout its config describes "
                                 f"({detail}); the file is damaged or was not written by sdkd export")
     return state

@@ -94,8 +94,8 @@ def _adapter_layers(model) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).contiguous()
-            for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False)).items()}
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def save_lora(folder: str | Path, unet, text_encoders: dict | None = None, base: str | None = None) -> Path:
@@ -216,7 +216,8 @@ def load_lora_state(path: str | Path, unet, text_encoders: dict | None = None) -
         result = set_peft_model_state_dict(model, convert(part), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
-            raise UserError(f"LoRA '{path}': {len(unexpected)} tensors have no place in the model, e.g. {unexpected[0]}")
+            raise UserError(f"LoRA '{path}': {len(unexpected)} tensors have no place in the model, "
+                            f"e.g. {unexpected[0]}")
 
 
 def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
@@ -228,7 +229,7 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
         pipe.fuse_lora(lora_scale=scale)
-    except Exception as err:  # diffusers/peft raise many kinds for a file they cannot apply
+    except Exception as err:  # noqa: BLE001 - diffusers/peft raise many kinds for a file they cannot apply
         raise UserError(f"LoRA '{path}' could not be applied ({first_line(err)})") from None
 
 

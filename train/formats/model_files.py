@@ -191,7 +191,8 @@ SOURCES = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diff
            "(model_index.json) or an sdkd .safetensors file (train/export.py)")
 
 
-def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None, allow_pickle: bool = False) -> Source:
+def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None,
+                allow_pickle: bool = False) -> Source:
     """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline.
     Weights that exist only as pickle are refused unless `allow_pickle`."""
     path = Path(src)
@@ -208,8 +209,8 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
         source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path))
     elif (path / "model_index.json").is_file():
         run = path.parent if (path.parent / "config.yaml").is_file() else None
-        source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`", _run_info(run) if run else {},
-                        str(path / "unet"), str(path))
+        source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`",
+                        _run_info(run) if run else {}, str(path / "unet"), str(path))
     elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
         sub = "unet_ema" if ema else "unet"
         if not (path / sub).is_dir():
@@ -283,7 +284,7 @@ def _teacher_params(teacher: str | None) -> int | None:
             return count_params(TOY_UNET)
         config = UNet2DConditionModel.load_config(teacher, subfolder="unet", local_files_only=True)
         return count_params(config)
-    except Exception:  # an uncached hub id: the card just leaves it out
+    except Exception:  # noqa: BLE001 - an uncached hub id (or any unreadable config): the card just leaves it out
         return None
 
 

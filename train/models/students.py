@@ -196,7 +196,8 @@ def _check_depth_lists(t: dict, spec: RemovalSpec) -> None:
                                  f"({len(keep[b])}), got {list(entry)}")
     lists = spec.transformer_layers_per_block is not None and any(
         isinstance(spec.transformer_layers_per_block[i], tuple) for i in down if _attends(t, spec, "down", i))
-    if lists and spec.reverse_transformer_layers_per_block is None and t["reverse_transformer_layers_per_block"] is None:
+    if (lists and spec.reverse_transformer_layers_per_block is None
+            and t["reverse_transformer_layers_per_block"] is None):
         _fail(spec, "reverse_transformer_layers_per_block", "required when transformer_layers_per_block gives a "
                                                             "list for a block (diffusers derives up-block depths "
                                                             "only from one depth per level)")

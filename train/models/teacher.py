@@ -127,7 +127,8 @@ def safe_weights(what: str, allow_pickle: bool, *folders: Path) -> dict:
         pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
         if pickled and not any(f.suffix == ".safetensors" for f in files):
             raise UserError(f"{what} '{folder}': weights only as pickle ({', '.join(pickled)}), which can run code "
-                            f"when loaded; convert them to safetensors, or set allow_pickle=true if you trust the files")
+                            f"when loaded; convert them to safetensors, "
+                            f"or set allow_pickle=true if you trust the files")
     return {"use_safetensors": True}
 
 

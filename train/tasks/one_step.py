@@ -183,7 +183,8 @@ class OneStepTask(Task):
                 pred = unet(noisy.to(dtype), t, **cond.to(dtype=dtype).unet_kwargs()).sample
             else:
                 both = _cat(self.uncond(cond), cond).to(dtype=dtype)
-                uncond, text = unet(noisy.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), **both.unet_kwargs()).sample.chunk(2)
+                uncond, text = unet(noisy.to(dtype).repeat(2, 1, 1, 1), t.repeat(2),
+                                    **both.unet_kwargs()).sample.chunk(2)
                 pred = guided(uncond.float(), text.float(), scale)
         return x0_from_prediction(pred, noisy, self.scheduler.alphas_cumprod, t, self.prediction)
 
@@ -405,8 +406,11 @@ def load_pairs(cfg, acc, teacher: PipelineParts) -> tuple[ode_pairs.Pairs, ode_p
     held_out = tuple(cfg.sample.prompts[i % len(cfg.sample.prompts)] for i in range(p.eval_count))
     sets = {"train": ode_pairs.PairSettings(prompts=tuple(prompt_set(cfg)), seed=p.seed, **common),
             "held_out": ode_pairs.PairSettings(prompts=held_out, seed=p.seed + ode_pairs.HELD_OUT_STREAM, **common)}
-    return tuple(main_process_first(acc, lambda: ode_pairs.load_or_make(
-        folder, name, teacher.unet, teacher, settings, p.batch_size, acc.autocast)) for name, settings in sets.items())
+    # The lambda binds the loop variables as defaults: main_process_first calls it at once, inside the loop.
+    return tuple(
+        main_process_first(acc, lambda name=name, settings=settings: ode_pairs.load_or_make(
+            folder, name, teacher.unet, teacher, settings, p.batch_size, acc.autocast))
+        for name, settings in sets.items())
 
 
 def build_one_step_task(cfg, acc):
@@ -452,7 +456,8 @@ def build_one_step_task(cfg, acc):
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    acc.print(f"one-step student {count(student):,} params ({'from ' + cfg.model if cfg.model else cfg.student.preset}); "
+    acc.print(f"one-step student {count(student):,} params "
+              f"({'from ' + cfg.model if cfg.model else cfg.student.preset}); "
               f"online score model: {o.kind} ({count(online):,} trained params)"
               + (f"; classifier head from score-distillation step {cfg.gan.start}" if classifier is not None else "")
               + f"; {len(train_pairs)} ODE pairs, {len(held_out)} held out; warm-up {cfg.distill.warmup_steps} "
