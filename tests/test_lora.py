@@ -249,21 +249,22 @@ def test_a_text_encoder_lora_trains_with_the_unet_as_one_module():
     from sdkd.train.tasks.objective import BatchEncoder
 
     parts = load_teacher("toy")
-    for model in (parts.unet, parts.text_encoder, parts.vae):
+    text = {name: parts.components[name] for name in parts.family.text_encoders}
+    for model in (parts.unet, *text.values(), parts.vae):
         model.requires_grad_(False)
-    lora_io.add_adapters(parts.unet, parts.text_encoder, LoraSection(rank=4, train_text_encoder=True))
-    randomize_b(parts.unet, parts.text_encoder)
+    lora_io.add_adapters(parts.unet, text, LoraSection(rank=4, train_text_encoder=True))
+    randomize_b(parts.unet, *text.values())
     batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a red circle", "a blue square"]}
     latents, tokens = TokenEncoder(parts)(batch, StepRandom(0, "cpu", 2))
     same_latents, conditioning = BatchEncoder(parts)(batch, StepRandom(0, "cpu", 2))
     assert torch.equal(latents, same_latents)
     t = torch.tensor([10, 500])
-    prediction = TextConditionedUNet(parts.unet, parts.text_encoder)(latents, t, **tokens.unet_kwargs()).sample
+    prediction = TextConditionedUNet(parts.unet, parts.family, text)(latents, t, **tokens.unet_kwargs()).sample
     with torch.no_grad():
         expected = parts.unet(latents, t, **conditioning.unet_kwargs()).sample
     torch.testing.assert_close(prediction, expected)
     prediction.square().mean().backward()
-    for model in (parts.unet, parts.text_encoder):
+    for model in (parts.unet, *text.values()):
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         assert grads and all("lora_" in name for name in grads)
         assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)
