@@ -129,6 +129,8 @@ def launch_two(*args: str, launcher: str = "python"):
                       env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
 
 
+# Two launched processes each (seconds of imports): in the full suite and tests/stress.py, not the fast tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario, finder, launcher", [
     ("peer-ends-first", 0, "python"),
     ("peer-ends-first", 1, "python"),
@@ -146,6 +148,7 @@ def test_a_mistake_on_one_process_is_one_line_and_exit_2_whichever_process_ends_
     assert result.stderr.splitlines() == [f"error: the mistake found by rank {finder}"], result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_mistake_every_process_finds_is_said_once(tmp_path):
     """Found before the process group starts (every process reads the same arguments), and no process ended before
     all had stopped on it: each would have written the line."""
@@ -155,6 +158,7 @@ def test_a_mistake_every_process_finds_is_said_once(tmp_path):
     assert len(list(tmp_path.glob("stopped-*"))) == 2  # both got as far as the forced order says
 
 
+@pytest.mark.slow
 def test_a_crash_beside_a_peer_that_lost_it_is_not_a_user_mistake():
     result = launch_two("crash", "1")
     assert result.returncode == 1, result.stderr[-3000:]

@@ -180,6 +180,7 @@ def test_task_state_of_another_layout_is_refused_and_a_task_without_any_writes_n
         fit(loop_config(none, "train.max_steps=4", "resume=latest"))
 
 
+@pytest.mark.slow  # two launched processes
 def test_two_processes_each_resume_their_own_task_state(tmp_path):
     """Each process has its own generators and data shard, so its own state: a two-process run resumed
     from step 3 ends as the uninterrupted one, each process's state file as that process left it."""
