@@ -108,7 +108,11 @@ class Task:
 
     modules: list[TrainedModule]
     frozen: dict[str, torch.nn.Module | None] = {}
-    """Models the step uses but never trains; the loop freezes them on the device, each in `frozen_dtype`."""
+    """Models the step uses but never trains; the loop freezes them on the device, each in `frozen_dtype`. Named
+    as their model family's components (`vae`, a text encoder's name), a frozen teacher U-Net `teacher`."""
+    family = None
+    """The model family of the frozen models (train/models/families.py), which gives each the dtype it runs in
+    under mixed precision; None: every frozen model takes the mixed-precision dtype."""
     state_attributes: tuple[str, ...] = ()
     """The task's own attributes that checkpoints keep beside its modules (`state_dict`): say, a counter, a
     tensor, the task's own `torch.Generator`."""
@@ -137,9 +141,11 @@ class Task:
         raise NotImplementedError
 
     def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
-        """The dtype frozen model `name` runs in under the mixed-precision dtype `mixed` (a model family may keep
-        one in fp32: train/models/families.py). Default: `mixed`."""
-        return mixed
+        """The dtype frozen model `name` runs in under the mixed-precision dtype `mixed`: its family's rule (a
+        family may keep a VAE in fp32)."""
+        if self.family is None:
+            return mixed
+        return self.family.dtype("unet" if name == "teacher" else name, mixed)
 
     def sample(self, step: int, sink: "SampleSink") -> None:
         """Write this step's sample grid (main process only). Default: none."""

@@ -184,13 +184,10 @@ class DecoderTask(Task):
         if self.disc is not None:
             self.modules.append(TrainedModule("discriminator", self.disc, replace(cfg.optim, lr=g.lr),
                                               cfg.train.max_grad_norm, due=every(g.every, start=g.start)))
-        self.frozen = {"teacher_vae": teacher.vae}
+        self.frozen = {"vae": teacher.vae}  # the teacher's
         self.held_out = held_out
         self._held_out_targets = None
         self.steps, self.last_eval = 0, None  # for the model card
-
-    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
-        return self.family.dtype("vae", mixed)  # the one frozen model: the teacher's VAE
 
     def target(self, latents: torch.Tensor) -> torch.Tensor:
         """The teacher decoder's image of scaled latents (the KL decoder takes them unscaled)."""

@@ -64,14 +64,10 @@ class DiffusionTask(Task):
         self.cfg, self.accelerator, self.modules = cfg, accelerator, [trained]
         self.eval_every = cfg.eval.every
         self.encoder, self.objective, self.parts, self._export = encoder, objective, parts, export
-        self.frozen, self.reference_unet = frozen, reference_unet
+        self.frozen, self.reference_unet, self.family = frozen, reference_unet, parts.family
         self.sample_unet, self.frozen_source = sample_unet, frozen_source or PipelineSource.of(cfg)
         self._reference_images = None
         self._triples = None
-
-    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
-        # The teacher is a U-Net; the other frozen models are components of `parts`' family.
-        return self.parts.family.dtype("unet" if name == "teacher" else name, mixed)
 
     def train_step(self, ctx: StepContext, batch: dict, rng) -> dict[str, torch.Tensor]:
         latents, cond = self.encoder(batch, rng)

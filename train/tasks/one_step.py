@@ -131,7 +131,7 @@ class OneStepTask(Task):
                                               replace(online_optim, lr=cfg.gan.lr or online_optim.lr),
                                               cfg.train.max_grad_norm,
                                               due=every(start=d.warmup_steps + cfg.gan.start)))
-        self.frozen = {"teacher": None if lora else teacher.unet, **teacher.frozen}
+        self.frozen, self.family = {"teacher": None if lora else teacher.unet, **teacher.frozen}, teacher.family
         self._uncond = None
         self._held_out_images = None
 
@@ -149,10 +149,6 @@ class OneStepTask(Task):
             with config_key("feature pair module", "config key 'fm.layers': module"):
                 extractor = UNetEncoder(unet, f.layers or encoder_layers(unet), f.timestep, self.offline, self.autocast)
         return FeatureMatching(extractor, f.layer_weights, f.window)
-
-    def frozen_dtype(self, name: str, mixed: torch.dtype) -> torch.dtype:
-        # The teacher is a U-Net; the other frozen models are components of its family.
-        return self.teacher.family.dtype("unet" if name == "teacher" else name, mixed)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> Conditioning:
