@@ -1,8 +1,8 @@
 """Model families: SD-1.x/2.x conditioning as before, the latent cache's named tensors, the U-Net's
-arguments, SDXL refused in one line, and a cache made for one family refused by another; a registered family
-of two text encoders (tests/xl_family.py): claimed U-Nets, components loaded by name, its conditioning as its
-pipeline makes it, its dtype rule, cached caption dropout, LoRA files on both text encoders. Its runs through
-the trainers are in test_family_e2e.py."""
+arguments, an unknown U-Net refused in one line, a registered family claiming its U-Nets, and a cache made for
+one family refused by another; SDXL (toy widths): claimed U-Nets, components loaded by name, its conditioning as
+its pipeline makes it, its dtype rule, cached caption dropout, LoRA files on both text encoders. Its runs
+through the trainers are in test_family_e2e.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
-from xl_family import XL_UNET, build_xl_pipeline, registered
 
 from sdkd.cli.errors import UserError
 from sdkd.data.sources.core import SyntheticCaptions
@@ -23,15 +22,17 @@ from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.train.models.families import (
     SD,
+    SDXL,
     Conditioning,
     StableDiffusion,
     conditioning_shapes,
     family_of,
     prompt_batch,
     register_family,
+    unregister_family,
 )
 from sdkd.train.models.teacher import PipelineParts, load_pipeline, load_teacher
-from sdkd.train.models.toy import TOY_UNET
+from sdkd.train.models.toy import TOY_UNET, TOY_XL_UNET, build_toy_xl_pipeline
 from sdkd.train.tasks.objective import BatchEncoder
 
 CAPTIONS = ["a red fox", "", "a lighthouse at dusk " * 20]  # the last one is cut at 77 tokens
@@ -90,16 +91,20 @@ def test_pipeline_class_and_parts(toy):
     assert cached.family is SD and not cached.has_encoders and set(cached.frozen) == {"vae", "text_encoder"}
 
 
-def test_sdxl_is_refused_in_one_line(toy_teacher_dir, tmp_path):
+UNKNOWN = {**TOY_UNET, "addition_embed_type": "image"}
+
+
+def test_a_unet_of_no_family_is_refused_in_one_line(toy_teacher_dir, tmp_path):
     with pytest.raises(UserError) as err:
-        family_of(SDXL_CONFIG, "teacher 'x'")
-    assert str(err.value).startswith("teacher 'x': SDXL is not supported yet") and "\n" not in str(err.value)
-    folder = tmp_path / "sdxl"
+        family_of(UNKNOWN, "teacher 'x'")
+    assert str(err.value) == ("teacher 'x': a U-Net with addition_embed_type 'image' is of no model family sdkd "
+                              "trains (SD-1.x, SD-2.x, SDXL)")
+    folder = tmp_path / "unknown"
     shutil.copytree(toy_teacher_dir, folder)
     config = folder / "unet" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), **SDXL_CONFIG}))
+    config.write_text(json.dumps({**json.loads(config.read_text()), **UNKNOWN}))
     for with_unet in (True, False):  # refused from the U-Net's config, before any weights load
-        with pytest.raises(UserError, match=f"^teacher '{folder}': SDXL is not supported yet"):
+        with pytest.raises(UserError, match=f"^teacher '{folder}': a U-Net with addition_embed_type 'image'"):
             load_teacher(str(folder), with_unet=with_unet)
 
 
@@ -128,33 +133,46 @@ def test_cache_of_another_family_is_refused(toy, tmp_path):
         CachedLatents(tmp_path).check_teacher(other, 32)
 
 
+class ImageConditioned(StableDiffusion):
+    """A family claiming the U-Nets no built-in family claims."""
+
+    name = "image"
+
+    def claims(self, unet_config) -> bool:
+        return unet_config.get("addition_embed_type") == "image"
+
+
+def test_a_registered_family_claims_its_unets():
+    family = register_family(ImageConditioned())
+    try:
+        assert family_of(UNKNOWN) is family and family_of(TOY_XL_UNET) is SDXL and family_of(TOY_UNET) is SD
+        with pytest.raises(ValueError, match="'image' is registered already"):
+            register_family(ImageConditioned())
+    finally:
+        unregister_family(family)
+    with pytest.raises(UserError, match="addition_embed_type 'image' is of no model family"):
+        family_of(UNKNOWN)
+
+
 # ---------------------------------------------------------------------------------------------
-# A registered family of two text encoders (tests/xl_family.py), which nothing outside families.py knows of
+# SDXL at toy widths
 
 
 @pytest.fixture(scope="module")
 def xl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xl")
-    build_xl_pipeline().save_pretrained(folder, safe_serialization=True)
+    build_toy_xl_pipeline().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 @pytest.fixture
 def xl():
-    with registered() as family:
-        yield family
+    return SDXL
 
 
-def test_a_registered_family_claims_its_unets(xl_dir):
-    with pytest.raises(UserError, match="SDXL is not supported yet"):
-        family_of(XL_UNET)
-    with registered() as family:
-        assert family_of(XL_UNET) is family and family_of(SDXL_CONFIG) is family and family_of(TOY_UNET) is SD
-        assert load_teacher(str(xl_dir)).family is family
-        with pytest.raises(ValueError, match="'xl-test' is registered already"):
-            register_family(family)
-    with pytest.raises(UserError, match=f"^teacher '{xl_dir}': SDXL is not supported yet"):
-        load_teacher(str(xl_dir))
+def test_sdxl_claims_its_unets(xl_dir):
+    assert family_of(TOY_XL_UNET) is SDXL and family_of(SDXL_CONFIG) is SDXL
+    assert load_teacher(str(xl_dir)).family is SDXL
 
 
 def test_components_load_by_name(xl, xl_dir):
@@ -179,7 +197,7 @@ def test_the_family_encodes_as_its_pipeline_does(xl, xl_dir):
     assert cond.hidden_states.shape == (3, 77, 32) and cond.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
     assert set(cond.tensors()) == set(xl.fields)
     assert {k: t.shape for k, t in cond.tensors().items()} == {k: (3, *s[1:]) for k, s in
-                                                               conditioning_shapes(XL_UNET).items()}
+                                                               conditioning_shapes(TOY_XL_UNET).items()}
     # A data batch: each sample's original size and crop, and the images' size.
     batch = {"captions": CAPTIONS[:2], "pixel_values": torch.zeros(2, 3, 32, 32),
              "original_size": torch.tensor([[64, 48], [32, 40]]), "crop_top_left": torch.tensor([[16, 8], [0, 4]])}
@@ -203,7 +221,7 @@ def test_cached_dropout_swaps_only_the_caption_made_tensors(xl, xl_dir, tmp_path
     data = SyntheticCaptions(4, Preprocess(ImageTransform(32, True, False)), seed=0)
     write_cache(data, BatchEncoder(parts), tmp_path, batch_size=4, info={"resolution": 32})
     CachedLatents(tmp_path).check_teacher(parts, 32)
-    with pytest.raises(UserError, match="made for model family 'xl-test'"):
+    with pytest.raises(UserError, match="made for model family 'sdxl'"):
         CachedLatents(tmp_path).check_teacher(load_teacher("toy"), 32)
     empty = load_file(tmp_path / "empty_prompt.safetensors")
     assert set(empty) == {"embeds", "text_embeds"}
@@ -262,5 +280,5 @@ def test_lora_on_both_text_encoders(xl, xl_dir, tmp_path):
     assert not torch.equal(before, fused.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight)
     with pytest.raises(UserError, match="adapts the text encoder 'text_encoder_2', but no text encoder was given"):
         lora_io.check_lora(load_file(file), back.unet, {"text_encoder": back.text_encoder}, "x")
-    with pytest.raises(UserError, match="model family 'xl-test'"):
+    with pytest.raises(UserError, match="model family 'sdxl'"):
         lora_io.export_sdcpp(file, tmp_path / "sdcpp.safetensors")

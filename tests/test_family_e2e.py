@@ -1,10 +1,8 @@
-"""The test family of two text encoders (tests/xl_family.py: SDXL-shaped, toy widths, registered only here)
-through the code SD runs, with no branch for it anywhere: KD with feature KD (train/kd.py's task on the shared
-loop) trains, evaluates against the teacher and draws sample grids; a latent cache is written
-(train/cache_latents.py) and a run from it trains exactly as the run without it; the student exports as a
-diffusers folder its family's pipeline class loads, samples through eval's pipeline, has its MACs counted,
-and a single file is refused in one line naming the family. The trainers run in this process, where the
-family is registered."""
+"""SDXL at toy widths (train/models/toy.py `build_toy_xl_pipeline`) through the code SD runs, with no branch
+for it anywhere: KD with feature KD (train/kd.py's task on the shared loop) trains, evaluates against the teacher
+and draws sample grids; a latent cache is written (train/cache_latents.py) and a run from it trains exactly as the
+run without it; the student exports as a diffusers folder its family's pipeline class loads, samples through
+eval's pipeline, has its MACs counted, and a single file is refused in one line naming the family."""
 
 from __future__ import annotations
 
@@ -16,10 +14,11 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
-from xl_family import XL_STUDENT, build_xl_pipeline, registered
 
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.config import load_config
+from sdkd.train.models.families import SDXL
+from sdkd.train.models.toy import build_toy_xl_pipeline
 from sdkd.train.tasks.diffusion_config import KDConfig
 
 from conftest import fit_task
@@ -27,6 +26,9 @@ from conftest import fit_task
 pytestmark = pytest.mark.e2e
 
 STEPS = 4
+# bk_small's cut on three levels (one resnet per level, no mid block).
+XL_STUDENT = ["student.preset=custom", "student.keep_down=[[0],[0],[0]]", "student.keep_up=[[0,2],[0,2],[0,2]]",
+              "student.mid_block=false"]
 RUN = ["data.source=synthetic", "data.resolution=32", "data.num_samples=8", "data.random_flip=false",
        "train.batch_size=4", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}", "train.log_every=1",
        "train.sample_every=2", "sample.steps=2", "sample.prompts=[a red circle on a blue background]",
@@ -35,15 +37,9 @@ RUN = ["data.source=synthetic", "data.resolution=32", "data.num_samples=8", "dat
 
 
 @pytest.fixture(scope="module")
-def xl():
-    with registered() as family:
-        yield family
-
-
-@pytest.fixture(scope="module")
-def teacher(xl, tmp_path_factory):
+def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xl_teacher")
-    build_xl_pipeline().save_pretrained(folder, safe_serialization=True)
+    build_toy_xl_pipeline().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -69,7 +65,7 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kd_trains_evaluates_and_samples(run, teacher, xl):
+def test_kd_trains_evaluates_and_samples(run, teacher):
     from sdkd.train.models.students import build_student, removal_spec
     from sdkd.train.models.teacher import load_teacher
 
@@ -87,7 +83,7 @@ def test_kd_trains_evaluates_and_samples(run, teacher, xl):
     final = load_file(out / f"checkpoint-{STEPS}" / "unet" / "diffusion_pytorch_model.safetensors")
     assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in start)
     # The family's dtype rule: its VAE stays fp32 under fp16, the text encoders and the teacher take fp16.
-    assert task.parts.family is xl
+    assert task.parts.family is SDXL
     assert {name: task.frozen_dtype(name, torch.float16) for name in task.frozen} == {
         "teacher": torch.float16, "vae": torch.float32, "text_encoder": torch.float16, "text_encoder_2": torch.float16}
     assert task.frozen_dtype("vae", torch.bfloat16) == torch.bfloat16
@@ -123,7 +119,7 @@ def test_export_sampling_and_cost(run, teacher, tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in exported.unet.state_dict().items())
     with pytest.raises(UserError) as err:
         export(str(out), "single-file", str(tmp_path / "student.safetensors"))
-    assert "model family 'xl-test' has no single-file layout" in str(err.value) and "\n" not in str(err.value)
+    assert "model family 'sdxl' has no single-file layout" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "student.safetensors").exists()
 
     pipe = load_pipeline(folder)
@@ -154,7 +150,7 @@ def test_a_run_from_the_latent_cache_trains_as_the_run_without_it(run, teacher, 
     common = [f"teacher={teacher}", *RUN]
     cache_latents(["--shard-size", "5", *common, f"output_dir={tmp_path / 'unused'}", f"data.cache={cache}"])
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["family"] == "xl-test" and manifest["fields"] == ["embeds", "text_embeds", "time_ids"]
+    assert manifest["family"] == "sdxl" and manifest["fields"] == ["embeds", "text_embeds", "time_ids"]
     sample = CachedLatents(cache)[0]
     assert sample["embeds"].shape == (77, 32) and sample["text_embeds"].shape == (16,)
     assert sample["time_ids"].tolist() == [*sample["original_size"], *sample["crop_top_left"], 32, 32]

@@ -9,9 +9,11 @@ latent cache, sampling, cost counting, model files and LoRA files ask the family
 the cache see only `Conditioning`, component names and these declarations.
 
 - SD-1.x and SD-2.x (`SD`): one CLIP text encoder; the conditioning is its last hidden state. The default.
+- SDXL (`SDXL`, and its students: SSD-1B, Vega, KOALA): two CLIP text encoders whose penultimate hidden states
+  are concatenated, the second's pooled projection as `text_embeds` and each sample's original size, crop and
+  target size as `time_ids` (`added_cond_kwargs`); its U-Net has `addition_embed_type` "text_time".
 - Another family joins through `register_family`; `family_of` hands a U-Net to the newest registered family
-  that claims its config. SDXL's U-Net (`addition_embed_type` "text_time": two text encoders, a pooled
-  embedding and size/crop time ids as `added_cond_kwargs`) is refused in one line until a family claims it.
+  that claims its config.
 """
 
 from __future__ import annotations
@@ -21,8 +23,15 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdkd.cli.errors import UserError
 
@@ -211,8 +220,67 @@ class StableDiffusion(ModelFamily):
         return {HIDDEN: self.encode(parts, {"captions": [""]}).hidden_states[0]}
 
 
+TIME_IDS = 6  # SDXL's size conditioning: original (height, width), crop top-left (y, x), target (height, width)
+
+
+class StableDiffusionXL(ModelFamily):
+    """SDXL: CLIP-L and OpenCLIP-bigG (with projection); the conditioning is both penultimate hidden states
+    concatenated, the second's pooled projection and the six size/crop time ids, as diffusers'
+    `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` make them."""
+
+    name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    components = {
+        "unet": Component(UNet2DConditionModel, UNET, trained=True),
+        "vae": Component(AutoencoderKL, VAE, fp32_under=(torch.float16,)),  # SDXL's VAE overflows in fp16
+        "text_encoder": Component(CLIPTextModel, TEXT),
+        "text_encoder_2": Component(CLIPTextModelWithProjection, TEXT),
+        "tokenizer": Component(CLIPTokenizer, TOKENIZER),
+        "tokenizer_2": Component(CLIPTokenizer, TOKENIZER),
+        "scheduler": Component(DDPMScheduler, SCHEDULER),
+    }
+    fields = (HIDDEN, "text_embeds", "time_ids")
+    pipeline_extras = dict(image_encoder=None, feature_extractor=None, add_watermarker=False)
+    tokenizer_files = CLIP_TOKENIZER_FILES
+    PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+    def claims(self, unet_config: Mapping) -> bool:
+        return unet_config.get("addition_embed_type") == "text_time"
+
+    def tokenize(self, parts, batch: dict) -> dict[str, torch.Tensor]:
+        """Token ids of both tokenizers and the time ids: each sample's original size and crop, and its target
+        size (given, or the size of the batch's images)."""
+        c = parts.components
+        tokens = {}
+        for tok, encoder in self.PAIRS:
+            ids = c[tok](batch["captions"], padding="max_length", max_length=c[tok].model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+            tokens[encoder] = ids.to(c[encoder].device)
+        n = len(batch["captions"])
+        target = (torch.as_tensor(batch["target_size"]) if "target_size" in batch
+                  else torch.tensor(batch["pixel_values"].shape[-2:]).expand(n, 2))
+        ids = torch.cat([torch.as_tensor(batch["original_size"]), torch.as_tensor(batch["crop_top_left"]), target], 1)
+        # fp32 ids: fp16 holds integers exactly only up to 2048 (diffusers' examples cast them to the weights')
+        tokens["time_ids"] = ids.float().to(c["text_encoder"].device)
+        return tokens
+
+    def encode_tokens(self, encoders, tokens: dict[str, torch.Tensor]) -> Conditioning:
+        hidden = []
+        for _, name in self.PAIRS:
+            out = encoders[name](tokens[name], output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's projection
+        return Conditioning(torch.cat(hidden, dim=-1),
+                            {"text_embeds": pooled, "time_ids": tokens["time_ids"].to(pooled.dtype)})
+
+    def empty_prompt(self, parts) -> dict[str, torch.Tensor]:
+        cond = self.encode(parts, prompt_batch([""], 0))  # the size ids stay each sample's own
+        return {HIDDEN: cond.hidden_states[0], "text_embeds": cond.added["text_embeds"][0]}
+
+
 SD = StableDiffusion()
-_FAMILIES: list[ModelFamily] = [SD]
+SDXL = StableDiffusionXL()
+_FAMILIES: list[ModelFamily] = [SDXL, SD]
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -234,11 +302,8 @@ def family_of(unet_config: Mapping, what: str = "model") -> ModelFamily:
         if family.claims(unet_config):
             return family
     kind = unet_config.get("addition_embed_type")
-    if kind == "text_time":
-        raise UserError(f"{what}: SDXL is not supported yet (its U-Net has addition_embed_type 'text_time'); "
-                        f"use an SD-1.x or SD-2.x model")
     raise UserError(f"{what}: a U-Net with addition_embed_type '{kind}' is of no model family sdkd trains "
-                    f"(SD-1.x, SD-2.x)")
+                    f"(SD-1.x, SD-2.x, SDXL)")
 
 
 def prompt_batch(captions: list[str], resolution: int) -> dict:
@@ -255,10 +320,10 @@ def conditioning_shapes(unet_config: Mapping, batch: int = 1) -> dict[str, tuple
     width = unet_config.get("encoder_hid_dim") or unet_config.get("cross_attention_dim", 1280)
     width = width[0] if isinstance(width, (list, tuple)) else width
     shapes = {HIDDEN: (batch, CONTEXT, width)}
-    if unet_config.get("addition_embed_type") == "text_time":  # a pooled text embedding and 6 size/crop ids
-        ids = 6
-        pooled = unet_config["projection_class_embeddings_input_dim"] - ids * unet_config["addition_time_embed_dim"]
-        shapes |= {"text_embeds": (batch, pooled), "time_ids": (batch, ids)}
+    if unet_config.get("addition_embed_type") == "text_time":  # a pooled text embedding and the size/crop ids
+        ids = TIME_IDS * unet_config["addition_time_embed_dim"]
+        pooled = unet_config["projection_class_embeddings_input_dim"] - ids
+        shapes |= {"text_embeds": (batch, pooled), "time_ids": (batch, TIME_IDS)}
     return shapes
 
 

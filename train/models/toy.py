@@ -18,11 +18,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdkd.cli.errors import UserError
-from sdkd.train.models.families import SD
+from sdkd.train.models.families import SD, SDXL, TIME_IDS
 from sdkd.train.models.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT
 
 TOY_SEED = 0
@@ -68,6 +74,20 @@ TOY_TEXT = dict(
 # single file stores in OpenCLIP names (`cond_stage_model.model.*`).
 TOY_SD2_UNET = {**TOY_UNET, "use_linear_projection": True, "attention_head_dim": [2, 4, 4, 4]}
 TOY_SD2_TEXT = {**TOY_TEXT, "hidden_act": "gelu"}
+# The toy teacher with SDXL's topology: three levels, no attention at the highest, deeper transformers further
+# down, size/crop time ids; two text encoders 16 wide each (concatenated: 32, the U-Net's cross-attention width),
+# the second with a 16-wide pooled projection.
+TOY_XL_POOLED = 16
+TOY_XL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64, 64],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4], use_linear_projection=True,
+    cross_attention_dim=32, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TOY_XL_POOLED + TIME_IDS * 8,
+)
+TOY_XL_TEXT = {**TOY_TEXT, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+TOY_XL_TEXT_2 = {**TOY_XL_TEXT, "projection_dim": TOY_XL_POOLED}
 # SD-1.5's training scheduler (SD-2.1-base's too: epsilon prediction, the same betas).
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -119,6 +139,18 @@ def build_toy_pipeline(seed: int = TOY_SEED) -> StableDiffusionPipeline:
         vae = AutoencoderKL(**TOY_VAE)
         text = CLIPTextModel(CLIPTextConfig(**TOY_TEXT))
     return SD.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])
+
+
+def build_toy_xl_pipeline(seed: int = TOY_SEED) -> StableDiffusionXLPipeline:
+    """The toy SDXL-topology pipeline with random weights; the same seed always gives the same weights."""
+    tokenizers = [toy_clip_tokenizer(), toy_clip_tokenizer()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TOY_XL_UNET)
+        vae = AutoencoderKL(**TOY_VAE)
+        texts = [CLIPTextModel(CLIPTextConfig(**TOY_XL_TEXT)),
+                 CLIPTextModelWithProjection(CLIPTextConfig(**TOY_XL_TEXT_2))]
+    return SDXL.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), texts, tokenizers)
 
 
 def toy_teacher_folder() -> Path:
