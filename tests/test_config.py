@@ -59,7 +59,8 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["train.mixed_precision=fp8"], "config key 'train.mixed_precision': expected no, fp16 or bf16, got 'fp8'"),
     (["optim.implementation=apex"], "config key 'optim.implementation': expected auto, fused, foreach or loop, "
                                     "got 'apex'"),
-    (["student.feature_pairs=all"], "config key 'student.feature_pairs': expected bk, segmind or custom, got 'all'"),
+    (["student.feature_pairs=all"], "config key 'student.feature_pairs': expected bk, segmind, sub_block or custom, "
+                                    "got 'all'"),
     (["train.seed=yes"], "config key 'train.seed': Value 'yes' of type 'str' could not be converted to Integer"),
     (["ema.enabled=maybe"], "config key 'ema.enabled': Value 'maybe' is not a valid bool"),
     (["log.trackers=[wandb,mlflow]"], "config key 'log.trackers[1]': expected wandb, tensorboard or none, "

@@ -279,3 +279,96 @@ def test_sdxl_hooks_capture_paired_shapes_on_a_tiny_teacher(preset):
     real = [(t.shape[1:], s.shape[1:]) for t, s in zip(t_hooks.features, s_hooks.features)]
     assert all(t == s for t, s in real) and len(real) == len(pairs)
     assert real == check_pairs(teacher, student, pairs, SDXL_TINY["sample_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-block pairs (student.feature_pairs=sub_block): every resnet and attention output, as SSD-1B
+
+
+def sub_block_pairs(preset: str, teacher_config) -> list[tuple[str, str]]:
+    cfg = StudentConfig(preset=preset, feature_pairs="sub_block")
+    return feature_pairs(cfg, removal_spec(cfg), teacher_config)
+
+
+def sub_blocks(unet) -> list[str]:
+    return [name for name, m in unet.named_modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
+
+
+def test_sub_block_pairs_every_resnet_and_attention_of_the_toy_bk_small(teacher, students):
+    pairs = sub_block_pairs("bk_small", teacher.config)
+    # Toy teacher: 3 attention levels + 1 plain; bk_small keeps 1 resnet (+ attention) per down block (7 modules)
+    # and 2 per up block (2 + 3 x 4 = 14), no mid block.
+    assert len(pairs) == 21
+    assert sorted(s for _, s in pairs) == sorted(sub_blocks(students["bk_small"]))
+    # Each student module pairs with the teacher module its weights came from: up-block index 1 <- teacher 2.
+    assert ("up_blocks.3.resnets.2", "up_blocks.3.resnets.1") in pairs
+    assert ("up_blocks.1.attentions.2", "up_blocks.1.attentions.1") in pairs
+    assert ("down_blocks.3.resnets.0", "down_blocks.3.resnets.0") in pairs
+    t_hooks, s_hooks = FeatureHooks(teacher, [t for t, _ in pairs]), FeatureHooks(students["bk_small"],
+                                                                                   [s for _, s in pairs])
+    with torch.no_grad(), t_hooks.capture(), s_hooks.capture():
+        teacher(*inputs())
+        students["bk_small"](*inputs())
+    real = [(t.shape[1:], s.shape[1:]) for t, s in zip(t_hooks.features, s_hooks.features)]
+    assert all(t == s for t, s in real) and real == check_pairs(teacher, students["bk_small"], pairs, TOY_LATENT)
+    # Just cut, the student's first resnet sees what the teacher's sees (conv_in is shared): equal output.
+    # Further in, the removed modules change the input: the outputs differ.
+    by_name = dict(zip([s for _, s in pairs], zip(t_hooks.features, s_hooks.features)))
+    assert torch.equal(*by_name["down_blocks.0.resnets.0"])
+    assert not torch.allclose(*by_name["up_blocks.3.resnets.1"])
+    t_hooks.remove(), s_hooks.remove()
+
+
+# block-removal.md section 4.3: SSD-1B's 26 sub-block terms, paired by identical index; its one mid resnet
+# imitates the teacher's whole mid block.
+SSD1B_SUB_BLOCKS = (
+    [f"down_blocks.0.resnets.{k}" for k in (0, 1)]
+    + [f"down_blocks.{i}.{kind}.{k}" for i in (1, 2) for kind in ("attentions", "resnets") for k in (0, 1)]
+    + [f"up_blocks.{j}.{kind}.{k}" for j in (0, 1) for kind in ("attentions", "resnets") for k in (0, 1, 2)]
+    + [f"up_blocks.2.resnets.{k}" for k in (0, 1, 2)])
+
+
+@pytest.mark.parametrize("preset", ["ssd1b", "vega"])
+def test_sub_block_pairs_of_ssd1b_and_vega_are_ssd1bs_26_at_sdxl_widths(preset):
+    pairs = sub_block_pairs(preset, SDXL_UNET)
+    assert len(pairs) == 26
+    assert sorted(pairs) == sorted([(name, name) for name in SSD1B_SUB_BLOCKS] + [("mid_block", "mid_block.resnets.0")])
+    student = student_unet_config(SDXL_UNET, PRESETS[preset])
+    shapes = dict(zip(pairs, check_pairs(SDXL_UNET, student, pairs, 128)))  # 1024 px, on the meta device
+    assert tuple(shapes[("mid_block", "mid_block.resnets.0")][0]) == (1280, 32, 32)
+    assert tuple(shapes[("up_blocks.1.attentions.2", "up_blocks.1.attentions.2")][0]) == (640, 64, 64)
+    assert tuple(shapes[("up_blocks.2.resnets.2", "up_blocks.2.resnets.2")][0]) == (320, 128, 128)
+
+
+def test_sub_block_pairs_of_koala_keep_the_whole_mid_block_module_by_module():
+    # koala_1b keeps the mid block with its attention (cut to 6 layers): its resnets and attention pair by name.
+    pairs = sub_block_pairs("koala_1b", SDXL_UNET)
+    assert [p for p in pairs if p[1].startswith("mid_block")] == [
+        ("mid_block.attentions.0", "mid_block.attentions.0"), ("mid_block.resnets.0", "mid_block.resnets.0"),
+        ("mid_block.resnets.1", "mid_block.resnets.1")]
+    assert len(pairs) == 18 and len(sub_block_pairs("koala_700m", SDXL_UNET)) == 15  # one resnet per down level
+    assert ("up_blocks.0.resnets.2", "up_blocks.0.resnets.1") in pairs
+    check_pairs(SDXL_UNET, student_unet_config(SDXL_UNET, PRESETS["koala_1b"]), pairs, 128)
+
+
+@pytest.mark.parametrize("preset", ["bk_tiny", "sdxs"])
+def test_sub_block_pairs_without_the_deepest_stage_shift_the_up_blocks(preset, teacher, students):
+    pairs = sub_block_pairs(preset, teacher.config)
+    assert ("up_blocks.1.resnets.2", "up_blocks.0.resnets.1") in pairs
+    assert sorted(s for _, s in pairs) == sorted(sub_blocks(students[preset]))
+    # The highest-resolution level (student down_blocks.0, up_blocks.2): sdxs has no attention there.
+    level0 = [s for _, s in pairs if ".attentions." in s and s.startswith(("down_blocks.0.", "up_blocks.2."))]
+    assert len(level0) == (0 if preset == "sdxs" else 3)
+    check_pairs(teacher, students[preset], pairs, TOY_LATENT)
+
+
+def test_sub_block_features_stay_differentiable_under_gradient_checkpointing(teacher):
+    student = build_student(teacher, PRESETS["bk_small"]).train()
+    student.enable_gradient_checkpointing()  # every resnet runs inside a checkpoint
+    names = [s for _, s in sub_block_pairs("bk_small", teacher.config)]
+    hooks = FeatureHooks(student, names)
+    with hooks.capture():
+        student(*inputs())
+    assert all(f.requires_grad for f in hooks.features)
+    sum(f.float().pow(2).mean() for f in hooks.features).backward()
+    assert all(p.grad is not None for p in student.down_blocks[0].resnets[0].parameters())

@@ -105,3 +105,84 @@ def test_two_processes_draw_what_one_process_draws_for_the_same_samples():
     short = DiffusionObjective(scheduler(), KDLoss()).draw(latents[3:5], StepRandom(5, "cpu", 3, 2, 1))
     plain = DiffusionObjective(scheduler(), KDLoss()).draw(latents, StepRandom(5, "cpu", 6))
     assert torch.equal(short[1], plain[1][3:5])  # a batch that lost a bad sample keeps its rows' draws
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-block feature KD (student.feature_pairs=sub_block) through the trainers' objective
+
+
+FULL_COPY = ["student.preset=custom", "student.keep_down=[[0,1],[0,1],[0,1],[0,1]]",
+             "student.keep_up=[[0,1,2],[0,1,2],[0,1,2],[0,1,2]]"]  # every toy teacher module kept
+
+
+def sub_block_objective(teacher, student, *overrides):
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.tasks.diffusion_config import KDConfig
+    from sdkd.train.tasks.objective import kd_objective
+
+    cfg = load_config(None, ["teacher=toy", "output_dir=unused", "student.feature_pairs=sub_block",
+                             "loss.lambda_task=0", "loss.lambda_out=0", *overrides], schema=KDConfig)
+    return kd_objective(cfg, scheduler(), student, teacher, LATENTS.shape[-1])
+
+
+def pair_mses(objective) -> dict[str, float]:
+    """Each pair's MSE, from the features the objective's own hooks recorded, by student module."""
+    return {name: (s.float() - t.float()).pow(2).mean().item() for name, s, t in
+            zip(objective.student_hooks.names, objective.student_hooks.features, objective.teacher_hooks.features)}
+
+
+def test_sub_block_feature_kd_is_zero_exactly_where_the_student_computes_what_the_teacher_does():
+    from sdkd.train.models.student_config import StudentConfig
+    from sdkd.train.models.students import build_student, removal_spec
+    from sdkd.train.models.toy import build_toy_pipeline
+
+    teacher = build_toy_pipeline().unet.eval()  # left trainable: the objective alone must keep it out of the graph
+    cond, rng = Conditioning(torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(2))), lambda: StepRandom(
+        1, "cpu", len(LATENTS))
+    full = StudentConfig(preset="custom", keep_down=[[0, 1]] * 4, keep_up=[[0, 1, 2]] * 4)
+    twin = build_student(teacher, removal_spec(full))
+    objective = sub_block_objective(teacher, twin, *FULL_COPY)
+    every = [n for n, m in teacher.named_modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
+    assert sorted(objective.student_hooks.names) == sorted(every) and len(every) == 38
+    assert objective(twin, LATENTS, cond, rng())["feat"].item() == 0.0  # the teacher's own modules: nothing to learn
+
+    # One kept module differs (the last attention's output projection): its pair alone, and the term, are non-zero.
+    # Features compared with themselves (the teacher's replaced by the student's) would leave the term at 0.
+    with torch.no_grad():
+        twin.up_blocks[3].attentions[2].proj_out.weight.mul_(1.5)
+    terms = objective(twin, LATENTS, cond, rng())
+    mses = pair_mses(objective)
+    assert mses["up_blocks.3.attentions.2"] > 1e-4 and all(v == 0.0 for n, v in mses.items()
+                                                          if n != "up_blocks.3.attentions.2")
+    assert terms["feat"].item() == pytest.approx(mses["up_blocks.3.attentions.2"], rel=1e-5)
+    terms["loss"].backward()
+    assert twin.up_blocks[3].attentions[2].proj_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher ran outside the graph
+
+    # A cut student (bk_small): each module pairs with the teacher module it was copied from; the first two see
+    # the teacher's input and match it, every one after a removed module (down_blocks.0.resnets.1 the first)
+    # does not. The term sums all 21 pairs.
+    student = build_student(teacher, removal_spec(StudentConfig(preset="bk_small")))
+    objective = sub_block_objective(teacher, student, "student.preset=bk_small")
+    terms = objective(student, LATENTS, cond, rng())
+    mses = pair_mses(objective)
+    first = ("down_blocks.0.attentions.0", "down_blocks.0.resnets.0")
+    assert len(mses) == 21 and all(mses[n] == 0.0 for n in first)
+    assert all(v > 1e-6 for n, v in mses.items() if n not in first), mses
+    assert terms["feat"].item() == pytest.approx(sum(mses.values()), rel=1e-5)
+
+
+def test_sub_block_pairs_that_disagree_in_shape_stop_in_one_line_naming_the_pair():
+    from sdkd.cli.errors import ConfigError
+    from sdkd.train.models.student_config import StudentConfig
+    from sdkd.train.models.students import build_student, removal_spec
+    from sdkd.train.models.toy import build_toy_pipeline
+
+    teacher = build_toy_pipeline().unet.eval()
+    # bk_small of another teacher, wider at its deepest level: the same module names, other widths there.
+    wider = UNet2DConditionModel(**{**TOY_UNET, "block_out_channels": [32, 64, 64, 96]})
+    student = build_student(wider, removal_spec(StudentConfig(preset="bk_small")))
+    with pytest.raises(ConfigError) as err:
+        sub_block_objective(teacher, student, "student.preset=bk_small")
+    assert str(err.value) == ("feature pair 7 (teacher down_blocks.3.resnets.0 -> student "
+                              "down_blocks.3.resnets.0): shapes (64, 1, 1) vs (96, 1, 1) differ")

@@ -2,7 +2,7 @@
 
     python train/show_student.py --teacher PATH --preset bk_small [--json]
     python train/show_student.py --teacher SDXL_PATH --preset ssd1b [--json]
-    python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind]
+    python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind|sub_block]
 
 PATH is a model folder (unet/config.json), a U-Net folder or config.json, or `toy`; no weights are read.
 The student is train/models/students.py's (`describe`).
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="teacher model folder (with unet/config.json), a U-Net config.json, or 'toy'")
     parser.add_argument("--preset", required=True, help=f"{', '.join(PRESETS)} or custom (needs --spec)")
     parser.add_argument("--spec", help="YAML with the student section (or a whole recipe)")
-    parser.add_argument("--pairs", choices=["bk", "segmind"], help="feature-pair table (default bk, or --spec's)")
+    parser.add_argument("--pairs", choices=["bk", "segmind", "sub_block"],
+                        help="feature pairs: block outputs (bk, segmind) or every resnet and attention output "
+                             "(sub_block); default bk, or --spec's")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     teacher_config = _read_teacher_config(args.teacher)

@@ -16,6 +16,11 @@ bk_tiny's pairs: dropping the 320-channel attention changes no block output shap
 student down and up block is still paired (SDXS's feature KD on every Dn and Up block output).
 The SDXL presets keep the deepest stage: 3 down and 3 up pairs, and with segmind the mid block where
 kept (SSD-1B's and Vega's one resnet imitating the teacher's whole mid block, as SSD-1B did).
+`student.feature_pairs: sub_block` pairs every student resnet and attention (Transformer2DModel) output with
+the teacher module its weights were copied from (students.py's weight map), as SSD-1B did (losses-and-recipes.md,
+block-removal.md section 4.3): an attention whose depth was cut still pairs its whole output with the teacher's.
+A student mid block cut to one resnet pairs it with the teacher's whole mid block, whose place it takes before
+the up blocks (SSD-1B's 26th pair); samplers are not paired. ssd1b and vega get SSD-1B's 26 pairs.
 `student.feature_pairs: custom` takes `student.pairs` verbatim; `check_pairs` verifies shapes.
 
 The proj_out pair assumes a cross-attention block there (SD-1.x/2.x). A hook inside an attention
@@ -33,15 +38,17 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import Transformer2DModel, UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from sdkd.cli.errors import ConfigError
 from sdkd.train.models.families import random_conditioning
 from sdkd.train.models.student_config import StudentConfig
-from sdkd.train.models.students import RemovalSpec
+from sdkd.train.models.students import RemovalSpec, module_sources
 
 Pair = tuple[str, str]
+SUB_BLOCKS = (ResnetBlock2D, Transformer2DModel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,15 +69,28 @@ def _final_down_pair(table: str, spec: RemovalSpec, level: int) -> Pair:
             f"down_blocks.{level}.attentions.{student_last}.proj_out")
 
 
-def feature_pairs(student_cfg: StudentConfig, spec: RemovalSpec) -> list[Pair]:
-    """(teacher module, student module) names for `student.feature_pairs` (bk, segmind or custom)."""
+def _sub_block_pairs(spec: RemovalSpec, teacher_config: Mapping) -> list[Pair]:
+    sources = module_sources(teacher_config, spec, SUB_BLOCKS)
+    if spec.mid_block and not spec.mid_attention:
+        sources["mid_block.resnets.0"] = "mid_block"
+    return [(teacher, student) for student, teacher in sources.items()]
+
+
+def feature_pairs(student_cfg: StudentConfig, spec: RemovalSpec, teacher_config: Mapping | None = None) -> list[Pair]:
+    """(teacher module, student module) names for `student.feature_pairs` (bk, segmind, sub_block or custom);
+    sub_block needs the teacher's U-Net config (the block tables follow from the spec alone)."""
     table = student_cfg.feature_pairs
     if table == "custom":
         if not student_cfg.pairs:
             raise ConfigError("config key 'student.pairs': required when student.feature_pairs=custom")
         return [(str(t), str(s)) for t, s in student_cfg.pairs]
+    if table == "sub_block":
+        if teacher_config is None:
+            raise TypeError("feature_pairs: student.feature_pairs=sub_block needs the teacher's U-Net config")
+        return _sub_block_pairs(spec, teacher_config)
     if table not in ("bk", "segmind"):
-        raise ConfigError(f"config key 'student.feature_pairs': expected bk, segmind or custom, got '{table}'")
+        raise ConfigError(f"config key 'student.feature_pairs': expected bk, segmind, sub_block or custom, "
+                          f"got '{table}'")
     shift = 0 if spec.deepest_stage else 1  # teacher up index - student up index
     levels = len(spec.keep_down) - shift
     pairs = [(f"down_blocks.{i}",) * 2 for i in range(levels - shift)]

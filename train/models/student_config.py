@@ -31,6 +31,7 @@ class StudentPreset(Choice):
 class FeaturePairs(Choice):
     bk = auto()
     segmind = auto()
+    sub_block = auto()
     custom = auto()
 
 
@@ -112,7 +113,9 @@ class StudentConfig(BlockRemovalConfig):
     """A block-removed student and the feature pairs of its KD."""
 
     feature_pairs: FeaturePairs = FeaturePairs.bk
-    """Feature-KD pair table: bk (BK-SDM's), segmind (segmind's), or custom (then set pairs)."""
+    """Feature-KD pairs: bk (BK-SDM's block outputs), segmind (segmind's block outputs, the mid block
+    included), sub_block (every student resnet and attention output with the teacher module it was copied
+    from, as SSD-1B did: 26 pairs for ssd1b and vega), or custom (then set pairs)."""
     pairs: Optional[list[list[str]]] = None
     """custom: [teacher_module, student_module] names; checked by shape at start-up."""
 

@@ -464,6 +464,16 @@ def weight_map(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, str]:
     return {**{k: k for k in stem}, **_block_map(t, spec), **layers, **{k: k for k in head}}
 
 
+def module_sources(teacher_config: Mapping, spec: RemovalSpec, kinds: tuple[type, ...]) -> dict[str, str]:
+    """Student module -> the teacher module its weights were copied from (through `weight_map`), for every
+    student module of one of `kinds`, in the student's module order."""
+    t = _normalized(teacher_config)
+    mapping = weight_map(t, spec)
+    with torch.device("meta"):
+        student = UNet2DConditionModel.from_config(student_unet_config(t, spec))
+    return {name: _source_key(name, mapping) for name, module in student.named_modules() if isinstance(module, kinds)}
+
+
 def _prefixes(keys) -> set[str]:
     """The names of the modules holding these state-dict keys, and of every module above them."""
     return {".".join(parts[:cut]) for parts in (k.split(".") for k in keys) for cut in range(1, len(parts))}
@@ -540,7 +550,7 @@ def describe(teacher_config: Mapping, student: StudentConfig) -> dict:
 
     spec = removal_spec(student)
     config = student_unet_config(teacher_config, spec)
-    pairs = feature_pairs(student, spec)
+    pairs = feature_pairs(student, spec, teacher_config)
     size = config["sample_size"] or 64  # SD-1.x/2.x configs always set it; 64 is their 512-px latent
     latent_hw = tuple(size) if isinstance(size, list) else (size, size)
     shapes = check_pairs(teacher_config, config, pairs, latent_hw)

@@ -175,7 +175,7 @@ def kd_objective(cfg, scheduler, trained: torch.nn.Module, teacher: torch.nn.Mod
     Feature KD pairs `cfg.student`'s block removal of the teacher with `trained`'s modules, checked by
     shape at `latent_hw`; the hooks go on the plain modules, before accelerate wraps `trained` in DDP."""
     loss = KDLoss.from_config(cfg.loss)
-    pairs = feature_pairs(cfg.student, removal_spec(cfg.student)) if cfg.loss.lambda_feat > 0 else []
+    pairs = feature_pairs(cfg.student, removal_spec(cfg.student), teacher.config) if cfg.loss.lambda_feat > 0 else []
     if pairs:
         check_pairs(teacher, trained, pairs, latent_hw)
     return DiffusionObjective(
