@@ -166,3 +166,33 @@ def test_a_run_from_the_latent_cache_trains_as_the_run_without_it(run, teacher, 
     a, b = load_file(out / unet), load_file(cached / unet)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(out) if "loss" in r] == [r["loss"] for r in metrics(cached) if "loss" in r]
+
+
+def test_sub_block_kd_trains_the_toy_sdxl_student_with_the_teacher_frozen_and_unwrapped(teacher, tmp_path,
+                                                                                       monkeypatch):
+    """Feature KD on every resnet and attention output (student.feature_pairs=sub_block) trains the toy SDXL
+    student; the teacher never enters accelerator.prepare (no DDP, no master copy) and gets no gradient."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    prepared, prepare = [], Accelerator.prepare
+
+    def recording_prepare(self, *args, **kwargs):
+        prepared.extend(args)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "prepare", recording_prepare)
+    out = tmp_path / "run"
+    task = kd(teacher, out, "student.feature_pairs=sub_block", "train.max_steps=3", "train.checkpoint_every=0",
+              "train.sample_every=0", "eval.every=0")
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r[name]) for r in rows for name in ("loss", "task", "out", "feat"))
+    assert all(r["feat"] > 0 for r in rows)
+    # XL_STUDENT on the toy SDXL teacher: down 1 + 2 + 2 (resnet, attention), up 4 + 4 + 2, no mid block.
+    assert task.objective.num_feature_pairs == 15
+    frozen = task.frozen["teacher"]
+    assert task.objective.teacher is frozen and type(frozen) is UNet2DConditionModel
+    assert any(m is task.modules[0].module for m in prepared)  # the student went through prepare ...
+    assert not any(m is frozen for m in prepared)  # ... the teacher did not
+    assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())

@@ -695,3 +695,14 @@ def test_cli_shows_sdxl_presets(tmp_path, capsys):
     code, out, err = run_main(["--teacher", str(config), "--preset", "bk_tiny"], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("error: config key 'student.preset': bk_tiny is a preset for SD-1.x/2.x teachers")
+
+
+def test_cli_lists_sub_block_pairs(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_UNET}))
+    code, out, _ = run_main(["--teacher", str(config), "--preset", "ssd1b", "--pairs", "sub_block"], capsys)
+    assert code == 0 and "feature pairs (sub_block), teacher -> student, output shape at latent 128x128:" in out
+    listed = [line.strip() for line in out.split("feature pairs (sub_block)")[1].strip().splitlines()[1:]]
+    assert len(listed) == 26  # SSD-1B's sub-block terms
+    assert "26. mid_block -> mid_block.resnets.0  (1280, 32, 32)" in listed
+    assert "6. down_blocks.1.resnets.1 -> down_blocks.1.resnets.1  (640, 64, 64)" in listed
