@@ -18,10 +18,10 @@ def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 @contextmanager
 def own_dtype(module: torch.nn.Module):
-    """While open, `module`'s children (a VAE's encoder and decoder, its convolutions between) take their inputs in
-    `module`'s dtype and run outside any autocast: a model its family keeps in fp32 under fp16 (SDXL's VAE, which
-    overflows in fp16) then decodes a fp16 pipeline's latents, and stays fp32 inside an autocast region, whose
-    convolutions would otherwise run in fp16."""
+    """While open, `module`'s direct children (a VAE's encoder, decoder and the convolutions around them) take their
+    inputs in `module`'s dtype and run outside any autocast. A model its family keeps fp32 under fp16 (SDXL's VAE,
+    which overflows in fp16) then decodes an fp16 pipeline's latents, and stays fp32 inside an autocast region,
+    which would run its convolutions in fp16."""
     param = next(module.parameters())
     cast = lambda x: x.to(param.dtype) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
     opened = []
