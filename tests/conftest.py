@@ -159,3 +159,32 @@ def same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
     return a == b
+
+
+@pytest.fixture
+def unet_calls(monkeypatch) -> list[dict]:
+    """What every U-Net forward of the test is called with: its sample's shape and its conditioning, on the CPU."""
+    from diffusers import UNet2DConditionModel
+
+    calls = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        calls.append(dict(shape=tuple(sample.shape), hidden=encoder_hidden_states.detach().float().cpu(),
+                          **{name: t.detach().float().cpu() for name, t in added.items()}))
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    return calls
+
+
+def size_ids(height: int, width: int) -> list[float]:
+    return [height, width, 0, 0, height, width]  # original size, crop top-left, target size
+
+
+def sampled(calls: list[dict]) -> list[dict]:
+    """The `unet_calls` with size ids: cost counting's forwards take random conditioning, the rest the pipeline's."""
+    import torch
+
+    return [c for c in calls if "time_ids" in c and torch.equal(c["time_ids"], c["time_ids"].round())]

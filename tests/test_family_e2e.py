@@ -21,7 +21,7 @@ from sdkd.train.models.families import SDXL
 from sdkd.train.models.toy import build_toy_xl_pipeline
 from sdkd.train.tasks.diffusion_config import KDConfig
 
-from conftest import fit_task
+from conftest import fit_task, sampled, size_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -139,6 +139,27 @@ def test_export_sampling_and_cost(run, teacher, tmp_path):
     counted = pipeline_params(pipe.pipe)
     assert counted["params"] == sum(p.numel() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
                                     for p in getattr(pipe.pipe, name).parameters())
+
+
+def test_evaluate_the_run(run, teacher, tmp_path, unet_calls):
+    """eval/evaluate.py on the SDXL run: its teacher from config.yaml, its checkpoint on the teacher's parts, and the
+    run's own held-out triples, on which the checkpoint scores what the loop measured at its step."""
+    from sdkd.eval.evaluate import main
+
+    out, _ = run
+    main([str(out), "--config", "configs/eval_toy.yaml", "--out", str(tmp_path), "steps=2", "num_images=2",
+          "latency.enabled=false"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["teacher"] == str(teacher) and report["triples"]["resolution"] == 32
+    teacher_row, row = report["rows"]
+    assert (teacher_row["name"], row["name"], row["step"]) == ("teacher", f"checkpoint-{STEPS}", STEPS)
+    assert teacher_row["noise_mse"] == 0 and row["sample_mse"] > 0
+    in_loop = [r["eval/noise_mse"] for r in metrics(out) if r.get("step") == STEPS and "eval/noise_mse" in r]
+    assert row["noise_mse"] == pytest.approx(in_loop[0], rel=1e-4)
+    calls = sampled(unet_calls)
+    assert len(calls) == 6  # per model: its noise MSE on the run's 2 triples, and 2 steps for the 2 prompts
+    assert all(c["time_ids"].tolist() == [size_ids(32, 32)] * len(c["time_ids"]) for c in calls)
+    assert all(c["text_embeds"].shape[-1] == 16 for c in calls)  # the second text encoder's pooled projection
 
 
 def test_a_run_from_the_latent_cache_trains_as_the_run_without_it(run, teacher, tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdkd.cli.errors import UserError
-from sdkd.eval.inference.pipeline import Pipeline, load_pipeline, resolve_device_dtype
+from sdkd.eval.inference.pipeline import Pipeline, cast_models, load_pipeline, resolve_device_dtype
 from sdkd.train.engine.checkpoints import list_checkpoints, saved_step
 from sdkd.train.formats.model_files import META, SOURCES, read_metadata
 
@@ -117,7 +117,5 @@ def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle:
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     pipe = load_named(PipelineSource(spec.path, spec.revision, spec.variant, allow_pickle), what="teacher")
     pipe.to(dev, silence_dtype_warnings=True)
-    for module in (m for m in pipe.components.values() if hasattr(m, "dtype") and hasattr(m, "parameters")):
-        if module.dtype != torch_dtype:
-            module.to(dtype=torch_dtype)
+    cast_models(pipe, torch_dtype)
     return Pipeline(pipe, dev, torch_dtype, dict(model=spec.path, source=f"teacher `{spec.path}`"))

@@ -25,8 +25,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdkd.cli.errors import UserError
+from sdkd.train.engine.frozen import own_dtype
 from sdkd.train.formats.lora_io import load_lora
 from sdkd.train.formats.model_files import load_source, load_vae
+from sdkd.train.models.families import family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
@@ -118,11 +120,27 @@ class Pipeline:
             chunk = prompts[start:start + batch]
             negs = negatives[start:start + batch]
             gens = [torch.Generator(gen_device).manual_seed(seed + start + i) for i in range(len(chunk))]
-            out = self.pipe(chunk, negative_prompt=None if all(n is None for n in negs) else [n or "" for n in negs],
-                            num_inference_steps=steps, guidance_scale=run["guidance_scale"], generator=gens,
-                            height=run["height"], width=run["width"], output_type=output_type)
+            negative = None if all(n is None for n in negs) else [n or "" for n in negs]
+            with own_dtype(self.pipe.vae):  # a VAE kept fp32 decodes fp16 latents
+                out = self.pipe(chunk, negative_prompt=negative,
+                                num_inference_steps=steps, guidance_scale=run["guidance_scale"], generator=gens,
+                                height=run["height"], width=run["width"], output_type=output_type)
             images.extend(out.images)
         return images
+
+
+def cast_models(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Every model of `pipe` in the inference dtype, but for those its family keeps wider under it (SDXL's VAE:
+    fp32 under fp16, as in training; `Pipeline` hands it its latents in its dtype). A replacement of the family's
+    class (a tiny VAE for its AutoencoderKL) takes the inference dtype: the rule is about the model it replaces."""
+    family = family_of(pipe.unet.config)
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        own = family.components.get(name)
+        wanted = own.dtype(dtype) if own is not None and isinstance(module, own.cls) else dtype
+        if module.dtype != wanted:  # a no-op cast still makes diffusers warn
+            module.to(dtype=wanted)
 
 
 def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", tiny_vae: str | Path | None = None,
@@ -141,11 +159,7 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
         load_lora(pipe, lora, lora_scale)  # checked against this model's layout first
     # diffusers warns, per fp16 part, that fp16 cannot run on CPU: such parts are cast to fp32 just below.
     pipe.to(dev, silence_dtype_warnings=True)
-    # Every model in the inference dtype, whatever its family's training dtype rule: a pipeline class whose VAE
-    # must decode in fp32 upcasts it itself (diffusers' SDXL: `force_upcast`).
-    for module in (m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):  # the family's models
-        if module.dtype != torch_dtype:  # a no-op cast still makes diffusers warn
-            module.to(dtype=torch_dtype)
+    cast_models(pipe, torch_dtype)
     pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels on GPU)
     if not isinstance(pipe.vae, AutoencoderTiny):
         pipe.vae.set_attn_processor(AttnProcessor2_0())

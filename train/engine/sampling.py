@@ -12,6 +12,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw, ImageFont
 
+from sdkd.train.engine.frozen import own_dtype
+
 LABEL_CELL = 128  # labelled grids upscale smaller images (toy runs: 32 px) so a prompt has room to be read
 PAD = 4
 
@@ -25,7 +27,7 @@ def sample_images(unet, parts, prompts: list[str], seed: int, steps: int, guidan
     images = []
     was_training = unet.training
     unet.eval()
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), own_dtype(pipe.vae):  # the VAE decodes in its family's dtype
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device).manual_seed(seed + i)
             images.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
