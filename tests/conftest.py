@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,45 @@ def sampled(calls: list[dict]) -> list[dict]:
     import torch
 
     return [c for c in calls if "time_ids" in c and torch.equal(c["time_ids"], c["time_ids"].round())]
+
+
+def reset_process_state() -> None:
+    """What an in-process run leaves behind that the next one must not see: accelerate's singletons and
+    the run-folder locks this process holds."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    from sdkd.train.engine import run_folder
+
+    held = getattr(run_folder, "_held", {})
+    for fd in held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    held.clear()
+
+
+def run_in_process(script: str, argv: list[str]) -> int:
+    """`python SCRIPT ARGV` in this process; returns its exit code. An exception that escapes the script
+    is printed as the interpreter would (a traceback, exit code 1)."""
+    old_argv = sys.argv
+    sys.argv = [str(ROOT / script), *argv]
+    reset_process_state()
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        return 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001  # what `python SCRIPT` would do with it
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = old_argv
+        reset_process_state()

@@ -234,6 +234,43 @@ def test_cached_dropout_swaps_only_the_caption_made_tensors(xl, xl_dir, tmp_path
     assert torch.allclose(encoded.added["text_embeds"][0], empty["text_embeds"], atol=1e-6)
 
 
+def test_uncached_dropout_encodes_the_empty_prompt_for_both_encoders_and_keeps_the_time_ids(xl, xl_dir):
+    import numpy as np
+    from PIL import Image
+
+    from sdkd.data.sources.core import collate
+
+    parts = load_teacher(str(xl_dir))
+    for m in parts.frozen.values():
+        m.requires_grad_(False).eval()
+    images = [Image.new("RGB", size, colour) for size, colour in (((64, 48), "red"), ((40, 56), "blue"))]
+
+    def batch(dropout):  # as the training data makes it: each sample's own size and random crop
+        p = Preprocess(ImageTransform(32, center_crop=False, random_flip=False), caption_dropout=dropout)
+        return collate([p(image, caption, np.random.default_rng(i), np.random.default_rng(i), "k")
+                        for i, (image, caption) in enumerate(zip(images, ["a red fox", "a blue lake"]))])
+
+    kept, dropped = batch(0.0), batch(1.0)
+    assert dropped["captions"] == ["", ""] and torch.equal(kept["pixel_values"], dropped["pixel_values"])
+    with torch.no_grad():
+        cond, caption_cond = BatchEncoder(parts).conditioning(dropped), BatchEncoder(parts).conditioning(kept)
+        # "" through each encoder alone, as its pipeline encodes a prompt: both halves of the hidden states
+        hidden, _, pooled, _ = StableDiffusionXLPipeline(**parts.components, **xl.pipeline_extras).encode_prompt(
+            "", device="cpu", do_classifier_free_guidance=False)
+    width = parts.components["text_encoder"].config.hidden_size
+    for i in range(2):
+        assert torch.allclose(cond.hidden_states[i, :, :width], hidden[0, :, :width], atol=1e-6)  # the first's
+        assert torch.allclose(cond.hidden_states[i, :, width:], hidden[0, :, width:], atol=1e-6)  # the second's
+        assert torch.allclose(cond.added["text_embeds"][i], pooled[0], atol=1e-6)
+    assert not torch.allclose(caption_cond.hidden_states[:, :, width:], cond.hidden_states[:, :, width:], atol=1e-3)
+    assert not torch.allclose(caption_cond.added["text_embeds"], cond.added["text_embeds"], atol=1e-3)
+    # The time ids stay each sample's own: original size, its crop, the target size.
+    expected = [[*size, *crop, 32, 32] for size, crop in zip(dropped["original_size"].tolist(),
+                                                             dropped["crop_top_left"].tolist())]
+    assert expected[0][:2] == [48, 64] and expected[1][:2] == [56, 40] and expected[0][2:4] != [0, 0]
+    assert cond.added["time_ids"].tolist() == expected == caption_cond.added["time_ids"].tolist()
+
+
 def test_lora_on_both_text_encoders(xl, xl_dir, tmp_path):
     from sdkd.train.engine.step_random import StepRandom
     from sdkd.train.formats import lora_io

@@ -15,19 +15,17 @@ import io
 import json
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import ROOT, free_port, run_script, save_toy_student
+from conftest import ROOT, free_port, run_in_process, run_script, save_toy_student
 
 TOY = str(ROOT / "configs" / "toy.yaml")
 LORA_TOY = str(ROOT / "configs" / "lora_toy.yaml")
@@ -108,48 +106,6 @@ def assert_unchanged(before: dict[str, bytes], after: dict[str, bytes], may_add:
 
 # ---------------------------------------------------------------------------------------------
 # Running an entry point
-
-
-def reset_process_state() -> None:
-    """What an in-process run leaves behind that the next one must not see: accelerate's singletons and
-    the run-folder locks this process holds."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    from sdkd.train.engine import run_folder
-
-    held = getattr(run_folder, "_held", {})
-    for fd in held.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    held.clear()
-
-
-def run_in_process(script: str, argv: list[str]) -> int:
-    """`python SCRIPT ARGV` in this process; returns its exit code. An exception that escapes the script
-    is printed as the interpreter would (a traceback, exit code 1)."""
-    old_argv = sys.argv
-    sys.argv = [str(ROOT / script), *argv]
-    reset_process_state()
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-        return 0
-    except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            return stop.code or 0
-        print(stop.code, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        raise
-    except BaseException:  # noqa: BLE001  # what `python SCRIPT` would do with it
-        traceback.print_exc()
-        return 1
-    finally:
-        sys.argv = old_argv
-        reset_process_state()
 
 
 def subprocess_env() -> dict:

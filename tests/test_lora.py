@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdkd.cli.errors import UserError
 from sdkd.train.formats import ldm_layout, lora_io
@@ -117,6 +117,46 @@ def test_lora_into_another_layout_fails_clearly(tmp_path, trained_on, loaded_int
         lora_io.load_lora_state(file, dst.unet)
     with pytest.raises(UserError, match="does not fit this model"):
         lora_io.load_lora(toy_pipe(loaded_into), file)
+
+
+def test_a_lora_of_another_family_is_refused_before_its_modules(tmp_path):
+    from sdkd.train.convert_lora import main as convert_lora
+    from sdkd.train.models.families import SD, SDXL
+    from sdkd.train.models.toy import build_toy_xl_pipeline
+
+    xl, sd = build_toy_xl_pipeline(), build_toy_pipeline()
+    # One attention both toy U-Nets have at the same widths: only the family tells this LoRA does not belong.
+    shared = LoraSection(rank=2, target_modules=["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"])
+    lora_io.add_adapters(xl.unet, None, shared)
+    xl_state, xl_meta = lora_io.read_lora(lora_io.save_lora(tmp_path / "xl", xl.unet, None, base="xl"))
+    lora_io.check_lora(xl_state, sd.unet, None, "x", {})  # the modules alone fit
+    with pytest.raises(UserError) as err:
+        lora_io.check_lora(xl_state, sd.unet, None, "x", xl_meta)
+    assert str(err.value) == ("LoRA 'x' was trained on a model of family 'sdxl', this model is of family 'sd': a "
+                              "LoRA applies only to models of its own family")
+    lora_io.add_adapters(sd.unet, None, LoraSection(rank=2))
+    sd_state, sd_meta = lora_io.read_lora(lora_io.save_lora(tmp_path / "sd", sd.unet, None, base="sd"))
+    with pytest.raises(UserError, match="^LoRA 'y' was trained on a model of family 'sd', this model is of family "
+                                        "'sdxl': a LoRA applies only"):
+        lora_io.check_lora(sd_state, build_toy_xl_pipeline().unet, None, "y", sd_meta)
+    # Without sdkd's metadata a text encoder the family lacks tells; with it, tensors that contradict it are refused.
+    full = build_toy_xl_pipeline()
+    lora_io.add_adapters(full.unet, xl_text := {n: getattr(full, n) for n in SDXL.text_encoders},
+                         LoraSection(rank=2, train_text_encoder=True))
+    full_state, _ = lora_io.read_lora(lora_io.save_lora(tmp_path / "full", full.unet, xl_text))
+    with pytest.raises(UserError, match="^LoRA 'z' adapts 'text_encoder_2', which a model of family 'sd' does not "
+                                        "have: it was trained on another model family$"):
+        lora_io.check_lora(full_state, build_toy_pipeline().unet, None, "z", {})
+    with pytest.raises(UserError, match="^LoRA 'w' records a U-Net of model family 'sd', but adapts "
+                                        "'text_encoder_2', which that family does not have"):
+        lora_io.lora_family(full_state, sd_meta, "w")
+    mislabelled, out = tmp_path / "mislabelled.safetensors", tmp_path / "sdcpp.safetensors"
+    save_file(full_state, str(mislabelled), metadata=sd_meta)
+    with pytest.raises(UserError, match=f"^LoRA '{mislabelled}' records a U-Net of model family 'sd'"):
+        convert_lora(["to-sdcpp", str(mislabelled), "--out", str(out)])  # its SDXL text encoder would be dropped
+    assert not out.exists()
+    assert lora_io.lora_family(sd_state, sd_meta) is SD
+    assert lora_io.lora_family(full_state, {}) is None
 
 
 def test_width_mismatch_fails_clearly(tmp_path):

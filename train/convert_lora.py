@@ -3,7 +3,8 @@
     python train/convert_lora.py to-sdcpp OUTPUT/pytorch_lora_weights.safetensors --out lora_sdcpp.safetensors
 
 The conversion is train/formats/lora_io.py's `export_sdcpp`: kohya names over sd.cpp's teacher-slot numbering,
-with alpha tensors; a LoRA of a layout sd.cpp has no model for is refused and no file is written.
+with alpha tensors; a LoRA of a layout sd.cpp has no model for, or whose tensors adapt models its recorded family
+lacks (`lora_family`: the conversion would drop them), is refused and no file is written.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from sdkd.cli.errors import run_cli
-from sdkd.train.formats.lora_io import export_sdcpp
+from sdkd.train.formats.lora_io import export_sdcpp, lora_family, read_lora
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("lora", help="pytorch_lora_weights.safetensors (or its folder) written by train/lora.py")
     conv.add_argument("--out", required=True, help="output .safetensors")
     args = parser.parse_args(argv)
+    lora_family(*read_lora(args.lora), args.lora)  # the names are made from the family it records
     print(f"wrote {export_sdcpp(args.lora, args.out)}")
 
 

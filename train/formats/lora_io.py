@@ -7,9 +7,13 @@
   encoder, keys prefixed with its component name; peft adapter configs in the `lora_adapter_metadata`),
   plus sdkd metadata: the base model, its U-Net layout and config. Plain diffusers
   `pipe.load_lora_weights(folder)` and sdkd's pipeline (`--lora FILE`) load it.
-- `check_lora`: before loading, every adapted module must exist in the target model with the LoRA's
-  widths: else `UserError` naming the first module that does not fit and both layouts (diffusers
-  would skip or only warn).
+- `lora_family`: the model family a LoRA was trained on (recorded in its metadata), its tensors checked to
+  adapt only that family's models (an SDXL LoRA's `text_encoder_2.*` tensors have no place in an SD-1.x one);
+  train/convert_lora.py checks a file with it before converting.
+- `check_lora`: before loading, the LoRA must be of the target model's family (else one line naming both
+  families), and every adapted module must exist in the target model with the LoRA's widths: else
+  `UserError` naming the first module that does not fit and both layouts (diffusers would skip or only
+  warn).
 - `LoraState`: what a LoRA run's checkpoints hold (the adapter file and the EMA of the adapter), so
   `Checkpointer` and `resume` work unchanged.
 - `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`, `lora_te_*`) over the
@@ -33,7 +37,7 @@ from sdkd.cli.errors import UserError, first_line
 from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
 from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.lora_config import LoraSection
-from sdkd.train.models.families import family_of
+from sdkd.train.models.families import ModelFamily, family_of, registered_families
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SDCPP_FILE = "lora_sdcpp.safetensors"
@@ -157,11 +161,45 @@ def _find(model, name: str):
     return None
 
 
+def _adapted_parts(state: dict) -> set[str]:
+    """The component names (of any registered family) whose models a LoRA's tensors adapt."""
+    known = {name for family in registered_families() for name in family.models}
+    return {key.split(".", 1)[0] for key in state if _SUFFIX.search(key)} & known
+
+
+def lora_family(state: dict, meta: dict, source: str = "LoRA") -> ModelFamily | None:
+    """The model family a LoRA was trained on, from the U-Net config sdkd records in it (None without one), after
+    checking that its tensors adapt only models that family has."""
+    if META + "unet_config" not in meta:
+        return None
+    family = family_of(json.loads(meta[META + "unet_config"]), f"LoRA '{source}'")
+    foreign = sorted(_adapted_parts(state) - {"unet", *family.text_encoders})
+    if foreign:
+        raise UserError(f"LoRA '{source}' records a U-Net of model family '{family.name}', but adapts "
+                        f"'{foreign[0]}', which that family does not have: its tensors and its metadata disagree")
+    return family
+
+
+def _check_family(state: dict, unet, source: str, meta: dict) -> None:
+    """A LoRA of another model family is refused before its modules are looked for (SD-1.x and SDXL U-Nets share
+    many module names, and at some widths a module would fit)."""
+    here = family_of(unet.config)
+    theirs = lora_family(state, meta, source)
+    if theirs is not None and theirs is not here:
+        raise UserError(f"LoRA '{source}' was trained on a model of family '{theirs.name}', this model is of family "
+                        f"'{here.name}': a LoRA applies only to models of its own family")
+    foreign = sorted(_adapted_parts(state) - set(_parts(unet)))
+    if foreign:  # a LoRA without sdkd metadata: a text encoder this family lacks tells
+        raise UserError(f"LoRA '{source}' adapts '{foreign[0]}', which a model of family '{here.name}' does not "
+                        f"have: it was trained on another model family")
+
+
 def check_lora(state: dict, unet, text_encoders: dict | None = None, source: str = "LoRA",
                meta: dict | None = None) -> None:
-    """Raise UserError unless every adapted module exists in `unet` / `text_encoders` (by component name) with the
-    LoRA's widths."""
+    """Raise UserError unless the LoRA is of `unet`'s model family and every adapted module exists in `unet` /
+    `text_encoders` (by component name) with the LoRA's widths."""
     meta = meta or {}
+    _check_family(state, unet, source, meta)
     theirs = meta.get(META + "layout")
     base = meta.get(META + "base_model")
     made_for = (f"the LoRA was trained on a '{theirs}' U-Net" + (f" (base model {base})" if base else "")

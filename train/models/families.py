@@ -295,6 +295,11 @@ def unregister_family(family: ModelFamily) -> None:
     _FAMILIES.remove(family)
 
 
+def registered_families() -> tuple[ModelFamily, ...]:
+    """Every registered family, newest first (the order `family_of` asks them in)."""
+    return tuple(_FAMILIES)
+
+
 def family_of(unet_config: Mapping, what: str = "model") -> ModelFamily:
     """The family of a U-Net, from its config: the newest registered family that claims it. `what` names it in
     errors."""
