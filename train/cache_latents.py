@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = write_cache(
         dataset, encoder, cfg.data.cache,
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict,
+        shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict, buckets=source.bucket_sizes(),
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
               "data": dataclasses.asdict(source),
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},
