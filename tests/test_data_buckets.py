@@ -114,7 +114,8 @@ def test_nearest_bucket_by_aspect_ratio():
 
 
 def test_image_is_resized_to_cover_its_bucket_and_cropped():
-    out = ImageTransform(32, center_crop=True, random_flip=False, buckets=TOY_BUCKETS)(ramp(64, 24), np.random.default_rng(0))
+    transform = ImageTransform(32, center_crop=True, random_flip=False, buckets=TOY_BUCKETS)
+    out = transform(ramp(64, 24), np.random.default_rng(0))
     # 64x24 (w x h) -> bucket 24x40 (h x w); covering it takes 64x24 as it is; centre crop (64 - 40) / 2 = 12.
     assert out.pixel_values.shape == (3, 24, 40) and out.target_size == (24, 40)
     assert out.original_size == (24, 64) and out.crop_top_left == (0, 12)
