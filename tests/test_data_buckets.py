@@ -17,7 +17,7 @@ from accelerate.data_loader import BatchSamplerShard
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sdkd.cli.errors import ConfigError
+from sdkd.cli.errors import ConfigError, UserError
 from sdkd.data.sources.buckets import BucketBatchSampler, group_by_bucket, sample_buckets
 from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import FirstSamples, build_dataset, collate
@@ -95,6 +95,14 @@ def test_bad_bucket_config_from_a_trainer_exits_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: config key 'data.buckets': bucket sides must be multiples of 8 (the VAE's factor), got [[30, 40]]"]
+
+
+def test_sampled_latents_cache_refuses_buckets(tmp_path):
+    result = run_script([sys.executable, "train/cache_latents.py", "--config", "configs/toy.yaml", "--from-samples",
+                         f"data.cache={tmp_path / 'c'}", "data.buckets=auto", "--check-config"], timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: config key 'data.buckets': --from-samples samples square latents at data.resolution; "
+        "set data.buckets=none"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +352,9 @@ def test_latent_cache_round_trips_bucketed_samples(tmp_path, toy):
         mean, _ = encoder.posterior(collate([plain]))  # alone, not in its cache batch: equal up to summation order
         assert mean.shape[-2:] == tuple(s // 2 for s in plain["target_size"])
         assert torch.allclose(stored["latent_mean"], mean[0], atol=1e-5)
+    assert isinstance(build_dataset(data(cache=str(tmp_path)), 0), CachedLatents)
+    with pytest.raises(UserError, match=r"^config key 'data.buckets': none gives sizes none, but the latent cache "):
+        build_dataset(DataConfig(cache=str(tmp_path), resolution=32), 0)
     # A trainer's batch from the cache is one bucket.
     batches = list(DataLoader(cached, batch_sampler=BucketBatchSampler(cached.sample_buckets(), 2, seed=0),
                               collate_fn=collate))

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--shard-size must be > 0")
     if args.sample_steps <= 0:
         raise UserError("--sample-steps must be > 0")
+    if args.from_samples and cfg.data.buckets != "none":
+        raise UserError("config key 'data.buckets': --from-samples samples square latents at data.resolution; "
+                        "set data.buckets=none")
     out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")

@@ -338,6 +338,10 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
         from sdkd.data.sources.latent_cache import CachedLatents
 
         dataset = CachedLatents(cfg.cache, seed, cfg.caption_dropout)
+        made = tuple(dataset.buckets or ())
+        if made != cfg.bucket_sizes():
+            raise UserError(f"config key 'data.buckets': {cfg.buckets} gives sizes {list(cfg.bucket_sizes()) or 'none'}"
+                            f", but the latent cache {cfg.cache} was made with {list(made) or 'none'}")
     elif cfg.source in SOURCES:
         dataset = SOURCES[cfg.source](cfg, seed)
     else:
