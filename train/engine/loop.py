@@ -102,7 +102,8 @@ class Loop:
         loader, self.batches_per_epoch = self._loader()
         if self.batches_per_epoch == 0:
             raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
-                            f"({cfg.train.batch_size} x {acc.num_processes} processes)")
+                            f"({cfg.train.batch_size} x {acc.num_processes} processes)"
+                            + (" in every size bucket (data.buckets)" if self.bucket_sampler else ""))
         max_steps = resolve_max_steps(cfg.train, self.batches_per_epoch)
         if cfg.train.num_epochs is not None:
             acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
