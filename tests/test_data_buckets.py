@@ -119,6 +119,9 @@ def ramp(w: int, h: int) -> Image.Image:
 def test_nearest_bucket_by_aspect_ratio():
     assert nearest_bucket(TOY_BUCKETS, 32, 48) == 0 and nearest_bucket(TOY_BUCKETS, 48, 32) == 2
     assert nearest_bucket(TOY_BUCKETS, 33, 32) == 1 and nearest_bucket(TOY_BUCKETS, 200, 100) == 2
+    # Portrait and landscape alike: 3:2 is nearer 2:1 than 1:1 by ratio (1.5 / 1 > 2 / 1.5), both ways.
+    wide_square_tall = ((32, 64), (32, 32), (64, 32))
+    assert nearest_bucket(wide_square_tall, 48, 32) == 2 and nearest_bucket(wide_square_tall, 32, 48) == 0
 
 
 def test_image_is_resized_to_cover_its_bucket_and_cropped():

@@ -11,7 +11,9 @@ mean and std with the step's generator, so they see the same latents as without 
 
 `--dtype fp32` (default) keeps the posterior exactly; fp16 halves the folder (SD-1.5 at 512 px: about
 130 KB of latents and 240 KB of CLIP-L embeddings per sample in fp32). Random crops, flips and caption
-choices are frozen at their epoch-0 draw; caption dropout still happens per epoch at train time.
+choices are frozen at their epoch-0 draw; caption dropout still happens per epoch at train time. With
+`data.buckets`, samples are encoded in batches of one size and each shard holds one bucket; train from the cache
+with the same `data.buckets`.
 A webdataset source is read once in shard order (not resampled). Runs on one process (on the GPU when
 there is one), with `train.num_workers` DataLoader workers decoding.
 
