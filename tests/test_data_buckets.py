@@ -220,6 +220,14 @@ def test_synthetic_and_hf_sources_bucket_too(tmp_path, folder):
     assert [tuple(hf[i]["pixel_values"].shape[-2:]) for i in range(6)] == [TOY_BUCKETS[b] for b in [0, 2, 1, 0, 2, 0]]
 
 
+def test_the_vae_trainers_first_images_are_of_one_bucket():
+    from sdkd.train.tasks.autoencoder import first_images
+
+    ds = build_dataset(data(num_samples=6, synthetic_sizes=[[48, 32], [32, 32]]), seed=0)
+    pixels, captions = first_images(ds, 3)
+    assert pixels.shape == (3, 3, 40, 24) and captions == [ds[i]["caption"] for i in (0, 2, 4)]
+
+
 def test_exif_rotated_image_goes_to_the_bucket_of_its_upright_shape(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 48x32 landscape, shown turned a quarter: 32x48 portrait
