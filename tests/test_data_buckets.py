@@ -228,6 +228,16 @@ def test_the_vae_trainers_first_images_are_of_one_bucket():
     assert pixels.shape == (3, 3, 40, 24) and captions == [ds[i]["caption"] for i in (0, 2, 4)]
 
 
+def test_the_tiny_decoders_held_out_samples_are_of_one_bucket():
+    from sdkd.train.tasks.decoder import split_held_out
+
+    ds = build_dataset(data(num_samples=7, synthetic_sizes=[[48, 32], [32, 32]]), seed=0)  # the last is 48x32
+    training, held = split_held_out(ds, 2)
+    assert [s["key"] for s in held] == ["synthetic/4", "synthetic/6"]
+    assert collate(held)["pixel_values"].shape[-2:] == (40, 24)
+    assert list(training.indices) == [0, 1, 2, 3, 5] and sample_buckets(training).tolist() == [2, 1, 2, 1, 1]
+
+
 def test_exif_rotated_image_goes_to_the_bucket_of_its_upright_shape(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 48x32 landscape, shown turned a quarter: 32x48 portrait
