@@ -217,3 +217,28 @@ def test_sub_block_kd_trains_the_toy_sdxl_student_with_the_teacher_frozen_and_un
     assert any(m is task.modules[0].module for m in prepared)  # the student went through prepare ...
     assert not any(m is frozen for m in prepared)  # ... the teacher did not
     assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())
+
+
+def test_bucketed_batches_give_each_sample_its_time_ids(teacher, tmp_path, monkeypatch):
+    """Size buckets through SDXL KD: every training batch is one size, and the time ids the family makes are each
+    sample's original size, crop and that size (diffusers' SDXL script's), not the square resolution."""
+    seen = []
+    tokenize = SDXL.tokenize
+
+    def recording(parts, batch):
+        tokens = tokenize(parts, batch)
+        if "pixel_values" in batch:  # a training batch (sample grids and evaluation have none)
+            seen.append((tuple(batch["pixel_values"].shape[-2:]), tokens["time_ids"].tolist(),
+                         batch["original_size"].tolist()))
+        return tokens
+
+    monkeypatch.setattr(SDXL, "tokenize", recording)
+    kd(teacher, tmp_path, "data.buckets=auto", "data.synthetic_sizes=[[48,24],[24,48]]", "data.num_samples=16",
+       "train.batch_size=4", "data.center_crop=false", "eval.every=0", "train.sample_every=0")
+    assert len(metrics(tmp_path)) == STEPS and len(seen) == STEPS
+    assert {size for size, _, _ in seen} == {(40, 24), (24, 40)}  # both buckets trained
+    for size, ids, original in seen:
+        assert [row[:2] for row in ids] == original and all(row[4:] == list(size) for row in ids)
+        # 48x24 covers 40x24 at 48x24: a random crop's top within the 8 spare rows (and the mirror for 24x48).
+        assert all(0 <= row[2] + row[3] <= 8 and 0 in row[2:4] for row in ids)
+    assert any(row[2] + row[3] > 0 for _, ids, _ in seen for row in ids)  # random crops recorded, not all zero

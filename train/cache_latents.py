@@ -11,7 +11,9 @@ mean and std with the step's generator, so they see the same latents as without 
 
 `--dtype fp32` (default) keeps the posterior exactly; fp16 halves the folder (SD-1.5 at 512 px: about
 130 KB of latents and 240 KB of CLIP-L embeddings per sample in fp32). Random crops, flips and caption
-choices are frozen at their epoch-0 draw; caption dropout still happens per epoch at train time.
+choices are frozen at their epoch-0 draw; caption dropout still happens per epoch at train time. With
+`data.buckets`, samples are encoded in batches of one size and each shard holds one bucket; train from the cache
+with the same `data.buckets`.
 A webdataset source is read once in shard order (not resampled). Runs on one process (on the GPU when
 there is one), with `train.num_workers` DataLoader workers decoding.
 
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--shard-size must be > 0")
     if args.sample_steps <= 0:
         raise UserError("--sample-steps must be > 0")
+    if args.from_samples and cfg.data.buckets != "none":
+        raise UserError("config key 'data.buckets': --from-samples samples square latents at data.resolution; "
+                        "set data.buckets=none")
     out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = write_cache(
         dataset, encoder, cfg.data.cache,
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict,
+        shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict, buckets=source.bucket_sizes(),
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
               "data": dataclasses.asdict(source),
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},

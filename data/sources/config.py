@@ -8,9 +8,10 @@ neither of them, nor torch, so `--help` and config checks stay fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from sdkd.cli.errors import require
 
@@ -99,7 +100,18 @@ class DataConfig(Section):
     caption_dropout: float = 0.0
     """Probability of replacing the caption with the empty prompt (for classifier-free guidance)."""
     resolution: int = 512
-    """Training image size in pixels (shorter side resized, then cropped square)."""
+    """Training image size in pixels (shorter side resized, then cropped square); with data.buckets, the
+    pixel budget: buckets hold about resolution x resolution pixels."""
+    buckets: Any = "none"
+    """Aspect-ratio buckets: none (every image square, data.resolution), auto (sides multiples of
+    data.bucket_step, at most resolution^2 pixels, aspect up to data.bucket_max_aspect), or a list of
+    [height, width] sizes in pixels. Each image goes to the bucket of nearest aspect ratio, is resized to cover
+    it and cropped (data.center_crop); every batch holds one bucket; SDXL's time ids get each sample's size."""
+    bucket_step: Optional[int] = None
+    """buckets=auto: bucket sides are multiples of this many pixels (a multiple of 8; 64 suits SD and SDXL
+    U-Nets). null: 64, or resolution/8 below 512 px (toy resolutions), at least 8."""
+    bucket_max_aspect: float = 2.0
+    """buckets=auto: longest over shortest side of the most elongated bucket (>= 1)."""
     interpolation: Interpolation = Interpolation.bilinear
     """Resampling filter of the resize to data.resolution (PIL's; diffusers' --image_interpolation_mode)."""
     center_crop: bool = True
@@ -116,6 +128,9 @@ class DataConfig(Section):
     that gives nothing usable stops with its last reasons instead of skipping forever."""
     num_samples: int = 256
     """synthetic: number of samples in the set."""
+    synthetic_sizes: list[list[int]] = field(default_factory=list)
+    """synthetic: [height, width] of the drawn images, taken in turn by sample index (several aspect ratios
+    for data.buckets); empty: squares of data.resolution."""
     max_train_samples: Optional[int] = None
     """Train on the first this many samples only (diffusers': for debugging or quicker training); webdataset:
     epochs of this many samples (over all processes) from the usual stream. null: all."""
@@ -142,3 +157,42 @@ class DataConfig(Section):
         require(self.max_train_samples is None or self.max_train_samples > 0, f"{at}.max_train_samples",
                 "must be > 0 or null")
         require(self.shuffle_buffer >= 0, f"{at}.shuffle_buffer", "must be >= 0")
+        require(all(_is_size(s) for s in self.synthetic_sizes), f"{at}.synthetic_sizes",
+                f"expected [height, width] pairs of positive integers, got {self.synthetic_sizes}")
+        require(self.bucket_step is None or (self.bucket_step > 0 and self.bucket_step % 8 == 0),
+                f"{at}.bucket_step", f"must be a positive multiple of 8 or null, got {self.bucket_step}")
+        require(self.bucket_max_aspect >= 1.0, f"{at}.bucket_max_aspect",
+                f"must be >= 1 (longest over shortest side), got {self.bucket_max_aspect}")
+        if isinstance(self.buckets, str):
+            require(self.buckets in ("none", "auto"), f"{at}.buckets",
+                    f"expected none, auto or a list of [height, width], got '{self.buckets}'")
+        else:
+            sizes = self.buckets if isinstance(self.buckets, list) else None
+            require(bool(sizes) and all(_is_size(s) for s in sizes), f"{at}.buckets",
+                    f"expected none, auto or a non-empty list of [height, width] in pixels, got {self.buckets}")
+            require(all(side % 8 == 0 for s in sizes for side in s), f"{at}.buckets",
+                    f"bucket sides must be multiples of 8 (the VAE's factor), got {sizes}")
+            require(len({tuple(s) for s in sizes}) == len(sizes), f"{at}.buckets", f"a size is repeated in {sizes}")
+
+    def bucket_sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) buckets of data.buckets, sorted; () for none. auto: for each width a multiple of
+        the step, the tallest multiple-of-step height within the resolution^2 budget, both orientations, aspect
+        within bucket_max_aspect (kohya sd-scripts' `make_bucket_resolutions`, bounded by aspect, not side)."""
+        if self.buckets == "none":
+            return ()
+        if self.buckets != "auto":
+            return tuple(sorted((int(h), int(w)) for h, w in self.buckets))
+        step = self.bucket_step or max(8, min(64, self.resolution // 8 // 8 * 8))
+        budget = self.resolution * self.resolution
+        square = max(step, math.isqrt(budget) // step * step)
+        sizes = {(square, square)}
+        for width in range(step, budget // step + 1, step):
+            height = budget // width // step * step
+            if height >= step and max(width, height) <= self.bucket_max_aspect * min(width, height):
+                sizes |= {(height, width), (width, height)}
+        return tuple(sorted(sizes))
+
+
+def _is_size(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))

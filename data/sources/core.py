@@ -1,8 +1,9 @@
 """Captioned-image datasets, a registry of sources, and the batch collate function.
 
 Map-style sources (synthetic, imagefolder, hf, and the latent cache) are `Dataset`s whose item `i` is
-`{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "original_size": (h, w), "crop_top_left": (top, left),
-"key": name}`, or a skip marker `{"skip": "name: reason"}` for a bad sample (see `transforms.BadSample`).
+`{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "original_size": (h, w), "crop_top_left": (top, left),
+"target_size": (H, W), "key": name}` (H = W = R, or the size bucket's: buckets.py), or a skip marker
+`{"skip": "name: reason"}` for a bad sample (see `transforms.BadSample`).
 All per-sample randomness (augmentation, caption choice) comes from `np.random.default_rng([seed, epoch,
 index])`, so a resumed run that calls `set_epoch` sees exactly the samples the interrupted one would have.
 The webdataset source (`webdataset_source.py`) is an `IterableDataset` yielding the same items.
@@ -24,8 +25,9 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.buckets import image_size
 from sdkd.data.sources.config import DataConfig
-from sdkd.data.sources.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, skip_marker
+from sdkd.data.sources.transforms import BadSample, ImageTransform, Preprocess, dropout_rng, nearest_bucket, skip_marker
 
 # ---------------------------------------------------------------------------------------------
 # Shared behaviour
@@ -51,6 +53,19 @@ class CaptionedImageDataset(Dataset):
 
     def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
         raise NotImplementedError
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """(height, width) of sample `index`'s image as `load` decodes it, read without decoding it (None:
+        unreadable, the sample is skipped when loaded)."""
+        raise NotImplementedError
+
+    def sample_buckets(self) -> np.ndarray | None:
+        """Each sample's size bucket (buckets.py), from its image size; None without data.buckets."""
+        buckets = self.transform.buckets
+        if not buckets:
+            return None
+        sizes = (self.image_size(i) for i in range(len(self)))
+        return np.array([nearest_bucket(buckets, *size) if size else 0 for size in sizes], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -139,6 +154,9 @@ class ImageFolder(CaptionedImageDataset):
         path = self.root / file_name
         caption = self.preprocess.caption(captions, rng, str(path))
         return open_image(path), caption, str(path)
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        return image_size(self.root / self._records[index][0])
 
 
 def _read_metadata(root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list[list]:
@@ -248,12 +266,13 @@ SHAPES = ("circle", "square", "triangle")
 class SyntheticCaptions(CaptionedImageDataset):
     """`num_samples` images of one coloured shape on a coloured background, captioned
     "a red circle on a blue background". Content depends only on (seed, index); drawn at
-    `transform.resolution`, so only the flip varies with the epoch. The shape always covers
-    the centre pixel and never reaches the corners."""
+    `transform.resolution` (or at `sizes[index % len(sizes)]`, (height, width) pairs), so only the flip
+    varies with the epoch. The shape always covers the centre pixel and never reaches the corners."""
 
-    def __init__(self, num_samples: int, transform: ImageTransform, seed: int = 0):
+    def __init__(self, num_samples: int, transform: ImageTransform, seed: int = 0,
+                 sizes: tuple[tuple[int, int], ...] = ()):
         super().__init__(transform, seed)
-        self.num_samples = num_samples
+        self.num_samples, self.sizes = num_samples, tuple(tuple(s) for s in sizes)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -263,8 +282,11 @@ class SyntheticCaptions(CaptionedImageDataset):
         content = np.random.default_rng(np.random.SeedSequence([self.seed, index], spawn_key=(1,)))
         shape = SHAPES[content.integers(len(SHAPES))]
         fg, bg = (list(COLOURS)[i] for i in content.choice(len(COLOURS), size=2, replace=False))
-        image = draw_shape(shape, COLOURS[fg], COLOURS[bg], self.transform.resolution, content)
+        image = draw_shape(shape, COLOURS[fg], COLOURS[bg], self.image_size(index), content)
         return image, f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background", f"synthetic/{index}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.sizes[index % len(self.sizes)] if self.sizes else (self.transform.resolution,) * 2
 
 
 def _article(word: str) -> str:
@@ -274,11 +296,13 @@ def _article(word: str) -> str:
 RGB = tuple[int, int, int]
 
 
-def draw_shape(shape: str, fg: RGB, bg: RGB, size: int, rng: np.random.Generator) -> Image.Image:
-    """One shape of radius 0.25-0.4 * size, centred within 0.1 * size of the middle."""
-    image = Image.new("RGB", (size, size), bg)
-    cx, cy = (0.5 + rng.uniform(-0.1, 0.1, size=2)) * size
-    r = rng.uniform(0.25, 0.4) * size
+def draw_shape(shape: str, fg: RGB, bg: RGB, size: int | tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """One shape of radius 0.25-0.4 * the shorter side, centred within 0.1 * each side of the middle, on a
+    `size` square or (height, width) image."""
+    height, width = (size, size) if isinstance(size, int) else size
+    image = Image.new("RGB", (width, height), bg)
+    cx, cy = (0.5 + rng.uniform(-0.1, 0.1, size=2)) * (width, height)
+    r = rng.uniform(0.25, 0.4) * min(width, height)
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
@@ -314,6 +338,10 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
         from sdkd.data.sources.latent_cache import CachedLatents
 
         dataset = CachedLatents(cfg.cache, seed, cfg.caption_dropout)
+        made = tuple(dataset.buckets or ())
+        if made != cfg.bucket_sizes():
+            raise UserError(f"config key 'data.buckets': {cfg.buckets} gives sizes {list(cfg.bucket_sizes()) or 'none'}"
+                            f", but the latent cache {cfg.cache} was made with {list(made) or 'none'}")
     elif cfg.source in SOURCES:
         dataset = SOURCES[cfg.source](cfg, seed)
     else:
@@ -324,7 +352,8 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def preprocess_from(cfg: DataConfig) -> Preprocess:
-    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation),
+    return Preprocess(ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation,
+                                     cfg.bucket_sizes()),
                       tuple(f for f in cfg.caption_column.split(";") if f), cfg.caption_pick, cfg.caption_dropout,
                       cfg.min_size)
 
@@ -339,7 +368,7 @@ def _require_path(cfg: DataConfig) -> str:
 def _build_synthetic(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.num_samples <= 0:
         raise UserError("config key 'data.num_samples': must be > 0")
-    return SyntheticCaptions(cfg.num_samples, preprocess_from(cfg), seed)
+    return SyntheticCaptions(cfg.num_samples, preprocess_from(cfg), seed, tuple(map(tuple, cfg.synthetic_sizes)))
 
 
 @register_source("imagefolder")

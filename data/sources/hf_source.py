@@ -10,6 +10,7 @@ instead of an exception deep inside `datasets`.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.buckets import image_size
 from sdkd.data.sources.core import CaptionedImageDataset, CorruptImageError, open_image
 from sdkd.data.sources.transforms import Preprocess
 
@@ -83,6 +85,14 @@ class HFImageDataset(CaptionedImageDataset):
             name += f" ({value['path']})"
         caption = self.preprocess.caption(row, rng, name)
         return decode_image(value, name), caption, name
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        value = self.data[index][self.image_column]
+        if isinstance(value, Image.Image):
+            return value.height, value.width
+        if isinstance(value, dict):
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        return image_size(value) if value is not None else None
 
 
 def decode_image(value: Any, name: str) -> Image.Image:

@@ -6,17 +6,20 @@ Layout of a cache folder:
 - `latents-NNNNNN.safetensors`: per shard, tensors `mean` and `std` [n, C, h, w] (the VAE posterior's
   mean and standard deviation, so the latent is still sampled at train time: `(mean + std * noise) *
   scaling_factor` with the step's generator), the model family's conditioning tensors by name
-  (train/models/families.py; SD-1.x/2.x: `embeds` [n, 77, D]), `original_size` and `crop_top_left` [n, 2];
-  metadata `captions` and `keys` (JSON lists).
+  (train/models/families.py; SD-1.x/2.x: `embeds` [n, 77, D]), `original_size`, `crop_top_left` and
+  `target_size` [n, 2], `index` [n] (each row's sample number in the cache); metadata `captions` and `keys`
+  (JSON lists). With size buckets a shard holds one bucket's samples (its manifest entry says which).
 - `empty_prompt.safetensors`: the caption-made conditioning tensors of "" (SD: `embeds` [77, D]), swapped
   in by caption dropout at train time.
-- `manifest.json`: `format`, `samples`, `shards` ([{"name", "samples"}]), `scaling_factor`, `latent_shape`,
+- `manifest.json`: `format`, `samples`, `shards` ([{"name", "samples"}, + "bucket" with buckets]),
+  `buckets` (the [height, width] sizes of data.buckets; absent without), `scaling_factor`, `latent_shape`,
   `embed_shape`, `family` and `fields` (the model family and its conditioning tensors' names; a trainer of
   another family refuses the cache), `dtype`, `teacher`, `resolution`, `data` (the source config it was
   made from), `skipped`. Written last: a folder without it is incomplete.
 
 Sample `i` of the cache is sample `i` of the source in index order (bad samples left out), and the
-cache is a map-style dataset: the trainer shards, shuffles and resumes it exactly like the source.
+cache is a map-style dataset: the trainer shards, shuffles and resumes it exactly like the source (with
+buckets, the cache tells each sample's bucket from its shard, as the source from its image sizes).
 The augmentation is frozen at caching time (epoch 0's crop, flip and caption choice); caption dropout
 still happens per epoch, with the same draws as an uncached run (`transforms.dropout_rng`).
 """
@@ -66,17 +69,30 @@ class CachedLatents(Dataset):
             self.names = [str(s["name"]) for s in self.manifest["shards"]]
             self.family = str(self.manifest.get("family", LEGACY_FAMILY["family"]))
             self.fields = [str(name) for name in self.manifest.get("fields", LEGACY_FAMILY["fields"])]
-            self.offsets = np.cumsum([0] + [int(s["samples"]) for s in self.manifest["shards"]])
+            counts = [int(s["samples"]) for s in self.manifest["shards"]]
+            self.buckets = [tuple(b) for b in self.manifest["buckets"]] if "buckets" in self.manifest else None
+            self.shard_buckets = [int(s["bucket"]) for s in self.manifest["shards"]] if self.buckets else None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"config key 'data.cache': {manifest_path} is not a latent cache manifest "
                             f"({first_line(err)}); write the cache again with train/cache_latents.py") from None
         self._open: dict[int, Any] = {}
+        # Where each sample is: shards hold consecutive samples, or (with buckets) each bucket's in turn.
+        self.shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        self.row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+        if self.buckets:
+            for k in range(len(counts)):
+                index = self._shard(k)[0].get_tensor("index").numpy()
+                self.shard_of[index], self.row_of[index] = k, np.arange(len(index))
 
     def __getstate__(self) -> dict:  # open files stay in the process that opened them
         return {**self.__dict__, "_open": {}}
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.shard_of)
+
+    def sample_buckets(self) -> np.ndarray | None:
+        """Each sample's bucket (an index into `buckets`), from its shard's; None for a cache made without."""
+        return None if self.buckets is None else np.asarray(self.shard_buckets)[self.shard_of]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -114,8 +130,7 @@ class CachedLatents(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        j = index - int(self.offsets[k])
+        k, j = int(self.shard_of[index]), int(self.row_of[index])
         handle, captions, keys = self._shard(k)
 
         def get(name):
@@ -128,6 +143,7 @@ class CachedLatents(Dataset):
             "caption": captions[j],
             "original_size": tuple(get("original_size").tolist()),
             "crop_top_left": tuple(get("crop_top_left").tolist()),
+            **({"target_size": tuple(get("target_size").tolist())} if "target_size" in handle.keys() else {}),
             "key": keys[j],
         }
         if self.caption_dropout > 0 and dropout_rng(self.seed, self.epoch, index).random() < self.caption_dropout:
@@ -142,24 +158,26 @@ class CachedLatents(Dataset):
 
 
 class _ShardWriter:
-    """Accumulates encoded samples and writes `latents-NNNNNN.safetensors` every `shard_size` samples."""
+    """Accumulates encoded samples per bucket and writes `latents-NNNNNN.safetensors` whenever a bucket has
+    `shard_size` samples."""
 
     def __init__(self, root: Path, shard_size: int, dtype: torch.dtype):
         self.root, self.shard_size, self.dtype = root, shard_size, dtype
         self.shards: list[dict] = []
-        self._rows: list[dict] = []
+        self._rows: dict[int | None, list[dict]] = {}
 
-    def add(self, **row) -> None:
-        self._rows.append(row)
-        if len(self._rows) == self.shard_size:
-            self.flush()
+    def add(self, bucket: int | None, **row) -> None:
+        rows = self._rows.setdefault(bucket, [])
+        rows.append(row)
+        if len(rows) == self.shard_size:
+            self.flush(bucket)
 
-    def flush(self) -> None:
-        if not self._rows:
+    def flush(self, bucket: int | None) -> None:
+        rows = self._rows.pop(bucket, [])
+        if not rows:
             return
-        rows, self._rows = self._rows, []
         name = f"latents-{len(self.shards):06d}.safetensors"
-        tensors = {key: torch.stack([r[key] for r in rows]).contiguous() for key in rows[0]
+        tensors = {key: torch.stack([torch.as_tensor(r[key]) for r in rows]).contiguous() for key in rows[0]
                    if key not in ("caption", "key")}
         for key, t in tensors.items():  # the posterior and the conditioning; the integer sizes stay exact
             if t.is_floating_point():
@@ -168,15 +186,26 @@ class _ShardWriter:
         tmp = self.root / f".{name}.tmp"
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, self.root / name)
-        self.shards.append({"name": name, "samples": len(rows)})
+        self.shards.append({"name": name, "samples": len(rows), **({} if bucket is None else {"bucket": bucket})})
+
+    def flush_all(self) -> None:
+        for bucket in list(self._rows):
+            self.flush(bucket)
+
+
+def _one(sample: dict) -> dict:
+    """The DataLoader's collate for single samples: as they are (batched by bucket afterwards)."""
+    return sample
 
 
 def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int = 16, num_workers: int = 0,
                 shard_size: int = 1000, dtype: str = "fp32", strict: bool = False, info: dict | None = None,
-                log=print) -> dict:
-    """Encode every sample of `dataset` once, in index order, with `encoder` (a `BatchEncoder`: its
-    `posterior`, `conditioning` and `empty_prompt`); returns the manifest. Bad samples are left out, named
-    and counted."""
+                buckets: tuple[tuple[int, int], ...] = (), log=print) -> dict:
+    """Encode every sample of `dataset` once with `encoder` (a `BatchEncoder`: its `posterior`, `conditioning`
+    and `empty_prompt`), in batches of one size (`buckets`: the source's data.buckets sizes); returns the
+    manifest. Cache sample i is the i-th good sample in index order. Bad samples are left out, named and
+    counted."""
+    from sdkd.data.sources.buckets import group_by_bucket
     from sdkd.data.sources.core import collate
 
     root = Path(out)
@@ -187,26 +216,36 @@ def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int =
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0)
     if isinstance(dataset, IterableDataset):
-        dataset.set_batching(batch_size, 1, num_workers)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+        dataset.set_batching(1, 1, num_workers)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_one, num_workers=num_workers)
     writer = _ShardWriter(root, shard_size, DTYPES[dtype])
     skipped, latent_shape, embed_shape = 0, None, None
-    for batch in loader:
-        for reason in batch["skipped"]:
-            if strict:
-                raise UserError(f"bad sample (data.strict=true): {reason}")
-            log(f"warning: skipped a sample: {reason}")
-        skipped += len(batch["skipped"])
-        if not batch["captions"]:
-            continue
+
+    def good_samples():
+        nonlocal skipped
+        position = 0
+        for sample in loader:
+            if "skip" in sample:
+                if strict:
+                    raise UserError(f"bad sample (data.strict=true): {sample['skip']}")
+                log(f"warning: skipped a sample: {sample['skip']}")
+                skipped += 1
+                continue
+            yield {**sample, "index": position}
+            position += 1
+
+    for samples in group_by_bucket(good_samples(), batch_size, lambda s: tuple(s["target_size"]), pad=False):
+        batch = collate(samples)
         mean, std = encoder.posterior(batch)
         cond = encoder.conditioning(batch)
         latent_shape, embed_shape = list(mean.shape[1:]), list(cond.hidden_states.shape[1:])
+        bucket = buckets.index(samples[0]["target_size"]) if buckets else None
         for i, caption in enumerate(batch["captions"]):
-            writer.add(mean=mean[i].cpu(), std=std[i].cpu(), **{k: t[i].cpu() for k, t in cond.tensors().items()},
-                       caption=caption, key=batch["keys"][i], original_size=batch["original_size"][i],
-                       crop_top_left=batch["crop_top_left"][i])
-    writer.flush()
+            writer.add(bucket, mean=mean[i].cpu(), std=std[i].cpu(),
+                       **{k: t[i].cpu() for k, t in cond.tensors().items()}, caption=caption,
+                       key=batch["keys"][i], index=batch["index"][i], original_size=batch["original_size"][i],
+                       crop_top_left=batch["crop_top_left"][i], target_size=batch["target_size"][i])
+    writer.flush_all()
     if not writer.shards:
         raise UserError("latent cache: no sample could be read")
     save_file({k: t.cpu().to(DTYPES[dtype]).contiguous() for k, t in encoder.empty_prompt().items()},
@@ -221,6 +260,7 @@ def write_cache(dataset: Dataset, encoder, out: str | Path, *, batch_size: int =
         "family": encoder.family.name,
         "fields": list(encoder.family.fields),
         "dtype": dtype,
+        **({"buckets": [list(b) for b in buckets]} if buckets else {}),
         "skipped": skipped,
         **(info or {}),
     }

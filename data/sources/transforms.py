@@ -1,8 +1,9 @@
-"""Preprocessing: image augmentation without torchvision (resize, square crop, flip, to [-1, 1]),
+"""Preprocessing: image augmentation without torchvision (resize, square or bucket crop, flip, to [-1, 1]),
 caption choice and dropout, and the checks that reject a bad sample.
 
 Reproduces the diffusers/BK-SDM pipeline `Resize(R, interpolation) -> CenterCrop(R) | RandomCrop(R)
--> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5])` with PIL and numpy. Randomness
+-> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5])` with PIL and numpy; with size buckets
+(`buckets`), the crop is the bucket of nearest aspect ratio, the image resized to cover it. Randomness
 comes only from the `numpy.random.Generator` passed with each image, so a sample is a pure
 function of (image, generator seed): reproducible across workers, restarts and resumes.
 
@@ -26,11 +27,20 @@ INTERPOLATIONS = tuple(Interpolation.__members__)
 
 class Augmented(NamedTuple):
     pixel_values: torch.Tensor
-    """float32 [3, R, R] in [-1, 1]."""
+    """float32 [3, H, W] in [-1, 1]: [3, R, R], or the bucket's size."""
     original_size: tuple[int, int]
     """(height, width) of the image before resizing (SDXL's size conditioning)."""
     crop_top_left: tuple[int, int]
     """(top, left) of the crop in the resized, possibly flipped image (SDXL's crop conditioning)."""
+    target_size: tuple[int, int]
+    """(height, width) of `pixel_values` (SDXL's target size conditioning)."""
+
+
+def nearest_bucket(buckets: tuple[tuple[int, int], ...], height: int, width: int) -> int:
+    """Index of the (height, width) bucket whose aspect ratio is nearest the image's, by log ratio (a 2:1
+    and a 1:2 image are equally far from square); ties go to the earlier bucket."""
+    aspect = np.log(height / width)
+    return int(np.argmin([abs(np.log(h / w) - aspect) for h, w in buckets]))
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,8 @@ class ImageTransform:
     """Flip horizontally with probability 0.5."""
     interpolation: str = "bilinear"
     """Resampling filter of the resize, one of `INTERPOLATIONS`."""
+    buckets: tuple[tuple[int, int], ...] = ()
+    """(height, width) output sizes; each image takes the one of nearest aspect ratio. (): R x R."""
 
     def __post_init__(self) -> None:
         if self.resolution <= 0:
@@ -50,19 +62,26 @@ class ImageTransform:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{self.interpolation}'")
 
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is cropped to."""
+        if not self.buckets:
+            return self.resolution, self.resolution
+        return self.buckets[nearest_bucket(self.buckets, height, width)]
+
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> Augmented:
         original_size = (image.height, image.width)
-        image = resize_shorter_side(image.convert("RGB"), self.resolution, self.interpolation)
+        size = self.size_for(*original_size)
+        image = resize_to_cover(image.convert("RGB"), size, self.interpolation)
         # Flip before cropping, as diffusers' SDXL script does: the crop offset then refers
         # to the image the model actually sees.
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top, left = self._crop_offset(image, rng)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        return Augmented(to_tensor(image), original_size, (top, left))
+        top, left = self._crop_offset(image, size, rng)
+        image = image.crop((left, top, left + size[1], top + size[0]))
+        return Augmented(to_tensor(image), original_size, (top, left), size)
 
-    def _crop_offset(self, image: Image.Image, rng: np.random.Generator) -> tuple[int, int]:
-        spare_h, spare_w = image.height - self.resolution, image.width - self.resolution
+    def _crop_offset(self, image: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        spare_h, spare_w = image.height - size[0], image.width - size[1]
         if self.center_crop:
             # torchvision's rounding, so crops match models trained with it.
             return int(round(spare_h / 2.0)), int(round(spare_w / 2.0))
@@ -71,11 +90,17 @@ class ImageTransform:
 
 def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """Resize so the shorter side is `size`, keeping the aspect ratio (torchvision's truncation)."""
+    return resize_to_cover(image, (size, size), interpolation)
+
+
+def resize_to_cover(image: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> Image.Image:
+    """Resize, keeping the aspect ratio, to the smallest size that covers (height, width) `size`: one side
+    matches, the other is at least as long (torchvision's truncation)."""
     w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
+    if w * size[0] <= h * size[1]:  # relatively taller than the target: the widths match
+        new_w, new_h = size[1], int(size[1] * h / w)
     else:
-        new_w, new_h = int(size * w / h), size
+        new_w, new_h = int(size[0] * w / h), size[0]
     # PIL widens the kernel when shrinking, i.e. it antialiases (as torchvision's Resize on PIL images).
     return image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
 
@@ -158,11 +183,12 @@ class Preprocess:
                  drop_rng: np.random.Generator, name: str) -> dict[str, Any]:
         """`caption` comes from `self.caption` (drawn before the augmentation, from the same `rng`)."""
         self.check_size(image, name)
-        pixel_values, original_size, crop_top_left = self.transform(image, rng)
+        pixel_values, original_size, crop_top_left, target_size = self.transform(image, rng)
         return {
             "pixel_values": pixel_values,
             "caption": self.drop_caption(caption, drop_rng),
             "original_size": original_size,
             "crop_top_left": crop_top_left,
+            "target_size": target_size,
             "key": name,
         }

@@ -20,6 +20,10 @@ which samples those are varies with the epoch, as the stream does.
   (`wds.split_by_worker`), so processes read disjoint shards and each sample once per epoch (the epoch
   ends for all processes after the batches of the process holding the fewest samples).
 
+With data.buckets, each DataLoader worker holds its samples by size until a size fills a batch (buckets.py
+`group_by_bucket`; at the end of its stream a part-filled batch is completed with repeats of its samples), so
+every batch holds one size.
+
 Shard order and the shuffle buffer are seeded by (train.seed, epoch, process, worker), augmentation by
 (seed, epoch, sample key). Resume is approximate: a resumed run starts the interrupted epoch's stream
 afresh, reseeded by the batch it resumes at, so epoch boundaries and step counts are kept but not
@@ -33,6 +37,7 @@ import json
 import math
 import random
 import zlib
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +48,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.buckets import group_by_bucket
 from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import open_image
 from sdkd.data.sources.transforms import BadSample, Preprocess, dropout_rng, skip_marker
@@ -143,6 +149,13 @@ class WebDatasetSource(IterableDataset):
     # Reading
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.preprocess.transform.buckets:
+            return self._samples()
+        # Each worker batches its own stream: hold its samples by size until a size fills a batch.
+        groups = group_by_bucket(self._samples(), self.batch_size, lambda s: tuple(s["pixel_values"].shape), pad=True)
+        return chain.from_iterable(groups)
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
         rank, _, worker, _ = pytorch_worker_info()
         epoch_seed = make_seed(self.seed, self.epoch, self.resume_batch)
         stream_seed = make_seed(epoch_seed, rank, worker)

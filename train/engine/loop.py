@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.buckets import BucketBatchSampler, sample_buckets
 from sdkd.data.sources.core import collate
 from sdkd.train.engine import console, run_folder, tracking
 from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolve_resume
@@ -93,6 +94,7 @@ class Loop:
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator, task: Task, dataset: Dataset):
         self.cfg, self.accelerator, self.task, self.dataset = cfg, accelerator, task, dataset
+        self.bucket_sampler: BucketBatchSampler | None = None
 
     def fit(self) -> None:
         cfg, acc, task = self.cfg, self.accelerator, self.task
@@ -100,7 +102,8 @@ class Loop:
         loader, self.batches_per_epoch = self._loader()
         if self.batches_per_epoch == 0:
             raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
-                            f"({cfg.train.batch_size} x {acc.num_processes} processes)")
+                            f"({cfg.train.batch_size} x {acc.num_processes} processes)"
+                            + (" in every size bucket (data.buckets)" if self.bucket_sampler else ""))
         max_steps = resolve_max_steps(cfg.train, self.batches_per_epoch)
         if cfg.train.num_epochs is not None:
             acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
@@ -245,8 +248,14 @@ class Loop:
             loader = DataLoader(self.dataset, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
                                 num_workers=cfg.num_workers)
             return loader, self.dataset.set_batching(cfg.batch_size, acc.num_processes, cfg.num_workers)
-        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate, num_workers=cfg.num_workers)
+        buckets = sample_buckets(self.dataset)
+        if buckets is None:
+            loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                collate_fn=collate, num_workers=cfg.num_workers)
+        else:  # every batch one size: the sampler deals each process its part of a one-bucket global batch
+            self.bucket_sampler = BucketBatchSampler(buckets, cfg.batch_size, acc.num_processes, cfg.seed)
+            loader = DataLoader(self.dataset, batch_sampler=self.bucket_sampler, collate_fn=collate,
+                                num_workers=cfg.num_workers)
         loader = acc.prepare(loader)
         return loader, len(loader)
 
@@ -268,6 +277,8 @@ class Loop:
                 epoch_batches = iter(loader)
             else:
                 loader.set_epoch(epoch)  # sampler order
+                if self.bucket_sampler is not None:  # accelerate's shard of it does not pass the epoch on
+                    self.bucket_sampler.set_epoch(epoch)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(epoch)  # augmentation randomness
                 epoch_batches = self.accelerator.skip_first_batches(loader, skip) if skip else loader

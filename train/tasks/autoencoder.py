@@ -71,11 +71,12 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def first_images(dataset, n: int) -> tuple[torch.Tensor, list[str]]:
-    """The first `n` usable samples of a dataset: pixels [n, 3, R, R] and captions."""
+    """The first `n` usable samples of a dataset: pixels [n, 3, R, R] and captions. With size buckets
+    (data.buckets), the first `n` of the first one's size: one tensor holds one size."""
     pixels, captions = [], []
     items = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
     for item in items:
-        if "skip" not in item:
+        if "skip" not in item and (not pixels or item["pixel_values"].shape == pixels[0].shape):
             pixels.append(item["pixel_values"])
             captions.append(item["caption"])
         if len(pixels) == n:

@@ -8,6 +8,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.cli.errors import UserError
+from sdkd.data.sources.buckets import sample_buckets
 from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.step_random import StepRandom
@@ -338,15 +340,19 @@ def _pil(image: torch.Tensor):
 
 
 def split_held_out(dataset: Dataset, n: int) -> tuple[Dataset, list]:
-    """The data set less its last `n` samples, and those `n` samples (held out for evaluation)."""
+    """The data set less its last `n` samples, and those `n` samples (held out for evaluation). With size
+    buckets, the last `n` of the last sample's bucket: the held-out latents are one tensor."""
     if isinstance(dataset, IterableDataset):
         raise UserError("train/tiny_decoder.py holds out decoder.eval_latents samples of the data set: use a "
                         "map-style source (synthetic, imagefolder, hf) or a latent cache, not webdataset")
-    if len(dataset) <= n:
-        raise UserError(f"data: {len(dataset)} samples, but decoder.eval_latents={n} are held out; lower it "
-                        f"or add data")
-    keep = len(dataset) - n
-    return _Training(dataset, range(keep)), [dataset[i] for i in range(keep, len(dataset))]
+    buckets = sample_buckets(dataset)
+    candidates = np.arange(len(dataset)) if buckets is None else np.flatnonzero(buckets == buckets[-1])
+    if len(candidates) <= n:
+        raise UserError(f"data: {len(candidates)} samples{'' if buckets is None else ' in the last size bucket'}, "
+                        f"but decoder.eval_latents={n} are held out; lower it or add data")
+    held = candidates[len(candidates) - n:]
+    return (_Training(dataset, np.setdiff1d(np.arange(len(dataset)), held).tolist()),
+            [dataset[int(i)] for i in held])
 
 
 class _Training(Subset):
