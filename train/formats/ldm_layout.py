@@ -356,10 +356,16 @@ def family(unet_config: Mapping) -> str:
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
+def sdcpp_runs(unet_config: Mapping) -> bool:
+    """Whether stable-diffusion.cpp has a model for this U-Net (whatever the VAE)."""
+    layout = unet_layout(unet_config)
+    return layout in SDCPP_LAYOUTS and family(unet_config) in SDCPP_LAYOUTS[layout][0]
+
+
 def check_sdcpp(unet_config: Mapping, vae_tiny: bool) -> list[str]:
     """Raise UnsupportedLayout when sd.cpp has no model for this U-Net (+VAE); return warnings otherwise."""
     layout, fam = unet_layout(unet_config), family(unet_config)
-    if layout not in SDCPP_LAYOUTS or fam not in SDCPP_LAYOUTS[layout][0]:
+    if not sdcpp_runs(unet_config):
         what = {"bk_base": "4 levels with 1 res block and a mid block", "bk_small": "4 levels with 1 res block and "
                 "no mid block"}.get(layout, "this block layout")
         if fam == "sdxl":  # sd.cpp builds SDXL U-Nets from fixed tables: the teacher's, SSD-1B's and Vega's
