@@ -481,10 +481,10 @@ def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_pat
     logs = []
     sd.set_log_callback(lambda level, message: logs.append(str(message)))
     try:
-        params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
-        with sd.SDContext(params) as ctx:
-            images = []
-            for applied in ([], loras) if loras else ([],):
+        images = []
+        for applied in ([], loras) if loras else ([],):  # a context each: a second generation in one crashes
+            params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
+            with sd.SDContext(params) as ctx:
                 gen = sd.SDImageGenParams(prompt="a red fox", width=64, height=64, seed=1, sample_steps=1,
                                           cfg_scale=1.0)
                 if applied:

@@ -169,10 +169,10 @@ def check_lora(state: dict, unet, text_encoders: dict | None = None, source: str
                 if theirs else "the LoRA was trained on another model")
     here = layout_of(unet)
     if META + "unet_config" in meta:  # a LoRA of another family fits nowhere here: say so before any module
-        theirs, ours = family_of(json.loads(meta[META + "unet_config"]), f"LoRA '{source}'"), family_of(unet.config)
-        if theirs is not ours:
-            raise UserError(f"LoRA '{source}' was trained on a model of family '{theirs.name}', this model is of "
-                            f"family '{ours.name}'; load it into a '{theirs.name}' model")
+        lora_family = family_of(json.loads(meta[META + "unet_config"]), f"LoRA '{source}'")
+        if lora_family is not family_of(unet.config):
+            raise UserError(f"LoRA '{source}' was trained on a model of family '{lora_family.name}', this model is of "
+                            f"family '{family_of(unet.config).name}'; load it into a '{lora_family.name}' model")
     models, parts = {"unet": unet, **(text_encoders or {})}, _parts(unet)
     targets = []  # (module name, what, module, tensor, is_down): missing modules are named before wrong widths
     for key, t in state.items():
