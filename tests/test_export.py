@@ -482,7 +482,7 @@ def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_pat
     sd.set_log_callback(lambda level, message: logs.append(str(message)))
     try:
         images = []
-        for applied in ([], loras) if loras else ([],):  # a context each: a second generation in one crashes
+        for applied in ([], loras) if loras else ([],):  # a context each (two generations in one segfaulted)
             params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
             with sd.SDContext(params) as ctx:
                 gen = sd.SDImageGenParams(prompt="a red fox", width=64, height=64, seed=1, sample_steps=1,
