@@ -18,10 +18,10 @@ DURATIONS = ROOT / "test-durations.txt"
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
-    # The fast tier (`-m "not slow"`) leaves out the end-to-end runs and the SD-1.5-width round trips; another
+    # The fast tier (`-m "not slow"`) leaves out the end-to-end runs and the SD-1.5/SDXL-width round trips; another
     # slow test (a command in a new Python process: seconds of imports; a long sampling) carries `slow` itself.
     for item in items:
-        if item.get_closest_marker("e2e") or item.get_closest_marker("sd15"):
+        if any(item.get_closest_marker(name) for name in ("e2e", "sd15", "sdxl")):
             item.add_marker(pytest.mark.slow)
 
 

@@ -13,19 +13,21 @@ import gc
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdkd.cli.errors import UserError
 from sdkd.train import export as E
 from sdkd.train.formats import ldm_layout as L
 from sdkd.train.formats import model_files as M
-from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXS_TYPES
+from sdkd.train.models.sd_configs import SD15_UNET, SD21_BASE_UNET, SDXL_UNET, SDXS_TYPES
 from sdkd.train.models.students import PRESETS, build_student, student_unet_config
-from sdkd.train.models.toy import TOY_SD2_UNET, TOY_UNET, build_random_pipeline
+from sdkd.train.models.toy import TOY_SD2_UNET, TOY_UNET, TOY_XL_DEPTHS_UNET, build_random_pipeline
 
 from conftest import run_script
 
@@ -368,3 +370,133 @@ def test_sdxs_student_at_sd15_widths_exports_an_sdxs_file(monkeypatch):
     assert flat[L.VAE_PREFIX + "decoder.layers.18.weight"].shape == (3, 64, 3, 3)  # TAESD's last conv
     assert L.unet_layout(json.loads(meta["sdkd.unet_config"])) == "sdxs"
     assert (meta["sdkd.numbering"], meta["sdkd.vae_class"]) == ("sdcpp", "AutoencoderTiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: the SGM single file (A1111, ComfyUI), and SSD-1B / Vega in stable-diffusion.cpp
+
+SDXL_LAYOUTS = ["teacher", "ssd1b", "vega", "koala_1b", "koala_700m"]
+XL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def xl_pipeline(layout: str, widths: str = "toy_xl", dtype: torch.dtype = torch.float32):
+    """An SDXL pipeline of `layout` with random weights: SDXL's blocks and depths at toy widths (toy_xl), or at
+    SDXL's own (sdxl)."""
+    base = TOY_XL_DEPTHS_UNET if widths == "toy_xl" else SDXL_UNET
+    config = base if layout == "teacher" else student_unet_config(base, PRESETS[layout])
+    return build_random_pipeline(config, widths=widths, dtype=dtype)
+
+
+def sdcpp_sdxl_version(keys: set[str]) -> str:
+    """stable-diffusion.cpp's version detection for a file with two text encoders (export-sdcpp.md section 2.1)."""
+    p = L.UNET_PREFIX
+    assert any(k.startswith(p + "input_blocks.") for k in keys) and any(k.startswith("conditioner.embedders.1")
+                                                                          for k in keys)
+    if any(k.startswith(p + "middle_block.1.") for k in keys):
+        return "SDXL"
+    has_311 = any(k.startswith(p + "output_blocks.3.1.transformer_blocks.1") for k in keys)
+    return "SDXL (SSD1B)" if has_311 else "SDXL (Vega)"
+
+
+@pytest.mark.parametrize("layout", SDXL_LAYOUTS)
+def test_sdxl_single_file_reads_back_in_diffusers(layout, tmp_path):
+    """The SGM layout: diffusers' own reader of A1111/ComfyUI SDXL files gets every tensor of every part back,
+    and so does ours (from the file alone)."""
+    pipe = xl_pipeline(layout)
+    assert L.unet_layout(dict(pipe.unet.config)) == layout  # SDXL layouts are named by structure, never "sdxs"
+    pipe.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "m.safetensors", target="ldm")
+    with safe_open(str(file), framework="pt") as st:
+        keys = set(st.keys())
+        projection = st.get_tensor("conditioner.embedders.1.model.text_projection")
+    assert {L.UNET_PREFIX + "label_emb.0.0.weight", L.UNET_PREFIX + "label_emb.0.2.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"} <= keys
+    assert not [k for k in keys if k.startswith("cond_stage_model.")]
+    assert torch.equal(projection, pipe.text_encoder_2.text_projection.weight.T)  # OpenCLIP multiplies x @ P
+    theirs = StableDiffusionXLPipeline.from_single_file(str(file), config=str(tmp_path / "folder"),
+                                                        local_files_only=True)
+    ours = M.load_single_file(file)
+    for name in XL_PARTS:
+        assert_same_state(getattr(theirs, name), getattr(pipe, name))
+        assert_same_state(getattr(ours, name), getattr(pipe, name))
+    assert ours.tokenizer_2("a cat").input_ids == pipe.tokenizer_2("a cat").input_ids
+
+
+@pytest.mark.parametrize("layout", ["teacher", "ssd1b", "vega"])
+def test_sdxl_sdcpp_file_has_the_names_sdcpp_detects(layout, tmp_path):
+    """--target sdcpp for the SDXL layouts sd.cpp runs: upsamplers after the attention (as the SDXL script writes
+    them), one-resnet mid blocks at middle_block.0, the names sd.cpp tells SSD-1B from Vega by; ours reads it back."""
+    pipe = xl_pipeline(layout)
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "m.safetensors", target="sdcpp")
+    with safe_open(str(file), framework="pt") as st:
+        keys = set(st.keys())
+    p = L.UNET_PREFIX
+    assert {p + "output_blocks.2.2.conv.weight", p + "output_blocks.5.2.conv.weight"} <= keys
+    assert sdcpp_sdxl_version(keys) == {"teacher": "SDXL", "ssd1b": "SDXL (SSD1B)", "vega": "SDXL (Vega)"}[layout]
+    ours = M.load_single_file(file)
+    for name in XL_PARTS:
+        assert_same_state(getattr(ours, name), getattr(pipe, name))
+
+
+@pytest.mark.parametrize("layout", ["koala_1b", "koala_700m"])
+def test_sdxl_sdcpp_export_refused_in_one_line(layout, tmp_path):
+    pipe = xl_pipeline(layout)
+    with pytest.raises(L.UnsupportedLayout) as err:
+        M.export_single_file(M.Source(pipe, "test"), tmp_path / "x.safetensors", target="sdcpp")
+    message = str(err.value)
+    assert "\n" not in message and f"cannot run '{layout}' (SDXL)" in message
+    assert "SSD-1B and Vega" in message and "--target ldm" in message
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.sdxl
+@pytest.mark.parametrize("layout, version", [("ssd1b", "SDXL (SSD1B)"), ("vega", "SDXL (Vega)")])
+def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_path):
+    """SSD-1B and Vega at SDXL's widths (random fp16 weights, CLIP-L and OpenCLIP-bigG: about 4.5 GB for SSD-1B)
+    in the sd.cpp of cyllama: detected as what they are, one 64 px image in one step; for SSD-1B also a LoRA on the
+    U-Net and both text encoders, converted for sd.cpp, of which sd.cpp applies every tensor."""
+    sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
+                                                  "pip install -e '.[sdcpp]'")
+    from sdkd.train.formats import lora_io
+    from sdkd.train.formats.lora_config import LoraSection
+
+    from test_lora import randomize_b
+
+    pipe = xl_pipeline(layout, widths="sdxl", dtype=torch.float16)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == {"ssd1b": 1_331_334_404, "vega": 745_225_604}[layout]
+    file = M.export_single_file(M.Source(pipe, "test"), tmp_path / f"{layout}.safetensors", target="sdcpp",
+                                half=True)
+    loras = []
+    if layout == "ssd1b":
+        text = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")}
+        lora_io.add_adapters(pipe.unet, text, LoraSection(rank=4, alpha=8, train_text_encoder=True))
+        randomize_b(pipe.unet, *text.values(), std=0.05)
+        lora_file = lora_io.save_lora(tmp_path / "lora", pipe.unet, text)
+        loras = [lora_io.export_sdcpp(lora_file, tmp_path / "lora_sdcpp.safetensors")]
+        names = load_file(loras[0])
+        assert {k.split("_")[1] for k in names} == {"unet", "te1", "te2"}
+    del pipe
+    gc.collect()
+    logs = []
+    sd.set_log_callback(lambda level, message: logs.append(str(message)))
+    try:
+        images = []
+        for applied in ([], loras) if loras else ([],):  # a context each (two generations in one segfaulted)
+            params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
+            with sd.SDContext(params) as ctx:
+                gen = sd.SDImageGenParams(prompt="a red fox", width=64, height=64, seed=1, sample_steps=1,
+                                          cfg_scale=1.0)
+                if applied:
+                    gen.set_loras([{"path": str(f), "multiplier": 1.0} for f in applied])
+                images.append(ctx.generate_with_params(gen)[0].to_numpy().astype(np.float32))
+    finally:
+        sd.set_log_callback(None)
+    assert images[0].shape == (64, 64, 3)
+    detected = [m for m in logs if "Version:" in m]
+    assert detected and detected[0].split("Version:")[1].strip() == version, detected
+    if loras:
+        n = len(names)
+        applied = [m for m in logs if "LoRA tensors have been applied" in m]
+        assert applied and f"({n} / {n})" in applied[0], applied
+        assert np.abs(images[1] - images[0]).mean() > 1.0

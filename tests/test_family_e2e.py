@@ -111,16 +111,19 @@ def test_export_sampling_and_cost(run, teacher, tmp_path):
     from sdkd.eval.evaluation.cost import latency, pipeline_params, unet_macs
     from sdkd.eval.inference.pipeline import load_pipeline
     from sdkd.train.export import export
+    from sdkd.train.formats.model_files import load_single_file
 
     out, _ = run
     folder = export(str(out), "diffusers", str(tmp_path / "exported"))
     exported = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     trained = load_file(out / "student" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(v, trained[k]) for k, v in exported.unet.state_dict().items())
-    with pytest.raises(UserError) as err:
-        export(str(out), "single-file", str(tmp_path / "student.safetensors"))
-    assert "model family 'sdxl' has no single-file layout" in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "student.safetensors").exists()
+    single = export(str(out), "single-file", str(tmp_path / "student.safetensors"))  # the SGM layout
+    assert all(torch.equal(v, trained[k]) for k, v in load_single_file(single).unet.state_dict().items())
+    with pytest.raises(UserError) as err:  # sd.cpp has tables for SDXL's, SSD-1B's and Vega's depths only
+        export(str(out), "single-file", str(tmp_path / "sdcpp.safetensors"), target="sdcpp")
+    assert "stable-diffusion.cpp cannot run" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "sdcpp.safetensors").exists()
 
     pipe = load_pipeline(folder)
     assert type(pipe.pipe) is StableDiffusionXLPipeline

@@ -183,20 +183,21 @@ def test_tiny_vae_keys_pass_through():
 
 def test_clip_l_keys_keep_text_model_prefix():
     text = CLIPTextModel(CLIPTextConfig(**TOY_TEXT))
-    flat = L.to_ldm({}, {}, "ldm", text=text.state_dict(), text_config=text.config.to_dict())
+    flat = L.to_ldm({}, {}, "ldm", texts={"cond_stage_model": (text.state_dict(), text.config.to_dict())})
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in flat
-    back = L.text_from_ldm(flat, text.config.to_dict(), {k: v.shape for k, v in text.state_dict().items()})
+    back = L.text_from_ldm(flat, "cond_stage_model", text.config.to_dict(),
+                           {k: v.shape for k, v in text.state_dict().items()})
     assert all(torch.equal(back[k], v) for k, v in text.state_dict().items() if k in back)
 
 
 def test_openclip_layout_round_trips():
     text = CLIPTextModel(CLIPTextConfig(**{**TOY_TEXT, "hidden_act": "gelu"}))
     state = text.state_dict()
-    flat = L.to_ldm({}, {}, "ldm", text=state, text_config=text.config.to_dict())
+    flat = L.to_ldm({}, {}, "ldm", texts={"cond_stage_model": (state, text.config.to_dict())})
     p = L.OPENCLIP_PREFIX
     assert flat[p + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 32, 32)
     assert p + "token_embedding.weight" in flat and p + "positional_embedding" in flat and p + "ln_final.weight" in flat
-    back = L.text_from_ldm(flat, text.config.to_dict(), {k: v.shape for k, v in state.items()})
+    back = L.text_from_ldm(flat, "cond_stage_model", text.config.to_dict(), {k: v.shape for k, v in state.items()})
     assert all(torch.equal(back[k], state[k]) for k in back)
     assert {k for k in state if not k.endswith("position_ids")} == set(back)
 
@@ -205,7 +206,7 @@ def test_openclip_layout_matches_diffusers_converter():
     """diffusers' reader of real SD-2 single files (an independent implementation) gets every tensor back."""
     text = CLIPTextModel(CLIPTextConfig(**TOY_SD2_TEXT))
     state = text.state_dict()
-    flat = L.to_ldm({}, {}, "sdcpp", text=state, text_config=text.config.to_dict())
+    flat = L.to_ldm({}, {}, "sdcpp", texts={"cond_stage_model": (state, text.config.to_dict())})
     back = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text, flat).items()}
     state = {k.removeprefix("text_model."): v for k, v in state.items()}  # transformers 5 drops the prefix
     assert set(back) == {k for k in state if not k.endswith("position_ids")}
@@ -219,7 +220,7 @@ def test_sd21_text_config_is_openclip_h_as_sd2_ships_it():
             config.projection_dim) == (1024, 23, 16, 4096, 512)
     with torch.device("meta"):
         state = CLIPTextModel(config).state_dict()
-    names = {L.text_name(k, True)[0] for k in state if not k.endswith("position_ids")}
+    names = {L.text_name(k, L.OPENCLIP_PREFIX)[0] for k in state if not k.endswith("position_ids")}
     # sd.cpp's OpenCLIP-H has 24 layers and skips a missing 24th (SD-2 uses the penultimate layer's output)
     assert L.OPENCLIP_PREFIX + "transformer.resblocks.22.ln_2.weight" in names
     assert not [n for n in names if ".resblocks.23." in n]
@@ -227,8 +228,8 @@ def test_sd21_text_config_is_openclip_h_as_sd2_ships_it():
 
 def test_unknown_keys_are_refused():
     config = dict(TOY_UNET)
-    with pytest.raises(L.UnsupportedLayout, match="add_embedding"):
-        L.unet_name("add_embedding.linear_1.weight", config, "ldm")
+    with pytest.raises(L.UnsupportedLayout, match="class_embedding"):  # (add_embedding is SDXL's label_emb)
+        L.unet_name("class_embedding.linear_1.weight", config, "ldm")
 
 
 @pytest.mark.parametrize("layout", ["bk_base", "bk_small"])

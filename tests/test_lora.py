@@ -19,7 +19,7 @@ from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.train.formats.lora_config import LoraSection
 from sdkd.train.models.sd_configs import SD15_UNET, SDXS_TYPES
 from sdkd.train.models.students import PRESETS, build_student, student_unet_config
-from sdkd.train.models.toy import TOY_UNET, build_random_pipeline, build_toy_pipeline
+from sdkd.train.models.toy import TOY_UNET, TOY_XL_DEPTHS_UNET, build_random_pipeline, build_toy_pipeline
 
 
 def toy_pipe(layout: str):
@@ -211,6 +211,56 @@ def test_sdcpp_file_names_and_alphas(tmp_path):
     with pytest.raises(ldm_layout.UnsupportedLayout, match="bk_small"):
         lora_io.export_sdcpp(small_file, tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def xl_lora(tmp_path, layout: str, text: bool = True):
+    """A LoRA (U-Net and, with `text`, both text encoders) of an SDXL student of `layout` at toy widths, and the
+    pipeline it was trained on."""
+    pipe = build_random_pipeline(student_unet_config(TOY_XL_DEPTHS_UNET, PRESETS[layout]), widths="toy_xl")
+    encoders = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")} if text else None
+    lora_io.add_adapters(pipe.unet, encoders, LoraSection(rank=4, alpha=6, train_text_encoder=text))
+    return lora_io.save_lora(tmp_path / layout, pipe.unet, encoders), pipe
+
+
+def test_sdxl_sdcpp_file_names_and_refusals(tmp_path):
+    """SSD-1B's (and Vega's) LoRA in kohya's SDXL names over the sd.cpp numbering: lora_te1_ (CLIP-L), lora_te2_
+    (OpenCLIP-bigG, in CLIP names as kohya writes them); KOALA's is refused (sd.cpp has no KOALA model)."""
+    file, _ = xl_lora(tmp_path, "ssd1b")
+    out = load_file(lora_io.export_sdcpp(file, tmp_path / "sdcpp.safetensors"))
+    n_unet = sum(1 for k in load_file(file) if k.startswith("unet."))
+    assert sum(1 for k in out if k.startswith("lora_unet_") and not k.endswith(".alpha")) == n_unet
+    # up_blocks.0.attentions.2 (SSD-1B's 10 layers) -> output_blocks.2.1; down_blocks.1.attentions.0 -> input_blocks.4.1
+    for stem in ("lora_unet_output_blocks_2_1_transformer_blocks_9_attn1_to_q",
+                 "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+                 "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                 "lora_te2_text_model_encoder_layers_1_self_attn_v_proj"):
+        assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= out.keys(), stem
+        assert out[f"{stem}.alpha"].item() == 6.0
+    assert not [k for k in out if k.startswith("lora_te_")]
+    koala, _ = xl_lora(tmp_path, "koala_700m", text=False)
+    with pytest.raises(ldm_layout.UnsupportedLayout, match="'koala_700m' SDXL U-Net, which stable-diffusion.cpp "
+                                                           "cannot run"):
+        lora_io.export_sdcpp(koala, tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_lora_of_another_family_refused_in_one_line(tmp_path):
+    """An SDXL LoRA on an SD-1.x model file, and an SD-1.x LoRA on an SDXL model file: one line naming both
+    families, before diffusers sees the file."""
+    import sdkd.train.formats.model_files as M
+
+    xl_file, _ = xl_lora(tmp_path, "vega")
+    sd_pipe = toy_pipe("bk_tiny")
+    lora_io.add_adapters(sd_pipe.unet, text_encoders(sd_pipe), LoraSection(rank=4, train_text_encoder=True))
+    sd_file = lora_io.save_lora(tmp_path / "sd", sd_pipe.unet, text_encoders(sd_pipe))
+    xl_model = build_random_pipeline(student_unet_config(TOY_XL_DEPTHS_UNET, PRESETS["vega"]), widths="toy_xl")
+    for model, lora, theirs, ours in ((toy_pipe("bk_tiny"), xl_file, "sdxl", "sd"), (xl_model, sd_file, "sd", "sdxl")):
+        single = M.export_single_file(M.Source(model, "test"), tmp_path / f"{ours}.safetensors")
+        with pytest.raises(UserError) as err:
+            lora_io.load_lora(M.load_single_file(single), lora)
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"trained on a model of family '{theirs}', this model is of family '{ours}'" in message
 
 
 def test_convert_lora_command_writes_the_sdcpp_file(tmp_path, capsys):

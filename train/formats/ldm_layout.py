@@ -1,8 +1,11 @@
-"""diffusers <-> original LDM single-file key names: U-Net (two numberings), VAE, text encoder.
+"""diffusers <-> original LDM single-file key names: U-Net (two numberings), VAE, text encoders.
 
 A single file holds one flat state dict: `model.diffusion_model.*` (U-Net), `first_stage_model.*`
-(VAE, AutoencoderKL or AutoencoderTiny), `cond_stage_model.transformer.text_model.*` (CLIP-L, SD-1)
-or `cond_stage_model.model.*` (OpenCLIP, SD-2).
+(VAE, AutoencoderKL or AutoencoderTiny) and the text encoders where their model family puts them
+(train/models/families.py `single_file`): `cond_stage_model.transformer.text_model.*` (CLIP-L, SD-1)
+or `cond_stage_model.model.*` (OpenCLIP, SD-2); SDXL's SGM layout (A1111, ComfyUI)
+`conditioner.embedders.0.transformer.text_model.*` (CLIP-L) and `conditioner.embedders.1.model.*`
+(OpenCLIP-bigG), its pooled-text/size embedding as `label_emb`.
 
 A U-Net with one res block per level has two "original" numberings (see
 shared/reference/export-sdcpp.md, section 1.2), and each consumer reads only its own:
@@ -14,7 +17,8 @@ shared/reference/export-sdcpp.md, section 1.2), and each consumer reads only its
 
 Both are one formula with a different slot stride (`L+1` or 3); the upsampler's position inside its
 output block differs too (after the attention in `ldm`; `.1` for level 0 and `.2` elsewhere in
-`sdcpp`, as the SD-1/2 conversion script writes it). For the SD teacher the two coincide.
+`sdcpp`, as the SD-1/2 conversion script writes it; SDXL's sd.cpp files follow the SDXL script: after the
+attention). For the teachers the two coincide.
 
 The inverse of every map is taken by inverting the forward map over the keys of a model built
 from its config, so export and import cannot drift apart.
@@ -22,12 +26,17 @@ from its config, so export and import cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Iterable, Mapping
 
 import torch
 
 from sdkd.cli.errors import UserError
+from sdkd.train.models import students
+from sdkd.train.models.families import SDXL
+from sdkd.train.models.sd_configs import SDXL_UNET
 
 NUMBERINGS = ("ldm", "sdcpp")
 UNET_PREFIX = "model.diffusion_model."
@@ -39,6 +48,7 @@ SDCPP_STRIDE = 3  # the SD-1/2 teacher's layers_per_block + 1
 RESNET_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                   "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 TOP_RENAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
@@ -92,13 +102,13 @@ def unet_name(key: str, config: Mapping, numbering: str) -> str:
         return f"output_blocks.{stride * i + j}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
         i = int(m[1])
-        if numbering == "ldm":
+        if numbering == "ldm" or family(config) == "sdxl":
             sub = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
         else:
             sub = 1 if i == 0 else 2
         return f"output_blocks.{stride * i + stride - 1}.{sub}.{m[2]}"
-    raise UnsupportedLayout(f"U-Net key '{key}' has no place in the LDM layout (only SD-1.x/2.x-style U-Nets "
-                            f"without extra embeddings can be written as a single file)")
+    raise UnsupportedLayout(f"U-Net key '{key}' has no place in the LDM layout (only SD-1.x/2.x- and SDXL-style "
+                            f"U-Nets can be written as a single file)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,27 +152,45 @@ def is_openclip(text_config: Mapping) -> bool:
     return text_config.get("hidden_act") == "gelu"
 
 
+def text_prefix(slot: str, text_config: Mapping) -> str:
+    """The key prefix of a text encoder at `slot` (its family's `single_file` entry): the slot itself where it
+    ends in its naming (`.transformer`: CLIP names, `.model`: OpenCLIP names), else the naming `is_openclip`
+    picks."""
+    if slot.endswith((".transformer", ".model")):
+        return slot + "."
+    return slot + (".model." if is_openclip(text_config) else ".transformer.")
+
+
+def _oriented(name: str, t: torch.Tensor) -> torch.Tensor:
+    # OpenCLIP's text_projection multiplies from the right: the transpose of the Linear weight (its own inverse).
+    return t.T if name.endswith(".text_projection") else t
+
+
 _OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                    "self_attn.out_proj": "attn.out_proj"}
 
 
-def text_name(key: str, openclip: bool) -> tuple[str, int | None]:
-    """(full file name, index in a q,k,v concatenation or None). `key` may lack `text_model.`."""
-    key = key if key.startswith("text_model.") else "text_model." + key
-    if not openclip:
-        return "cond_stage_model.transformer." + key, None
+def text_name(key: str, prefix: str) -> tuple[str, int | None]:
+    """(full file name, index in a q,k,v concatenation or None) of a text-encoder key under `prefix`
+    (`text_prefix`). `key` may lack `text_model.` (transformers 5's CLIPTextModel)."""
+    if not key.startswith(("text_model.", "text_projection.")):
+        key = "text_model." + key
+    if not prefix.endswith(".model."):
+        return prefix + key, None
+    if key == "text_projection.weight":
+        return prefix + "text_projection", None
     rest = key[len("text_model."):]
     if rest == "embeddings.token_embedding.weight":
-        return OPENCLIP_PREFIX + "token_embedding.weight", None
+        return prefix + "token_embedding.weight", None
     if rest == "embeddings.position_embedding.weight":
-        return OPENCLIP_PREFIX + "positional_embedding", None
+        return prefix + "positional_embedding", None
     if rest.startswith("final_layer_norm."):
-        return OPENCLIP_PREFIX + "ln_final." + rest[len("final_layer_norm."):], None
+        return prefix + "ln_final." + rest[len("final_layer_norm."):], None
     if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", rest):
-        return f"{OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", "qkv".index(m[2])
+        return f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", "qkv".index(m[2])
     if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", rest):
         if m[2] in _OPENCLIP_LAYER:
-            return f"{OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}", None
+            return f"{prefix}transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}", None
     raise UnsupportedLayout(f"text-encoder key '{key}' has no place in the OpenCLIP layout")
 
 
@@ -177,24 +205,24 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def to_ldm(unet: Mapping[str, torch.Tensor], unet_config: Mapping, numbering: str,
            vae: Mapping[str, torch.Tensor] | None = None, vae_config: Mapping | None = None, vae_tiny: bool = False,
-           text: Mapping[str, torch.Tensor] | None = None, text_config: Mapping | None = None
-           ) -> dict[str, torch.Tensor]:
-    """One flat LDM state dict from diffusers state dicts (the parts given)."""
+           texts: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping]] | None = None) -> dict[str, torch.Tensor]:
+    """One flat LDM state dict from diffusers state dicts (the parts given); `texts`: slot (`text_prefix`) ->
+    (a text encoder's state dict, its config)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in unet.items():
         out[UNET_PREFIX + unet_name(key, unet_config, numbering)] = _contiguous(t)
     for key, t in (vae or {}).items():
         name, conv = vae_name(key, vae_config, vae_tiny)
         out[VAE_PREFIX + name] = _contiguous(t.reshape(*t.shape, 1, 1) if conv and t.dim() == 2 else t)
-    if text:
-        openclip = is_openclip(text_config)
+    for slot, (text, text_config) in (texts or {}).items():
+        prefix = text_prefix(slot, text_config)
         parts: dict[str, dict[int, torch.Tensor]] = {}
         for key, t in text.items():
             if key.endswith("position_ids"):
                 continue
-            name, part = text_name(key, openclip)
+            name, part = text_name(key, prefix)
             if part is None:
-                out[name] = _contiguous(t)
+                out[name] = _contiguous(_oriented(name, t))
             else:
                 parts.setdefault(name, {})[part] = t
         for name, qkv in parts.items():
@@ -210,7 +238,7 @@ def _take(flat: Mapping[str, torch.Tensor], names: dict[str, tuple[str, int | No
         if name not in flat:
             missing.append(name)
             continue
-        t = flat[name]
+        t = _oriented(name, flat[name])
         if part is not None:
             t = t.chunk(3, dim=0)[part]
         if t.numel() != shapes[key].numel():
@@ -237,9 +265,9 @@ def vae_from_ldm(flat, config, tiny, shapes, source="file"):
     return _take(flat, names, shapes, "VAE", source)
 
 
-def text_from_ldm(flat, text_config, shapes, source="file"):
-    openclip = is_openclip(text_config)
-    names = {k: text_name(k, openclip) for k in shapes if not k.endswith("position_ids")}
+def text_from_ldm(flat, slot, text_config, shapes, source="file"):
+    prefix = text_prefix(slot, text_config)
+    names = {k: text_name(k, prefix) for k in shapes if not k.endswith("position_ids")}
     return _take(flat, names, shapes, "text-encoder", source)
 
 
@@ -252,12 +280,46 @@ def unet_names(keys: Iterable[str], config: Mapping, numbering: str) -> dict[str
 # Layouts and stable-diffusion.cpp support
 
 
+def _depths(config: Mapping, layers: int) -> tuple:
+    """Per down block, per up block, and of the mid block: the depth of each attention, by diffusers' rules for
+    `transformer_layers_per_block` (an int, or one entry per block: an int or one per layer) and its reverse."""
+    down_types, up_types = config["down_block_types"], config["up_block_types"]
+    down = config.get("transformer_layers_per_block", 1)
+    down = [down] * len(down_types) if isinstance(down, int) else list(down)
+    up = config.get("reverse_transformer_layers_per_block") or list(reversed(down))
+
+    def per_layer(depth, kinds, n):
+        return tuple(tuple(d if isinstance(d, (list, tuple)) else [d] * n) if kind.startswith("CrossAttn") else ()
+                     for d, kind in zip(depth, kinds))
+
+    mid = down[-1] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn" else 0
+    return per_layer(down, down_types, layers), per_layer(up, up_types, layers + 1), mid
+
+
+def _structure(config: Mapping) -> tuple:
+    config = {**students.UNET_DEFAULTS, **config}  # a key left out is diffusers' default
+    layers = _layers(config)
+    keys = ("down_block_types", "up_block_types", "mid_block_type", "only_cross_attention")
+    return (layers, _depths(config, layers), *(json.dumps(config[k]) for k in keys))
+
+
+@functools.cache
+def _sdxl_layouts() -> dict[tuple, str]:
+    """Structure -> name: the SDXL teacher's and every SDXL preset's (at any widths)."""
+    configs = {"teacher": SDXL_UNET} | {name: students.student_unet_config(SDXL_UNET, spec)
+                                        for name, spec in students.PRESETS.items() if spec.family == students.SDXL}
+    return {_structure(config): name for name, config in configs.items()}
+
+
 def unet_layout(config: Mapping) -> str:
-    """Structural name of a U-Net: teacher, bk_base, bk_small, bk_tiny, sdxs (SDXS-512), sdxs09, or custom."""
+    """Structural name of a U-Net: teacher, bk_base, bk_small, bk_tiny, sdxs (SDXS-512), sdxs09 (SD-1.x/2.x);
+    teacher, ssd1b, vega, koala_1b, koala_700m (SDXL: block types and every attention's depth); or custom."""
     try:
         layers = _layers(config)
     except UnsupportedLayout:
         return "custom"
+    if family(config) == "sdxl":
+        return _sdxl_layouts().get(_structure(config), "custom")
     down = [t.startswith("CrossAttn") for t in config["down_block_types"]]
     up = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
@@ -275,26 +337,39 @@ def unet_layout(config: Mapping) -> str:
 
 
 SDCPP_LAYOUTS = {  # layout -> (families sd.cpp has a model for, VAE kind it loads)
-    "teacher": ({"sd1", "sd2"}, "kl"),
+    "teacher": ({"sd1", "sd2", "sdxl"}, "kl"),
     "bk_tiny": ({"sd1", "sd2"}, "kl"),
     "sdxs": ({"sd1"}, "tiny"),
     "sdxs09": ({"sd2"}, "tiny"),
+    "ssd1b": ({"sdxl"}, "kl"),
+    "vega": ({"sdxl"}, "kl"),
 }
 SDCPP_WORKING = ("the SD-1.x/2.x teacher layout, bk_tiny (SD-1.x and SD-2.x), the SDXS-512 layout "
-                 "(SD-1.x, tiny VAE) and the SDXS-0.9 layout (SD-2.x, tiny VAE)")
+                 "(SD-1.x, tiny VAE), the SDXS-0.9 layout (SD-2.x, tiny VAE), and SDXL's teacher, ssd1b and vega")
 
 
 def family(unet_config: Mapping) -> str:
-    """sd1 (conv projection, 8 heads) or sd2 (linear projection, 64-dim heads): what sd.cpp hard-codes."""
+    """sd1 (conv projection, 8 heads), sd2 (linear projection, 64-dim heads) or sdxl (size/crop ids, two text
+    encoders): what sd.cpp hard-codes."""
+    if SDXL.claims(unet_config):
+        return "sdxl"
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def sdcpp_runs(unet_config: Mapping) -> bool:
+    """Whether stable-diffusion.cpp has a model for this U-Net (whatever the VAE)."""
+    layout = unet_layout(unet_config)
+    return layout in SDCPP_LAYOUTS and family(unet_config) in SDCPP_LAYOUTS[layout][0]
 
 
 def check_sdcpp(unet_config: Mapping, vae_tiny: bool) -> list[str]:
     """Raise UnsupportedLayout when sd.cpp has no model for this U-Net (+VAE); return warnings otherwise."""
     layout, fam = unet_layout(unet_config), family(unet_config)
-    if layout not in SDCPP_LAYOUTS or fam not in SDCPP_LAYOUTS[layout][0]:
+    if not sdcpp_runs(unet_config):
         what = {"bk_base": "4 levels with 1 res block and a mid block", "bk_small": "4 levels with 1 res block and "
                 "no mid block"}.get(layout, "this block layout")
+        if fam == "sdxl":  # sd.cpp builds SDXL U-Nets from fixed tables: the teacher's, SSD-1B's and Vega's
+            what = "its transformer depths (it hard-codes those of SDXL, SSD-1B and Vega only)"
         name = f"'{layout}' ({fam.upper()})" if layout != "custom" else "this custom layout"
         raise UnsupportedLayout(f"stable-diffusion.cpp cannot run {name}: it has no model for {what}. "
                                 f"Layouts that work there: {SDCPP_WORKING}. Export with --target ldm for "

@@ -16,8 +16,9 @@
   warn).
 - `LoraState`: what a LoRA run's checkpoints hold (the adapter file and the EMA of the adapter), so
   `Checkpointer` and `resume` work unchanged.
-- `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`, `lora_te_*`) over the
-  teacher-slot LDM numbering that sdkd's `--target sdcpp` single files use (`ldm_layout`), `lora_down` /
+- `to_sdcpp`: the same LoRA for stable-diffusion.cpp: kohya names (`lora_unet_*`; `lora_te_*`, or
+  `lora_te1_*`, `lora_te2_*` for SDXL's two text encoders) over the teacher-slot LDM numbering that sdkd's
+  `--target sdcpp` single files use (`ldm_layout`), `lora_down` /
   `lora_up` / `alpha` tensors (sd.cpp scales by alpha / rank; without `alpha` it would use 1), for families
   the single file has a place for; the command is train/convert_lora.py.
 """
@@ -320,11 +321,13 @@ def to_sdcpp(state: dict, meta: dict, source: str = "LoRA") -> dict[str, torch.T
         raise ldm_layout.UnsupportedLayout(f"LoRA '{source}' is for a U-Net of model family '{family.name}', which "
                                            f"the LDM single file (and so stable-diffusion.cpp) has no layout for")
     parts = ("unet", *family.text_encoders)
-    layout = meta.get(META + "layout") or ldm_layout.unet_layout(unet_config)
-    if layout not in ldm_layout.SDCPP_LAYOUTS:
+    layout = ldm_layout.unet_layout(unet_config)
+    if not ldm_layout.sdcpp_runs(unet_config):
         raise ldm_layout.UnsupportedLayout(
-            f"LoRA '{source}' is for a '{layout}' U-Net, which stable-diffusion.cpp cannot run; layouts that work "
-            f"there: {ldm_layout.SDCPP_WORKING}")
+            f"LoRA '{source}' is for a '{layout}' {family.name.upper()} U-Net, which stable-diffusion.cpp cannot run; "
+            f"layouts that work there: {ldm_layout.SDCPP_WORKING}")
+    # kohya's text-encoder prefixes: lora_te_ for a family's only text encoder, else lora_te1_, lora_te2_, ...
+    te_prefix = {name: "lora_te_" if len(parts) == 2 else f"lora_te{i}_" for i, name in enumerate(parts[1:], 1)}
     alphas = _alphas(meta, parts)
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
@@ -336,7 +339,7 @@ def to_sdcpp(state: dict, meta: dict, source: str = "LoRA") -> dict[str, torch.T
             ldm = ldm_layout.unet_name(name + ".weight", unet_config, "sdcpp").removesuffix(".weight")
             stem = "lora_unet_" + ldm.replace(".", "_")
         else:
-            stem = "lora_te_" + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+            stem = te_prefix[part] + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
         out[f"{stem}.{'lora_down' if down else 'lora_up'}.weight"] = t.detach().cpu().contiguous()
         if down:
             alpha = alphas.get(part) or t.shape[0]

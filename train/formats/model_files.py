@@ -7,12 +7,13 @@ other parts from the run's `student/` or its `model` / teacher), a diffusers pip
 (model_index.json) or an sdkd single file. train/export.py and eval/inference/pipeline.py load models through it.
 
 - diffusers: a pipeline folder with contiguous safetensors and a model card `README.md` (train/cards.py).
-- single file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder in one flat LDM state
-  dict; the diffusers configs and the tokenizer files are stored in the safetensors metadata (k-diffusion's
-  trick), so `load_single_file(file)` rebuilds the student from the file alone. Target `ldm`: packed
-  numbering, for diffusers `from_single_file(file, config=FOLDER)` and other LDM tools; `sdcpp`:
-  teacher-slot numbering, for stable-diffusion.cpp, refused for layouts sd.cpp has no model for. Model
-  families the LDM layout has no place for (train/models/families.py `single_file`) are refused in one line.
+- single file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder(s) in one flat LDM state
+  dict (SDXL: the SGM layout of A1111 and ComfyUI); the diffusers configs and the tokenizer files are
+  stored in the safetensors metadata (k-diffusion's trick), so `load_single_file(file)` rebuilds the
+  student from the file alone. Target `ldm`: packed numbering, for diffusers `from_single_file(file,
+  config=FOLDER)` and other LDM tools; `sdcpp`: teacher-slot numbering, for stable-diffusion.cpp,
+  refused for layouts sd.cpp has no model for. Model families the LDM layout has no place for
+  (train/models/families.py `single_file`) are refused in one line.
   The metadata names each text encoder's config and each tokenizer's files by component name.
 
 `save_pipeline(unet, teacher, folder)` is what the trainers call at the end of a run.
@@ -424,8 +425,8 @@ def _single_file_family(unet_config, where: str) -> ModelFamily:
     """The family of a U-Net config, which the LDM single file must have a place for; else one line naming it."""
     family = family_of(unet_config, where)
     if not family.single_file:
-        raise UserError(f"{where}: model family '{family.name}' has no single-file layout (the LDM file holds one "
-                        f"text encoder); export it with --format diffusers")
+        raise UserError(f"{where}: model family '{family.name}' has no single-file layout (the LDM file has no "
+                        f"place for its text encoders); export it with --format diffusers")
     return family
 
 
@@ -436,14 +437,14 @@ def _config_json(config) -> str:
 def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]:
     """(flat LDM state dict, metadata) of a pipeline, in the numbering `target`."""
     family = _single_file_family(pipe.unet.config, "--format single-file")
-    (text_name,), components = family.text_encoders, pipe.components
-    text = components[text_name]
+    components = pipe.components
     vae_tiny = isinstance(pipe.vae, AutoencoderTiny)
     unet_config = dict(pipe.unet.config)
     flat = ldm_layout.to_ldm(
         pipe.unet.state_dict(), unet_config, target,
         vae=pipe.vae.state_dict(), vae_config=dict(pipe.vae.config), vae_tiny=vae_tiny,
-        text=text.state_dict(), text_config=text.config.to_dict())
+        texts={slot: (components[name].state_dict(), components[name].config.to_dict())
+               for name, slot in family.single_file.items()})
     meta = {
         "format": "pt",
         META + "format_version": FORMAT_VERSION,
@@ -451,7 +452,8 @@ def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]
         META + "unet_config": _config_json(unet_config),
         META + "vae_class": type(pipe.vae).__name__,
         META + "vae_config": _config_json(pipe.vae.config),
-        META + f"{text_name}_config": text.config.to_json_string(use_diff=False),
+        **{META + f"{name}_config": components[name].config.to_json_string(use_diff=False)
+           for name in family.single_file},
         META + "scheduler_class": type(pipe.scheduler).__name__,
         META + "scheduler_config": _config_json(pipe.scheduler.config),
         **{META + name: json.dumps(_tokenizer_files(components[name], family.tokenizer_files))
@@ -510,10 +512,9 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
     try:
         unet_config = json.loads(meta[META + "unet_config"])
         family = _single_file_family(unet_config, f"'{path}'")  # which metadata names its components
-        (text_name,) = family.text_encoders
         vae_class_name = meta[META + "vae_class"]
         vae_config = json.loads(meta[META + "vae_config"])
-        text_config = json.loads(meta[META + f"{text_name}_config"])
+        text_configs = {name: json.loads(meta[META + f"{name}_config"]) for name in family.single_file}
         numbering = meta[META + "numbering"]
         tokenizer_files = {name: json.loads(meta[META + name]) for name in family.tokenizers}
         scheduler_cls = meta[META + "scheduler_class"]
@@ -530,12 +531,12 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
             names = sorted(set(files) - allowed) if isinstance(files, dict) else files
             raise UserError(f"'{path}': metadata holds unexpected tokenizer files {names!r} (expected some of "
                             f"{', '.join(sorted(allowed))})")
-    text_cls = family.components[text_name].cls
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
             vae = vae_cls.from_config(vae_config)
-            text = text_cls(text_cls.config_class.from_dict(text_config))
+            texts = {name: family.components[name].cls(family.components[name].cls.config_class.from_dict(config))
+                     for name, config in text_configs.items()}
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise UserError(f"'{path}': its metadata holds configs no model can be built from ({first_line(err)}); "
                         f"re-export the model") from None
@@ -551,15 +552,16 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
                          strict=True, assign=True)
     vae.load_state_dict(ldm_layout.vae_from_ldm(flat, vae_config, vae_cls is AutoencoderTiny, shapes(vae), src),
                         strict=True, assign=True)
-    te_state = ldm_layout.text_from_ldm(flat, text_config, shapes(text), src)
-    missing = text.load_state_dict(te_state, strict=False, assign=True)
-    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("position_ids")]:
-        raise UserError(f"'{path}': text-encoder tensors do not fit its config; re-export the model")
-    for name, buf in text.named_buffers():  # non-persistent buffers are not in the file
-        if buf.is_meta:
-            parent = text.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
-    components = {"unet": unet, "vae": vae, text_name: text}
+    for name, text in texts.items():
+        te_state = ldm_layout.text_from_ldm(flat, family.single_file[name], text_configs[name], shapes(text), src)
+        missing = text.load_state_dict(te_state, strict=False, assign=True)
+        if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("position_ids")]:
+            raise UserError(f"'{path}': text-encoder tensors do not fit its config; re-export the model")
+        for buffer, buf in text.named_buffers():  # non-persistent buffers are not in the file
+            if buf.is_meta:
+                parent = text.get_submodule(buffer.rsplit(".", 1)[0])
+                setattr(parent, buffer.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone())
+    components = {"unet": unet, "vae": vae, **texts}
     for name, files in tokenizer_files.items():
         with tempfile.TemporaryDirectory() as tmp:
             for file in allowed & set(files):  # our own names, never the file's

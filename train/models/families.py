@@ -109,9 +109,10 @@ class ModelFamily(ABC):
     """The names of `Conditioning.tensors()`: what a latent cache stores per sample."""
     pipeline_extras: dict = {}
     """Further arguments of `pipeline_class` (components left out)."""
-    single_file: bool = False
-    """The LDM single file (train/formats/ldm_layout.py) has a place for each of its models: the U-Net, the
-    VAE and one text encoder (`cond_stage_model`)."""
+    single_file: dict[str, str] = {}
+    """Where the LDM single file (train/formats/ldm_layout.py) holds each text encoder, by component name: its key
+    prefix without the dot, ending `.transformer` (CLIP names) or `.model` (OpenCLIP names), or a slot whose naming
+    the encoder's activation picks (`ldm_layout.text_prefix`). Empty: the file has no place for this family."""
     tokenizer_files: frozenset[str] = frozenset()
     """The files its tokenizers' `save_pretrained` writes: the only ones a single file may carry for them."""
 
@@ -200,7 +201,7 @@ class StableDiffusion(ModelFamily):
     }
     fields = (HIDDEN,)
     pipeline_extras = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    single_file = True
+    single_file = {"text_encoder": "cond_stage_model"}  # CLIP-L (SD-1.x) or OpenCLIP-H (SD-2.x)
     tokenizer_files = CLIP_TOKENIZER_FILES
 
     def claims(self, unet_config: Mapping) -> bool:
@@ -241,6 +242,9 @@ class StableDiffusionXL(ModelFamily):
     }
     fields = (HIDDEN, "text_embeds", "time_ids")
     pipeline_extras = dict(image_encoder=None, feature_extractor=None, add_watermarker=False)
+    # The SGM (A1111, ComfyUI) layout: CLIP-L in CLIP names, OpenCLIP-bigG in OpenCLIP names.
+    single_file = {"text_encoder": "conditioner.embedders.0.transformer",
+                   "text_encoder_2": "conditioner.embedders.1.model"}
     tokenizer_files = CLIP_TOKENIZER_FILES
     PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 

@@ -54,6 +54,11 @@ SD15_TEXT = dict(
 # layer's output, so the last layer is dropped), GELU; bos/eos/pad as the toy tokenizer numbers them.
 SD21_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
              "num_hidden_layers": 23, "hidden_act": "gelu", "projection_dim": 512}
+# SDXL's two text encoders (stabilityai/stable-diffusion-xl-base-1.0): CLIP-L as SD-1.5's, and OpenCLIP-bigG with
+# its pooled projection (all 32 layers; SDXL conditions on the penultimate one), GELU.
+SDXL_TEXT = SD15_TEXT
+SDXL_TEXT_2 = {**SD15_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+               "num_hidden_layers": 32, "hidden_act": "gelu", "projection_dim": 1280}
 SDXS_TYPES = dict(  # the SDXS-512 U-Net layout: bk_tiny without the 320-channel attention
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],

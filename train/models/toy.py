@@ -21,6 +21,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -28,8 +29,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdkd.cli.errors import UserError
-from sdkd.train.models.families import SD, SDXL, TIME_IDS
-from sdkd.train.models.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT
+from sdkd.train.models.families import SD, SDXL, TIME_IDS, family_of
+from sdkd.train.models.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET
 
 TOY_SEED = 0
 TOY_TEACHER = Path(__file__).resolve().with_name("toy_teacher")
@@ -88,6 +89,14 @@ TOY_XL_UNET = dict(
 )
 TOY_XL_TEXT = {**TOY_TEXT, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
 TOY_XL_TEXT_2 = {**TOY_XL_TEXT, "projection_dim": TOY_XL_POOLED}
+# SDXL's blocks and depths ([1, 2, 10]: every SDXL preset applies) at toy widths, its second text encoder wider than
+# the first and GELU, as OpenCLIP-bigG is to CLIP-L (diffusers' single-file reader tells them apart by width):
+# what the SDXL single-file and layout tests build students from (widths "toy_xl").
+TOY_XL_BIGG_TEXT = {**TOY_XL_TEXT_2, "hidden_size": 24, "hidden_act": "gelu"}
+TOY_XL_DEPTHS_UNET = {**SDXL_UNET, "sample_size": 16, "block_out_channels": [32, 64, 64],
+                      "attention_head_dim": [2, 4, 4], "norm_num_groups": 8, "cross_attention_dim": 16 + 24,
+                      "addition_time_embed_dim": 8,
+                      "projection_class_embeddings_input_dim": TOY_XL_POOLED + TIME_IDS * 8}
 # SD-1.5's training scheduler (SD-2.1-base's too: epsilon prediction, the same betas).
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -192,31 +201,37 @@ def _random_init(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.
     return module
 
 
-# widths -> (VAE config, text-encoder config) around the U-Net. SD-2.1-base shares SD-1.5's VAE and
-# training scheduler (epsilon prediction, scaled-linear betas); its text encoder is OpenCLIP-H.
+# widths -> (VAE config, text-encoder configs) around the U-Net. SD-2.1-base shares SD-1.5's VAE and
+# training scheduler (epsilon prediction, scaled-linear betas); its text encoder is OpenCLIP-H. SDXL's VAE has
+# SD-1.5's architecture.
 RANDOM_WIDTHS = {
-    "sd15": (SD15_VAE, SD15_TEXT),
-    "sd21": (SD15_VAE, SD21_TEXT),
-    "toy": (TOY_VAE, TOY_TEXT),
-    "toy_sd2": (TOY_VAE, TOY_SD2_TEXT),
+    "sd15": (SD15_VAE, [SD15_TEXT]),
+    "sd21": (SD15_VAE, [SD21_TEXT]),
+    "sdxl": (SD15_VAE, [SDXL_TEXT, SDXL_TEXT_2]),
+    "toy": (TOY_VAE, [TOY_TEXT]),
+    "toy_sd2": (TOY_VAE, [TOY_SD2_TEXT]),
+    "toy_xl": (TOY_VAE, [TOY_XL_TEXT, TOY_XL_BIGG_TEXT]),
 }
 
 
 def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: bool = False,
-                          seed: int = TOY_SEED, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A pipeline around `unet_config` with random weights of `dtype` and the VAE / text encoder of `widths`:
-    "sd15" (SD-1.5: CLIP-L), "sd21" (SD-2.1-base: OpenCLIP-H; pair it with an SD21_BASE_UNET-derived
-    U-Net), "toy" or "toy_sd2" (pair it with a TOY_SD2_UNET-derived U-Net)."""
+                          seed: int = TOY_SEED, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """A pipeline of the U-Net's family around `unet_config` with random weights of `dtype` and the VAE / text
+    encoders of `widths`: "sd15" (SD-1.5: CLIP-L), "sd21" (SD-2.1-base: OpenCLIP-H; pair it with an
+    SD21_BASE_UNET-derived U-Net), "sdxl" (CLIP-L and OpenCLIP-bigG; an SDXL_UNET-derived U-Net), "toy",
+    "toy_sd2" (pair it with a TOY_SD2_UNET-derived U-Net) or "toy_xl" (a TOY_XL_DEPTHS_UNET-derived one)."""
     from diffusers import AutoencoderTiny
 
     if widths not in RANDOM_WIDTHS:
         raise ValueError(f"widths must be one of {sorted(RANDOM_WIDTHS)}, got {widths!r}")
-    tokens = toy_clip_tokenizer()
-    vae_cfg, text_cfg = RANDOM_WIDTHS[widths]
+    family = family_of(unet_config)
+    vae_cfg, text_cfgs = RANDOM_WIDTHS[widths]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    for i, m in enumerate((unet, vae, text)):
+        texts = [family.components[name].cls(CLIPTextConfig(**cfg))
+                 for name, cfg in zip(family.text_encoders, text_cfgs, strict=True)]
+    for i, m in enumerate((unet, vae, *texts)):
         _random_init(m, seed + i, dtype)
-    return SD.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])
+    tokenizers = [toy_clip_tokenizer() for _ in texts]
+    return family.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), texts, tokenizers)
