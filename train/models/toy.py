@@ -192,6 +192,13 @@ def _random_init(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.
     return module
 
 
+def random_unet(unet_config: dict, seed: int = TOY_SEED, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """A U-Net of `unet_config` with `_random_init`'s weights: real widths in seconds, nothing downloaded."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    return _random_init(unet, seed, dtype)
+
+
 # widths -> (VAE config, text-encoder config) around the U-Net. SD-2.1-base shares SD-1.5's VAE and
 # training scheduler (epsilon prediction, scaled-linear betas); its text encoder is OpenCLIP-H.
 RANDOM_WIDTHS = {
@@ -214,9 +221,8 @@ def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: boo
     tokens = toy_clip_tokenizer()
     vae_cfg, text_cfg = RANDOM_WIDTHS[widths]
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
         text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    for i, m in enumerate((unet, vae, text)):
+    for i, m in enumerate((vae, text), start=1):
         _random_init(m, seed + i, dtype)
-    return SD.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])
+    return SD.assemble(random_unet(unet_config, seed, dtype), vae, DDPMScheduler(**SD_SCHEDULER), [text], [tokens])
