@@ -435,6 +435,35 @@ def test_sdxs_recipes_are_bk_sdms_and_toys_with_the_sdxs_student_and_no_task_los
     assert (toy.teacher, toy.student.preset, toy.loss.lambda_task, toy.data.source) == ("toy", "sdxs", 0.0, "synthetic")
 
 
+# Published SDXL recipes (sdxl-and-scale.md 1.2, 1.5; losses-and-recipes.md 2-3): preset, U-Net parameters,
+# steps, batch x grad-accum, lr, resolution, loss weights, feature table.
+SDXL_RECIPES = {
+    "ssd1b": ("ssd1b", 1_331_334_404, 251_000, 32, 4, 1e-5, 1024, (1.0, 0.5, 0.5), "segmind"),
+    "vega": ("vega", 745_225_604, 540_000, 16, 8, 1e-5, 1024, (1.0, 0.5, 0.5), "segmind"),
+    "koala_700m": ("koala_700m", 782_822_724, 500_000, 32, 4, 1e-5, 1024, (1.0, 1.0, 1.0), "bk"),
+}
+
+
+@pytest.mark.parametrize("name", SDXL_RECIPES)
+def test_sdxl_recipes_follow_the_published_ones_and_pass_check_config(name, tmp_path):
+    from sdkd.train.models.sd_configs import SDXL_UNET
+    from sdkd.train.models.students import count_params, removal_spec, student_unet_config
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["data.path=/d"], schema=KDConfig)
+    preset, params, steps, batch, accum, lr, resolution, weights, pairs = SDXL_RECIPES[name]
+    assert cfg.teacher == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.license == "openrail++"
+    assert (cfg.student.preset, cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.lr,
+            cfg.data.resolution, cfg.train.mixed_precision) == (preset, steps, batch, accum, lr, resolution, "fp16")
+    assert (cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat) == weights
+    assert cfg.student.feature_pairs == pairs and not cfg.ema.enabled
+    assert count_params(student_unet_config(SDXL_UNET, removal_spec(cfg.student))) == params
+    with pytest.raises(ConfigError, match="config key 'data.path': "):  # the data are the user's to give
+        load_config(ROOT / "configs" / f"{name}.yaml", [], schema=KDConfig)
+    result = run_script([sys.executable, "train/kd.py", "--config", f"configs/{name}.yaml", "data.path=/d",
+                         f"output_dir={tmp_path / 'run'}", "--check-config"], timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
 # ---------------------------------------------------------------------------------------------
 # One base, each trainer's own keys, one way to check a section
 

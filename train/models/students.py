@@ -513,8 +513,10 @@ def _listed(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def build_student(teacher_unet: UNet2DConditionModel, spec: RemovalSpec) -> UNet2DConditionModel:
-    """A new student U-Net, every weight copied (not shared) from the teacher through `weight_map`."""
+def build_student(teacher_unet: UNet2DConditionModel, spec: RemovalSpec,
+                  share: bool = False) -> UNet2DConditionModel:
+    """A new student U-Net, every weight copied from the teacher through `weight_map`; `share`: the teacher's own
+    tensors, not copies (benchmarks hold several students in their teacher's memory; never train one)."""
     config = student_unet_config(teacher_unet.config, spec)
     mapping = weight_map(teacher_unet.config, spec)
     # Built on meta, then given the copied tensors: no time spent on a random init that is overwritten.
@@ -529,7 +531,7 @@ def build_student(teacher_unet: UNet2DConditionModel, spec: RemovalSpec) -> UNet
         elif teacher_state[source].shape != empty.shape:
             mismatched.append(f"{key} {tuple(empty.shape)} <- {source} {tuple(teacher_state[source].shape)}")
         else:
-            state[key] = teacher_state[source].clone()
+            state[key] = teacher_state[source] if share else teacher_state[source].clone()
     if missing or mismatched:
         raise ConfigError(f"weight copy from the teacher failed: {len(missing)} student keys have no teacher source "
                           f"({_listed(missing)}); {len(mismatched)} differ in shape ({_listed(mismatched)})")

@@ -201,6 +201,13 @@ def _random_init(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.
     return module
 
 
+def random_unet(unet_config: dict, seed: int = TOY_SEED, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """A U-Net of `unet_config` with `_random_init`'s weights: real widths in seconds, nothing downloaded."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    return _random_init(unet, seed, dtype)
+
+
 # widths -> (VAE config, text-encoder configs) around the U-Net. SD-2.1-base shares SD-1.5's VAE and
 # training scheduler (epsilon prediction, scaled-linear betas); its text encoder is OpenCLIP-H. SDXL's VAE has
 # SD-1.5's architecture.
@@ -227,11 +234,11 @@ def build_random_pipeline(unet_config: dict, widths: str = "sd15", tiny_vae: boo
     family = family_of(unet_config)
     vae_cfg, text_cfgs = RANDOM_WIDTHS[widths]
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderTiny() if tiny_vae else AutoencoderKL(**vae_cfg)
         texts = [family.components[name].cls(CLIPTextConfig(**cfg))
                  for name, cfg in zip(family.text_encoders, text_cfgs, strict=True)]
-    for i, m in enumerate((unet, vae, *texts)):
+    for i, m in enumerate((vae, *texts), start=1):
         _random_init(m, seed + i, dtype)
     tokenizers = [toy_clip_tokenizer() for _ in texts]
-    return family.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), texts, tokenizers)
+    return family.assemble(random_unet(unet_config, seed, dtype), vae, DDPMScheduler(**SD_SCHEDULER), texts,
+                           tokenizers)
