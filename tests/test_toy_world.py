@@ -1,11 +1,12 @@
-"""The toy world: the committed toy teacher (train/models/toy_teacher/, what `teacher: toy` loads) draws what its
-captions ask for.
+"""The toy world: the committed toy teachers (train/models/toy_teacher/ and train/models/toy_sdxl_teacher/, what
+`teacher: toy` and `teacher: toy_sdxl` load) draw what their captions ask for.
 
 The judge is independent of the training code: data/sources/colour_check.py reads each generated image with numpy
 and PIL only (background: median of the border pixels; foreground: median of the pixels farthest from it),
 matched to the nearest of the synthetic source's 8 named colours. The teacher is loaded by diffusers itself
 from the folder and sampled at fixed seeds. Measured when the weights were made (48 captions, 20 DPM-Solver++
-steps, guidance 4, seeds 0-47): foreground 90%, background 40%, both 40%; chance 12.5% each.
+steps, guidance 4, seeds 0-47): foreground 90%, background 40%, both 40%; the toy SDXL teacher foreground 65%,
+background 31%, both 23% (15 of 48: 3 images above the 2x-chance line); chance 12.5% each.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from sdkd.data.sources.colour_check import CHANCE, caption_colours, check_captions, match_rates, read_colours
 from sdkd.data.sources.core import COLOURS, SyntheticCaptions
@@ -23,13 +24,19 @@ from sdkd.data.sources.transforms import ImageTransform
 
 from conftest import ROOT, run_script
 
-TEACHER = ROOT / "train" / "models" / "toy_teacher"
+MODELS = ROOT / "train" / "models"
+TEACHERS = {"toy": MODELS / "toy_teacher", "toy_sdxl": MODELS / "toy_sdxl_teacher"}
 N, STEPS, GUIDANCE = 48, 20, 4.0  # train/make_toy_teacher.py CHECK: the check its provenance.json reports
 
 
+@pytest.fixture(scope="module", params=sorted(TEACHERS))
+def teacher(request):
+    return TEACHERS[request.param]
+
+
 @pytest.fixture(scope="module")
-def samples():
-    pipe = StableDiffusionPipeline.from_pretrained(TEACHER, local_files_only=True)
+def samples(teacher):
+    pipe = DiffusionPipeline.from_pretrained(teacher, local_files_only=True)  # the class its model_index.json names
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     captions = check_captions(N, seed=0)
@@ -39,7 +46,7 @@ def samples():
     return images, captions
 
 
-@pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core
+@pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core per teacher
 def test_teacher_draws_the_captioned_colours_at_least_twice_as_often_as_chance(samples):
     rates = match_rates(*samples)
     print(rates)
@@ -47,10 +54,10 @@ def test_teacher_draws_the_captioned_colours_at_least_twice_as_often_as_chance(s
 
 
 @pytest.mark.slow
-def test_the_rates_are_those_the_provenance_reports(samples):
+def test_the_rates_are_those_the_provenance_reports(teacher, samples):
     # Same captions, seeds and sampler as train/make_toy_teacher.py's check; CPU kernels may round differently
     # on another machine, so a few images may read otherwise.
-    reported = json.loads((TEACHER / "provenance.json").read_text())["colour_check"]
+    reported = json.loads((teacher / "provenance.json").read_text())["colour_check"]
     assert (reported["n"], reported["steps"], reported["guidance_scale"]) == (N, STEPS, GUIDANCE)
     rates = match_rates(*samples)
     assert abs(rates["fg"] - reported["fg"]) <= 3 / N and abs(rates["bg"] - reported["bg"]) <= 3 / N
@@ -76,12 +83,42 @@ def test_the_judge_on_flat_and_noisy_images():
     assert len(set(captions)) == 56 and len({caption_colours(c) for c in captions}) == 56
 
 
-def test_the_committed_teacher_is_small_safetensors_package_data():
-    files = [f for f in TEACHER.rglob("*") if f.is_file()]
+def test_the_committed_teacher_is_small_safetensors_package_data(teacher):
+    files = [f for f in teacher.rglob("*") if f.is_file()]
     weights = [f for f in files if f.name.endswith((".safetensors", ".bin", ".pt", ".ckpt", ".pth"))]
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
-    assert "toy_teacher/" in (ROOT / "pyproject.toml").read_text()  # installed with the package
+    assert f'"{teacher.name}/*/*"' in (ROOT / "pyproject.toml").read_text()  # installed with the package
+
+
+def test_toy_sdxl_is_the_sdxl_toy_trained_on_the_toy_teachers_vae():
+    """`toy_sdxl` loads the committed SDXL-topology teacher: `build_toy_xl_pipeline`'s architecture and frozen text
+    encoders, a trained U-Net, and the toy teacher's VAE as it was trained (reused, not retrained)."""
+    from safetensors.torch import load_file
+
+    from sdkd.train.models.families import SDXL
+    from sdkd.train.models.teacher import load_teacher
+    from sdkd.train.models.toy import build_toy_xl_pipeline
+
+    parts = load_teacher("toy_sdxl")
+    assert parts.family is SDXL
+    folder = TEACHERS["toy_sdxl"]
+    stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in parts.unet.state_dict().items())
+    random = build_toy_xl_pipeline()
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(parts.unet.config) == public(random.unet.config)
+    assert not torch.equal(parts.unet.conv_in.weight, random.unet.conv_in.weight)
+    for name in SDXL.text_encoders:
+        assert all(torch.equal(a, b) for a, b in zip(parts.components[name].state_dict().values(),
+                                                     random.components[name].state_dict().values(), strict=True))
+    toy_vae = load_file(TEACHERS["toy"] / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, toy_vae[k]) for k, v in parts.vae.state_dict().items())
+    made = json.loads((folder / "provenance.json").read_text())
+    toy_made = json.loads((TEACHERS["toy"] / "provenance.json").read_text())
+    assert made["family"] == "sdxl" and made["vae"]["reused"] == "train/models/toy_teacher/vae"
+    assert made["vae"]["made"] == toy_made["vae"]  # the provenance says how the reused VAE was made
+    assert made["vae"]["scaling_factor"] == parts.vae.config.scaling_factor == toy_made["vae"]["scaling_factor"]
 
 
 def test_make_toy_teacher_checks_its_arguments_before_it_trains(tmp_path):
@@ -92,7 +129,9 @@ def test_make_toy_teacher_checks_its_arguments_before_it_trains(tmp_path):
     (other / "notes.txt").write_text("keep")
     work = tmp_path / "work"
     for args, error in [(["--check-images", "57"], "error: --check-images: must be in 1..56"),
-                        (["--out", str(other)], f"error: --out '{other}' holds something other than a toy teacher")]:
+                        (["--out", str(other)], f"error: --out '{other}' holds something other than a toy teacher"),
+                        (["--vae", str(other)], f"error: --vae '{other}': no config.json"),
+                        (["--family", "sdxl", "--vae-steps", "5"], "error: --vae-steps: no VAE is trained")]:
         result = run_script([sys.executable, "train/make_toy_teacher.py", "--work", str(work), *args], timeout=120)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(error), result.stderr
     assert [p.name for p in other.iterdir()] == ["notes.txt"] and not work.exists()

@@ -1,10 +1,14 @@
-"""Make the trained toy teacher that `teacher: toy` loads (train/models/toy_teacher/), with sdkd's own trainers.
+"""Make the trained toy teachers that `teacher: toy` and `teacher: toy_sdxl` load (train/models/toy_teacher/,
+train/models/toy_sdxl_teacher/), with sdkd's own trainers.
 
-    python train/make_toy_teacher.py --out train/models/toy_teacher [--work runs/toy_teacher_build]
+    python train/make_toy_teacher.py [--family sd] --out train/models/toy_teacher [--work runs/toy_teacher_build]
+    python train/make_toy_teacher.py --family sdxl   # the SDXL-topology one, on the SD one's trained VAE
 
 1. the VAE: train/autoencoder.py on synthetic captioned shapes (configs/toy_vae.yaml), from random weights;
-2. the U-Net: train/finetune.py with the task loss (configs/toy_teacher_unet.yaml) on a pipeline of that VAE,
-   the toy text encoder and tokenizer (frozen, as `build_toy_pipeline` makes them) and a random toy U-Net;
+   or, with --vae (the default for sdxl: the committed toy teacher's), a trained toy VAE taken as it is;
+2. the U-Net: train/finetune.py with the task loss (configs/toy_teacher_unet.yaml; for sdxl
+   configs/toy_sdxl_teacher_unet.yaml) on a pipeline of that VAE, the toy text encoders and tokenizers (frozen,
+   as `build_toy_pipeline` / `build_toy_xl_pipeline` make them) and a random toy U-Net;
 3. the pipeline folder (safetensors only) goes to --out with `provenance.json` (the commands, seeds, steps,
    wall times, versions and the colour check below), a model card and a grid of its samples.
 
@@ -30,7 +34,14 @@ from pathlib import Path
 from sdkd.cli.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-VAE_CONFIG, UNET_CONFIG = "configs/toy_vae.yaml", "configs/toy_teacher_unet.yaml"
+VAE_CONFIG = "configs/toy_vae.yaml"
+MODELS = ROOT / "train" / "models"
+FAMILIES = {  # --family -> its U-Net's config, --out, --work and --vae defaults (None: trained from random weights)
+    "sd": dict(unet_config="configs/toy_teacher_unet.yaml", out=MODELS / "toy_teacher",
+               work=ROOT / "runs" / "toy_teacher_build", vae=None),
+    "sdxl": dict(unet_config="configs/toy_sdxl_teacher_unet.yaml", out=MODELS / "toy_sdxl_teacher",
+                 work=ROOT / "runs" / "toy_sdxl_teacher_build", vae=MODELS / "toy_teacher" / "vae"),
+}
 CHECK = dict(steps=20, guidance_scale=4.0, seed=0, caption_seed=0)
 """How the colour check samples: DPM-Solver++ steps, guidance, first image seed (image i: seed + i), and the
 seed of `check_captions`' order; tests/test_toy_world.py samples the same way."""
@@ -59,11 +70,11 @@ def _shown(path: Path) -> str:
 def check_samples(folder: Path, n: int):
     """The colour check of the pipeline in `folder`: (rates, images, captions)."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     from sdkd.data.sources.colour_check import check_captions, match_rates
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)  # its model_index.json's class
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     captions = check_captions(n, CHECK["caption_seed"])
@@ -71,6 +82,22 @@ def check_samples(folder: Path, n: int):
     images = pipe(captions, num_inference_steps=CHECK["steps"], guidance_scale=CHECK["guidance_scale"],
                   height=32, width=32, generator=generators).images
     return match_rates(images, captions), images, captions
+
+
+CARDS = {
+    "sd": """# sdkd toy teacher
+
+A 32 px, SD-1.5-shaped pipeline (2-level AutoencoderKL, 3.2M-parameter U-Net, 32-wide CLIP text encoder)
+trained by sdkd's own trainers on its synthetic captioned shapes ("a red circle on a blue background"):
+what `teacher: toy` loads. The text encoder is `build_toy_pipeline`'s random one, frozen (as SD's is).""",
+    "sdxl": """# sdkd toy SDXL teacher
+
+A 32 px pipeline of SDXL's topology (3-level U-Net of 3.0M parameters, no attention at the highest level, two
+transformer layers at the lowest, size/crop time ids; two 16-wide CLIP text encoders, the second pooled) whose
+U-Net sdkd's own fine-tune trainer trained on its synthetic captioned shapes ("a red circle on a blue
+background"): what `teacher: toy_sdxl` loads. The text encoders are `build_toy_xl_pipeline`'s random ones,
+frozen (as SDXL's are); the VAE is the toy teacher's (train/models/toy_teacher/vae), reused as trained.""",
+}
 
 
 def write_card(out: Path, provenance: dict) -> None:
@@ -81,11 +108,7 @@ def write_card(out: Path, provenance: dict) -> None:
 library_name: diffusers
 tags: [sdkd, toy]
 ---
-# sdkd toy teacher
-
-A 32 px, SD-1.5-shaped pipeline (2-level AutoencoderKL, 3.2M-parameter U-Net, 32-wide CLIP text encoder)
-trained by sdkd's own trainers on its synthetic captioned shapes ("a red circle on a blue background"):
-what `teacher: toy` loads. The text encoder is `build_toy_pipeline`'s random one, frozen (as SD's is).
+{CARDS[provenance["family"]]}
 
 Made with `{provenance['command']}` in {provenance['wall_seconds'] / 60:.0f} minutes on a
 {provenance['machine']['cpu_count']}-core CPU{resumed}; `provenance.json` has each trainer's command, seed and steps.
@@ -100,12 +123,16 @@ foreground colour matches the caption in {rates['fg']:.0%}, background in {rates
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "train" / "models" / "toy_teacher",
-                        help="the pipeline folder to write (default: train/models/toy_teacher, what `toy` loads)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_teacher_build",
-                        help="the trainers' run folders (default: runs/toy_teacher_build)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd",
+                        help="sd: the SD-1.5-shaped toy teacher (`toy`); sdxl: the SDXL-topology one (`toy_sdxl`)")
+    parser.add_argument("--out", type=Path, help="the pipeline folder to write (default: train/models/toy_teacher "
+                        "for sd, train/models/toy_sdxl_teacher for sdxl: what `toy` / `toy_sdxl` load)")
+    parser.add_argument("--work", type=Path, help="the trainers' run folders (default: runs/toy_teacher_build, "
+                        "runs/toy_sdxl_teacher_build)")
+    parser.add_argument("--vae", type=Path, help="a trained toy VAE folder to use instead of training one "
+                        "(default for sdxl: train/models/toy_teacher/vae; sd trains its own)")
     parser.add_argument("--vae-steps", type=int, help="override configs/toy_vae.yaml's train.max_steps")
-    parser.add_argument("--unet-steps", type=int, help="override configs/toy_teacher_unet.yaml's train.max_steps")
+    parser.add_argument("--unet-steps", type=int, help="override the U-Net config's train.max_steps")
     parser.add_argument("--check-images", type=int, default=48, help="captions in the colour check (at most 56)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the trainers' runs in --work from their newest checkpoints "
@@ -113,7 +140,13 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.check_images <= 56:
         raise UserError("--check-images: must be in 1..56 (one caption per ordered pair of the 8 colours)")
-    out, work = args.out.resolve(), args.work.resolve()
+    defaults = FAMILIES[args.family]
+    out, work = (args.out or defaults["out"]).resolve(), (args.work or defaults["work"]).resolve()
+    given_vae = args.vae or defaults["vae"]
+    if given_vae is not None and not (given_vae / "config.json").is_file():
+        raise UserError(f"--vae '{given_vae}': no config.json (expected a diffusers AutoencoderKL folder)")
+    if given_vae is not None and args.vae_steps:
+        raise UserError("--vae-steps: no VAE is trained with --vae (or --family sdxl, which reuses the toy one)")
     if out.is_dir() and any(out.iterdir()) and not (out / "provenance.json").is_file():
         raise UserError(f"--out '{out}' holds something other than a toy teacher (no provenance.json); "
                         f"choose a new or empty folder")
@@ -126,26 +159,31 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sdkd.train.engine.sampling import make_grid
-    from sdkd.train.models.families import SD
+    from sdkd.train.models.families import SD, SDXL
     from sdkd.train.models.toy import TOY_SEED, toy_pipeline_with
 
-    # 1. the VAE, from random weights
-    vae_run = work / "vae"
-    vae_cmd, vae_seconds = launch("train/autoencoder.py", VAE_CONFIG, vae_run,
-                                  [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [], args.resume)
-    # 2. the U-Net, from random weights, on the trained VAE and the toy text encoder
+    xl = args.family == "sdxl"
+    # 1. the VAE, from random weights (or the trained one given)
+    vae_folder = given_vae
+    if given_vae is None:
+        vae_run = work / "vae"
+        vae_cmd, vae_seconds = launch("train/autoencoder.py", VAE_CONFIG, vae_run,
+                                      [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [], args.resume)
+        vae_folder = vae_run / "vae"
+    # 2. the U-Net, from random weights, on the trained VAE and the toy text encoders
     init = work / "init"
-    pipe = toy_pipeline_with(AutoencoderKL.from_pretrained(vae_run / "vae"), TOY_SEED)
+    pipe = toy_pipeline_with(AutoencoderKL.from_pretrained(vae_folder), TOY_SEED, xl=xl)
     pipe.save_pretrained(init, safe_serialization=True)
     unet_run = work / "unet"
-    unet_cmd, unet_seconds = launch("train/finetune.py", UNET_CONFIG, unet_run, [f"model={_shown(init)}"] + (
-        [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)
+    unet_cmd, unet_seconds = launch("train/finetune.py", defaults["unet_config"], unet_run, [
+        f"model={_shown(init)}"] + ([f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)
 
     # 3. the pipeline folder: the trained parts only, then the check, the grid, the card, the provenance
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for name in ("model_index.json", *sorted(SD.components)):  # the run's model card is replaced by ours
+    components = (SDXL if xl else SD).components
+    for name in ("model_index.json", *sorted(components)):  # the run's model card is replaced by ours
         src = unet_run / "student" / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / name)
     rates, images, captions = check_samples(out, args.check_images)
@@ -161,18 +199,27 @@ def main() -> None:
         return {"command": command, "wall_seconds": round(seconds),
                 **{k: OmegaConf.select(cfg, k) for k in common + keys}}
 
+    if given_vae is not None:  # reused as trained: where from, and how that folder's provenance says it was made
+        made = vae_folder.resolve().parent / "provenance.json"
+        vae = {"reused": _shown(vae_folder),
+               **({"made": json.loads(made.read_text())["vae"]} if made.is_file() else {})}
+        init_vae = f"the VAE is {_shown(vae_folder)}, reused as trained"
+    else:
+        vae = trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
+                                                      "autoencoder.kl_weight"))
+        init_vae = "the VAE's initial weights are drawn from its train.seed"
+    builder = "build_toy_xl_pipeline" if xl else "build_toy_pipeline"
     command = shlex.join(["python", "train/make_toy_teacher.py", *sys.argv[1:]])
     provenance = {
         "command": command,
+        "family": args.family,
         "wall_seconds": round(time.perf_counter() - start),
         "resumed": args.resume,  # a resumed make's wall times count only what ran after the interruption
-        "vae": {**trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
-                                                          "autoencoder.kl_weight")),
-                "scaling_factor": json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]},
+        "vae": {**vae, "scaling_factor": json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]},
         "unet": trained(unet_run, unet_cmd, unet_seconds, ("loss.snr_gamma", "loss.noise_offset", "ema.enabled",
                                                            "ema.decay", "data.caption_dropout")),
-        "init": f"build_toy_pipeline(seed={TOY_SEED}): the U-Net's random initial weights, the text encoder and "
-                "tokenizer (frozen: never trained); the VAE's initial weights are drawn from its train.seed",
+        "init": f"{builder}(seed={TOY_SEED}): the U-Net's random initial weights, the text encoders and "
+                f"tokenizers (frozen: never trained); {init_vae}",
         "colour_check": {**rates, **CHECK, "captions": "data/sources/colour_check.py check_captions"},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

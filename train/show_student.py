@@ -4,7 +4,7 @@
     python train/show_student.py --teacher SDXL_PATH --preset ssd1b [--json]
     python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind|sub_block]
 
-PATH is a model folder (unet/config.json), a U-Net folder or config.json, or `toy`; no weights are read.
+PATH is a model folder (unet/config.json), a U-Net folder or config.json, `toy` or `toy_sdxl`; no weights are read.
 The student is train/models/students.py's (`describe`).
 """
 
@@ -23,11 +23,11 @@ from sdkd.train.models.students import PRESETS, describe
 
 
 def _read_teacher_config(path: str) -> dict:
-    """`toy`, a pipeline folder (unet/config.json), a U-Net folder (config.json) or a config.json file."""
-    if path == "toy":
-        from sdkd.train.models.toy import TOY_UNET  # imported here: it pulls in transformers
+    """`toy`, `toy_sdxl`, a pipeline folder (unet/config.json), a U-Net folder (config.json) or a config.json file."""
+    if path in ("toy", "toy_sdxl"):
+        from sdkd.train.models.toy import TOY_UNET, TOY_XL_UNET  # imported here: it pulls in transformers
 
-        return dict(TOY_UNET)
+        return dict(TOY_UNET if path == "toy" else TOY_XL_UNET)
     p = Path(path)
     candidates = [p] if p.is_file() else [p / "unet" / "config.json", p / "config.json"]
     found = next((c for c in candidates if c.is_file()), None)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Show a block-removed student of a teacher U-Net "
                                                  "(parameter counts, removed modules, weight map, feature pairs).")
     parser.add_argument("--teacher", required=True,
-                        help="teacher model folder (with unet/config.json), a U-Net config.json, or 'toy'")
+                        help="teacher model folder (with unet/config.json), a U-Net config.json, 'toy' or 'toy_sdxl'")
     parser.add_argument("--preset", required=True, help=f"{', '.join(PRESETS)} or custom (needs --spec)")
     parser.add_argument("--spec", help="YAML with the student section (or a whole recipe)")
     parser.add_argument("--pairs", choices=["bk", "segmind", "sub_block"],

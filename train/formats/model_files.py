@@ -279,10 +279,10 @@ def _teacher_params(teacher: str | None) -> int | None:
     if not teacher:
         return None
     try:
-        if teacher == "toy":
-            from sdkd.train.models.toy import TOY_UNET
+        from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
 
-            return count_params(TOY_UNET)
+        if teacher in TOY_NAMES:
+            teacher = toy_teacher_folder(teacher)
         config = UNet2DConditionModel.load_config(teacher, subfolder="unet", local_files_only=True)
         return count_params(config)
     except Exception:  # noqa: BLE001 - an uncached hub id (or any unreadable config): the card just leaves it out

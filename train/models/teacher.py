@@ -143,18 +143,19 @@ def _class_name(config_file: Path, what: str) -> str | None:
 
 
 def _resolve_toy(src: PipelineSource) -> PipelineSource:
-    """The trained toy teacher committed with sdkd (train/models/toy.py `TOY_TEACHER`), a local folder, for "toy"."""
-    if src.path != "toy":
-        return src
-    from sdkd.train.models.toy import toy_teacher_folder
+    """The trained toy teachers committed with sdkd (train/models/toy.py `TOY_TEACHER`, `TOY_SDXL_TEACHER`), local
+    folders, for "toy" and "toy_sdxl"."""
+    from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
 
-    return PipelineSource(str(toy_teacher_folder()), allow_pickle=False)
+    if src.path not in TOY_NAMES:
+        return src
+    return PipelineSource(str(toy_teacher_folder(src.path)), allow_pickle=False)
 
 
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
                  what: str = "teacher") -> PipelineParts:
-    """`source`: "toy" (the committed trained toy teacher), a local diffusers pipeline folder, or a hub id (cached
-    or downloaded), as a path or a `PipelineSource`.
+    """`source`: "toy" or "toy_sdxl" (the committed trained toy teachers), a local diffusers pipeline folder, or a
+    hub id (cached or downloaded), as a path or a `PipelineSource`.
 
     `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""

@@ -35,6 +35,10 @@ from sdkd.train.models.sd_configs import SD15_TEXT, SD15_VAE, SD21_TEXT, SDXL_TE
 TOY_SEED = 0
 TOY_TEACHER = Path(__file__).resolve().with_name("toy_teacher")
 """The committed trained toy teacher, a diffusers pipeline folder: what `toy` loads."""
+TOY_SDXL_TEACHER = Path(__file__).resolve().with_name("toy_sdxl_teacher")
+"""The committed trained toy SDXL-topology teacher (`build_toy_xl_pipeline`'s architecture): what `toy_sdxl` loads."""
+TOY_NAMES = ("toy", "toy_sdxl")
+"""The names `teacher:` and `model:` take for the committed toy teachers."""
 
 TOY_UNET = dict(
     sample_size=16,
@@ -162,18 +166,21 @@ def build_toy_xl_pipeline(seed: int = TOY_SEED) -> StableDiffusionXLPipeline:
     return SDXL.assemble(unet, vae, DDPMScheduler(**SD_SCHEDULER), texts, tokenizers)
 
 
-def toy_teacher_folder() -> Path:
-    """The trained toy teacher's pipeline folder (`TOY_TEACHER`); stops with one line when it is missing."""
-    if not (TOY_TEACHER / "model_index.json").is_file():
-        raise UserError(f"the trained toy teacher is missing ({TOY_TEACHER / 'model_index.json'} not found); "
-                        f"reinstall sdkd, or remake it with `python train/make_toy_teacher.py --out {TOY_TEACHER}`")
-    return TOY_TEACHER
+def toy_teacher_folder(name: str = "toy") -> Path:
+    """The pipeline folder of the trained toy teacher `name` (one of `TOY_NAMES`: `TOY_TEACHER`,
+    `TOY_SDXL_TEACHER`); stops with one line when it is missing."""
+    folder, family = {"toy": (TOY_TEACHER, "sd"), "toy_sdxl": (TOY_SDXL_TEACHER, "sdxl")}[name]
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"the trained toy teacher is missing ({folder / 'model_index.json'} not found); "
+                        f"reinstall sdkd, or remake it with `python train/make_toy_teacher.py --family {family}`")
+    return folder
 
 
-def toy_pipeline_with(vae: AutoencoderKL, seed: int = TOY_SEED) -> StableDiffusionPipeline:
-    """The toy pipeline of `seed` (random U-Net, the toy text encoder and CLIP tokenizer) with `vae` in it: what the
-    toy teacher's U-Net is trained on (train/make_toy_teacher.py)."""
-    pipe = build_toy_pipeline(seed)
+def toy_pipeline_with(vae: AutoencoderKL, seed: int = TOY_SEED, xl: bool = False) -> DiffusionPipeline:
+    """The toy pipeline of `seed` (`build_toy_pipeline`'s, or with `xl` `build_toy_xl_pipeline`'s: random U-Net,
+    the toy text encoders and CLIP tokenizers) with `vae` in it: what a toy teacher's U-Net is trained on
+    (train/make_toy_teacher.py)."""
+    pipe = (build_toy_xl_pipeline if xl else build_toy_pipeline)(seed)
     pipe.register_modules(vae=vae)
     return pipe
 

@@ -308,10 +308,10 @@ class DecoderTask(Task):
         """The teacher as a local folder (what eval/sample.py --model takes): itself, the toy teacher's folder,
         or a hub id's snapshot in the local cache."""
         teacher = self.cfg.teacher
-        if teacher == "toy":
-            from sdkd.train.models.toy import TOY_TEACHER
+        from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
 
-            return str(TOY_TEACHER)
+        if teacher in TOY_NAMES:
+            return str(toy_teacher_folder(teacher))
         if Path(teacher).exists():
             return teacher
         try:

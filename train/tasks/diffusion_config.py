@@ -26,7 +26,8 @@ class TeacherRunConfig(RunConfig):
     """A run that learns from a teacher pipeline, and writes a model card (every trainer's but the VAE's)."""
 
     teacher: str = MISSING
-    """Teacher pipeline: hub id, local diffusers folder, or "toy" (built locally from a seed)."""
+    """Teacher pipeline: hub id, local diffusers folder, or "toy" / "toy_sdxl" (the trained toy teachers committed
+    with sdkd)."""
     teacher_revision: Optional[str] = None
     """Hub revision of the teacher (branch, tag or commit); null: the default branch."""
     teacher_variant: Optional[str] = None
@@ -101,10 +102,11 @@ class FinetuneConfig(KDConfig):
     a teacher (output KD; feature KD when `student` describes `model`'s layout relative to the teacher)."""
 
     teacher: Optional[str] = None
-    """Optional teacher for continued KD (loss.lambda_out, loss.lambda_feat): hub id, diffusers folder or "toy"."""
+    """Optional teacher for continued KD (loss.lambda_out, loss.lambda_feat): hub id, diffusers folder, "toy" or
+    "toy_sdxl"."""
     model: str = MISSING
-    """The pipeline to train: a diffusers folder (e.g. a distilled student's OUTPUT/student), a hub id, or "toy".
-    Its VAE, text encoder, tokenizer and scheduler are used for training, sampling and the export."""
+    """The pipeline to train: a diffusers folder (e.g. a distilled student's OUTPUT/student), a hub id, "toy" or
+    "toy_sdxl". Its VAE, text encoder, tokenizer and scheduler are used for training, sampling and the export."""
     model_revision: Optional[str] = None
     """Hub revision of `model` (branch, tag or commit); null: the default branch."""
     model_variant: Optional[str] = None
