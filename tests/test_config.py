@@ -438,8 +438,8 @@ def test_sdxs_recipes_are_bk_sdms_and_toys_with_the_sdxs_student_and_no_task_los
 # Published SDXL recipes (sdxl-and-scale.md 1.2, 1.5; losses-and-recipes.md 2-3): preset, U-Net parameters,
 # steps, batch x grad-accum, lr, resolution, loss weights, feature table.
 SDXL_RECIPES = {
-    "ssd1b": ("ssd1b", 1_331_334_404, 251_000, 32, 4, 1e-5, 1024, (1.0, 0.5, 0.5), "segmind"),
-    "vega": ("vega", 745_225_604, 540_000, 16, 8, 1e-5, 1024, (1.0, 0.5, 0.5), "segmind"),
+    "ssd1b": ("ssd1b", 1_331_334_404, 251_000, 32, 4, 1e-5, 1024, (1.0, 0.5, 0.5), "sub_block"),
+    "vega": ("vega", 745_225_604, 540_000, 16, 8, 1e-5, 1024, (1.0, 0.5, 0.5), "sub_block"),
     "koala_700m": ("koala_700m", 782_822_724, 500_000, 32, 4, 1e-5, 1024, (1.0, 1.0, 1.0), "bk"),
 }
 

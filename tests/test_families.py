@@ -194,7 +194,7 @@ def test_the_family_encodes_as_its_pipeline_does(xl, xl_dir):
         cond = xl.encode(parts, prompt_batch(CAPTIONS, 32))
         hidden, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(cond.hidden_states, hidden) and torch.equal(cond.added["text_embeds"], pooled)
-    assert cond.hidden_states.shape == (3, 77, 32) and cond.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
+    assert cond.hidden_states.shape == (3, 77, 40) and cond.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
     assert set(cond.tensors()) == set(xl.fields)
     assert {k: t.shape for k, t in cond.tensors().items()} == {k: (3, *s[1:]) for k, s in
                                                                conditioning_shapes(TOY_XL_UNET).items()}

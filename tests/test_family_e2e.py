@@ -176,7 +176,7 @@ def test_a_run_from_the_latent_cache_trains_as_the_run_without_it(run, teacher, 
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["family"] == "sdxl" and manifest["fields"] == ["embeds", "text_embeds", "time_ids"]
     sample = CachedLatents(cache)[0]
-    assert sample["embeds"].shape == (77, 32) and sample["text_embeds"].shape == (16,)
+    assert sample["embeds"].shape == (77, 40) and sample["text_embeds"].shape == (16,)
     assert sample["time_ids"].tolist() == [*sample["original_size"], *sample["crop_top_left"], 32, 32]
 
     cached = tmp_path / "cached"

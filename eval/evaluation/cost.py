@@ -15,14 +15,11 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from sdkd.train.models.families import family_of, random_conditioning
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from sdkd.eval.bench.timing import sync as _sync
+from sdkd.eval.bench.timing import unet_inputs as _unet_inputs
+from sdkd.eval.bench.timing import unet_macs as _unet_macs
+from sdkd.train.models.families import family_of
 
 
 def params(module: torch.nn.Module) -> int:
@@ -39,22 +36,12 @@ def pipeline_params(pipe) -> dict[str, int]:
 def unet_inputs(pipe, batch: int, resolution: int, device, dtype) -> tuple:
     """Fixed random U-Net inputs at `resolution`: latents, timestep 500, and keyword arguments with a
     full-length text context (and the added conditions of a family that takes them)."""
-    unet = pipe.unet
-    side = resolution // pipe.vae_scale_factor
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(device, dtype)
-    cond = random_conditioning(unet.config, batch, g).to(device, dtype)
-    return sample, torch.full((batch,), 500, device=device, dtype=torch.long), cond.unet_kwargs()
+    return _unet_inputs(pipe.unet, batch, resolution, pipe.vae_scale_factor, device, dtype)
 
 
-@torch.inference_mode()
 def unet_macs(pipe, resolution: int, device, dtype) -> int:
     """Multiply-accumulates of one U-Net forward at batch 1."""
-    sample, t, cond = unet_inputs(pipe, 1, resolution, device, dtype)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        pipe.unet(sample, t, **cond)
-    return counter.get_total_flops() // 2
+    return _unet_macs(pipe.unet, resolution, pipe.vae_scale_factor, device, dtype)
 
 
 def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:

@@ -80,27 +80,22 @@ TOY_TEXT = dict(
 TOY_SD2_UNET = {**TOY_UNET, "use_linear_projection": True, "attention_head_dim": [2, 4, 4, 4]}
 TOY_SD2_TEXT = {**TOY_TEXT, "hidden_act": "gelu"}
 # The toy teacher with SDXL's topology: three levels, no attention at the highest, deeper transformers further
-# down, size/crop time ids; two text encoders 16 wide each (concatenated: 32, the U-Net's cross-attention width),
-# the second with a 16-wide pooled projection.
+# down, size/crop time ids; two text encoders, the second wider and GELU as OpenCLIP-bigG is to CLIP-L (diffusers'
+# single-file reader tells them apart by width), 16 + 24 = 40 wide concatenated (the U-Net's cross-attention
+# width), the second with a 16-wide pooled projection.
 TOY_XL_POOLED = 16
-TOY_XL_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64, 64],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4], use_linear_projection=True,
-    cross_attention_dim=32, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+TOY_XL_TEXT = {**TOY_TEXT, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+TOY_XL_TEXT_2 = {**TOY_XL_TEXT, "hidden_size": 24, "intermediate_size": 48, "hidden_act": "gelu",
+                 "projection_dim": TOY_XL_POOLED}
+_TOY_XL_WIDTHS = dict(
+    sample_size=16, block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], norm_num_groups=8,
+    cross_attention_dim=TOY_XL_TEXT["hidden_size"] + TOY_XL_TEXT_2["hidden_size"], addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=TOY_XL_POOLED + TIME_IDS * 8,
 )
-TOY_XL_TEXT = {**TOY_TEXT, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
-TOY_XL_TEXT_2 = {**TOY_XL_TEXT, "projection_dim": TOY_XL_POOLED}
-# SDXL's blocks and depths ([1, 2, 10]: every SDXL preset applies) at toy widths, its second text encoder wider than
-# the first and GELU, as OpenCLIP-bigG is to CLIP-L (diffusers' single-file reader tells them apart by width):
-# what the SDXL single-file and layout tests build students from (widths "toy_xl").
-TOY_XL_BIGG_TEXT = {**TOY_XL_TEXT_2, "hidden_size": 24, "hidden_act": "gelu"}
-TOY_XL_DEPTHS_UNET = {**SDXL_UNET, "sample_size": 16, "block_out_channels": [32, 64, 64],
-                      "attention_head_dim": [2, 4, 4], "norm_num_groups": 8, "cross_attention_dim": 16 + 24,
-                      "addition_time_embed_dim": 8,
-                      "projection_class_embeddings_input_dim": TOY_XL_POOLED + TIME_IDS * 8}
+TOY_XL_UNET = {**SDXL_UNET, **_TOY_XL_WIDTHS, "transformer_layers_per_block": [1, 1, 2]}
+# SDXL's blocks and depths ([1, 2, 10], mid depth 10: every SDXL preset applies) at the toy widths: what the SDXL
+# single-file and layout tests build students from (widths "toy_xl").
+TOY_XL_DEPTHS_UNET = {**SDXL_UNET, **_TOY_XL_WIDTHS}
 # SD-1.5's training scheduler (SD-2.1-base's too: epsilon prediction, the same betas).
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -224,7 +219,7 @@ RANDOM_WIDTHS = {
     "sdxl": (SD15_VAE, [SDXL_TEXT, SDXL_TEXT_2]),
     "toy": (TOY_VAE, [TOY_TEXT]),
     "toy_sd2": (TOY_VAE, [TOY_SD2_TEXT]),
-    "toy_xl": (TOY_VAE, [TOY_XL_TEXT, TOY_XL_BIGG_TEXT]),
+    "toy_xl": (TOY_VAE, [TOY_XL_TEXT, TOY_XL_TEXT_2]),
 }
 
 
