@@ -52,6 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The trained toy teacher's parts (`load_teacher("toy")`), its frozen models frozen (test files with a
+    `toy` fixture of their own use theirs)."""
+    from sdkd.train.models.teacher import load_teacher
+
+    parts = load_teacher("toy")
+    for m in parts.frozen.values():
+        m.requires_grad_(False).eval()
+    return parts
+
+
 @pytest.fixture(scope="session")
 def toy_teacher_dir(tmp_path_factory) -> Path:
     """The toy teacher saved as a diffusers pipeline folder (loaded like any local teacher)."""

@@ -26,7 +26,7 @@ from sdkd.data.sources.transforms import ImageTransform, nearest_bucket
 from sdkd.train.engine.config import RunConfig, load_config
 from sdkd.train.engine.task import Task, TrainedModule
 from sdkd.train.models.families import SDXL
-from sdkd.train.models.teacher import PipelineParts, load_teacher
+from sdkd.train.models.teacher import PipelineParts
 from sdkd.train.models.toy import build_toy_xl_pipeline
 from sdkd.train.tasks.objective import BatchEncoder
 
@@ -343,14 +343,6 @@ def test_resume_mid_epoch_reads_the_same_bucketed_batches(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Latent cache
-
-
-@pytest.fixture(scope="module")
-def toy():
-    parts = load_teacher("toy")
-    for m in parts.frozen.values():
-        m.requires_grad_(False).eval()
-    return parts
 
 
 def test_latent_cache_round_trips_bucketed_samples(tmp_path, toy):

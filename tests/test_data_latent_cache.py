@@ -21,14 +21,6 @@ from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder, build_encode
 R, N = 32, 10
 
 
-@pytest.fixture(scope="module")
-def toy():
-    parts = load_teacher("toy")
-    for m in parts.frozen.values():
-        m.requires_grad_(False).eval()
-    return parts
-
-
 def source(dropout=0.0):
     return SyntheticCaptions(N, Preprocess(ImageTransform(R, True, False), caption_dropout=dropout), seed=3)
 

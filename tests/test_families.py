@@ -40,14 +40,6 @@ SDXL_CONFIG = {**TOY_UNET, "addition_embed_type": "text_time", "addition_time_em
                "projection_class_embeddings_input_dim": 80}
 
 
-@pytest.fixture(scope="module")
-def toy():
-    parts = load_teacher("toy")
-    for m in parts.frozen.values():
-        m.requires_grad_(False).eval()
-    return parts
-
-
 def test_sd_encodes_captions_as_one_hidden_state(toy):
     tokenizer, text_encoder = toy.components["tokenizer"], toy.components["text_encoder"]
     ids = tokenizer(CAPTIONS, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
