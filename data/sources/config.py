@@ -78,7 +78,8 @@ class CaptionPick(Choice):
 @dataclass
 class DataConfig(Section):
     source: DataSource = DataSource.synthetic
-    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
+    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl, metadata.csv or a caption
+    file beside each image: 0001.png + 0001.txt, subfolders too),
     hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
     path: Optional[str] = None
     """imagefolder: the folder; hf: hub name, local folder or .parquet/.arrow file; webdataset: a
