@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.words import counted
 from sdkd.data.sources.core import ImageFolder, is_image_folder, open_image
 from sdkd.data.sources.transforms import (
     BadSample,
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     manifest = make_shards(args.src, args.out, shard_size=args.shard_size, resize=args.resize, quality=args.quality,
                            image_column=args.image_column, caption_column=args.caption_column, split=args.split,
                            workers=args.workers, log=lambda m: print(m, file=sys.stderr))
-    print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out} "
-          f"({manifest['skipped']} skipped)")
+    print(f"wrote {counted(manifest['samples'], 'sample')} in {counted(len(manifest['shards']), 'shard')} "
+          f"to {args.out} ({manifest['skipped']} skipped)")
     print(f"next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset "
           f"data.path={shlex.quote(str(args.out))}")
 

@@ -110,3 +110,12 @@ def test_make_shards_reads_a_caption_file_folder(folder, tmp_path):
     assert sorted(batch["captions"]) == sorted(GOOD.values()) and not batch["skipped"]
     sizes = {IMAGES[n][::-1] for n in GOOD}
     assert {tuple(s) for s in batch["original_size"].tolist()} == sizes
+
+
+def test_make_shards_command_on_one_captioned_image_says_one(tmp_path, capsys):
+    from sdkd.data.make_shards import main
+
+    noise(20, 20, 0).save(tmp_path / "only.png")
+    (tmp_path / "only.txt").write_text("the one image")
+    main([str(tmp_path), str(tmp_path / "shards")])
+    assert f"wrote 1 sample in 1 shard to {tmp_path / 'shards'} (0 skipped)" in capsys.readouterr().out
