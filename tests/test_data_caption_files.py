@@ -5,6 +5,8 @@ data/make_shards.py; metadata.jsonl still wins when present."""
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from sdkd.data.make_shards import make_shards
 from sdkd.data.sources.buckets import BucketBatchSampler, sample_buckets
 from sdkd.data.sources.config import DataConfig
 from sdkd.data.sources.core import build_dataset, collate
+
+from conftest import run_script
 
 # file -> (width, height); captions beside them below.
 IMAGES = {"a.png": (40, 40), "b.jpg": (48, 32), "sub/deeper/c.png": (32, 48), "sub/d.webp": (64, 24),
@@ -119,3 +123,23 @@ def test_make_shards_command_on_one_captioned_image_says_one(tmp_path, capsys):
     (tmp_path / "only.txt").write_text("the one image")
     main([str(tmp_path), str(tmp_path / "shards")])
     assert f"wrote 1 sample in 1 shard to {tmp_path / 'shards'} (0 skipped)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_kd_trains_on_a_caption_file_folder_in_size_buckets(folder, tmp_path):
+    """train/kd.py on the folder, batch 1 in size buckets: the 5 captioned images train, an epoch (7 batches, 2
+    of them a bad sample only) makes 5 steps, and the 2 bad samples are named on stderr and counted (step 6 is in
+    the second epoch, so the whole first one was read)."""
+    out = tmp_path / "run"
+    result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={out}",
+                         "data.source=imagefolder", f"data.path={folder}", "data.buckets=auto",
+                         "train.batch_size=1", "train.max_steps=6", "train.checkpoint_every=0", "train.sample_every=0",
+                         "log.trackers=[none]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: 7 samples per epoch from data.source=imagefolder" in result.stdout
+    skipped = re.findall(r"warning: process 0 skipped a sample: (.*)", result.stderr)
+    assert set(skipped) == {f"{folder / 'empty.png'}: empty caption file empty.txt",
+                            f"{folder / 'nocap.png'}: no caption file nocap.text or nocap.txt or nocap.caption"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[4]["epoch"] == 1.0 and sum(line["data_skipped"] for line in lines) == len(skipped)

@@ -94,7 +94,8 @@ class DataConfig(Section):
     webdataset jpg;jpeg;png;webp). Several candidates as 'a;b': the first present one is used."""
     caption_column: str = "text;txt;caption"
     """Field(s) holding the caption, several as 'a;b;c' (a webdataset field is a file extension or a key
-    of the sample's .json). A field may hold a list of captions. See caption_pick."""
+    of the sample's .json; in an image folder without metadata, the extension of the caption file beside each
+    image). A field may hold a list of captions. See caption_pick."""
     caption_pick: CaptionPick = CaptionPick.first
     """first: the first caption field present (one of its captions at random if it holds a list);
     random: one at random from all captions of all fields present. Drawn per sample and epoch."""
