@@ -4,7 +4,8 @@
                                [--image-column COL] [--caption-column 'text;caption'] [--split train]
                                [--workers 2]
 
-SRC is an image folder (images + metadata.jsonl or metadata.csv), or what `data.source=hf` reads: a hub
+SRC is an image folder (images + metadata.jsonl or metadata.csv, or a caption file beside each image:
+`0001.png` + `0001.txt`, subfolders too), or what `data.source=hf` reads: a hub
 name, a local data-set folder or a .parquet/.arrow file. OUT_DIR receives `shard-000000.tar`, ... written
 by webdataset's `ShardWriter` (per sample `KEY.jpg|png|webp`, `KEY.txt` with the first caption, `KEY.json`
 with every caption field found plus `original_width`/`original_height` and `source`), and
@@ -31,8 +32,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.data.sources.core import _read_metadata, open_image
-from sdkd.data.sources.transforms import BadSample, caption_candidates, resize_shorter_side
+from sdkd.cli.words import counted
+from sdkd.data.sources.core import ImageFolder, is_image_folder, open_image
+from sdkd.data.sources.transforms import (
+    BadSample,
+    ImageTransform,
+    Preprocess,
+    caption_candidates,
+    resize_shorter_side,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "sdkd-shards"
@@ -45,17 +53,16 @@ class _Rows(Dataset):
     def __init__(self, src: str, image_column: str | None, caption_fields: list[str], split: str,
                  resize: int | None, quality: int):
         self.src, self.caption_fields, self.resize, self.quality = src, caption_fields, resize, quality
-        root = Path(src)
-        if root.is_dir() and ((root / "metadata.jsonl").is_file() or (root / "metadata.csv").is_file()):
-            self.kind, self.root = "imagefolder", root
-            self.records = _read_metadata(root, image_column or "file_name", tuple(caption_fields))
+        # The readers only list and read rows here; their preprocessing is never run.
+        preprocess = Preprocess(ImageTransform(8), tuple(caption_fields))
+        if is_image_folder(Path(src), preprocess.caption_fields):
+            self.kind = "imagefolder"
+            self.records = ImageFolder(src, preprocess, 0, image_column or "file_name")
         else:
             from sdkd.data.sources.hf_source import HFImageDataset
-            from sdkd.data.sources.transforms import ImageTransform, Preprocess
 
             self.kind = "hf"
-            hf = HFImageDataset(src, split, Preprocess(ImageTransform(8), tuple(caption_fields)), 0,
-                                image_column or "image")
+            hf = HFImageDataset(src, split, preprocess, 0, image_column or "image")
             self.records, self.image_column = hf.data, hf.image_column
 
     def __len__(self) -> int:
@@ -63,8 +70,7 @@ class _Rows(Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, bytes | None, dict, str]:
         if self.kind == "imagefolder":
-            file_name, captions = self.records[index]
-            path = self.root / file_name
+            path, captions = self.records.captions(index)
             return open_image(path), path.read_bytes(), captions, str(path)
         from sdkd.data.sources.hf_source import decode_image
 
@@ -153,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     manifest = make_shards(args.src, args.out, shard_size=args.shard_size, resize=args.resize, quality=args.quality,
                            image_column=args.image_column, caption_column=args.caption_column, split=args.split,
                            workers=args.workers, log=lambda m: print(m, file=sys.stderr))
-    print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out} "
-          f"({manifest['skipped']} skipped)")
+    print(f"wrote {counted(manifest['samples'], 'sample')} in {counted(len(manifest['shards']), 'shard')} "
+          f"to {args.out} ({manifest['skipped']} skipped)")
     print(f"next: accelerate launch train/kd.py --config configs/tiny.yaml data.source=webdataset "
           f"data.path={shlex.quote(str(args.out))}")
 

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
+from sdkd.cli.words import counted
 from sdkd.eval.evaluation.config import Checkpoints, EvaluateConfig
 from sdkd.eval.metrics.config import skipped_lines
 from sdkd.train.engine.config import config_help, load_config, save_config
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     resolution = cfg.resolution or (run_cfg.sample.resolution or run_cfg.data.resolution if run_cfg else None)
     print(f"evaluating {', '.join(t.name for t in targets)}"
           + (f" against teacher {teacher.path}" if teacher else "")
-          + f": {len(prompts)} prompts, {cfg.steps} steps, guidance {cfg.guidance_scale}", flush=True)
+          + f": {counted(len(prompts), 'prompt')}, {counted(cfg.steps, 'step')}, guidance {cfg.guidance_scale}",
+          flush=True)
 
     evaluation = Evaluation(cfg, out, prompts, teacher, resolution, run_cfg, run)
     rows = evaluation.run_all(targets)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.log_to_run:
         log_to_run(run, run_cfg, [row for row in rows if row["name"] == TEACHER or row.get("step") is not None])
     print(md_path.read_text(), end="")
-    print(f"wrote {json_path}, {md_path}, {out / 'grid.png'} and {len(prompts)} images per model under {out / 'images'}"
+    print(f"wrote {json_path}, {md_path}, {out / 'grid.png'} and {counted(len(prompts), 'image')} per model under "
+          f"{out / 'images'}"
           + (f"; logged to {run}" if cfg.log_to_run else ""), flush=True)
 
 

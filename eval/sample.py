@@ -18,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.words import counted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         **pipe.loaded, **settings, negative_prompt=args.negative_prompt, batch_size=args.batch_size or len(prompts),
         device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), sdkd_version=version("sdkd"),
         seconds=seconds, images=record), indent=1))
-    print(f"wrote {len(paths)} images to {args.out} ({seconds:.2f} s)")
+    print(f"wrote {counted(len(paths), 'image')} to {args.out} ({seconds:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -553,7 +553,7 @@ DATA_CASES = [
          data_case(lambda c: image_folder(c, "mixed", {**{f"{i}.png": png(i) for i in range(7)}, "7.png": b"junk"}),
                    "data.source=imagefolder", "data.strict=true"),
          ("bad sample (data.strict=true)", "{ws}/mixed/7.png"), may_add=STARTED),
-    case("fewer-samples-than-one-batch", KD, kd("data.num_samples=1"), ("1 samples are fewer than one batch",)),
+    case("fewer-samples-than-one-batch", KD, kd("data.num_samples=1"), ("1 sample, fewer than one batch",)),
 ]
 
 

@@ -40,6 +40,7 @@ def kd_run(tmp_path_factory):
 def test_summary_comes_last_and_its_sample_command_runs(kd_run, tmp_path):
     out, result = kd_run
     assert_quiet(result)
+    assert "feature pairs; on 1 process\n" in result.stdout  # not "1 processes"
     lines = result.stdout.strip().splitlines()
     summary = lines[lines.index("trained 4 steps; wrote:"):]
     assert f"  model        {out / 'student'}" in summary
@@ -53,7 +54,7 @@ def test_summary_comes_last_and_its_sample_command_runs(kd_run, tmp_path):
     generated = run_script([sys.executable, *sample[1:]], timeout=300)
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert_quiet(generated)
-    assert generated.stdout.strip().splitlines()[-1].startswith(f"wrote 1 images to {out / 'generated'}")
+    assert generated.stdout.strip().splitlines()[-1].startswith(f"wrote 1 image to {out / 'generated'}")
     assert (out / "generated" / "image-000.png").is_file()
 
 

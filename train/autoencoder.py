@@ -13,6 +13,7 @@ OUTPUT/vae/, a diffusers AutoencoderKL folder whose `scaling_factor` is refitted
 
 from __future__ import annotations
 
+from sdkd.cli.words import counted
 from sdkd.train.engine.trainer_cli import run_trainer
 from sdkd.train.tasks.autoencoder_config import AutoencoderTrainConfig
 
@@ -27,7 +28,7 @@ def build(cfg: AutoencoderTrainConfig, acc):
     dataset = load_dataset(cfg, acc)
     vae = load_vae_to_train(cfg.autoencoder.model, cfg.train.seed, cfg.allow_pickle)
     acc.print(f"VAE ({cfg.autoencoder.model or 'new, toy architecture'}) "
-              f"{sum(p.numel() for p in vae.parameters()):,} params; on {acc.num_processes} processes")
+              f"{sum(p.numel() for p in vae.parameters()):,} params; on {counted(acc.num_processes, 'process')}")
     return AutoencoderTask(cfg, acc, vae, dataset), dataset
 
 

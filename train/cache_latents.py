@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.words import counted
 from sdkd.train.engine.config import CHECK_CONFIG_HELP, _load_yaml, load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
 
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(f"cached {manifest['samples']} samples in {len(manifest['shards'])} shards to {cfg.data.cache} "
-          f"({manifest['skipped']} skipped, {time.perf_counter() - start:.1f} s)")
+    print(f"cached {counted(manifest['samples'], 'sample')} in {counted(len(manifest['shards']), 'shard')} "
+          f"to {cfg.data.cache} ({manifest['skipped']} skipped, {time.perf_counter() - start:.1f} s)")
     recipe = f" --config {shlex.quote(args.config)}" if args.config else ""
     trainer = "train/tiny_decoder.py" if args.from_samples else "train/kd.py"
     print(f"next: accelerate launch {trainer}{recipe} data.cache={shlex.quote(str(cfg.data.cache))} ...  "

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from sdkd.cli.words import counted
 from sdkd.train.engine.trainer_cli import run_trainer
 from sdkd.train.tasks.diffusion_config import KDConfig
 
@@ -34,7 +35,7 @@ def build(cfg: KDConfig, acc):
                         teacher.scheduler if objective.teacher is not None else None, cfg.teacher)
     acc.print(f"teacher {sum(p.numel() for p in teacher.unet.parameters()):,} params -> "
               f"student ({cfg.student.preset}) {sum(p.numel() for p in student.parameters()):,}; "
-              f"{objective.num_feature_pairs} feature pairs; on {acc.num_processes} processes")
+              f"{objective.num_feature_pairs} feature pairs; on {counted(acc.num_processes, 'process')}")
     task = DiffusionTask(
         cfg, acc, trained_module(cfg, student), build_encoder(cfg.data, teacher, dataset, acc.device), objective,
         teacher, export=lambda out: [save_pipeline(student, PipelineSource.of(cfg), out / "student",

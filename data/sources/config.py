@@ -78,7 +78,8 @@ class CaptionPick(Choice):
 @dataclass
 class DataConfig(Section):
     source: DataSource = DataSource.synthetic
-    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl or metadata.csv),
+    """synthetic (built-in captioned shapes), imagefolder (images + metadata.jsonl, metadata.csv or a caption
+    file beside each image: 0001.png + 0001.txt, subfolders too),
     hf (a Hugging Face data set: hub name or local parquet/arrow path) or webdataset (tar shards)."""
     path: Optional[str] = None
     """imagefolder: the folder; hf: hub name, local folder or .parquet/.arrow file; webdataset: a
@@ -93,7 +94,8 @@ class DataConfig(Section):
     webdataset jpg;jpeg;png;webp). Several candidates as 'a;b': the first present one is used."""
     caption_column: str = "text;txt;caption"
     """Field(s) holding the caption, several as 'a;b;c' (a webdataset field is a file extension or a key
-    of the sample's .json). A field may hold a list of captions. See caption_pick."""
+    of the sample's .json; in an image folder without metadata, the extension of the caption file beside each
+    image). A field may hold a list of captions. See caption_pick."""
     caption_pick: CaptionPick = CaptionPick.first
     """first: the first caption field present (one of its captions at random if it holds a list);
     random: one at random from all captions of all fields present. Drawn per sample and epoch."""

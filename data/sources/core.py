@@ -113,7 +113,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image folder: images + metadata.jsonl (the HF `imagefolder` layout)
+# Image folder: images + metadata.jsonl (the HF `imagefolder` layout) or a caption file beside each image
 
 
 class CorruptImageError(BadSample, OSError):
@@ -122,12 +122,15 @@ class CorruptImageError(BadSample, OSError):
 
 class ImageFolder(CaptionedImageDataset):
     """A folder with `metadata.jsonl` lines like `{"file_name": "0001.png", "text": "a caption"}`, or a
-    `metadata.csv` with the same columns (the Hugging Face `imagefolder` layout).
+    `metadata.csv` with the same columns (the Hugging Face `imagefolder` layout); without either, the images
+    in it and its subfolders with a caption file beside each (kohya's and the webdataset layout: `0001.png` +
+    `0001.txt`; a caption field names the file's extension, so the default fields read .text, .txt, .caption).
 
     A caption field may also hold a list of captions; one is drawn per sample and epoch. Layout
-    mistakes (malformed lines, a missing image column, missing files, no caption field on any line)
-    raise `UserError` here, at start-up, naming the file and line. A line without a caption and an
-    image that cannot be decoded or is too small are bad samples, skipped when read.
+    mistakes (malformed lines, a missing image column, missing files, no caption field on any line, no
+    caption file at all) raise `UserError` here, at start-up, naming the file and line. A line without a
+    caption, an image without a caption file or with an empty one, and an image that cannot be decoded or is
+    too small are bad samples, skipped when read.
     """
 
     def __init__(
@@ -144,14 +147,23 @@ class ImageFolder(CaptionedImageDataset):
                                          self.preprocess.caption_pick, self.preprocess.caption_dropout,
                                          self.preprocess.min_size)
         self.root = Path(path)
-        self._records = _PackedJson(_read_metadata(self.root, image_column, self.preprocess.caption_fields))
+        fields = self.preprocess.caption_fields
+        records = (_read_metadata(self.root, image_column, fields) if _metadata_file(self.root)
+                   else [[name, None] for name in _captioned_images(self.root, fields)])
+        self._records = _PackedJson(records)
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+    def captions(self, index: int) -> tuple[Path, dict[str, Any]]:
+        """Sample `index`'s image file and caption fields (in the caption-file layout read from the files
+        beside the image now, so a caption edited mid-run is taken); raises `BadSample` without any."""
         file_name, captions = self._records[index]
         path = self.root / file_name
+        return path, read_caption_files(path, self.preprocess.caption_fields) if captions is None else captions
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+        path, captions = self.captions(index)
         caption = self.preprocess.caption(captions, rng, str(path))
         return open_image(path), caption, str(path)
 
@@ -159,15 +171,65 @@ class ImageFolder(CaptionedImageDataset):
         return image_size(self.root / self._records[index][0])
 
 
-def _read_metadata(root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list[list]:
-    """`metadata.jsonl` or `metadata.csv` -> [[file_name, {caption field: value}], ...], checked line by line."""
+def is_image_folder(root: Path, caption_fields: tuple[str, ...]) -> bool:
+    """Whether `root` is an image folder of either layout (not, say, a folder of parquet files)."""
+    return root.is_dir() and (_metadata_file(root) is not None or bool(_captioned_images(root, caption_fields, False)))
+
+
+def _metadata_file(root: Path) -> Path | None:
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
-    meta = root / "metadata.jsonl"
-    if not meta.is_file() and (root / "metadata.csv").is_file():
-        meta = root / "metadata.csv"
-    if not meta.is_file():
-        raise UserError(f"{root / 'metadata.jsonl'}: not found (an image folder needs metadata.jsonl or metadata.csv)")
+    return next((meta for meta in (root / "metadata.jsonl", root / "metadata.csv") if meta.is_file()), None)
+
+
+def _captioned_images(root: Path, caption_fields: tuple[str, ...], required: bool = True) -> list[str]:
+    """The images under `root` (subfolders too, hidden ones left out), sorted, as paths relative to it; [] when
+    none has a caption file beside it (a `UserError` if `required`)."""
+    extensions = {ext for ext, plugin in Image.registered_extensions().items() if plugin in Image.OPEN}
+    files = {p.relative_to(root) for p in root.rglob("*")}
+    files = {p for p in files if not any(part.startswith(".") for part in p.parts) and (root / p).is_file()}
+    images = sorted(p for p in files if p.suffix.lower() in extensions)
+    if any(_caption_file(p, field) in files for p in images for field in caption_fields):
+        return [p.as_posix() for p in images]
+    if required:
+        raise UserError(f"{root / 'metadata.jsonl'}: not found, and no image has a caption file beside it "
+                        f"({', '.join('.' + f for f in caption_fields)}, the fields of data.caption_column): an "
+                        f"image folder needs metadata.jsonl, metadata.csv or a caption file beside each image")
+    return []
+
+
+def _caption_file(image: Path, field: str) -> Path:
+    return image.with_name(f"{image.stem}.{field}")
+
+
+def read_caption_files(image: Path, caption_fields: tuple[str, ...]) -> dict[str, str]:
+    """{field: caption} from the files beside `image` named by the fields (`0001.png` -> `0001.txt` for txt),
+    stripped. An empty file gives no caption (kohya's trainer refuses one too; data.caption_dropout is the way
+    to the empty prompt); `BadSample` when no field gives one."""
+    found, empty = {}, []
+    for field in caption_fields:
+        path = _caption_file(image, field)
+        try:
+            text = path.read_text(encoding="utf-8-sig").strip()
+        except FileNotFoundError:
+            continue
+        except UnicodeDecodeError as err:
+            raise BadSample(f"{path}: caption file is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise BadSample(f"{path}: cannot read caption file ({type(err).__name__}: {err})") from None
+        if text:
+            found[field] = text
+        else:
+            empty.append(path.name)
+    if not found:
+        names = ", ".join(empty) if empty else " or ".join(_caption_file(image, f).name for f in caption_fields)
+        raise BadSample(f"{image}: {'empty caption file' if empty else 'no caption file'} {names}")
+    return found
+
+
+def _read_metadata(root: Path, image_column: str, caption_fields: tuple[str, ...]) -> list[list]:
+    """`metadata.jsonl` or `metadata.csv` -> [[file_name, {caption field: value}], ...], checked line by line."""
+    meta = _metadata_file(root)
     try:
         text = meta.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdkd.cli.words import counted
 from sdkd.train.engine.sampling import make_grid
 
 # Row keys shown in report.md, in order: (key, column header, format of a value).
@@ -38,7 +39,8 @@ def markdown(report: dict) -> str:
     """report.md: a short header saying what was sampled, then one table row per model."""
     s, rows = report["settings"], report["rows"]
     teacher = f"teacher `{report['teacher']}`" if report.get("teacher") else "no teacher"
-    sampling = (f"{s['num_images']} images per model (prompts and seeds in `images.jsonl`), {s['steps']} steps, "
+    sampling = (f"{counted(s['num_images'], 'image')} per model (prompts and seeds in `images.jsonl`), "
+                f"{counted(s['steps'], 'step')}, "
                 f"guidance {s['guidance_scale']}, {s['sampler']}, {s['resolution']} px"
                 + (f" resized to {s['resize']}" if s.get("resize") else "") + f", batch {s['batch_size']}, "
                 f"{s['device']} {s['dtype']}")

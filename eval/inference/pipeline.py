@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.words import counted
 from sdkd.train.engine.frozen import own_dtype
 from sdkd.train.formats.lora_io import load_lora
 from sdkd.train.formats.model_files import load_source, load_vae
@@ -110,7 +111,7 @@ class Pipeline:
             raise UserError(f"--guidance must be >= 0, got {guidance_scale}")
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         if len(negatives) != len(prompts):
-            raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            raise UserError(f"{counted(len(negatives), 'negative prompt')} for {counted(len(prompts), 'prompt')}")
         run = self.settings(steps, guidance_scale, height, width)
         self.pipe.scheduler = self._scheduler(steps)
         batch = batch_size or len(prompts)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.words import counted
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -334,7 +335,7 @@ class Checkpointer:
         acc = self.accelerator
         rng = path / f"generator-{acc.process_index}.safetensors"
         if not rng.is_file():
-            raise UserError(f"resume '{path}': written by {len(list(path.glob('generator-*')))} processes, "
+            raise UserError(f"resume '{path}': written by {counted(len(list(path.glob('generator-*'))), 'process')}, "
                             f"resumed with {acc.num_processes}")
         try:
             acc.load_state(str(path))

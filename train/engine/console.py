@@ -1,5 +1,5 @@
-"""What sdkd prints while it runs: known-harmless third-party notices silenced at their source, and
-progress that stays readable in a log file.
+"""What sdkd prints while it runs: known-harmless third-party notices silenced at their source (`dropping`:
+only where sdkd knows they are harmless), and progress that stays readable in a log file.
 
 `quiet_third_party()` runs when `sdkd.train` is first imported (some notices are printed while
 diffusers imports), and again before a pipeline loads (diffusers has no progress-bar switch that can
@@ -10,28 +10,48 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class _DropMessage(logging.Filter):
-    """Drops a logger's records whose message contains `text`."""
+    """Drops a logger's records whose message `pattern` (a regular expression) finds."""
 
-    def __init__(self, text: str):
+    def __init__(self, pattern: str):
         super().__init__()
-        self.text = text
+        self.pattern = re.compile(pattern)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        return not self.pattern.search(record.getMessage())
 
 
 _FILTERS = {
     # torchvision is deliberately not installed: transformers falls back to the PIL image processors
     # (CLIP's, SigLIP's) that diffusers' pipeline modules import, and we never use either.
-    "transformers.utils.import_utils": _DropMessage("requires torchvision (not installed)"),
+    "transformers.utils.import_utils": _DropMessage(re.escape("requires torchvision (not installed)")),
     # diffusers' ModelMixin.to warns on every dtype cast, also when the model has no fp32-only modules (`[]`).
-    "diffusers.models.modeling_utils": _DropMessage("should be kept in float32: []"),
+    "diffusers.models.modeling_utils": _DropMessage(re.escape("should be kept in float32: []")),
+    # diffusers' AutoencoderTiny copies decoder_block_out_channels into its config as block_out_channels (what
+    # pipelines read for the VAE's scale) and does so again on every init, so every config.json it saves holds
+    # a key its own loader calls unexpected. Only that key alone, for that class.
+    "diffusers.configuration_utils": _DropMessage(
+        r"^The config attributes \{'block_out_channels': [\[(][^\])]*[\])]\} were passed to AutoencoderTiny,"),
 }
+
+
+@contextmanager
+def dropping(logger: str, pattern: str) -> Iterator[None]:
+    """Within the block, drop `logger`'s records whose message `pattern` finds: a notice the caller knows is
+    harmless there (and only there)."""
+    drop = _DropMessage(pattern)
+    logging.getLogger(logger).addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop)
 
 
 def quiet_third_party() -> None:

@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.words import counted
 from sdkd.data.sources.buckets import BucketBatchSampler, sample_buckets
 from sdkd.data.sources.core import collate
 from sdkd.train.engine import console, run_folder, tracking
@@ -101,8 +102,8 @@ class Loop:
         out = Path(cfg.output_dir)
         loader, self.batches_per_epoch = self._loader()
         if self.batches_per_epoch == 0:
-            raise UserError(f"data: {len(self.dataset)} samples are fewer than one batch "
-                            f"({cfg.train.batch_size} x {acc.num_processes} processes)"
+            raise UserError(f"data: {counted(len(self.dataset), 'sample')}, fewer than one batch "
+                            f"({cfg.train.batch_size} x {counted(acc.num_processes, 'process')})"
                             + (" in every size bucket (data.buckets)" if self.bucket_sampler else ""))
         max_steps = resolve_max_steps(cfg.train, self.batches_per_epoch)
         if cfg.train.num_epochs is not None:
@@ -304,7 +305,7 @@ class Loop:
         self._bad_in_a_row = 0 if usable else self._bad_in_a_row + len(reasons)
         self._last_reasons = (self._last_reasons + reasons)[-3:]
         if self._bad_in_a_row >= self.cfg.data.max_bad_in_a_row:
-            self._stalled(f"{self._bad_in_a_row} samples in a row (data.max_bad_in_a_row)")
+            self._stalled(f"{counted(self._bad_in_a_row, 'sample')} in a row (data.max_bad_in_a_row)")
 
     def _stalled(self, span: str) -> None:
         d = self.cfg.data

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.train.engine import console
 from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
 from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.lora_config import LoraSection
@@ -265,8 +267,15 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     text_encoders = {name: pipe.components[name] for name in _parts(pipe.unet)[1:]}
     check_lora(state, pipe.unet, text_encoders, str(path), meta)
     file = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
+    # diffusers' load_lora_weights tries every text encoder and warns for each the file has no tensors for:
+    # a U-Net LoRA is whole without them (check_lora has matched the file against this model).
+    absent = "|".join(re.escape(name) for name in text_encoders if not any(k.startswith(name + ".") for k in state))
+    quiet = (console.dropping("diffusers.loaders.lora_base",
+                              rf"^No LoRA keys associated to \w+ found with the prefix='({absent})'\.")
+             if absent else nullcontext())
     try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
+        with quiet:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="lora")
         pipe.fuse_lora(lora_scale=scale)
     except Exception as err:  # noqa: BLE001 - diffusers/peft raise many kinds for a file they cannot apply
         raise UserError(f"LoRA '{path}' could not be applied ({first_line(err)})") from None

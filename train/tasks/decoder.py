@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.words import counted
 from sdkd.data.sources.buckets import sample_buckets
 from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
@@ -348,7 +349,8 @@ def split_held_out(dataset: Dataset, n: int) -> tuple[Dataset, list]:
     buckets = sample_buckets(dataset)
     candidates = np.arange(len(dataset)) if buckets is None else np.flatnonzero(buckets == buckets[-1])
     if len(candidates) <= n:
-        raise UserError(f"data: {len(candidates)} samples{'' if buckets is None else ' in the last size bucket'}, "
+        raise UserError(f"data: {counted(len(candidates), 'sample')}"
+                        f"{'' if buckets is None else ' in the last size bucket'}, "
                         f"but decoder.eval_latents={n} are held out; lower it or add data")
     held = candidates[len(candidates) - n:]
     return (_Training(dataset, np.setdiff1d(np.arange(len(dataset)), held).tolist()),

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.words import counted
 from sdkd.data.sources.core import build_dataset
 from sdkd.train.engine.config import RunConfig
 from sdkd.train.engine.distributed import main_process_first
@@ -31,7 +32,7 @@ def load_dataset(cfg: RunConfig, acc):
     """The run's training set. Data mistakes fail fast, on every process at once; a hf source prepares its
     arrow cache once."""
     dataset = main_process_first(acc, lambda: build_dataset(cfg.data, cfg.train.seed))
-    acc.print(f"data: {len(dataset):,} samples per epoch from "
+    acc.print(f"data: {counted(len(dataset), 'sample')} per epoch from "
               + (f"the latent cache {cfg.data.cache} (no VAE or text encoder loaded)" if cfg.data.cache
                  else f"data.source={cfg.data.source}"))
     return dataset
@@ -180,5 +181,5 @@ def load_finetune_parts(cfg: FinetuneConfig, acc) -> FinetuneParts:
                              cfg.data.resolution // parts.vae_scale_factor, acc.autocast)
     acc.print(f"model {cfg.model}: U-Net {sum(p.numel() for p in parts.unet.parameters()):,} params"
               + (f"; continued KD from {cfg.teacher} ({objective.num_feature_pairs} feature pairs)" if teacher else "")
-              + f"; on {acc.num_processes} processes")
+              + f"; on {counted(acc.num_processes, 'process')}")
     return FinetuneParts(parts, teacher, objective)
