@@ -133,9 +133,11 @@ def _outputs_have_modes(folders: list[Path], mask: int) -> int:
 @pytest.mark.e2e
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_runs_exports_loras_and_caches_follow_the_umask(mask, tmp_path):
-    """A KD run (checkpoints, student), both exports, a LoRA run and its sd.cpp conversion, a latent cache:
-    under umask 022 every file is 0644, under 027 0640."""
+    """A KD run (checkpoints, student), both exports, a LoRA run and its sd.cpp conversion, a latent cache, a
+    one-step run and its ODE-pair cache: under umask 022 every file is 0644 and folder 0755, under 027 0640
+    and 0750."""
     run, lora_run, cache = tmp_path / "kd", tmp_path / "lora", tmp_path / "cache"
+    one_step, pairs = tmp_path / "one_step", tmp_path / "pairs"
     folder, single, sdcpp = tmp_path / "export", tmp_path / "model.safetensors", tmp_path / "lora-sdcpp.safetensors"
     with umask_set(mask):
         student = save_toy_student(tmp_path / "bk_tiny", "bk_tiny")
@@ -153,7 +155,12 @@ def test_runs_exports_loras_and_caches_follow_the_umask(mask, tmp_path):
             "to-sdcpp", str(lora_run), "--out", str(sdcpp)]) == 0
         assert run_in_process("train/cache_latents.py", [
             "--config", "configs/toy.yaml", f"data.cache={cache}", "data.num_samples=4", "--shard-size", "2"]) == 0
+        assert run_in_process("train/one_step.py", [
+            "--config", "configs/one_step_toy.yaml", f"output_dir={one_step}", f"pairs.cache={pairs}", "pairs.count=4",
+            "pairs.eval_count=2", "pairs.steps=2", "pairs.batch_size=4", "distill.warmup_steps=1", "eval.every=1",
+            "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.sample_every=0",
+            "data.num_samples=4", "log.trackers=[none]"]) == 0
     assert (run / "checkpoint-2").is_dir() and any(lora_run.rglob("*.safetensors"))
-    assert any(cache.glob("*.safetensors")) and any(folder.rglob("*.safetensors"))
-    checked = _outputs_have_modes([student, run, folder, single, lora_run, sdcpp, cache], mask)
-    assert checked > 40
+    assert any(cache.glob("*.safetensors")) and any(folder.rglob("*.safetensors")) and any(pairs.rglob("*.safetensors"))
+    checked = _outputs_have_modes([student, run, folder, single, lora_run, sdcpp, cache, one_step, pairs], mask)
+    assert checked > 100
