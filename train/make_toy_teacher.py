@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_CONFIG = "configs/toy_vae.yaml"
@@ -173,7 +174,7 @@ def main() -> None:
     # 2. the U-Net, from random weights, on the trained VAE and the toy text encoders
     init = work / "init"
     pipe = toy_pipeline_with(AutoencoderKL.from_pretrained(vae_folder), TOY_SEED, xl=xl)
-    pipe.save_pretrained(init, safe_serialization=True)
+    save_pretrained(pipe, init, safe_serialization=True)
     unet_run = work / "unet"
     unet_cmd, unet_seconds = launch("train/finetune.py", defaults["unet_config"], unet_run, [
         f"model={_shown(init)}"] + ([f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)

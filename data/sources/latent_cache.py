@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.cli.files import save_file
 from sdkd.data.sources.transforms import dropout_rng
 
 FORMAT = "sdkd-latent-cache"

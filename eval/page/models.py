@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.cli.files import save_pretrained
 from sdkd.eval.inference.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline, load_pipeline
 
 TOY_PREFIX = "toy:"  # toy:PRESET, a student built from the toy teacher in memory
@@ -124,7 +125,7 @@ def _toy_source(path: str, scratch: Path) -> Path:
     if not (folder / "model_index.json").is_file():
         pipe = load_parts("toy", what="toy teacher")
         pipe.unet = build_student(pipe.unet, PRESETS[preset])  # its weights copied from the teacher's
-        pipe.save_pretrained(folder, safe_serialization=True)
+        save_pretrained(pipe, folder, safe_serialization=True)
     return folder
 
 

@@ -19,13 +19,15 @@ import json
 import re
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import follow_umask, save_file
 from sdkd.cli.words import counted
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -303,12 +305,14 @@ class Checkpointer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed mid-write
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        save_file({"state": generator.get_state()}, tmp / f"generator-{acc.process_index}.safetensors")
-        state = self.task.state_dict() if self.task is not None else {}
-        if state:  # a task with none writes no file: its checkpoints stay as they were
-            save_task_state(state, tmp / TASK_STATE.format(acc.process_index))
-        acc.wait_for_everyone()
+        # What accelerate and the models' save_pretrained write (all processes' files) follows the umask.
+        with follow_umask(tmp) if acc.is_main_process else nullcontext():
+            acc.save_state(str(tmp))
+            save_file({"state": generator.get_state()}, tmp / f"generator-{acc.process_index}.safetensors")
+            state = self.task.state_dict() if self.task is not None else {}
+            if state:  # a task with none writes no file: its checkpoints stay as they were
+                save_task_state(state, tmp / TASK_STATE.format(acc.process_index))
+            acc.wait_for_everyone()
         if acc.is_main_process:
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files}))

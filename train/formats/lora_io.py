@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.cli.files import save_file
 from sdkd.train.engine import console
 from sdkd.train.engine.checkpoints import TensorState, load_ema, save_ema
 from sdkd.train.formats import ldm_layout

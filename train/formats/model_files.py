@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from sdkd.cli.errors import UserError, first_line
+from sdkd.cli.files import save_file, save_pretrained
 from sdkd.train.engine import console
 from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.train.models.families import ModelFamily, family_of
@@ -75,7 +75,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
         parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
     pipe = parts.family.pipeline(parts, unet, parts.scheduler)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_pretrained(pipe, folder, safe_serialization=True)
     if run is not None:
         write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
                                             _run_info(Path(run)))), type(pipe))
@@ -407,7 +407,7 @@ def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Pat
         raise UserError(f"--out '{out}' is a file; --format diffusers writes a folder")
     pipe = source.pipe
     _cast(pipe, half)
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_pretrained(pipe, out, safe_serialization=True)
     write_card(out, card_info(source), type(pipe), half)
     return out
 
@@ -595,7 +595,7 @@ def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Pa
     if vae is not None:
         parts.components["vae"] = _contiguous(vae)
     pipe = parts.family.pipeline(parts, _contiguous(unet), parts.scheduler)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_pretrained(pipe, folder, safe_serialization=True)
     if run is not None:
         info = _run_info(Path(run))
         # Not a fine-tune although its config has a `model` key; KD's loss weights played no part.

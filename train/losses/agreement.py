@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from sdkd.cli.files import save_file
 from sdkd.train.models.families import Conditioning, family_of, prompt_batch
 
 TRIPLES_FILE = "eval_triples.safetensors"  # in a run folder, and in an evaluation's output folder

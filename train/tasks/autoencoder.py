@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import save_pretrained
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 
@@ -145,5 +146,5 @@ class AutoencoderTask(Task):
                   f"(was {self.vae.config.scaling_factor})", flush=True)
             self.vae.register_to_config(scaling_factor=factor)
         folder = out / "vae"
-        self.vae.save_pretrained(folder, safe_serialization=True)
+        save_pretrained(self.vae, folder, safe_serialization=True)
         return [folder]

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import save_file, save_pretrained
 from sdkd.cli.words import counted
 from sdkd.data.sources.buckets import sample_buckets
 from sdkd.data.sources.core import collate
@@ -122,7 +122,7 @@ def export_tiny_decoder(vae: AutoencoderTiny, out: Path, encoder_from: str | Non
     it, its txt2img does not). The file's metadata holds the AutoencoderTiny config (read back by
     `decoder.init`)."""
     folder = Path(out) / "tiny_decoder"
-    vae.save_pretrained(folder, safe_serialization=True)
+    save_pretrained(vae, folder, safe_serialization=True)
     if card:
         (folder / "README.md").write_text(card)
     parts = ("decoder.", "encoder.") if encoder_from else ("decoder.",)

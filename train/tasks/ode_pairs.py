@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from sdkd.cli.files import save_file
 from sdkd.train.engine import console
 
 SOLVERS = {"dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}), "ddim": (DDIMScheduler, {})}
