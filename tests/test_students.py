@@ -674,12 +674,12 @@ def test_a_preset_for_another_family_is_refused(config, preset, message):
 
 
 def test_cli_shows_the_toy_sdxl_recipes_student(capsys):
-    # `toy_sdxl`: the toy SDXL topology (the teacher train/kd.py reports for configs/toy_sdxl.yaml: 2,983,556
-    # parameters -> 1,431,716), the recipe's KOALA-700M-shaped student of it.
+    # `toy_sdxl`: the toy SDXL topology (the teacher train/kd.py reports for configs/toy_sdxl.yaml: 3,000,964
+    # parameters -> 1,437,860), the recipe's KOALA-700M-shaped student of it.
     spec = str(ROOT / "configs" / "toy_sdxl.yaml")
     code, out, _ = run_main(["--teacher", "toy_sdxl", "--preset", "custom", "--spec", spec, "--json"], capsys)
     report = json.loads(out)
-    assert code == 0 and (report["teacher_params"], report["student_params"]) == (2_983_556, 1_431_716)
+    assert code == 0 and (report["teacher_params"], report["student_params"]) == (3_000_964, 1_437_860)
     config = report["student_config"]
     assert (config["addition_embed_type"], config["mid_block_type"], config["transformer_layers_per_block"]) == (
         "text_time", None, [1, 1, 1])
