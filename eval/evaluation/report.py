@@ -12,8 +12,11 @@ from PIL import Image
 from sdkd.train.engine.sampling import make_grid
 
 # Row keys shown in report.md, in order: (key, column header, format of a value).
+SETTINGS = ("step", "steps", "guidance_scale")  # a row's sampling settings: columns, never logged as metrics
 COLUMNS = [
     ("step", "step", "{:d}"),
+    ("steps", "steps", "{:d}"),
+    ("guidance_scale", "guidance", "{:g}"),
     ("unet_params", "U-Net params", "{:,}"),
     ("unet_macs", "U-Net GMACs", lambda v: f"{v / 1e9:.3f}"),
     ("sec_per_image", "s/image", "{:.3f}"),
@@ -38,8 +41,8 @@ def markdown(report: dict) -> str:
     """report.md: a short header saying what was sampled, then one table row per model."""
     s, rows = report["settings"], report["rows"]
     teacher = f"teacher `{report['teacher']}`" if report.get("teacher") else "no teacher"
-    sampling = (f"{s['num_images']} images per model (prompts and seeds in `images.jsonl`), {s['steps']} steps, "
-                f"guidance {s['guidance_scale']}, {s['sampler']}, {s['resolution']} px"
+    sampling = (f"{s['num_images']} images per model (prompts and seeds in `images.jsonl`), steps and guidance as "
+                f"in the table, {s['sampler']}, {s['resolution']} px"
                 + (f" resized to {s['resize']}" if s.get("resize") else "") + f", batch {s['batch_size']}, "
                 f"{s['device']} {s['dtype']}")
     columns = [(key, head, fmt) for key, head, fmt in COLUMNS if any(row.get(key) is not None for row in rows)]
@@ -85,7 +88,7 @@ def write_grids(out: Path, names: list[str], prompts: list[str], count: int) -> 
 def logged_values(row: dict, prefix: str) -> dict[str, float]:
     """A report row's numbers as tracker values `PREFIX/KEY`."""
     return {f"{prefix}/{k}": v for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k not in SETTINGS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def log_to_run(run: Path, run_cfg, rows: list[dict]) -> None:
