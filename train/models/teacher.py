@@ -158,6 +158,8 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
     hub id (cached or downloaded), as a path or a `PipelineSource`.
 
     `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
+    The scheduler is the family's training one (DDPM) built from the folder's scheduler config, whatever class it
+    names: sdkd's exports ship DPM-Solver++, whose config keeps the training betas and prediction type.
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
     src = resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     source = src.path
