@@ -15,8 +15,6 @@ from sdkd.train.engine.sampling import make_grid
 SETTINGS = ("step", "steps", "guidance_scale")  # a row's sampling settings: columns, never logged as metrics
 COLUMNS = [
     ("step", "step", "{:d}"),
-    ("steps", "steps", "{:d}"),
-    ("guidance_scale", "guidance", "{:g}"),
     ("unet_params", "U-Net params", "{:,}"),
     ("unet_macs", "U-Net GMACs", lambda v: f"{v / 1e9:.3f}"),
     ("sec_per_image", "s/image", "{:.3f}"),
@@ -28,6 +26,8 @@ COLUMNS = [
     ("fid", "FID", "{:.2f}"),
     ("kid", "KID", "{:.4f}"),
     ("clip_score", "CLIP", "{:.2f}"),
+    ("steps", "steps", "{:d}"),  # the sampling settings last: the metrics stay where they were
+    ("guidance_scale", "guidance", "{:g}"),
 ]
 
 

@@ -114,6 +114,7 @@ def _toy_source(path: str, scratch: Path) -> Path:
     """`toy`: the committed toy teacher's folder. `toy:PRESET`: a student built from it, written as a diffusers
     folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA:
     eval/inference/pipeline.py)."""
+    from sdkd.train.formats.model_files import recorded_sampling, write_sampling
     from sdkd.train.models.students import PRESETS, build_student
     from sdkd.train.models.teacher import load_pipeline as load_parts
     from sdkd.train.models.toy import toy_teacher_folder
@@ -128,6 +129,8 @@ def _toy_source(path: str, scratch: Path) -> Path:
         pipe = load_parts("toy", what="toy teacher")
         pipe.unet = build_student(pipe.unet, PRESETS[preset])  # its weights copied from the teacher's
         pipe.save_pretrained(folder, safe_serialization=True)
+        if (recorded := recorded_sampling("toy")) is not None:  # it samples as its teacher does
+            write_sampling(folder, recorded)
     return folder
 
 
