@@ -5,7 +5,8 @@
 PATH is anything eval/sample.py takes (run folder, checkpoint-STEP folder, diffusers pipeline folder, sdkd
 single file), `toy` (the built-in toy teacher) or `toy:PRESET` (a student built from it by the weight map).
 With no --models: the toy teacher and a toy student, something real on a laptop CPU. The page: prompt,
-negative prompt, seed; per model its steps and guidance (a one-step model starts at 1 and 1), its image,
+negative prompt, seed; per model its steps and guidance (its recorded sampling settings unless --steps and
+--guidance are given; a one-step model starts at 1 step), its image,
 seconds and U-Net parameter count. fp16 on a GPU, fp32 on CPU. A model that cannot be loaded or cannot
 generate is left out with one line at start-up; none left: exit code 2. Served on 127.0.0.1 (--host) at
 a free port (--port); the address is printed once the page answers.
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
                         help="LoRA weights (diffusers/peft .safetensors) for the model NAME; repeat for others")
     parser.add_argument("--lora-scale", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=25, help="steps the page starts with (one-step models: 1)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="guidance the page starts with (one-step: 1)")
+    parser.add_argument("--steps", type=int, help="steps the page starts with (default: each model's recorded "
+                        "sampling settings, else 25; one-step models: 1)")
+    parser.add_argument("--guidance", type=float, help="guidance the page starts with (default: each model's "
+                        "recorded sampling settings, else 7.5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
@@ -44,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin (pickle) weights where there are no safetensors; pickle can run code")
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0 (a free port) or 1-65535, got {args.port}")

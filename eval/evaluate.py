@@ -5,7 +5,8 @@
 RUN_OR_MODEL is a run folder (every checkpoint; `checkpoints=latest` only the newest), a `checkpoint-STEP`
 folder, a diffusers pipeline folder or an sdkd single file. The teacher (default: the run's, from its
 config.yaml; `--teacher none` for none) is sampled once, first. Every model samples the same prompts with the
-same seeds (image i: seed + i) at the config's steps, guidance and resolution, and is scored: parameters,
+same seeds (image i: seed + i) at the config's steps and guidance (null: each model's recorded sampling settings,
+else 25 and 7.5) and resolution, and is scored: parameters,
 MACs, latency; teacher agreement (noise-prediction MSE on held-out triples, sample MSE and PSNR); and FID,
 KID, CLIP score and LPIPS where their weights are given (a metric without one is skipped with one line
 naming the key to set). Configs: configs/eval_toy.yaml, eval_bk_sdm_coco30k.yaml, eval_sdxs_coco5k.yaml.
@@ -120,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     resolution = cfg.resolution or (run_cfg.sample.resolution or run_cfg.data.resolution if run_cfg else None)
     print(f"evaluating {', '.join(t.name for t in targets)}"
           + (f" against teacher {teacher.path}" if teacher else "")
-          + f": {counted(len(prompts), 'prompt')}, {counted(cfg.steps, 'step')}, guidance {cfg.guidance_scale}",
+          + f": {counted(len(prompts), 'prompt')}, "
+          + ("each model's recorded sampling settings (else 25 steps, guidance 7.5)"
+             if cfg.steps is None and cfg.guidance_scale is None else
+             f"{cfg.steps or 'recorded'} steps, guidance "
+             f"{'recorded' if cfg.guidance_scale is None else cfg.guidance_scale}"),
           flush=True)
 
     evaluation = Evaluation(cfg, out, prompts, teacher, resolution, run_cfg, run)

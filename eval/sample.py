@@ -1,10 +1,12 @@
 """Generate images with sdkd's inference pipeline.
 
-    python eval/sample.py --model PATH --prompt "a red fox" [--prompt ...] --steps 25 --seed 0 --out DIR
+    python eval/sample.py --model PATH --prompt "a red fox" [--prompt ...] [--steps 25] --seed 0 --out DIR
 
 PATH is a run folder (its final `student/`), a `checkpoint-STEP` folder (its `unet/`, or `unet_ema/`
-with --ema), a diffusers pipeline folder or an sdkd single file (python train/export.py). `--steps 1`
-is the one-step mode (guidance off). Image i is seeded `seed + i` whatever the batch size.
+with --ema), a diffusers pipeline folder or an sdkd single file (python train/export.py). Steps and
+guidance default to the model's recorded sampling settings (an export's sdkd_sampling.json, a run's `sample`
+section; else 25 and 7.5), as printed. `--steps 1` is the one-step mode (guidance off). Image i is seeded
+`seed + i` whatever the batch size.
 DIR/samples.json records everything that shaped the images: the resolved model, LoRA, tiny VAE,
 steps, guidance, scheduler, size, seeds, dtype, device and the sdkd version.
 """
@@ -30,8 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", help="one negative prompt for every image")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps; 1 = one-step mode (guidance off)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 0 with --steps 1)")
+    parser.add_argument("--steps", type=int, help="sampling steps; 1 = one-step mode (guidance off); default: the "
+                        "model's recorded sampling settings, else 25")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's "
+                        "recorded sampling settings, else 7.5; 0 with --steps 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="images per pipeline call (default: all)")
     parser.add_argument("--height", type=int)
@@ -66,15 +70,21 @@ def main(argv: list[str] | None = None) -> None:
                          compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema,
                          allow_pickle=args.allow_pickle)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    settings = pipe.settings(args.steps, args.guidance, args.height, args.width)
+    given = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance)) if value is not None]
+    why = pipe.describe_defaults() if len(given) < 2 else ""
+    print(f"sampling {settings['steps']} steps, guidance {settings['guidance_scale']:g} ("
+          + "; ".join(filter(None, [" and ".join(given) + " as given" if given else "", why and f"defaults: {why}"]))
+          + ")", flush=True)
     start = time.perf_counter()
     images = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
                   seed=args.seed, batch_size=args.batch_size, height=args.height, width=args.width)
     seconds = time.perf_counter() - start
     paths = save_images(images, args.out)
     record = [dict(file=p.name, prompt=pr, seed=args.seed + i) for i, (p, pr) in enumerate(zip(paths, prompts))]
-    settings = pipe.settings(args.steps, args.guidance, args.height, args.width)
     (paths[0].parent / "samples.json").write_text(json.dumps(dict(
-        **pipe.loaded, **settings, negative_prompt=args.negative_prompt, batch_size=args.batch_size or len(prompts),
+        **pipe.loaded, **settings, recorded_sampling=pipe.sampling, negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size or len(prompts),
         device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), sdkd_version=version("sdkd"),
         seconds=seconds, images=record), indent=1))
     print(f"wrote {counted(len(paths), 'image')} to {args.out} ({seconds:.2f} s)")

@@ -99,7 +99,9 @@ def test_toy_is_the_committed_trained_teacher(monkeypatch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(parts.components["text_encoder"].state_dict().values(),
                                                  random.text_encoder.state_dict().values(), strict=True))
     assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # refitted by the VAE trainer
-    assert type(load_pipeline("toy").scheduler).__name__ == "DDPMScheduler"
+    # issue 21: it ships the scheduler sdkd samples with; the trainers take the DDPM one from the same config
+    assert type(load_pipeline("toy").scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert type(parts.scheduler).__name__ == "DDPMScheduler"
 
     monkeypatch.setattr(toy, "TOY_TEACHER", tmp_path / "gone")
     with pytest.raises(UserError, match=r"the trained toy teacher is missing .*python train/make_toy_teacher.py"):

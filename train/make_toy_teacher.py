@@ -10,7 +10,9 @@ train/models/toy_sdxl_teacher/), with sdkd's own trainers.
    configs/toy_sdxl_teacher_unet.yaml) on a pipeline of that VAE, the toy text encoders and tokenizers (frozen,
    as `build_toy_pipeline` / `build_toy_xl_pipeline` make them) and a random toy U-Net;
 3. the pipeline folder (safetensors only) goes to --out with `provenance.json` (the commands, seeds, steps,
-   wall times, versions and the colour check below), a model card and a grid of its samples.
+   wall times, versions and the colour check below), a model card and a grid of its samples. It carries the
+   scheduler sdkd samples with (DPM-Solver++) and the colour check's steps and guidance as its recorded sampling
+   settings (sdkd_sampling.json), so sdkd's tools and plain diffusers sample it as the check did.
 
 Both trainers run as `accelerate launch` subprocesses, one process each, as a user would run them; WORK
 keeps their run folders (metrics, sample grids, checkpoints). The colour check samples --check-images
@@ -69,18 +71,20 @@ def _shown(path: Path) -> str:
 
 
 def check_samples(folder: Path, n: int):
-    """The colour check of the pipeline in `folder`: (rates, images, captions)."""
+    """The colour check of the pipeline in `folder`, sampled as plain diffusers samples it (its own scheduler and
+    recorded settings): (rates, images, captions)."""
     import torch
-    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+    from diffusers import DiffusionPipeline
 
     from sdkd.data.sources.colour_check import check_captions, match_rates
+    from sdkd.train.formats.model_files import read_sampling
 
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)  # its model_index.json's class
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    settings = read_sampling(folder)
     captions = check_captions(n, CHECK["caption_seed"])
     generators = [torch.Generator().manual_seed(CHECK["seed"] + i) for i in range(n)]
-    images = pipe(captions, num_inference_steps=CHECK["steps"], guidance_scale=CHECK["guidance_scale"],
+    images = pipe(captions, num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                   height=32, width=32, generator=generators).images
     return match_rates(images, captions), images, captions
 
@@ -160,6 +164,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sdkd.train.engine.sampling import make_grid
+    from sdkd.train.formats.model_files import write_sampling
     from sdkd.train.models.families import SD, SDXL
     from sdkd.train.models.toy import TOY_SEED, toy_pipeline_with
 
@@ -187,6 +192,8 @@ def main() -> None:
     for name in ("model_index.json", *sorted(components)):  # the run's model card is replaced by ours
         src = unet_run / "student" / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / name)
+    # The run's student already carries sdkd's sampling scheduler (save_pipeline); the check's settings are its own.
+    write_sampling(out, {k: CHECK[k] for k in ("steps", "guidance_scale")})
     rates, images, captions = check_samples(out, args.check_images)
     print(f"colour check: foreground {rates['fg']:.0%}, background {rates['bg']:.0%}, both {rates['both']:.0%} "
           f"of {rates['n']} images (chance {rates['chance']:.1%})", flush=True)

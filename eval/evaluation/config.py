@@ -74,10 +74,11 @@ class EvaluateConfig(Section):
     """Use only the first N prompts; null: all."""
     seed: int = 1234
     """Image i is seeded seed + i (its initial noise), the same for every model and whatever the batch size."""
-    steps: int = 25
-    """Sampler steps; 1 is the one-step mode (DPM-Solver++ at t=999, no guidance)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance scale (1 or less: none)."""
+    steps: Optional[int] = None
+    """Sampler steps; 1 is the one-step mode (DPM-Solver++ at t=999, no guidance); null: each model's recorded
+    sampling settings (an export's sdkd_sampling.json, a run's `sample` section), else 25."""
+    guidance_scale: Optional[float] = None
+    """Classifier-free guidance scale (1 or less: none); null: each model's recorded sampling settings, else 7.5."""
     sampler: Sampler = Sampler.dpm_solver
     """Multi-step sampler: dpm_solver (DPM-Solver++ 2M, sdkd's default), pndm (BK-SDM's protocol), ddim, euler."""
     negative_prompt: Optional[str] = None
@@ -95,7 +96,7 @@ class EvaluateConfig(Section):
     """Sampler steps of the teacher's images; null: steps (sample agreement compares images from the same initial
     noise; set it, e.g. 25, to score a one-step student against its multi-step teacher)."""
     teacher_guidance_scale: Optional[float] = None
-    """Guidance of the teacher's images; null: guidance_scale."""
+    """Guidance of the teacher's images; null: guidance_scale (null: the teacher's recorded settings)."""
     ema: bool = False
     """A run or checkpoint: its EMA weights (unet_ema/)."""
     checkpoints: Checkpoints = Checkpoints.all
@@ -125,8 +126,8 @@ class EvaluateConfig(Section):
         require(not (self.prompts and self.prompt_file), "prompt_file", "set prompts or prompt_file, not both")
         require(self.num_images is None or self.num_images > 0, "num_images", "must be > 0 or null")
         require(self.seed >= 0, "seed", "must be >= 0")
-        require(self.steps > 0, "steps", "must be > 0")
-        require(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+        require(self.steps is None or self.steps > 0, "steps", "must be > 0 or null")
+        require(self.guidance_scale is None or self.guidance_scale >= 0, "guidance_scale", "must be >= 0 or null")
         require(self.teacher_steps is None or self.teacher_steps > 0, "teacher_steps", "must be > 0 or null")
         require(self.teacher_guidance_scale is None or self.teacher_guidance_scale >= 0, "teacher_guidance_scale",
                 "must be >= 0 or null")

@@ -13,6 +13,7 @@ from sdkd.cli.words import counted
 from sdkd.train.engine.sampling import make_grid
 
 # Row keys shown in report.md, in order: (key, column header, format of a value).
+SETTINGS = ("step", "steps", "guidance_scale")  # a row's sampling settings: columns, never logged as metrics
 COLUMNS = [
     ("step", "step", "{:d}"),
     ("unet_params", "U-Net params", "{:,}"),
@@ -26,6 +27,8 @@ COLUMNS = [
     ("fid", "FID", "{:.2f}"),
     ("kid", "KID", "{:.4f}"),
     ("clip_score", "CLIP", "{:.2f}"),
+    ("steps", "steps", "{:d}"),  # the sampling settings last: the metrics stay where they were
+    ("guidance_scale", "guidance", "{:g}"),
 ]
 
 
@@ -39,9 +42,8 @@ def markdown(report: dict) -> str:
     """report.md: a short header saying what was sampled, then one table row per model."""
     s, rows = report["settings"], report["rows"]
     teacher = f"teacher `{report['teacher']}`" if report.get("teacher") else "no teacher"
-    sampling = (f"{counted(s['num_images'], 'image')} per model (prompts and seeds in `images.jsonl`), "
-                f"{counted(s['steps'], 'step')}, "
-                f"guidance {s['guidance_scale']}, {s['sampler']}, {s['resolution']} px"
+    sampling = (f"{counted(s['num_images'], 'image')} per model (prompts and seeds in `images.jsonl`), steps and "
+                f"guidance as in the table, {s['sampler']}, {s['resolution']} px"
                 + (f" resized to {s['resize']}" if s.get("resize") else "") + f", batch {s['batch_size']}, "
                 f"{s['device']} {s['dtype']}")
     columns = [(key, head, fmt) for key, head, fmt in COLUMNS if any(row.get(key) is not None for row in rows)]
@@ -87,7 +89,7 @@ def write_grids(out: Path, names: list[str], prompts: list[str], count: int) -> 
 def logged_values(row: dict, prefix: str) -> dict[str, float]:
     """A report row's numbers as tracker values `PREFIX/KEY`."""
     return {f"{prefix}/{k}": v for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k not in SETTINGS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def log_to_run(run: Path, run_cfg, rows: list[dict]) -> None:

@@ -85,7 +85,7 @@ class Evaluation:
             pipe = load_teacher_model(self.teacher, cfg.device, cfg.dtype, cfg.allow_pickle)
             self._start(pipe)
             if cfg.agreement.enabled:
-                settings, stored = self._triple_settings()
+                settings, stored = self._triple_settings(pipe)
                 self.triples = agreement.load_or_make(stored or self.out / agreement.TRIPLES_FILE, pipe.unet, pipe.pipe,
                                                       settings, cfg.agreement.batch_size,
                                                       save_to=self.out / agreement.TRIPLES_FILE)
@@ -103,14 +103,16 @@ class Evaluation:
         self.progress.close()
         return rows
 
-    def _triple_settings(self) -> tuple[agreement.TripleSettings, Path | None]:
+    def _triple_settings(self, teacher_pipe: Pipeline) -> tuple[agreement.TripleSettings, Path | None]:
         """The held-out triples' settings, and where triples made with them may already be stored: a run's own
-        (agreement.from_run: its `eval` section and OUTPUT/eval_triples.safetensors), else the `agreement` section."""
+        (agreement.from_run: its `eval` section and OUTPUT/eval_triples.safetensors), else the `agreement` section
+        (guidance: guidance_scale, else the teacher's default)."""
         a, teacher = self.cfg.agreement, self.teacher.path
         if a.from_run and self.run_cfg is not None:
             settings = replace(agreement.run_settings(self.run_cfg), teacher=teacher)
             return settings, self.run / agreement.TRIPLES_FILE
-        return agreement.resolve_settings(a, self.prompts, self.cfg.guidance_scale, self.resolution, teacher), None
+        guidance = _first(self.cfg.guidance_scale, teacher_pipe.default_guidance)
+        return agreement.resolve_settings(a, self.prompts, guidance, self.resolution, teacher), None
 
     def triple_record(self) -> dict | None:
         """The held-out triples' settings for the report (None: no noise MSE was computed)."""
@@ -152,9 +154,17 @@ class Evaluation:
             bar.update(len(files[start:start + 32]))
         bar.close()
 
-    def _score(self, pipe: Pipeline, target: Target, steps: int, guidance: float, teacher: bool) -> dict:
+    def _score(self, pipe: Pipeline, target: Target, steps: int | None, guidance: float | None,
+               teacher: bool) -> dict:
+        """`steps`, `guidance`: None takes the model's defaults (its recorded sampling settings, else 25 and 7.5)."""
         cfg = self.cfg
-        row = {"name": target.name, "step": target.step, "model": pipe.loaded.get("unet") or target.path}
+        used = pipe.settings(steps, guidance)
+        steps, guidance = used["steps"], used["guidance_scale"]
+        print(f"{target.name}: {steps} steps, guidance {guidance:g}"
+              + ("" if cfg.steps is not None and cfg.guidance_scale is not None else
+                 f" (defaults: {pipe.describe_defaults()})"), flush=True)
+        row = {"name": target.name, "step": target.step, "model": pipe.loaded.get("unet") or target.path,
+               "steps": steps, "guidance_scale": guidance}
         row |= cost.pipeline_params(pipe.pipe)
         row["unet_macs"] = cost.unet_macs(pipe.pipe, self.resolution, pipe.device, pipe.dtype)
         if cfg.latency.enabled:
@@ -224,4 +234,4 @@ def _release() -> None:
 
 
 def _first(*values):
-    return next(v for v in values if v is not None)
+    return next((v for v in values if v is not None), None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdkd.cli.errors import UserError
 from sdkd.eval.inference.pipeline import Pipeline, cast_models, load_pipeline, resolve_device_dtype
 from sdkd.train.engine.checkpoints import list_checkpoints, saved_step
-from sdkd.train.formats.model_files import META, SOURCES, read_metadata
+from sdkd.train.formats.model_files import META, SOURCES, read_metadata, recorded_sampling
 
 TEACHER = "teacher"  # the teacher's row name and image folder
 
@@ -118,4 +118,5 @@ def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle:
     pipe = load_named(PipelineSource(spec.path, spec.revision, spec.variant, allow_pickle), what="teacher")
     pipe.to(dev, silence_dtype_warnings=True)
     cast_models(pipe, torch_dtype)
-    return Pipeline(pipe, dev, torch_dtype, dict(model=spec.path, source=f"teacher `{spec.path}`"))
+    return Pipeline(pipe, dev, torch_dtype, dict(model=spec.path, source=f"teacher `{spec.path}`"),
+                    recorded_sampling(spec.path))

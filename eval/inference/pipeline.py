@@ -10,6 +10,9 @@
   optional `torch.compile` of the U-Net.
 - DPM-Solver++ (multistep, 2nd order) by default; `steps=1` is the one-step mode for one-step
   students (guidance off, the single step taken at t=999 via trailing timestep spacing).
+- Steps and guidance default to the model's recorded sampling settings (train/formats/model_files.py: an
+  export's sdkd_sampling.json, a run's `sample` section), else 25 and 7.5: with the scheduler sdkd's exports
+  ship, one prompt and seed give the same image here and in plain diffusers.
 - Optional tiny VAE (`AutoencoderTiny` folder), LoRA weights (diffusers/peft format).
 - Image i of a call uses its own generator seeded `seed + i`, so an image does not depend on
   the batch size it was made in.
@@ -27,12 +30,12 @@ from PIL import Image
 from sdkd.cli.errors import UserError
 from sdkd.cli.words import counted
 from sdkd.train.engine.frozen import own_dtype
+from sdkd.train.engine.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sampling_scheduler
 from sdkd.train.formats.lora_io import load_lora
 from sdkd.train.formats.model_files import load_source, load_vae
 from sdkd.train.models.families import family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -57,15 +60,16 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 class Pipeline:
     """A loaded model ready to generate; `__call__` returns PIL images. `loaded` says what was loaded
-    (model source, LoRA, tiny VAE) and `settings()` what a call uses, for records such as samples.json."""
+    (model source, LoRA, tiny VAE) and `settings()` what a call uses, for records such as samples.json.
+    `sampling`: the model's recorded settings ({"steps", "guidance_scale"}), a call's defaults; None: it records
+    none (25 steps, guidance 7.5)."""
 
     def __init__(self, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype,
-                 loaded: dict | None = None):
+                 loaded: dict | None = None, sampling: dict | None = None):
         self.pipe, self.device, self.dtype, self.loaded = pipe, device, dtype, loaded or {}
-        self._multi = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                              solver_order=2)
-        self._one = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                            timestep_spacing="trailing")
+        self.sampling = sampling
+        self._multi = sampling_scheduler(pipe.scheduler.config)
+        self._one = sampling_scheduler(pipe.scheduler.config, timestep_spacing="trailing")
         pipe.scheduler = self._multi
         pipe.set_progress_bar_config(disable=True)
 
@@ -81,24 +85,39 @@ class Pipeline:
     def _scheduler(self, steps: int) -> DPMSolverMultistepScheduler:
         return self._one if steps == 1 else self._multi
 
-    def settings(self, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, height: int | None = None,
+    @property
+    def default_steps(self) -> int:
+        return self.sampling["steps"] if self.sampling else DEFAULT_STEPS
+
+    @property
+    def default_guidance(self) -> float:
+        return self.sampling["guidance_scale"] if self.sampling else DEFAULT_GUIDANCE
+
+    def describe_defaults(self) -> str:
+        """Which steps and guidance a call without them uses, and where they come from (for the commands to print)."""
+        where = "the model's recorded sampling settings" if self.sampling else "sdkd's defaults (none recorded)"
+        return f"{self.default_steps} steps, guidance {self.default_guidance:g}: {where}"
+
+    def settings(self, steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None) -> dict:
         """The steps, guidance, size and scheduler a call with these arguments uses, defaults resolved."""
+        steps = self.default_steps if steps is None else steps
         scheduler = self._scheduler(steps)
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        guidance = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        guidance = self.default_guidance if guidance_scale is None else guidance_scale
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
         return dict(steps=steps, guidance_scale=0.0 if steps == 1 else guidance, height=height or size,
                     width=width or size, scheduler={"class": type(scheduler).__name__, **config})
 
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
+                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  batch_size: int | None = None, height: int | None = None, width: int | None = None,
                  output_type: str = "pil") -> list:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UserError("no prompt given")
+        steps = self.default_steps if steps is None else steps
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
         multiple = max(8, self.pipe.vae_scale_factor)  # diffusers' pipelines ask for multiples of 8
@@ -173,7 +192,7 @@ def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto", 
     loaded = dict(model=str(model), source=source.description, unet=source.unet_path, parts=source.parts_path,
                   ema=ema, lora=None if lora is None else str(lora), lora_scale=None if lora is None else lora_scale,
                   tiny_vae=None if tiny_vae is None else str(tiny_vae), compile=compile)
-    return Pipeline(pipe, dev, torch_dtype, loaded)
+    return Pipeline(pipe, dev, torch_dtype, loaded, source.sampling)
 
 
 def save_images(images: list[Image.Image], out: str | Path, stem: str = "image") -> list[Path]:

@@ -23,7 +23,8 @@ from PIL import Image
 
 from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import save_pretrained
-from sdkd.eval.inference.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline, load_pipeline
+from sdkd.eval.inference.pipeline import Pipeline, load_pipeline
+from sdkd.train.engine.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 TOY_PREFIX = "toy:"  # toy:PRESET, a student built from the toy teacher in memory
 ONE_STEP_LAYOUTS = ("sdxs", "sdxs09")  # one-step students, as train/formats/model_files.py's model card says
@@ -88,11 +89,13 @@ class DemoModel:
     default_steps: int = DEFAULT_STEPS
     default_guidance: float = DEFAULT_GUIDANCE
     """What the page starts with for this model."""
+    defaults_from: str = "sdkd's defaults"
+    """Where they come from: the command line, the model's recorded sampling settings or sdkd's defaults."""
 
     def describe(self) -> str:
         kind = "one-step" if self.one_step else f"{self.default_steps} steps, guidance {self.default_guidance:g}"
         size = self.pipe.settings()["width"]
-        return f"{self.path} (U-Net {format_params(self.params)} params, {size} px, {kind})"
+        return f"{self.path} (U-Net {format_params(self.params)} params, {size} px, {kind}: {self.defaults_from})"
 
 
 def format_params(n: int) -> str:
@@ -112,6 +115,7 @@ def _toy_source(path: str, scratch: Path) -> Path:
     """`toy`: the committed toy teacher's folder. `toy:PRESET`: a student built from it, written as a diffusers
     folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA:
     eval/inference/pipeline.py)."""
+    from sdkd.train.formats.model_files import recorded_sampling, write_sampling
     from sdkd.train.models.students import PRESETS, build_student
     from sdkd.train.models.teacher import load_pipeline as load_parts
     from sdkd.train.models.toy import toy_teacher_folder
@@ -126,15 +130,17 @@ def _toy_source(path: str, scratch: Path) -> Path:
         pipe = load_parts("toy", what="toy teacher")
         pipe.unet = build_student(pipe.unet, PRESETS[preset])  # its weights copied from the teacher's
         save_pretrained(pipe, folder, safe_serialization=True)
+        if (recorded := recorded_sampling("toy")) is not None:  # it samples as its teacher does
+            write_sampling(folder, recorded)
     return folder
 
 
 def load_model(name: str, path: str, scratch: Path, device: str = "auto", dtype: str = "auto",
                tiny_vae: str | None = None, lora: str | None = None, lora_scale: float = 1.0,
-               allow_pickle: bool = False, steps: int = DEFAULT_STEPS,
-               guidance: float = DEFAULT_GUIDANCE) -> DemoModel:
+               allow_pickle: bool = False, steps: int | None = None, guidance: float | None = None) -> DemoModel:
     """One model, loaded and checked by a one-step warm-up image; a UserError says why it cannot be shown.
-    `steps` and `guidance`: its defaults unless it is a one-step model (1 and 1)."""
+    `steps` and `guidance` (None: the model's recorded sampling settings, else 25 and 7.5): its defaults, unless
+    it is a one-step model (1 step; guidance as recorded, else 1)."""
     source: str | Path = path
     if (path == "toy" or path.startswith(TOY_PREFIX)) and not Path(path).exists():
         source = _toy_source(path, scratch)
@@ -143,9 +149,18 @@ def load_model(name: str, path: str, scratch: Path, device: str = "auto", dtype:
     latent = pipe.pipe.vae.config.get("latent_channels")
     if latent is not None and latent != pipe.unet.config.in_channels:
         raise UserError(f"its VAE has {latent} latent channels, its U-Net takes {pipe.unet.config.in_channels}")
-    one_step = is_one_step(pipe)
-    model = DemoModel(name, path, pipe, sum(p.numel() for p in pipe.unet.parameters()), one_step,
-                      1 if one_step else steps, 1.0 if one_step else guidance)
+    recorded = pipe.sampling
+    one_step = recorded["steps"] == 1 if recorded else is_one_step(pipe)
+    if one_step:
+        steps, guidance = 1, recorded["guidance_scale"] if recorded else 1.0
+        where = "the model's recorded sampling settings" if recorded else "one-step model"
+    else:
+        where = ("the command line" if steps is not None and guidance is not None else
+                 "the model's recorded sampling settings" if recorded else "sdkd's defaults (none recorded)")
+        steps = pipe.default_steps if steps is None else steps
+        guidance = pipe.default_guidance if guidance is None else guidance
+    model = DemoModel(name, path, pipe, sum(p.numel() for p in pipe.unet.parameters()), one_step, steps, guidance,
+                      where)
     try:
         generate(model, "warm-up", steps=1, seed=0)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:  # parts that do not fit together
@@ -155,8 +170,8 @@ def load_model(name: str, path: str, scratch: Path, device: str = "auto", dtype:
 
 def load_models(specs: list[tuple[str, str]], scratch: str | Path, device: str = "auto", dtype: str = "auto",
                 tiny_vae: str | None = None, loras: dict[str, str] | None = None, lora_scale: float = 1.0,
-                allow_pickle: bool = False, steps: int = DEFAULT_STEPS,
-                guidance: float = DEFAULT_GUIDANCE) -> tuple[list[DemoModel], list[str]]:
+                allow_pickle: bool = False, steps: int | None = None,
+                guidance: float | None = None) -> tuple[list[DemoModel], list[str]]:
     """The models that load and generate, and one line for each that does not (its name and the reason).
     --device/--dtype mistakes concern every model: they stop the start-up (UserError)."""
     from sdkd.eval.inference.pipeline import resolve_device_dtype

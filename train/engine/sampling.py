@@ -14,14 +14,23 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdkd.train.engine.frozen import own_dtype
 
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+"""What sdkd samples a model with when it records no sampling settings of its own (train/formats/model_files.py)."""
 LABEL_CELL = 128  # labelled grids upscale smaller images (toy runs: 32 px) so a prompt has room to be read
 PAD = 4
+
+
+def sampling_scheduler(config, **changes) -> DPMSolverMultistepScheduler:
+    """The scheduler sdkd samples with: DPM-Solver++ (2M) built from a model's scheduler config, whose betas,
+    prediction type and timestep spacing it keeps; exports ship it, so plain diffusers samples as sdkd does."""
+    return DPMSolverMultistepScheduler.from_config(config, **{"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                               **changes})
 
 
 def sample_images(unet, parts, prompts: list[str], seed: int, steps: int, guidance_scale: float,
                   resolution: int, autocast=nullcontext) -> list[Image.Image]:
     """One image per prompt; prompt i uses seed + i. `parts` is a teacher.PipelineParts."""
-    pipe = parts.family.pipeline(parts, unet, DPMSolverMultistepScheduler.from_config(parts.scheduler.config))
+    pipe = parts.family.pipeline(parts, unet, sampling_scheduler(parts.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     device = next(unet.parameters()).device
     images = []

@@ -17,6 +17,12 @@ other parts from the run's `student/` or its `model` / teacher), a diffusers pip
   The metadata names each text encoder's config and each tokenizer's files by component name.
 
 `save_pipeline(unet, teacher, folder)` is what the trainers call at the end of a run.
+
+Every pipeline folder and single file sdkd writes carries the scheduler sdkd samples with (DPM-Solver++, built
+from the training scheduler's config: train/engine/sampling.py `sampling_scheduler`) and its sampling settings
+(steps, guidance scale: `SAMPLING_FILE` beside model_index.json, the `sdkd.sampling` metadata of a single file):
+a run's `sample` section, a one-step student's 1 step without guidance, else what the source recorded. The
+trainers still load the training (DDPM) scheduler from that config (train/models/teacher.py `load_teacher`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import save_file, save_pretrained
 from sdkd.train.engine import console
+from sdkd.train.engine.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sampling_scheduler
 from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.train.models.families import ModelFamily, family_of
 from sdkd.train.models.teacher import (
@@ -43,6 +50,7 @@ from sdkd.train.models.teacher import (
     PipelineSource,
     load_pipeline,
     load_teacher,
+    resolve_toy,
     safe_weights,
     scheduler_class,
     vae_class,
@@ -50,6 +58,52 @@ from sdkd.train.models.teacher import (
 
 FORMAT_VERSION = "1"
 META = "sdkd."  # metadata key prefix
+SAMPLING_FILE = "sdkd_sampling.json"
+"""A pipeline folder's sampling settings: {"steps": N, "guidance_scale": G}; diffusers leaves the file alone."""
+ONE_STEP_LAYOUTS = ("sdxs", "sdxs09")  # one-step students: 1 step at t=999, guidance off
+ONE_STEP = {"steps": 1, "guidance_scale": 0.0}
+
+
+def default_sampling(unet_config) -> dict:
+    """The settings of a model that records none: 1 step for a one-step student's layout, else sdkd's defaults."""
+    if ldm_layout.unet_layout(dict(unet_config)) in ONE_STEP_LAYOUTS:
+        return dict(ONE_STEP)
+    return {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
+
+
+def checked_sampling(raw, where: str) -> dict:
+    """Recorded sampling settings as read back, checked: steps >= 1, guidance_scale >= 0."""
+    steps = raw.get("steps") if isinstance(raw, dict) else None
+    guidance = raw.get("guidance_scale") if isinstance(raw, dict) else None
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+            and isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and guidance >= 0):
+        raise UserError(f"{where}: expected sampling settings {{\"steps\": N >= 1, \"guidance_scale\": G >= 0}}, "
+                        f"got {raw!r}")
+    return {"steps": steps, "guidance_scale": float(guidance)}
+
+
+def write_sampling(folder: str | Path, settings: dict) -> Path:
+    file = Path(folder) / SAMPLING_FILE
+    file.write_text(json.dumps(checked_sampling(settings, str(file)), indent=1) + "\n")
+    return file
+
+
+def read_sampling(folder: str | Path) -> dict | None:
+    """A pipeline folder's recorded sampling settings; None when it records none (a hub model, an older export)."""
+    file = Path(folder) / SAMPLING_FILE
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"'{file}' is unreadable ({first_line(err)})") from None
+    return checked_sampling(raw, f"'{file}'")
+
+
+def recorded_sampling(teacher: str | PipelineSource) -> dict | None:
+    """The sampling settings a pipeline ("toy", a local folder, a hub id: none) records."""
+    src = resolve_toy(teacher if isinstance(teacher, PipelineSource) else PipelineSource(teacher))
+    return read_sampling(src.path) if Path(src.path).is_dir() else None
 
 
 def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
@@ -63,9 +117,10 @@ def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
 
 def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, prediction_type: str | None = None,
                   run: str | Path | None = None) -> Path:
-    """`unet` with the teacher's VAE, text encoders, tokenizers and scheduler, as safetensors; the scheduler
-    set to `prediction_type` when given (what `unet` was trained to predict: loss.prediction_type). With
-    `run` (a trainer's OUTPUT), a model card describing that run goes beside it.
+    """`unet` with the teacher's VAE, text encoders, tokenizers and its scheduler as sdkd samples with, as
+    safetensors; the scheduler set to `prediction_type` when given (what `unet` was trained to predict:
+    loss.prediction_type). The sampling settings: `run`'s (a trainer's OUTPUT: its `sample` section), else the
+    teacher's recorded ones; with `run`, a model card describing that run goes beside it.
 
     The frozen parts are read again from the teacher in their stored dtype: during training they
     were cast to the mixed-precision dtype, which must not leak into the export.
@@ -74,11 +129,14 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
     if prediction_type is not None:
         parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
-    pipe = parts.family.pipeline(parts, unet, parts.scheduler)
+    pipe = parts.family.pipeline(parts, unet, sampling_scheduler(parts.scheduler.config))
     save_pretrained(pipe, folder, safe_serialization=True)
+    info = _run_info(Path(run)) if run is not None else {}
+    source = Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`" if run else "", info,
+                    sampling=info.get("sampling") if run is not None else recorded_sampling(teacher))
+    write_sampling(folder, recorded_or_default(source))
     if run is not None:
-        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`",
-                                            _run_info(Path(run)))), type(pipe))
+        write_card(folder, card_info(source), type(pipe))
     return Path(folder)
 
 
@@ -97,6 +155,13 @@ class Source:
     """The resolved U-Net weights: a `unet/` or `unet_ema/` folder, or the single file."""
     parts_path: str = ""
     """Where the VAE, text encoders, tokenizers and scheduler came from: a folder, a file or a teacher id."""
+    sampling: dict | None = None
+    """The sampling settings the model records ({"steps", "guidance_scale"}); None: it records none."""
+
+
+def recorded_or_default(source: Source) -> dict:
+    """The settings sdkd samples `source` with by default, and its exports record."""
+    return source.sampling or default_sampling(source.pipe.unet.config)
 
 
 def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> DiffusionPipeline:
@@ -138,6 +203,12 @@ def _run_info(run: Path, checkpoint: Path | None = None) -> dict:
             "loss.lambda_task", "loss.lambda_out", "loss.lambda_feat", "student.feature_pairs", "ema.enabled",
             "lora.rank", "lora.alpha", "data.source", "data.path", "data.cache", "data.resolution")}
         info["training"] = {k: v for k, v in summary.items() if v is not None}
+        if "pairs" in cfg:  # the one-step trainer's: its student samples in one step, guidance off
+            info["sampling"] = dict(ONE_STEP)
+        elif OmegaConf.select(cfg, "sample.steps") is not None:
+            info["sampling"] = checked_sampling({"steps": OmegaConf.select(cfg, "sample.steps"),
+                                                 "guidance_scale": OmegaConf.select(cfg, "sample.guidance_scale")},
+                                                f"'{cfg_file}' sample section")
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
         lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
@@ -206,12 +277,20 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"'{src}' is not a .safetensors file: expected {SOURCES}")
-        info = json.loads(read_metadata(path).get(META + "info", "{}"))
-        source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path))
+        meta = read_metadata(path)
+        info = json.loads(meta.get(META + "info", "{}"))
+        sampling = meta.get(META + "sampling")
+        try:
+            sampling = checked_sampling(json.loads(sampling), f"'{path}': its sdkd.sampling metadata") if sampling \
+                else None
+        except json.JSONDecodeError:
+            raise UserError(f"'{path}': damaged sdkd.sampling metadata; re-export the model") from None
+        source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path),
+                        sampling)
     elif (path / "model_index.json").is_file():
         run = path.parent if (path.parent / "config.yaml").is_file() else None
         source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`",
-                        _run_info(run) if run else {}, str(path / "unet"), str(path))
+                        _run_info(run) if run else {}, str(path / "unet"), str(path), read_sampling(path))
     elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
         sub = "unet_ema" if ema else "unet"
         if not (path / sub).is_dir():
@@ -233,13 +312,15 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
         elif (path / "student" / "model_index.json").is_file():
             student = path / "student"
             source = Source(_load_pipeline_folder(student, allow_pickle), f"run `{path.name}`, final `student/`", info,
-                            str(student / "unet"), str(student))
+                            str(student / "unet"), str(student), read_sampling(student))
         elif latest is not None:
             source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info, allow_pickle)
         else:
             raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to load")
     else:
         raise UserError(f"'{src}' is not {SOURCES}")
+    if source.sampling is None:  # a run's or checkpoint's, or a folder's in a run: the run's sample section
+        source.sampling = source.info.get("sampling")
     if vae is not None:
         source.pipe.vae = load_vae(vae, allow_pickle)
     return source
@@ -296,6 +377,7 @@ def card_info(source: Source) -> dict:
     info["layout"] = ldm_layout.unet_layout(unet_config)
     info["preset"] = info["preset"] or info["layout"]
     info["source"] = source.description
+    info["sampling"] = recorded_or_default(source)
     info["unet_params"] = _params(pipe.unet)
     teacher_params = _teacher_params(info.get("teacher"))
     if teacher_params:
@@ -364,7 +446,7 @@ def model_card(info: dict, pipeline_class: type[DiffusionPipeline], half: bool =
                   f"or `python eval/sample.py --model {base} --lora PATH/TO/THIS/FOLDER/{lora[0]} "
                   f"--prompt \"a photo of a cat\" --out samples/` (sdkd's pipeline).", ""]
         return "\n".join(lines)
-    steps, cfg = ("1", "0.0") if info["layout"] in ("sdxs", "sdxs09") else ("25", "7.5")  # one-step students
+    steps, cfg = info["sampling"]["steps"], info["sampling"]["guidance_scale"]  # as recorded in SAMPLING_FILE
     lines += [
         f'pipe = {pipeline}.from_pretrained("PATH/TO/THIS/FOLDER")',
         f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={cfg}).images[0]', "```", "",
@@ -407,7 +489,9 @@ def export_diffusers(source: Source, out: str | Path, half: bool = False) -> Pat
         raise UserError(f"--out '{out}' is a file; --format diffusers writes a folder")
     pipe = source.pipe
     _cast(pipe, half)
+    pipe.scheduler = sampling_scheduler(pipe.scheduler.config)
     save_pretrained(pipe, out, safe_serialization=True)
+    write_sampling(out, recorded_or_default(source))
     write_card(out, card_info(source), type(pipe), half)
     return out
 
@@ -472,9 +556,11 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
         for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
             print(f"warning: {warning}", file=sys.stderr)
     _cast(pipe, half)
+    pipe.scheduler = sampling_scheduler(pipe.scheduler.config)
     flat, meta = single_file_state(pipe, target)
     info = card_info(source)
     meta[META + "info"] = json.dumps(info, default=str)
+    meta[META + "sampling"] = json.dumps(info["sampling"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -587,20 +673,22 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Diff
 def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, vae=None,
                            run: str | Path | None = None) -> Path:
     """A one-step student as a pipeline folder: `unet` with the teacher's text encoders and tokenizers, `vae` as
-    its decoder (an AutoencoderTiny; None: the teacher's VAE) and the teacher's scheduler with its timesteps
-    spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or sdkd's
-    steps=1) samples at t = T-1, where the student was trained. With `run`, its model card."""
+    its decoder (an AutoencoderTiny; None: the teacher's VAE) and sdkd's sampling scheduler of the teacher's with
+    its timesteps spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or
+    sdkd's steps=1, the recorded settings) samples at t = T-1, where the student was trained. With `run`, its
+    model card."""
     parts = load_teacher(teacher, with_unet=False)
-    parts.scheduler.register_to_config(timestep_spacing="trailing")
     if vae is not None:
         parts.components["vae"] = _contiguous(vae)
-    pipe = parts.family.pipeline(parts, _contiguous(unet), parts.scheduler)
+    pipe = parts.family.pipeline(parts, _contiguous(unet),
+                                 sampling_scheduler(parts.scheduler.config, timestep_spacing="trailing"))
     save_pretrained(pipe, folder, safe_serialization=True)
+    write_sampling(folder, ONE_STEP)
     if run is not None:
         info = _run_info(Path(run))
         # Not a fine-tune although its config has a `model` key; KD's loss weights played no part.
         info["trainer"] = "one_step"
         info["training"] = {k: v for k, v in info.get("training", {}).items() if not k.startswith("loss.")}
-        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info)),
-                   type(pipe))
+        write_card(folder, card_info(Source(pipe, f"run `{Path(run).name}`, final `{Path(folder).name}/`", info,
+                                            sampling=dict(ONE_STEP))), type(pipe))
     return Path(folder)

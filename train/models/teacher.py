@@ -142,7 +142,7 @@ def _class_name(config_file: Path, what: str) -> str | None:
         raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
 
 
-def _resolve_toy(src: PipelineSource) -> PipelineSource:
+def resolve_toy(src: PipelineSource) -> PipelineSource:
     """The trained toy teachers committed with sdkd (train/models/toy.py `TOY_TEACHER`, `TOY_SDXL_TEACHER`), local
     folders, for "toy" and "toy_sdxl"."""
     from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
@@ -158,8 +158,10 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
     hub id (cached or downloaded), as a path or a `PipelineSource`.
 
     `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
+    The scheduler is the family's training one (DDPM) built from the folder's scheduler config, whatever class it
+    names: sdkd's exports ship DPM-Solver++, whose config keeps the training betas and prediction type.
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
-    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
+    src = resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     source = src.path
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
@@ -189,7 +191,7 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
 def load_pipeline(source: str | PipelineSource, what: str = "model") -> DiffusionPipeline:
     """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
     sampling and export."""
-    src = _resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
+    src = resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
     parts = load_teacher(src, what=what)
     local = Path(src.path)
     name = _class_name(local / "scheduler" / "scheduler_config.json", what)
