@@ -50,6 +50,7 @@ def test_benchmark_report_and_table(tmp_path):
     assert "| teacher" in r.stdout and "| tiny" in r.stdout and "speed-up" in r.stdout
 
 
+@pytest.mark.e2e  # the command in a subprocess: full suite only (fast tier under 3 minutes)
 def test_benchmark_refuses_fp16_on_cpu():
     r = run_script([sys.executable, "eval/bench_decoder.py", "--device", "cpu", "--dtype", "fp16"])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --dtype fp16 needs --device cuda")

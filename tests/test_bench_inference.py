@@ -23,6 +23,7 @@ def test_macs_of_a_one_conv_unet_are_counted():
     assert macs > conv_in
 
 
+@pytest.mark.e2e  # the command in a subprocess: full suite only (fast tier under 3 minutes)
 def test_benchmark_toy_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
     r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_small,bk_tiny",

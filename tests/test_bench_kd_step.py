@@ -20,6 +20,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.e2e  # the command in a subprocess: full suite only (fast tier under 3 minutes)
 def test_toy_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "out.json"
     # The smallest inputs that take every path: batch 2 of 8x8 latents (16 px) instead of 8 of 16x16, one warm-up

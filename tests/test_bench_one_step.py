@@ -65,6 +65,7 @@ def test_toy_report_json_and_table(tmp_path):
     assert "this run is not at 512 px, fp16, batch 1" in header(report)
 
 
+@pytest.mark.e2e  # the command in a subprocess: full suite only (fast tier under 3 minutes)
 def test_missing_folder_is_one_line(tmp_path):
     r = run_script([sys.executable, "eval/bench_one_step.py", "--teacher", "toy", "--student", str(tmp_path / "nope")])
     assert r.returncode == 2

@@ -24,6 +24,7 @@ from conftest import run_script
 SDXL_PRESETS = ["ssd1b", "vega", "koala_1b", "koala_700m"]
 
 
+@pytest.mark.e2e  # a run of the command / SDXL-width counts: full suite only
 def test_sdxl_presets_at_toy_widths_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     r = run_script([sys.executable, "eval/bench_students.py", "--family", "sdxl", "--widths", "toy",
@@ -56,6 +57,7 @@ def test_sdxl_presets_at_toy_widths_side_by_side(tmp_path):
     assert "1 threads, process CPU time" in r.stdout
 
 
+@pytest.mark.slow  # SDXL depths built and counted twice (seconds): full suite only, the fast tier stays under 3 minutes
 def test_macs_on_the_cpu_count_attention_as_on_the_meta_device():
     """The fused CPU attention kernel has no FlopCounterMode formula: counted as it runs, its score and value
     products would be lost (the toy SDXL teacher: 74.8M instead of 79.2M at 32 px)."""
@@ -71,6 +73,7 @@ def test_macs_on_the_cpu_count_attention_as_on_the_meta_device():
     assert fused.get_total_flops() // 2 < cpu
 
 
+@pytest.mark.e2e  # a run of the command / SDXL-width counts: full suite only
 def test_real_sdxl_widths_match_the_reference_counts():
     """sdxl-and-scale.md 1.1: U-Net parameters and GMACs per call at 1024 px (FlopCounterMode on meta)."""
     expected = {"teacher": (2_567_463_684, 3380.6), "ssd1b": (1_331_334_404, 2103.9), "vega": (745_225_604, 1411.2),

@@ -258,6 +258,7 @@ def test_sdxl_pair_tables(preset, table):
     assert pairs_for(preset, table) == SDXL_TABLES[(preset, table)]
 
 
+@pytest.mark.slow  # SDXL widths (seconds each): full suite only, the fast tier stays under 3 minutes
 def test_sdxl_pairs_at_full_size():
     student = student_unet_config(SDXL_UNET, PRESETS["ssd1b"])
     found = check_pairs(SDXL_UNET, student, pairs_for("ssd1b", "segmind"), 128)  # 1024 px
@@ -328,6 +329,7 @@ SSD1B_SUB_BLOCKS = (
     + [f"up_blocks.2.resnets.{k}" for k in (0, 1, 2)])
 
 
+@pytest.mark.slow  # SDXL widths (seconds each): full suite only, the fast tier stays under 3 minutes
 @pytest.mark.parametrize("preset", ["ssd1b", "vega"])
 def test_sub_block_pairs_of_ssd1b_and_vega_are_ssd1bs_26_at_sdxl_widths(preset):
     pairs = sub_block_pairs(preset, SDXL_UNET)

@@ -453,6 +453,7 @@ def removed_transformer_layers_and_resnets(preset: str) -> tuple[int, int]:
     return gone.count(BasicTransformerBlock), gone.count(ResnetBlock2D)
 
 
+@pytest.mark.slow  # SDXL widths (seconds each): full suite only, the fast tier stays under 3 minutes
 def test_sdxl_removed_modules():
     # sdxl-and-scale.md 1.1: SSD-1B removes 36 of 70 transformer layers and 1 of 17 resnets, Vega 55 and 1.
     assert removed_transformer_layers_and_resnets("ssd1b") == (36, 1)
@@ -685,6 +686,7 @@ def test_cli_shows_the_toy_sdxl_recipes_student(capsys):
         "text_time", None, [1, 1, 1])
 
 
+@pytest.mark.slow  # SDXL widths (seconds each): full suite only, the fast tier stays under 3 minutes
 def test_cli_shows_sdxl_presets(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_UNET}))
@@ -709,6 +711,7 @@ def test_cli_shows_sdxl_presets(tmp_path, capsys):
     assert err.startswith("error: config key 'student.preset': bk_tiny is a preset for SD-1.x/2.x teachers")
 
 
+@pytest.mark.slow  # SDXL widths (seconds each): full suite only, the fast tier stays under 3 minutes
 def test_cli_lists_sub_block_pairs(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SDXL_UNET}))
