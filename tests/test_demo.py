@@ -143,7 +143,7 @@ def _browser_missing() -> tuple[str | None, str | None, str | None]:
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     driver = shutil.which("chromedriver")
     if chromium is None or driver is None:
-        return None, None, "no Chromium or chromedriver: apt-get install chromium chromium-driver (Debian; docs/testing.md)"
+        return None, None, "no Chromium or chromedriver: apt-get install chromium chromium-driver (docs/testing.md)"
     return chromium, driver, None
 
 

@@ -26,7 +26,7 @@ def prose(text: str) -> list[str]:
     """The page's lines with fenced code blocks blanked (links and tables in code are not the page's)."""
     lines, fenced = [], False
     for line in text.splitlines():
-        if line.startswith("```"):
+        if line.lstrip().startswith("```"):
             fenced = not fenced
             lines.append("")
         else:
