@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch_trainer, run_in_process, run_script
+from conftest import ROOT, accelerate_launch, run_in_process, run_script
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -198,8 +199,10 @@ def test_toy_evaluation_table_matches_a_fresh_run(tmp_path):
     each row's step, sampling steps and guidance exactly; noise MSE and sample MSE within 5%, PSNR within 0.3 dB
     (float summation order across machines); the seconds are not compared (they are the machine's)."""
     run = tmp_path / "toy"
-    launch_trainer("train/kd.py", "configs/toy.yaml", run)
-    r = run_script(["python", "eval/evaluate.py", str(run), "--config", "configs/eval_toy.yaml"])
+    # two minutes on 2 idle cores, ten on a crowded machine
+    r = accelerate_launch(["train/kd.py", "--config", "configs/toy.yaml", f"output_dir={run}"], timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_script([sys.executable, "eval/evaluate.py", str(run), "--config", "configs/eval_toy.yaml"], timeout=1800)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     fresh = {row["name"]: row for row in json.loads((run / "eval" / "report.json").read_text())["rows"]}
     committed = table("evaluation.md", "| model | step | U-Net params")[1:]
@@ -219,7 +222,10 @@ def test_toy_evaluation_table_matches_a_fresh_run(tmp_path):
 def test_toy_decoder_table_matches_a_fresh_run(tmp_path):
     """docs/tiny_decoder.md's toy table against the `eval/psnr` and `eval/ssim` of a fresh toy decoder run: within
     0.5 dB and 0.02 at every evaluated step (runs on one machine differ by up to 0.2 dB and 0.003 mid-run)."""
-    launch_trainer("train/tiny_decoder.py", "configs/toy_decoder.yaml", tmp_path / "run")
+    # 200 steps: a minute on 2 idle cores, ten on a crowded machine
+    r = accelerate_launch(["train/tiny_decoder.py", "--config", "configs/toy_decoder.yaml",
+                           f"output_dir={tmp_path / 'run'}"], timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     fresh = {}
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
