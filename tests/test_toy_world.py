@@ -18,7 +18,15 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-from sdkd.data.sources.colour_check import CHANCE, caption_colours, check_captions, match_rates, read_colours
+from sdkd.data.sources.colour_check import (
+    CHANCE,
+    caption_colours,
+    check_captions,
+    hits,
+    is_check_caption,
+    match_rates,
+    read_colours,
+)
 from sdkd.data.sources.core import COLOURS, SyntheticCaptions
 from sdkd.data.sources.transforms import ImageTransform
 
@@ -79,6 +87,9 @@ def test_the_judge_on_flat_and_noisy_images():
     assert caption_colours("an orange circle on a white background") == ("orange", "white")
     with pytest.raises(ValueError):
         caption_colours("a portrait photo of an astronaut")
+    assert hits(flat, "a blue circle on a red background") == (True, False)
+    assert is_check_caption("an orange circle on a white background")
+    assert not is_check_caption("a portrait photo of an astronaut")
     captions = check_captions(56, seed=3)
     assert len(set(captions)) == 56 and len({caption_colours(c) for c in captions}) == 56
 

@@ -23,6 +23,8 @@ COLUMNS = [
     ("noise_mse", "noise MSE", "{:.4g}"),
     ("sample_mse", "sample MSE", "{:.4g}"),
     ("sample_psnr", "PSNR dB", "{:.2f}"),
+    ("fg_colour", "fg colour", "{:.0%}"),
+    ("bg_colour", "bg colour", "{:.0%}"),
     ("lpips", "LPIPS", "{:.4f}"),
     ("fid", "FID", "{:.2f}"),
     ("kid", "KID", "{:.4f}"),
@@ -58,6 +60,9 @@ def markdown(report: dict) -> str:
         lines += [f"noise MSE: U-Net output against the teacher's on {len(t['prompts'])} prompts x {t['timesteps']} "
                   f"timesteps of held-out triples (seed {t['seed']}); sample MSE and PSNR: images against the "
                   f"teacher's from the same initial noise, in [0, 1]; MACs: one U-Net forward at batch 1.", ""]
+    if any(row.get("fg_colour") is not None for row in rows):
+        lines += ["fg / bg colour: how often the foreground and background colours read from an image "
+                  "(data/sources/colour_check.py) are the ones its synthetic caption names (chance 12.5%).", ""]
     if report.get("skipped"):
         lines += ["Skipped:", "", *(f"- {line}" for line in report["skipped"]), ""]
     return "\n".join(lines)

@@ -4,7 +4,9 @@ Per model, one at a time on the device: parameters, MACs and latency (eval/evalu
 (image i seeded seed + i) into OUT/images/NAME/00000.png ...; the image metrics whose weights are given
 (eval/metrics/image_metrics.py: FID and KID against the reference, CLIP score, LPIPS against the teacher's image);
 and teacher agreement (train/losses/agreement.py): noise-prediction MSE on the held-out triples, sample MSE and
-PSNR against the teacher's image from the same initial noise. The teacher goes first, so its images are on
+PSNR against the teacher's image from the same initial noise; when every prompt is a synthetic-shapes caption
+(the toy world's), how often the colours read from the images are those their captions name (fg_colour,
+bg_colour: data/sources/colour_check.py). The teacher goes first, so its images are on
 disk when the models are compared with them; it is loaded once.
 """
 
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from sdkd.cli.errors import ConfigError
+from sdkd.data.sources.colour_check import hits, is_check_caption
 from sdkd.eval.evaluation import cost
 from sdkd.eval.evaluation.config import EvaluateConfig, Sampler
 from sdkd.eval.evaluation.targets import TEACHER, Target, TeacherSpec, load_teacher_model
@@ -181,7 +184,9 @@ class Evaluation:
         cfg, m = self.cfg, self.metrics
         folder = self.out / "images" / name
         folder.mkdir(parents=True, exist_ok=True)
-        mses, lpips_fed = [], False
+        mses, lpips_fed, colour_hits = [], False, []
+        # The toy world's check that images follow their captions, when every prompt is a synthetic-shapes one.
+        check_colours = all(is_check_caption(prompt) for prompt in self.prompts)
         for start in range(0, len(self.prompts), cfg.batch_size):
             chunk = self.prompts[start:start + cfg.batch_size]
             images = pipe(chunk, negative_prompt=cfg.negative_prompt, steps=steps, guidance_scale=guidance,
@@ -190,6 +195,8 @@ class Evaluation:
                 images = [im.resize((cfg.resize, cfg.resize), Image.BICUBIC) for im in images]
             for i, im in enumerate(images, start):
                 im.save(folder / f"{i:05d}.png")
+                if check_colours:
+                    colour_hits.append(hits(im, self.prompts[i]))
             pixels = to_uint8(images)
             if m.fid_kid is not None:
                 m.fid_kid.update(pixels, real=False)
@@ -204,6 +211,8 @@ class Evaluation:
                     lpips_fed = True
             self.progress.update(len(chunk))
         result = {}
+        if colour_hits:
+            result |= dict(zip(("fg_colour", "bg_colour"), np.mean(colour_hits, axis=0).tolist()))
         if mses:
             result |= {"sample_mse": float(np.mean(mses)),
                        "sample_psnr": float(np.mean([agreement.psnr(e) for e in mses]))}
