@@ -306,21 +306,15 @@ class DecoderTask(Task):
         return "\n".join(lines)
 
     def _teacher_folder(self) -> str:
-        """The teacher as a local folder (what eval/sample.py --model takes): itself, the toy teacher's folder,
-        or a hub id's snapshot in the local cache."""
-        teacher = self.cfg.teacher
-        from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
+        """The teacher as diffusers' `from_pretrained` takes it: a pipeline folder (toy's, a hub id's snapshot in the
+        local cache) or a hub id; a placeholder for a teacher that is no pipeline (a run, a single file)."""
+        from sdkd.train.models.names import PIPELINE_KINDS, resolve_model
 
-        if teacher in TOY_NAMES:
-            return str(toy_teacher_folder(teacher))
-        if Path(teacher).exists():
-            return teacher
         try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(teacher, revision=self.cfg.teacher_revision, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure: say what to put there
+            ref = resolve_model(self.cfg.teacher, "teacher", self.cfg.teacher_revision)
+        except UserError:  # the hub gone since the run started: say what to put there
             return "TEACHER_FOLDER"
+        return ref.path if ref.kind in PIPELINE_KINDS else "TEACHER_FOLDER"
 
     def next_steps(self, exported: list[Path]) -> list[tuple[str, str]]:
         folder, taesd = exported
