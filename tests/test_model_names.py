@@ -58,8 +58,8 @@ def test_what_is_no_model_is_refused_naming_it(tmp_path):
     (tmp_path / "pipeline" / "unet").mkdir(parents=True)
     (tmp_path / "pipeline" / "vae").mkdir()  # a pipeline folder that lost its model_index.json: no checkpoint
     for name, message in ((tmp_path / "notes.txt", "is not a .safetensors file"),
-                          (tmp_path / "pipeline", "is none of toy, a run folder"),
-                          (tmp_path / "gone", "not found: expected toy"), ("", "is empty")):
+                          (tmp_path / "pipeline", "is not a run folder"),
+                          (tmp_path / "gone", "not found: expected a run folder"), ("", "is empty")):
         with pytest.raises(UserError, match=rf"teacher{' ' if name else ''}'?{name}'?.*{message}"):
             resolve_model(name, "teacher")
 

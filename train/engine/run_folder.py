@@ -38,24 +38,8 @@ def _lock(folder: Path) -> None:
     _held[folder] = fd
 
 
-def _check_inputs(cfg: RunConfig) -> None:
-    """What a run reads that can be checked without loading it: the models its config names (train/models/names.py;
-    a hub id not in the cache is looked up once) and its data's path."""
-    from sdkd.data.sources.core import check_source
-    from sdkd.train.models.names import resolve_model
-
-    for key in ("teacher", "model"):
-        if name := getattr(cfg, key, None):
-            resolve_model(name, key, getattr(cfg, f"{key}_revision", None))
-    vae = getattr(getattr(cfg, "autoencoder", None), "model", None)
-    if vae and not Path(vae).exists():  # a local VAE folder is the autoencoder trainer's own form
-        resolve_model(vae, "autoencoder.model")
-    if getattr(cfg, "data", None) is not None:
-        check_source(cfg.data)
-
-
 def _check(cfg: RunConfig) -> None:
-    _check_inputs(cfg)
+    cfg.check_inputs()
     given = str(cfg.output_dir)
     if not given.strip():
         raise UserError("output_dir is empty: name a new or empty folder for the run (e.g. output_dir=runs/toy)")

@@ -102,6 +102,26 @@ def read_sampling(folder: str | Path) -> dict | None:
     return checked_sampling(raw, f"'{file}'")
 
 
+def load_parts(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
+               what: str = "teacher") -> PipelineParts:
+    """train/models/teacher.py's `load_teacher` for any model name (train/models/names.py): a run's, checkpoint's or
+    single file's pipeline (`load_source`) as parts, with its family's training scheduler built from its scheduler's
+    config."""
+    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    ref = resolve(src, what)
+    if ref.kind in PIPELINE_KINDS:
+        return load_teacher(src, with_unet, with_encoders, what)
+    pipe = load_source(ref.path, allow_pickle=src.allow_pickle, what=what).pipe
+    parts = PipelineParts.of(pipe)
+    parts.components["scheduler"] = parts.family.components["scheduler"].cls.from_config(pipe.scheduler.config)
+    parts.vae_config = pipe.vae.config
+    if not with_unet:
+        parts.components["unet"] = None
+    if not with_encoders:
+        parts.components |= dict.fromkeys(parts.family.encoders)
+    return parts
+
+
 def recorded_sampling(teacher: str | PipelineSource) -> dict | None:
     """The sampling settings a model (any name train/models/names.py resolves; a hub model: none) records."""
     src = teacher if isinstance(teacher, PipelineSource) else PipelineSource(teacher)
@@ -130,7 +150,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
     The frozen parts are read again from the teacher in their stored dtype: during training they
     were cast to the mixed-precision dtype, which must not leak into the export.
     """
-    parts = load_teacher(teacher, with_unet=False)
+    parts = load_parts(teacher, with_unet=False)
     if prediction_type is not None:
         parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
@@ -243,7 +263,7 @@ def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[DiffusionPi
     if not base:
         raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
                         f"VAE and text encoder to go with the U-Net")
-    parts = load_teacher(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
+    parts = load_parts(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
     return parts.family.pipeline(parts, None, parts.scheduler), base
 
 
@@ -679,7 +699,7 @@ def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Pa
     its timesteps spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or
     sdkd's steps=1, the recorded settings) samples at t = T-1, where the student was trained. With `run`, its
     model card."""
-    parts = load_teacher(teacher, with_unet=False)
+    parts = load_parts(teacher, with_unet=False)
     if vae is not None:
         parts.components["vae"] = _contiguous(vae)
     pipe = parts.family.pipeline(parts, _contiguous(unet),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from sdkd.cli.errors import UserError, first_line
 
-FORMS = ("toy, a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diffusers pipeline folder "
-         "(model_index.json), an sdkd .safetensors file (train/export.py) or a Hugging Face hub id (org/name)")
+FORMS = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diffusers pipeline folder "
+         "(model_index.json), an sdkd .safetensors file (train/export.py), toy or a Hugging Face hub id (org/name)")
 PIPELINE_KINDS = ("toy", "hub", "diffusers")
 """Kinds that are a whole diffusers pipeline (local folder or hub id); the others are sdkd's own."""
 # org/name as the hub spells it; a path that exists is never taken for one.
@@ -65,7 +65,7 @@ def resolve_model(name: str | Path, what: str = "model", revision: str | None = 
             return ModelRef(given, "checkpoint", given)
         if (path / "config.yaml").is_file():
             return ModelRef(given, "run", given)
-        raise UserError(f"{what} '{given}' is none of {FORMS}")
+        raise UserError(f"{what} '{given}' is not {FORMS}")
     if path.exists() or not HUB_ID.match(given):
         raise UserError(f"{what} '{given}' not found: expected {FORMS}")
     return ModelRef(given, "hub", _hub(given, what, revision))

@@ -1,5 +1,6 @@
-"""Loading a pipeline's parts from any model name (train/models/names.py: toy, hub id, diffusers folder, run
-folder, checkpoint, single file): the teacher, a model to fine-tune, a student to sample or export.
+"""Loading a pipeline's parts (train/models/names.py: toy, a hub id, a diffusers folder; runs, checkpoints and
+single files through train/formats/model_files.py `load_parts`): the teacher, a model to fine-tune, a student to
+sample or export.
 
 Only the classes the pipeline's model family has are built (train/models/families.py: the family comes from the
 U-Net's config), whatever a folder's model_index.json names: its VAE's config may say AutoencoderKL or
@@ -143,44 +144,32 @@ def _class_name(config_file: Path, what: str) -> str | None:
         raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
 
 
-def resolve(src: PipelineSource, what: str) -> ModelRef:
-    """`src` resolved (train/models/names.py); a weight variant is a diffusers folder's or a hub model's only."""
+def resolve(src: PipelineSource, what: str, pipeline: bool = False) -> ModelRef:
+    """`src` resolved (train/models/names.py); a weight variant is a diffusers folder's or a hub model's only.
+    `pipeline`: only those kinds (what this module loads; train/formats/model_files.py `load_parts` loads every
+    kind)."""
     ref = resolve_model(src.path, what, src.revision)
+    if pipeline and ref.kind not in PIPELINE_KINDS:
+        raise UserError(f"{what} '{src.path}' is a {ref.kind}, not a diffusers pipeline (load it with "
+                        f"train/formats/model_files.py load_parts)")
     if src.variant and ref.kind not in PIPELINE_KINDS:
         raise UserError(f"{what}_variant={src.variant}: only a diffusers folder or a hub model has weight variants; "
                         f"{what} '{src.path}' is a {ref.kind}")
     return ref
 
 
-def _parts_of(ref: ModelRef, src: PipelineSource, with_unet: bool, with_encoders: bool) -> PipelineParts:
-    """A run's, checkpoint's or single file's pipeline (train/formats/model_files.py `load_source`) as parts, with
-    the family's training scheduler built from its scheduler's config."""
-    from sdkd.train.formats.model_files import load_source
-
-    pipe = load_source(ref.path, allow_pickle=src.allow_pickle).pipe
-    parts = PipelineParts.of(pipe)
-    parts.components["scheduler"] = parts.family.components["scheduler"].cls.from_config(pipe.scheduler.config)
-    parts.vae_config = pipe.vae.config
-    if not with_unet:
-        parts.components["unet"] = None
-    if not with_encoders:
-        parts.components |= dict.fromkeys(parts.family.encoders)
-    return parts
-
-
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
                  what: str = "teacher") -> PipelineParts:
-    """`source`: any model name (train/models/names.py: toy, a hub id, cached or downloaded, a diffusers folder, a
-    run, a checkpoint, a single file), as a path or a `PipelineSource`.
+    """`source`: a pipeline (train/models/names.py: toy, a hub id, cached or downloaded, a diffusers folder), as a
+    path or a `PipelineSource`; train/formats/model_files.py `load_parts` takes runs, checkpoints and single files
+    too.
 
     `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
     The scheduler is the family's training one (DDPM) built from the folder's scheduler config, whatever class it
     names: sdkd's exports ship DPM-Solver++, whose config keeps the training betas and prediction type.
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
     src = source if isinstance(source, PipelineSource) else PipelineSource(source)
-    ref = resolve(src, what)
-    if ref.kind not in PIPELINE_KINDS:
-        return _parts_of(ref, src, with_unet, with_encoders)
+    ref = resolve(src, what, pipeline=True)
     source = ref.path
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():  # a partly cached hub model
@@ -212,11 +201,7 @@ def load_pipeline(source: str | PipelineSource, what: str = "model") -> Diffusio
     """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
     sampling and export."""
     src = source if isinstance(source, PipelineSource) else PipelineSource(source)
-    ref = resolve(src, what)
-    if ref.kind not in PIPELINE_KINDS:
-        from sdkd.train.formats.model_files import load_source
-
-        return load_source(ref.path, allow_pickle=src.allow_pickle).pipe
+    ref = resolve(src, what, pipeline=True)
     src = PipelineSource(ref.path, src.revision, src.variant, src.allow_pickle)
     parts = load_teacher(src, what=what)
     local = Path(src.path)

@@ -23,9 +23,10 @@ from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
+from sdkd.train.formats.model_files import load_parts
 from sdkd.train.formats.weight_files import load_strict, read_weights
 from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource
 from sdkd.train.tasks.diffusion import load_dataset
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 
@@ -361,7 +362,7 @@ class _Training(Subset):
 
 def build_decoder_task(cfg, acc):
     dataset = load_dataset(cfg, acc)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
+    teacher = load_parts(PipelineSource.of(cfg), with_unet=False)
     if teacher.vae is None or not hasattr(teacher.vae, "encode") or "block_out_channels" not in teacher.vae.config:
         raise UserError(f"teacher '{cfg.teacher}': its VAE is no AutoencoderKL to distil from")
     teacher.components |= dict.fromkeys(teacher.family.text_encoders)  # only the VAE is used
