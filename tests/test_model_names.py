@@ -67,16 +67,16 @@ def test_what_is_no_model_is_refused_naming_it(tmp_path):
 @pytest.mark.slow  # every form loaded by every loader: about 20 s
 @pytest.mark.parametrize("form", FORMS)
 def test_every_loader_takes_every_form(forms, form, toy_conv_in, tmp_path):
-    """The trainers' loader (U-Net and training scheduler), the inference pipeline (sample, evaluate, demo),
-    export and evaluate's targets and teacher each load the toy teacher's U-Net from every form."""
+    """The trainers' loader (`load_parts`: U-Net and training scheduler), the inference pipeline (sample, evaluate,
+    demo), export and evaluate's targets and teacher each load the toy teacher's U-Net from every form."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from sdkd.eval.evaluation.targets import TeacherSpec, load_teacher_model, resolve_targets
     from sdkd.eval.page.models import load_model
-    from sdkd.train.models.teacher import load_teacher
+    from sdkd.train.formats.model_files import load_parts
 
     name = forms[form]
-    parts = load_teacher(name)
+    parts = load_parts(name)
     assert isinstance(parts.scheduler, DDPMScheduler)
     torch.testing.assert_close(parts.unet.conv_in.weight, toy_conv_in)
     teacher = load_teacher_model(TeacherSpec(name), "cpu", "fp32")
