@@ -16,6 +16,19 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
+from sdkd.cli.errors import UserError
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse, in one line naming `flag`, a folder that could not be created or written, without creating it (a
+    command creates its output folder only once it has something to write)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} '{folder}': cannot be written ('{existing}' is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{folder}': cannot be written (permission denied on '{existing}')")
+
 
 def umask() -> int:
     """This process's umask, read without changing it where Linux shows it (os.umask can only set it, and a

@@ -3,10 +3,12 @@
     python eval/sample.py --model PATH --prompt "a red fox" [--prompt ...] [--steps 25] --seed 0 --out DIR
 
 PATH is a run folder (its final `student/`), a `checkpoint-STEP` folder (its `unet/`, or `unet_ema/`
-with --ema), a diffusers pipeline folder or an sdkd single file (python train/export.py). Steps and
+with --ema), a diffusers pipeline folder, an sdkd single file (python train/export.py), `toy` or a hub id
+(train/models/names.py). Steps and
 guidance default to the model's recorded sampling settings (an export's sdkd_sampling.json, a run's `sample`
 section; else 25 and 7.5), as printed. `--steps 1` is the one-step mode (guidance off). Image i is seeded
-`seed + i` whatever the batch size.
+`seed + i` whatever the batch size. Nothing is written before the model has loaded. On CPU, --threads (default:
+the CPUs this process may use, eval/inference/threads.py).
 DIR/samples.json records everything that shaped the images: the resolved model, LoRA, tiny VAE,
 steps, guidance, scheduler, size, seeds, dtype, device and the sdkd version.
 """
@@ -20,14 +22,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import check_writable
 from sdkd.cli.words import counted
+from sdkd.eval.inference.threads import HELP as THREADS_HELP
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate images from a student (run, checkpoint, diffusers folder "
                                                  "or sdkd file).")
-    parser.add_argument("--model", required=True, help="run folder, checkpoint-STEP folder, diffusers pipeline folder "
-                                                       "or sdkd .safetensors file")
+    parser.add_argument("--model", required=True, help="run folder, checkpoint-STEP folder, diffusers pipeline folder, "
+                                                       "sdkd .safetensors file, toy or a hub id")
     parser.add_argument("--ema", action="store_true", help="the EMA weights of a checkpoint (or a run's newest one)")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", help="one negative prompt for every image")
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", help="LoRA weights (diffusers/peft .safetensors)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--out", required=True, help="folder for the PNGs (and samples.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -59,13 +64,12 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--out '{out}' already holds samples; choose another folder or pass --overwrite")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out '{out}': cannot be written ({err.strerror or err})") from None
+    check_writable(out, "--out")  # created only once there are images to write
 
     from sdkd.eval.inference.pipeline import load_pipeline, save_images  # after argparse: --help stays fast
+    from sdkd.eval.inference.threads import set_threads
 
+    threads = set_threads(args.threads)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae,
                          compile=args.compile, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema,
                          allow_pickle=args.allow_pickle)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     record = [dict(file=p.name, prompt=pr, seed=args.seed + i) for i, (p, pr) in enumerate(zip(paths, prompts))]
     (paths[0].parent / "samples.json").write_text(json.dumps(dict(
         **pipe.loaded, **settings, recorded_sampling=pipe.sampling, negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size or len(prompts),
+        batch_size=args.batch_size or len(prompts), threads=threads,
         device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), sdkd_version=version("sdkd"),
         seconds=seconds, images=record), indent=1))
     print(f"wrote {counted(len(paths), 'image')} to {args.out} ({seconds:.2f} s)")

@@ -202,6 +202,7 @@ class Ctx:
     assets: Assets
     holder: subprocess.Popen | None = None
     absent: list[Path] = field(default_factory=list)  # must not exist after the case
+    monkeypatch: pytest.MonkeyPatch | None = None  # the case's environment (HOME, the hub's settings)
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -740,8 +741,106 @@ PROCESS_CASES = [
          ("config file {ws}/broken.yaml: YAML syntax error at line ", ", column "), subprocess=True),
 ]
 
+# issue 22: refused starts write nothing (h2)
+HUB_ID = "sdkd-tests/no-such-model"
+
+
+def new_absent(*paths: Path) -> list[Path]:
+    """Nothing to check at a path that exists before the case (a root folder's `.lock` left by something else)."""
+    return [p for p in paths if not p.exists()]
+
+
+def home_folder(c: Ctx) -> Path:
+    """HOME is ROOT/tmp/home for the case, holding a file of the user's; its .lock must not appear."""
+    home = c.root / "tmp" / "home"
+    write(home / "notes.txt", "mine")
+    c.monkeypatch.setenv("HOME", str(home))
+    c.absent += [home / LOCK]
+    return home
+
+
+def offline_hub(c: Ctx) -> None:
+    """The hub switched off (HF_HUB_OFFLINE) and an empty hub cache: a hub id is neither cached nor fetched."""
+    from huggingface_hub import constants
+
+    c.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    c.monkeypatch.setattr(constants, "HF_HUB_CACHE", str(c.root / "tmp" / "hub"))
+
+
+def refused_at(out: Callable[[Ctx], str], *overrides: str) -> Callable[[Ctx], list[str]]:
+    """train/kd.py into output_dir `out(ctx)`; its .lock must not appear."""
+
+    def argv(c: Ctx) -> list[str]:
+        folder = out(c)
+        c.absent += new_absent(Path(folder or ".").absolute() / LOCK)
+        return ["--config", TOY, f"output_dir={folder or repr('')}", *TINY, *overrides]
+
+    return argv
+
+
+def hub_case(argv: Callable[[Ctx], list[str]]) -> Callable[[Ctx], list[str]]:
+    def setup(c: Ctx) -> list[str]:
+        offline_hub(c)
+        return argv(c)
+
+    return setup
+
+
+REFUSED_START_CASES = [
+    case("output-dir-empty-string", KD, refused_at(lambda c: ""), "output_dir is empty"),
+    case("output-dir-root", KD, refused_at(lambda c: "/"), "output_dir '/' is the root folder"),
+    case("output-dir-root-resume", KD, refused_at(lambda c: "/", "resume=latest"), "output_dir '/' is the root folder"),
+    case("output-dir-home", KD, refused_at(lambda c: str(home_folder(c))), "is your home folder"),
+    case("output-dir-home-overwrite", KD, refused_at(lambda c: str(home_folder(c)), "overwrite=true"),
+         "is your home folder"),
+    case("output-dir-working-directory-of-user-files", KD, refused_at(lambda c: "."),
+         ("output_dir '.'", "holds no sdkd run")),
+    case("output-dir-user-files", KD, refused_at(lambda c: str(c.ws / "precious")),
+         ("output_dir '{ws}/precious'", "holds no sdkd run")),
+    case("output-dir-user-files-resume", KD, refused_at(lambda c: str(c.ws / "precious"), "resume=latest"),
+         ("output_dir '{ws}/precious'", "holds no sdkd run")),
+    case("output-dir-another-run-no-lock-left", KD, refused_at(lambda c: str(c.ws / "old_run")),
+         ("output_dir '{ws}/old_run' holds another run",)),
+    case("output-dir-under-a-file-no-folder-made", KD,
+         refused_at(lambda c: str(c.ws / "precious" / "thesis.tex" / "r")),
+         "output_dir '{ws}/precious/thesis.tex/r': cannot be written"),
+    case("teacher-missing-no-output-dir", KD, kd("teacher={ws}/no_teacher"), "teacher '{ws}/no_teacher' not found",
+         absent=("{ws}/out",)),
+    case("teacher-hub-offline-no-output-dir", KD, hub_case(kd(f"teacher={HUB_ID}")),
+         (f"teacher '{HUB_ID}'", "HF_HUB_OFFLINE is set", "local diffusers folder"), absent=("{ws}/out",)),
+    case("finetune-model-hub-offline-no-output-dir", "train/finetune.py",
+         hub_case(lambda c: ["--config", PORTRAIT_TOY, f"model={HUB_ID}", f"output_dir={c.ws / 'out'}", *TINY]),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/out",)),
+    case("imagefolder-missing-no-output-dir", KD, kd("data.source=imagefolder", "data.path={ws}/nowhere"),
+         "image folder not found: {ws}/nowhere", absent=("{ws}/out",)),
+    case("cache-missing-no-output-dir", KD, kd("data.cache={ws}/no_cache"),
+         ("config key 'data.cache'", "{ws}/no_cache/manifest.json"), absent=("{ws}/out",)),
+    case("sample-hub-offline-no-out", SAMPLE, hub_case(lambda c: sample_argv(c, HUB_ID)),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/samples",)),
+    case("sample-model-missing-no-out", SAMPLE, lambda c: sample_argv(c, c.ws / "gone"), "'{ws}/gone' not found",
+         absent=("{ws}/samples",)),
+    case("sample-lora-missing-no-out", SAMPLE, sample("--lora", "{ws}/none.safetensors"), "{ws}/none.safetensors",
+         absent=("{ws}/samples",)),
+    case("sample-threads-zero", SAMPLE, sample("--threads", "0"), "--threads must be at least 1, got 0",
+         absent=("{ws}/samples",)),
+    case("sample-out-under-a-file", SAMPLE, sample(out="{ws}/precious/thesis.tex/s"),
+         "--out '{ws}/precious/thesis.tex/s': cannot be written"),
+    case("export-hub-offline-no-out", EXPORT,
+         hub_case(lambda c: [HUB_ID, "--format", "diffusers", "--out", str(c.ws / "export")]),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/export",)),
+    case("evaluate-teacher-hub-offline-no-out", "eval/evaluate.py",
+         hub_case(lambda c: [str(c.assets.student), "--teacher", HUB_ID, "--out", str(c.ws / "ev")]),
+         (f"--teacher '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/ev",)),
+    case("evaluate-threads-negative", "eval/evaluate.py",
+         lambda c: [str(c.assets.student), "--teacher", "none", "--out", str(c.ws / "ev"), "--threads", "-2"],
+         "--threads must be at least 1, got -2", absent=("{ws}/ev",)),
+    case("show-student-hub-offline", "train/show_student.py",
+         hub_case(lambda c: ["--teacher", HUB_ID, "--preset", "bk_small"]),
+         (f"--teacher '{HUB_ID}'", "HF_HUB_OFFLINE")),
+]
+
 ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
-    + PROCESS_CASES
+    + PROCESS_CASES + REFUSED_START_CASES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +851,7 @@ ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_
 def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tmp_path, capfd, monkeypatch, request):
     root = tmp_path
     ws = make_workspace(root)
-    ctx = Ctx(ws, root, assets)
+    ctx = Ctx(ws, root, assets, monkeypatch=monkeypatch)
     # Relative paths and temporary files of the case stay in its root.
     monkeypatch.chdir(ws)
     monkeypatch.setenv("TMPDIR", str(root / "tmp"))

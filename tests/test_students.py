@@ -275,7 +275,7 @@ def run_main(args, capsys) -> tuple[int, str, str]:
 def test_cli_bad_path_is_one_line_exit_2(tmp_path, capsys):
     code, out, err = run_main(["--teacher", str(tmp_path / "nope"), "--preset", "bk_small"], capsys)
     assert code == 2 and out == ""
-    assert err.startswith("error: no U-Net config at") and "Traceback" not in err
+    assert err.startswith(f"error: --teacher '{tmp_path / 'nope'}' not found") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdkd.data.sources.core import build_dataset
     from sdkd.data.sources.latent_cache import write_cache
-    from sdkd.train.models.teacher import PipelineSource, load_teacher
+    from sdkd.train.formats.model_files import load_parts
+    from sdkd.train.models.teacher import PipelineSource
     from sdkd.train.tasks.objective import BatchEncoder
     from sdkd.train.tasks.sampled_latents import SampledLatents
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)
     dataset = build_dataset(source, cfg.train.seed)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=args.from_samples)
+    teacher = load_parts(PipelineSource.of(cfg), with_unet=args.from_samples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.freeze(device, torch.float32, teacher.family.models)
     encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,

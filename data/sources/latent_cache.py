@@ -53,16 +53,22 @@ LEGACY_FAMILY = {"family": "sd", "fields": ["embeds"]}
 # Reading
 
 
+def check_cache(root: Path) -> Path:
+    """The manifest of the finished latent cache at `root`; one line when there is none."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
+                        f"write one with train/cache_latents.py)")
+    return manifest_path
+
+
 class CachedLatents(Dataset):
     """Item `i`: {"latent_mean", "latent_std", the conditioning tensors by name (`fields`; SD: "embeds"),
     "caption", "original_size", "crop_top_left", "key"}."""
 
     def __init__(self, path: str | Path, seed: int = 0, caption_dropout: float = 0.0):
         self.root, self.seed, self.caption_dropout, self.epoch = Path(path), seed, caption_dropout, 0
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
-                            f"write one with train/cache_latents.py)")
+        manifest_path = check_cache(self.root)
         try:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             if self.manifest.get("format") != FORMAT:

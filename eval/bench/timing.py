@@ -161,18 +161,15 @@ def markdown_table(lines: list[list[str]]) -> str:
 
 
 def teacher_pipe(teacher: str):
-    """`--teacher`: "sd15" (SD-1.5 widths, random weights), "toy" (the trained toy teacher) or a model path."""
+    """`--teacher`: "sd15" (SD-1.5 widths, random weights) or any model name (train/models/names.py: toy, ...)."""
     from sdkd.train.models.sd_configs import SD15_UNET
-    from sdkd.train.models.teacher import load_pipeline
     from sdkd.train.models.toy import build_random_pipeline
 
     if teacher == "sd15":
         return build_random_pipeline(SD15_UNET, widths="sd15")
-    if teacher == "toy":  # the trained toy teacher, as `teacher: toy` loads it
-        return load_pipeline("toy", what="teacher")
     from sdkd.train.formats.model_files import load_source
 
-    return load_source(teacher).pipe
+    return load_source(teacher, what="--teacher").pipe
 
 
 def prepare_for_speed(pipe, device, dtype, compile_: bool):

@@ -112,16 +112,12 @@ def is_one_step(pipe: Pipeline) -> bool:
 
 
 def _toy_source(path: str, scratch: Path) -> Path:
-    """`toy`: the committed toy teacher's folder. `toy:PRESET`: a student built from it, written as a diffusers
-    folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA:
-    eval/inference/pipeline.py)."""
+    """`toy:PRESET`: a student built from the toy teacher, written as a diffusers folder under `scratch`, so that it
+    loads like any model (device, dtype, tiny VAE, LoRA: eval/inference/pipeline.py)."""
     from sdkd.train.formats.model_files import recorded_sampling, write_sampling
     from sdkd.train.models.students import PRESETS, build_student
     from sdkd.train.models.teacher import load_pipeline as load_parts
-    from sdkd.train.models.toy import toy_teacher_folder
 
-    if path == "toy":
-        return toy_teacher_folder()
     preset = path.removeprefix(TOY_PREFIX)
     if preset not in PRESETS:
         raise UserError(f"no student preset '{preset}' (one of {', '.join(PRESETS)})")
@@ -142,7 +138,7 @@ def load_model(name: str, path: str, scratch: Path, device: str = "auto", dtype:
     `steps` and `guidance` (None: the model's recorded sampling settings, else 25 and 7.5): its defaults, unless
     it is a one-step model (1 step; guidance as recorded, else 1)."""
     source: str | Path = path
-    if (path == "toy" or path.startswith(TOY_PREFIX)) and not Path(path).exists():
+    if path.startswith(TOY_PREFIX) and not Path(path).exists():
         source = _toy_source(path, scratch)
     pipe = load_pipeline(source, device=device, dtype=dtype, tiny_vae=tiny_vae, lora=lora, lora_scale=lora_scale,
                          allow_pickle=allow_pickle)

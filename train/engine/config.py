@@ -205,6 +205,13 @@ class RunConfig(Section):
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def check_inputs(self) -> None:
+        """What the run reads, checked before its output folder is made without reading it (run_folder.py): here the
+        data's path; a trainer's config adds its models (train/tasks)."""
+        from sdkd.data.sources.core import check_source
+
+        check_source(self.data)
+
     def check(self, at: str) -> None:
         super().check(at)
         require(not (self.overwrite and self.resume is not None), "overwrite",

@@ -23,9 +23,10 @@ from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
+from sdkd.train.formats.model_files import load_parts
 from sdkd.train.formats.weight_files import load_strict, read_weights
 from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource
 from sdkd.train.tasks.diffusion import load_dataset
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 
@@ -306,21 +307,15 @@ class DecoderTask(Task):
         return "\n".join(lines)
 
     def _teacher_folder(self) -> str:
-        """The teacher as a local folder (what eval/sample.py --model takes): itself, the toy teacher's folder,
-        or a hub id's snapshot in the local cache."""
-        teacher = self.cfg.teacher
-        from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
+        """The teacher as diffusers' `from_pretrained` takes it: a pipeline folder (toy's, a hub id's snapshot in the
+        local cache) or a hub id; a placeholder for a teacher that is no pipeline (a run, a single file)."""
+        from sdkd.train.models.names import PIPELINE_KINDS, resolve_model
 
-        if teacher in TOY_NAMES:
-            return str(toy_teacher_folder(teacher))
-        if Path(teacher).exists():
-            return teacher
         try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(teacher, revision=self.cfg.teacher_revision, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure: say what to put there
+            ref = resolve_model(self.cfg.teacher, "teacher", self.cfg.teacher_revision)
+        except UserError:  # the hub gone since the run started: say what to put there
             return "TEACHER_FOLDER"
+        return ref.path if ref.kind in PIPELINE_KINDS else "TEACHER_FOLDER"
 
     def next_steps(self, exported: list[Path]) -> list[tuple[str, str]]:
         folder, taesd = exported
@@ -367,7 +362,7 @@ class _Training(Subset):
 
 def build_decoder_task(cfg, acc):
     dataset = load_dataset(cfg, acc)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
+    teacher = load_parts(PipelineSource.of(cfg), with_unet=False)
     if teacher.vae is None or not hasattr(teacher.vae, "encode") or "block_out_channels" not in teacher.vae.config:
         raise UserError(f"teacher '{cfg.teacher}': its VAE is no AutoencoderKL to distil from")
     teacher.components |= dict.fromkeys(teacher.family.text_encoders)  # only the VAE is used
