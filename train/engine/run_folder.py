@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import refuse_links
 from sdkd.train.engine.config import RunConfig, save_config
 from sdkd.train.engine.distributed import agree
 
@@ -45,7 +46,10 @@ def _check(cfg: RunConfig) -> None:
     except OSError as err:
         raise UserError(f"output_dir '{folder}': cannot be written ({err.strerror or err})") from None
     contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
-    if not contents or cfg.resume is not None:
+    if not contents:
+        return
+    refuse_links(folder, "output_dir")
+    if cfg.resume is not None:
         return
     if not (folder / "config.yaml").is_file():
         raise UserError(f"output_dir '{folder}' is not empty and holds no sdkd run (no config.yaml): "
