@@ -122,9 +122,9 @@ class CachedLatents(Dataset):
         changed = [name for name in sorted(made) if made[name] != parts.weights_fingerprint(name)]
         if changed:
             raise UserError(f"latent cache {self.root} was made with other weights of the teacher's "
-                            f"{' and '.join(changed)} than '{m.get('teacher')}' holds now (fingerprint "
-                            f"{made[changed[0]]} -> {parts.weights_fingerprint(changed[0])}); write the cache again "
-                            f"with train/cache_latents.py --overwrite")
+                            f"{' and '.join(changed)} (teacher '{m.get('teacher')}' then) than this run's teacher has "
+                            f"(fingerprint {made[changed[0]]} -> {parts.weights_fingerprint(changed[0])}); write the "
+                            f"cache again with train/cache_latents.py --overwrite")
 
     def _shard(self, k: int):
         if k not in self._open:

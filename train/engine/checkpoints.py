@@ -105,11 +105,12 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def _unreadable_state(path: Path) -> str | None:
-    """The first of accelerate's pickled state files in checkpoint `path` that its loader refuses, by name."""
+def _unreadable_state(path: Path, pattern: str = "*") -> str | None:
+    """The first of accelerate's pickled state files in checkpoint `path` (matching `pattern`) that its loader
+    refuses, by name."""
     from accelerate.utils import load
 
-    for file in sorted(f for f in path.iterdir() if f.suffix in (".bin", ".pkl", ".pt", ".pth")):
+    for file in sorted(f for f in path.glob(pattern) if f.suffix in (".bin", ".pkl", ".pt", ".pth")):
         try:
             load(file, map_location="cpu")
         except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):
@@ -354,6 +355,12 @@ class Checkpointer:
         if not rng.is_file():
             raise UserError(f"resume '{path}': written by {counted(len(list(path.glob('generator-*'))), 'process')}, "
                             f"resumed with {acc.num_processes}")
+        # accelerate passes over random states it cannot read (a log line at info level): a resumed run would
+        # then go on from other random streams than the run it continues. They are small: read here first.
+        damaged = _unreadable_state(path, f"random_states_{acc.process_index}.pkl")
+        if damaged:
+            raise UserError(f"resume '{path}': {damaged} is damaged or not written by sdkd (unreadable random "
+                            f"states)")
         try:
             acc.load_state(str(path))
             generator.set_state(load_file(rng)["state"])

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from sdkd.cli.files import save_file
+from sdkd.cli.files import refuse_links, save_file, write_text
 from sdkd.train.engine import console
 from sdkd.train.formats.fingerprint import teacher_fingerprint, what_changed
 
@@ -143,15 +143,14 @@ def save(pairs: Pairs, folder: str | Path, name: str) -> None:
     tmp = folder / f".{name}.safetensors.tmp"
     save_file({"noise": pairs.noise.contiguous(), "latents": pairs.latents.contiguous()}, str(tmp))
     os.replace(tmp, tensors)
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(pairs.settings.manifest(), indent=1))
-    os.replace(tmp, manifest)
+    write_text(manifest, json.dumps(pairs.settings.manifest(), indent=1))
 
 
 def load_or_make(folder: str | Path, name: str, unet, parts, settings: PairSettings, batch_size: int = 8,
                  autocast=nullcontext) -> Pairs:
     """The set NAME in `folder` when it was made with `settings` and this teacher's weights, else made now (with a
     notice) and saved."""
+    refuse_links(folder, "ODE-pair folder")
     settings = replace(settings, teacher_weights=teacher_fingerprint(unet, parts))
     pairs, why = load(folder, name, settings)
     if pairs is not None:
