@@ -903,6 +903,8 @@ H3_CASES = [
     case("resume-dangling-link", KD,
          with_run("resume=latest", damage=lambda run: (run / "notes.txt").symlink_to(run.parent / "gone" / "x")),
          ("output_dir '{ws}/run' " + LINK, "'{ws}/run/notes.txt'"), absent=("{ws}/gone",)),
+    case("resume-lock-file-links-out", KD, with_run("resume=latest", damage=link_out(LOCK)),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/.lock' -> '{ws}/precious/thesis.tex'")),
     case("overwrite-run-holding-a-link-out", KD, with_run("overwrite=true", damage=link_out("metrics.jsonl")),
          ("output_dir '{ws}/run' " + LINK, "'{ws}/run/metrics.jsonl'")),
     case("new-run-into-run-holding-a-link-out", KD, with_run(damage=link_out("config.yaml")),

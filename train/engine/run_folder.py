@@ -24,7 +24,8 @@ _held: dict[Path, int] = {}  # folder -> lock file descriptor, open for the life
 
 
 def _lock(folder: Path) -> None:
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a .lock that is a link (to a file inside the folder) is refused, never truncated through.
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -39,6 +40,7 @@ def _lock(folder: Path) -> None:
 
 def _check(cfg: RunConfig) -> None:
     folder = Path(cfg.output_dir)
+    refuse_links(folder, "output_dir")  # before the lock file is opened there
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve() not in _held:
@@ -46,10 +48,7 @@ def _check(cfg: RunConfig) -> None:
     except OSError as err:
         raise UserError(f"output_dir '{folder}': cannot be written ({err.strerror or err})") from None
     contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
-    if not contents:
-        return
-    refuse_links(folder, "output_dir")
-    if cfg.resume is not None:
+    if not contents or cfg.resume is not None:
         return
     if not (folder / "config.yaml").is_file():
         raise UserError(f"output_dir '{folder}' is not empty and holds no sdkd run (no config.yaml): "
