@@ -6,6 +6,13 @@ exports, checkpoints, LoRAs and caches could be read by their owner only. So eve
 goes through `save_file` here, and every folder a library writes into through `save_pretrained` or
 `follow_umask`. Only the files written then are changed, and a symbolic link is never followed: its target may
 be any file the user can write.
+
+For the same reason nothing is written through a link sdkd did not make: a folder sdkd writes into (a run folder,
+an output, a cache) is refused when a link in it leads out of it (`refuse_links`: a run folder received as a tar
+keeps its links, and `config.yaml -> ~/.bashrc` would have the resumed run's config written there), the files
+sdkd rewrites are replaced (`write_text`, safetensors' own writes), never written in place, and appended files
+are opened without following a link (`append_text`). An existing file is replaced only when the user asked
+(`check_new_file`), and never when it is one of the command's inputs.
 """
 
 from __future__ import annotations
@@ -97,5 +104,83 @@ def save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] |
 def save_pretrained(model, folder: str | os.PathLike, **kwargs) -> None:
     """`model.save_pretrained(folder, **kwargs)` (a diffusers or transformers model or pipeline, an EMA), its
     files then given the mode the umask gives."""
+    refuse_links(folder, "folder")
     with follow_umask(folder):
         model.save_pretrained(str(folder), **kwargs)
+
+
+def _outside(link: Path, folder: Path) -> bool:
+    """Whether the link `link` under `folder` leads out of it (or nowhere)."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling or a loop: a write would create or fail somewhere unknown
+        return True
+    return not target.is_relative_to(folder.resolve())
+
+
+def links_out(folder: str | os.PathLike) -> list[Path]:
+    """The symbolic links under `folder` (itself excluded) that lead out of it or nowhere, in walk order.
+    Links that stay inside (wandb's `latest-run`) are the folder's own business."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, names in os.walk(folder):  # does not descend into linked folders: they are listed in dirs
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            if path.is_symlink() and _outside(path, folder):
+                found.append(path)
+    return found
+
+
+def refuse_links(folder: str | os.PathLike, what: str) -> None:
+    """A UserError naming the first link under `folder` that leads out of it: sdkd is about to write there.
+    `what` names the folder for the user ("output_dir", "--out")."""
+    if not Path(folder).is_dir():
+        return
+    found = links_out(folder)
+    if found:
+        link = found[0]
+        raise UserError(f"{what} '{folder}' holds a symbolic link leading out of it: '{link}' -> "
+                        f"'{os.readlink(link)}'; sdkd does not write through links it did not make: replace it "
+                        f"with the file itself{f' ({len(found) - 1} more)' if len(found) > 1 else ''}")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the paths name one file (through links, `..`, hard links); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_new_file(path: str | os.PathLike, what: str, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Check that the output file `path` may be written: never one of `inputs` (the command's input files or
+    folders, any path naming them), and an existing file (or link) only with `overwrite`. `what` names the
+    option for the user ("--out"). Returns the path."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise UserError(f"{what} '{path}' is the command's input '{source}': write to another file")
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder: give the file to write")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UserError(f"{what} '{path}' exists: pass --overwrite to replace it, or choose another file")
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`path` written with `text`, whole: through a temporary file renamed into place, so a link at `path` is
+    replaced and never written through, and an interrupted write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """`text` appended to `path` (created if missing), refused by the OS when `path` is a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)

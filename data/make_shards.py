@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import refuse_links, same_file, write_text
 from sdkd.cli.words import counted
 from sdkd.data.sources.core import ImageFolder, is_image_folder, open_image
 from sdkd.data.sources.transforms import (
@@ -110,9 +111,14 @@ def make_shards(src: str, out: str | Path, *, shard_size: int = 1000, resize: in
     import webdataset as wds
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if list(out.glob("shard-*.tar")):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; give a folder for the shards")
+    if same_file(out, src):
+        raise UserError(f"{out}: is the input '{src}'; give another folder for the shards")
+    if list(out.glob("shard-*.tar")) or (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
         raise UserError(f"{out}: already holds shards; use an empty folder")
+    refuse_links(out, "out")
+    out.mkdir(parents=True, exist_ok=True)
     rows = _Rows(src, image_column, [f for f in caption_column.split(";") if f], split, resize, quality)
     loader = DataLoader(rows, batch_size=None, num_workers=workers)
     counts: dict[str, int] = {}
@@ -137,7 +143,7 @@ def make_shards(src: str, out: str | Path, *, shard_size: int = 1000, resize: in
         "resize": resize,
         "skipped": skipped,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
+from sdkd.cli.files import refuse_links
 from sdkd.cli.words import counted
 from sdkd.eval.evaluation.config import Checkpoints, EvaluateConfig
 from sdkd.eval.inference.threads import HELP as THREADS_HELP
@@ -63,6 +64,9 @@ def output_folder(args, run: Path | None) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    refuse_links(out, "--out")
+    if run is not None:  # the default --out and log_to_run write into the run folder
+        refuse_links(run, "run folder")
     if held:
         if not (out / MARKER).is_file():
             raise UserError(f"--out '{out}' is not empty and holds no evaluation ({', '.join(held[:3])}"

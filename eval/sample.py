@@ -22,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import check_writable
+from sdkd.cli.files import check_writable, refuse_links, write_text
 from sdkd.cli.words import counted
 from sdkd.eval.inference.threads import HELP as THREADS_HELP
 
@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     # Checked before the model loads (seconds to minutes), and nothing of an earlier run is replaced unasked.
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder")
-    if out.is_dir() and any(out.glob("image-*.png")) and not args.overwrite:
+    if out.is_dir() and (any(out.glob("image-*.png")) or (out / "samples.json").exists()) and not args.overwrite:
         raise UserError(f"--out '{out}' already holds samples; choose another folder or pass --overwrite")
+    refuse_links(out, "--out")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     check_writable(out, "--out")  # created only once there are images to write
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     paths = save_images(images, args.out)
     record = [dict(file=p.name, prompt=pr, seed=args.seed + i) for i, (p, pr) in enumerate(zip(paths, prompts))]
-    (paths[0].parent / "samples.json").write_text(json.dumps(dict(
+    write_text(paths[0].parent / "samples.json", json.dumps(dict(
         **pipe.loaded, **settings, recorded_sampling=pipe.sampling, negative_prompt=args.negative_prompt,
         batch_size=args.batch_size or len(prompts), threads=threads,
         device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."), sdkd_version=version("sdkd"),

@@ -99,6 +99,37 @@ def test_checked_against_the_teacher(cache, toy):
         build_encoder(cfg, parts, ds, torch.device("cpu"))
 
 
+def test_checked_against_the_teachers_weights_not_its_path(tmp_path, toy):
+    """A cache records the fingerprints of the encoders' weight files: the same files under another path pass,
+    another VAE file under the same name is refused naming the VAE."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdkd.train.models.toy import toy_teacher_folder
+
+    write_cache(source(), BatchEncoder(toy), tmp_path / "cache", batch_size=5, info={
+        "resolution": R, "teacher": "toy", "weights": {name: toy.weights_fingerprint(name)
+                                                       for name in ("vae", "text_encoder")}})
+    ds, cfg = CachedLatents(tmp_path / "cache"), DataConfig(cache=str(tmp_path / "cache"), resolution=R)
+    moved = shutil.copytree(toy_teacher_folder(), tmp_path / "moved")
+    build_encoder(cfg, load_teacher(str(moved), with_encoders=False), ds, torch.device("cpu"))  # same weights
+    vae = next((moved / "vae").glob("*.safetensors"))
+    save_file({k: v * 1.01 for k, v in load_file(str(vae)).items()}, str(vae), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"was made with other weights of the teacher's vae \(teacher 'toy' then\)"):
+        build_encoder(cfg, load_teacher(str(moved), with_encoders=False), ds, torch.device("cpu"))
+
+
+def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
+    import shutil
+
+    damaged = shutil.copytree(cache, tmp_path / "cache")
+    shard = damaged / "latents-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"^latent cache shard {shard} is damaged or missing"):
+        CachedLatents(damaged)
+
+
 def test_unfinished_cache_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a finished latent cache"):
         CachedLatents(tmp_path)

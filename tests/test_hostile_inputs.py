@@ -170,6 +170,24 @@ class Assets:
         return lora_io.save_lora(self.folder / "teacher_lora", pipe.unet, None, base="toy")
 
     @functools.cached_property
+    def student_lora(self) -> Path:
+        """A LoRA trained on the bk_small toy student: every module it adapts also exists in the teacher."""
+        from sdkd.train.formats import lora_io
+        from sdkd.train.formats.lora_config import LoraSection
+        from sdkd.train.models.teacher import load_teacher
+
+        unet = load_teacher(str(self.student)).unet
+        lora_io.add_adapters(unet, None, LoraSection(rank=2))
+        return lora_io.save_lora(self.folder / "student_lora", unet, None, base="the bk_small toy student")
+
+    @functools.cached_property
+    def cache(self) -> Path:
+        """A latent cache of 8 synthetic samples made with the toy teacher (train/cache_latents.py)."""
+        out = self.folder / "cache"
+        assert run_in_process("train/cache_latents.py", ["--config", TOY, *TINY, f"data.cache={out}"]) == 0
+        return out
+
+    @functools.cached_property
     def shards(self) -> Path:
         """One good webdataset shard of 8 captioned JPEGs, with its manifest."""
         import webdataset as wds
@@ -775,6 +793,60 @@ def refused_at(out: Callable[[Ctx], str], *overrides: str) -> Callable[[Ctx], li
         c.absent += new_absent(Path(folder or ".").absolute() / LOCK)
         return ["--config", TOY, f"output_dir={folder or repr('')}", *TINY, *overrides]
 
+
+# issue 22: links, overwrites, caches (h3)
+
+
+def link(path: Path, target: Path) -> None:
+    """`path` made a symbolic link to `target` (what a run folder received as a tar may hold)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def alias(path: Path, target: Path) -> Path:
+    """A link the user made on purpose: `path` -> `target`; returns `path`."""
+    path.symlink_to(target)
+    return path
+
+
+def link_out(name: str, target: str = "precious/thesis.tex") -> Callable[[Path], None]:
+    """A damage for `with_run`: RUN/NAME becomes a link to WS/TARGET (outside the run)."""
+    return lambda run: link(run / name, run.parent / target)
+
+
+def garbage_state(name: str) -> Callable[[Path], None]:
+    """A damage for `with_run`: the checkpoint's accelerate state file NAME, garbage of its own size."""
+    def damage(run: Path) -> None:
+        f = run / "checkpoint-2" / name
+        f.write_bytes(bytes(range(256)) * (f.stat().st_size // 256) + b"\x80" * (f.stat().st_size % 256))
+
+    return damage
+
+
+def holding_link(folder: str, name: str, target: str = "precious/thesis.tex", files: dict | None = None):
+    """WS/FOLDER made with `files` and NAME a link to WS/TARGET; returns the folder."""
+    def make(c: Ctx) -> Path:
+        out = c.ws / folder
+        out.mkdir(parents=True, exist_ok=True)
+        for file, data in (files or {}).items():
+            write(out / file, data)
+        link(out / name, c.ws / target)
+        return out
+
+    return make
+
+
+def convert_lora(out: Callable[[Ctx], Path | str], *extra: str, src: Callable[[Ctx], Path] | None = None):
+    """train/convert_lora.py to-sdcpp on a copy of the toy teacher's LoRA at ws/lora/ (or `src`)."""
+    def argv(c: Ctx) -> list[str]:
+        lora = c.ws / "lora" / "pytorch_lora_weights.safetensors"
+        lora.parent.mkdir()
+        shutil.copy(c.assets.teacher_lora, lora)
+        return ["to-sdcpp", str(src(c) if src else lora), "--out", str(out(c)), *extra]
+
     return argv
 
 
@@ -839,8 +911,205 @@ REFUSED_START_CASES = [
          (f"--teacher '{HUB_ID}'", "HF_HUB_OFFLINE")),
 ]
 
+
+
+def sample_with_link(c: Ctx) -> list[str]:
+    out = holding_link("my_samples", "image-000.png", "precious/holiday.png",
+                       {"samples.json": '{"images": []}'})(c)
+    return sample_argv(c, c.assets.student, "--overwrite", out=str(out))
+
+
+def evaluate_with_link(c: Ctx) -> list[str]:
+    out = holding_link("ev", "report.json", files={"evaluate.yaml": "seed: 0\n"})(c)
+    return [str(c.assets.student), "--teacher", "none", "--config", str(ROOT / "configs" / "eval_toy.yaml"),
+            "--out", str(out), "--overwrite"]
+
+
+def make_shards_argv(out: Callable[[Ctx], Path], src: Callable[[Ctx], Path] | None = None):
+    def argv(c: Ctx) -> list[str]:
+        pics = src(c) if src else image_folder(c, "pics", {"a.png": png(1), "b.png": png(2)})
+        return [str(pics), str(out(c))]
+
+    return argv
+
+
+def toy_teacher_at(c: Ctx, name: str = "tt") -> Path:
+    """WS/NAME holding what make_toy_teacher leaves (as far as its checks look: provenance.json, vae/)."""
+    write(c.ws / name / "provenance.json", '{"family": "sd"}\n')
+    write(c.ws / name / "vae" / "config.json", '{"_class_name": "AutoencoderKL"}\n')
+    return c.ws / name
+
+
+def copy_student(c: Ctx) -> Path:
+    return Path(shutil.copytree(c.assets.student, c.ws / "student"))
+
+
+def cached_with_changed_teacher(part: str) -> Callable[[Ctx], list[str]]:
+    """train/kd.py from the toy cache, the teacher being a copy of the toy teacher whose PART weights changed."""
+    def argv(c: Ctx) -> list[str]:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from sdkd.train.models.toy import toy_teacher_folder
+
+        teacher = Path(shutil.copytree(toy_teacher_folder("toy"), c.ws / "teacher"))
+        weights = next((teacher / part).glob("*.safetensors"))
+        tensors = load_file(str(weights))
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first] + torch.full_like(tensors[first], 0.01)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"teacher={teacher}",
+                f"data.cache={c.assets.cache}"]
+
+    return argv
+
+
+def damaged_cache(damage: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        cache = Path(shutil.copytree(c.assets.cache, c.ws / "cache"))
+        damage(cache / "latents-000000.safetensors")
+        return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"data.cache={cache}"]
+
+    return argv
+
+
+def bk_small_lora_on_teacher(c: Ctx) -> list[str]:
+    lora = shutil.copy(c.assets.student_lora, c.ws / "student_lora.safetensors")
+    return sample_argv(c, c.assets.teacher_dir, "--lora", str(lora))
+
+
+ONE_STEP = ["--config", str(ROOT / "configs" / "one_step_toy.yaml"), *TINY]
+LINK = "holds a symbolic link leading out of it"
+CONVERT = "train/convert_lora.py"
+SHARDS = "data/make_shards.py"
+TOY_TEACHER = "train/make_toy_teacher.py"
+
+H3_CASES = [
+    # Links in a run folder: refused before anything is written, whatever the run was asked to do.
+    case("resume-config-yaml-links-out", KD, with_run("resume=latest", damage=link_out("config.yaml")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/config.yaml' -> '{ws}/precious/thesis.tex'")),
+    case("resume-metrics-links-out", KD, with_run("resume=latest", damage=link_out("metrics.jsonl")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/metrics.jsonl'")),
+    case("resume-checkpoint-folder-links-out", KD,
+         with_run("resume=latest", damage=lambda run: (shutil.copytree(run / "checkpoint-2", run.parent / "elsewhere"),
+                                                      link(run / "checkpoint-2", run.parent / "elsewhere"))),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/checkpoint-2' -> '{ws}/elsewhere'")),
+    case("resume-samples-folder-links-out", KD, with_run("resume=latest", damage=link_out("samples", "precious")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/samples' -> '{ws}/precious'")),
+    case("resume-file-in-checkpoint-links-out", KD,
+         with_run("resume=latest", damage=link_out("checkpoint-2/trainer_state.json")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/checkpoint-2/trainer_state.json'")),
+    case("resume-dangling-link", KD,
+         with_run("resume=latest", damage=lambda run: (run / "notes.txt").symlink_to(run.parent / "gone" / "x")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/notes.txt'"), absent=("{ws}/gone",)),
+    case("resume-lock-file-links-out", KD, with_run("resume=latest", damage=link_out(LOCK)),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/.lock' -> '{ws}/precious/thesis.tex'")),
+    case("overwrite-run-holding-a-link-out", KD, with_run("overwrite=true", damage=link_out("metrics.jsonl")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/metrics.jsonl'")),
+    case("new-run-into-run-holding-a-link-out", KD, with_run(damage=link_out("config.yaml")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/config.yaml'")),
+    # Links in the folders the tools write into.
+    case("sample-out-image-links-out", SAMPLE, sample_with_link,
+         ("--out '{ws}/my_samples' " + LINK, "'{ws}/my_samples/image-000.png' -> '{ws}/precious/holiday.png'")),
+    case("evaluate-out-links-out", "eval/evaluate.py", evaluate_with_link,
+         ("--out '{ws}/ev' " + LINK, "'{ws}/ev/report.json'")),
+    case("cache-latents-out-links-out", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, f"data.cache={holding_link('cache', 'manifest.json')(c)}", "--overwrite"],
+         ("data.cache '{ws}/cache' " + LINK, "'{ws}/cache/manifest.json'")),
+    case("make-shards-out-links-out", SHARDS, make_shards_argv(holding_link("shards_out", "notes.txt")),
+         ("out '{ws}/shards_out' " + LINK, "'{ws}/shards_out/notes.txt'")),
+    case("export-diffusers-out-links-out", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "diffusers", "--out",
+                    str(holding_link("export", "model_index.json")(c)), "--overwrite"],
+         ("--out '{ws}/export' " + LINK, "'{ws}/export/model_index.json'")),
+    case("toy-ablation-out-links-out", "eval/toy_ablation.py",
+         lambda c: ["--out", str(holding_link("abl", "results.json")(c)), "--steps", "1", "--overwrite"],
+         ("--out '{ws}/abl' " + LINK, "'{ws}/abl/results.json'")),
+    case("one-step-pairs-cache-links-out", "train/one_step.py",
+         lambda c: [*ONE_STEP, f"output_dir={c.ws / 'os'}", f"teacher={c.assets.teacher_dir}",
+                    f"pairs.cache={holding_link('pairs', 'train.json')(c)}"],
+         ("ODE-pair folder '{ws}/pairs' " + LINK, "'{ws}/pairs/train.json'"), may_add=STARTED),
+    # Existing files replaced only when asked, and never the command's inputs.
+    case("convert-lora-out-is-its-input", CONVERT,
+         convert_lora(lambda c: c.ws / "lora" / "pytorch_lora_weights.safetensors", "--overwrite"),
+         "--out '{ws}/lora/pytorch_lora_weights.safetensors' is the command's input"),
+    case("convert-lora-out-is-the-file-of-its-input-folder", CONVERT,
+         convert_lora(lambda c: c.ws / "lora" / "pytorch_lora_weights.safetensors", "--overwrite",
+                      src=lambda c: c.ws / "lora"),
+         "--out '{ws}/lora/pytorch_lora_weights.safetensors' is the command's input"),
+    case("convert-lora-out-is-its-input-through-a-link", CONVERT,
+         convert_lora(lambda c: alias(c.ws / "alias.safetensors", c.ws / "lora" / "pytorch_lora_weights.safetensors"),
+                      "--overwrite"),
+         "--out '{ws}/alias.safetensors' is the command's input"),
+    case("convert-lora-out-exists", CONVERT, convert_lora(lambda c: c.ws / "precious" / "thesis.tex"),
+         ("--out '{ws}/precious/thesis.tex' exists", "--overwrite")),
+    case("convert-lora-out-is-a-folder", CONVERT, convert_lora(lambda c: c.ws / "precious", "--overwrite"),
+         "--out '{ws}/precious' is a folder"),
+    case("make-shards-out-is-a-file", SHARDS, make_shards_argv(lambda c: c.ws / "precious" / "thesis.tex"),
+         "{ws}/precious/thesis.tex: is a file"),
+    case("make-shards-out-is-its-input", SHARDS, make_shards_argv(lambda c: c.ws / "pics"),
+         "{ws}/pics: is the input '{ws}/pics'"),
+    case("make-shards-out-holds-a-manifest", SHARDS,
+         make_shards_argv(lambda c: write(c.ws / "shards_out" / "manifest.json", "{}").parent),
+         "{ws}/shards_out: already holds shards"),
+    case("make-toy-teacher-out-is-a-file", TOY_TEACHER,
+         lambda c: ["--out", str(c.ws / "precious" / "thesis.tex"), "--work", str(c.ws / "work")],
+         "--out '{ws}/precious/thesis.tex' is a file", absent=("{ws}/work",)),
+    case("make-toy-teacher-out-holds-a-teacher", TOY_TEACHER,
+         lambda c: ["--out", str(toy_teacher_at(c)), "--work", str(c.ws / "work")],
+         ("--out '{ws}/tt' holds a toy teacher", "--overwrite"), absent=("{ws}/work",)),
+    case("make-toy-teacher-vae-inside-out", TOY_TEACHER,
+         lambda c: ["--family", "sdxl", "--out", str(toy_teacher_at(c)), "--vae", str(c.ws / "tt" / "vae"),
+                    "--work", str(c.ws / "work"), "--overwrite"],
+         "--vae '{ws}/tt/vae' is inside --out '{ws}/tt'", absent=("{ws}/work",)),
+    case("export-single-file-out-is-its-input", EXPORT,
+         lambda c: [str(shutil.copy(c.assets.single_file, c.ws / "student.safetensors")), "--format", "single-file",
+                    "--out", str(c.ws / "student.safetensors"), "--overwrite"],
+         "--out '{ws}/student.safetensors' is the model to export"),
+    case("export-diffusers-out-is-its-input", EXPORT,
+         lambda c: [str(copy_student(c)), "--format", "diffusers", "--out", str(c.ws / "student"), "--overwrite"],
+         "--out '{ws}/student' is the model to export"),
+    case("export-single-file-out-exists", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "single-file", "--out",
+                    str(write(c.ws / "models" / "mine.safetensors", b"my model"))],
+         ("--out '{ws}/models/mine.safetensors' already exists", "--overwrite")),
+    case("sample-out-holds-samples-json-only", SAMPLE,
+         lambda c: sample_argv(c, c.assets.student,
+                               out=str(write(c.ws / "shots" / "samples.json", '{"images": []}').parent)),
+         ("--out '{ws}/shots' already holds samples", "--overwrite")),
+    case("cache-latents-cache-is-the-data-folder", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, "data.source=imagefolder",
+                    f"data.path={image_folder(c, 'pics', {'a.png': png(1)})}", f"data.cache={c.ws / 'pics'}",
+                    "--overwrite"],
+         "config key 'data.cache': '{ws}/pics' is the data set's folder"),
+    case("toy-ablation-out-not-empty", "eval/toy_ablation.py",
+         lambda c: ["--out", str(c.ws / "precious"), "--steps", "1"],
+         ("--out '{ws}/precious' is not empty", "--overwrite")),
+    # Caches keyed by the weights they were made with, not the teacher's path.
+    case("cache-made-with-other-vae-weights", KD, cached_with_changed_teacher("vae"),
+         ("latent cache", "was made with other weights of the teacher's vae", "'toy'", "--overwrite")),
+    case("cache-made-with-other-text-encoder-weights", KD, cached_with_changed_teacher("text_encoder"),
+         ("latent cache", "was made with other weights of the teacher's text_encoder")),
+    # Damaged checkpoint state and cache shards: one line naming the file (a damaged state is found only once the
+    # run has built its models: those cases go to the full suite).
+    case("resume-optimizer-state-garbage", KD, with_run("resume=latest", damage=garbage_state("optimizer.bin")),
+         ("resume '{ws}/run/checkpoint-2'", "optimizer.bin is damaged"), marks=pytest.mark.slow),
+    case("resume-random-state-garbage", KD, with_run("resume=latest", damage=garbage_state("random_states_0.pkl")),
+         ("resume '{ws}/run/checkpoint-2'", "random_states_0.pkl is damaged"), marks=pytest.mark.slow),
+    case("resume-scheduler-state-garbage", KD, with_run("resume=latest", damage=garbage_state("scheduler.bin")),
+         ("resume '{ws}/run/checkpoint-2'", "scheduler.bin is damaged"), marks=pytest.mark.slow),
+    case("cache-shard-truncated", KD,
+         damaged_cache(lambda shard: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])),
+         "latent cache shard {ws}/cache/latents-000000.safetensors is damaged"),
+    case("cache-shard-missing", KD, damaged_cache(lambda shard: shard.unlink()),
+         "latent cache shard {ws}/cache/latents-000000.safetensors is damaged or missing"),
+    # A LoRA loads only onto the layout it was trained on.
+    case("sample-bk-small-lora-on-the-teacher", SAMPLE, bk_small_lora_on_teacher,
+         ("LoRA '{ws}/student_lora.safetensors' does not fit this model", "'bk_small'", "'teacher'")),
+]
+
 ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
-    + PROCESS_CASES + REFUSED_START_CASES
+    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES
 
 
 # ---------------------------------------------------------------------------------------------

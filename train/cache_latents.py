@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import refuse_links, same_file
 from sdkd.cli.words import counted
 from sdkd.train.engine.config import CHECK_CONFIG_HELP, _load_yaml, load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
@@ -79,9 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")
+    if cfg.data.path is not None and same_file(out, cfg.data.path):
+        raise UserError(f"config key 'data.cache': '{out}' is the data set's folder (data.path); give another folder "
+                        f"for the cache")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"config key 'data.cache': '{out}' is not empty; choose a new folder or pass --overwrite "
                         f"to replace the cache in it")
+    refuse_links(out, "data.cache")
     if args.check_config:
         return
     import torch
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
         shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict, buckets=source.bucket_sizes(),
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
+              "weights": {name: teacher.weights_fingerprint(name) for name in teacher.family.models
+                          if name != "unet" or args.from_samples},
               "data": dataclasses.asdict(source),
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},
         log=lambda m: print(m, file=sys.stderr),

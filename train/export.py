@@ -22,6 +22,7 @@ import shlex
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import refuse_links, same_file
 from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
 
@@ -38,8 +39,12 @@ def export(src: str, fmt: str, out: str, target: str | None = None, half: bool =
     if fmt == "single-file" and (Path(out).is_dir() or Path(out).suffix != ".safetensors"):
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
     target_path = Path(out)
+    for given, flag in ((src, "the model to export"), (vae, "--vae")):
+        if given is not None and same_file(out, given):
+            raise UserError(f"--out '{out}' is {flag} ('{given}'): write the export elsewhere")
     if not overwrite and (target_path.is_file() or (target_path.is_dir() and any(target_path.iterdir()))):
         raise UserError(f"--out '{out}' already exists; choose another path or pass --overwrite")
+    refuse_links(target_path, "--out")
     source = load_source(src, ema=ema, vae=vae, allow_pickle=allow_pickle)
     if fmt == "diffusers":
         return export_diffusers(source, out, half)

@@ -16,6 +16,7 @@ ones rotated out are first renamed to hidden names, so a kill at any point leave
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from sdkd.cli.errors import UserError
+from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import follow_umask, save_file
 from sdkd.cli.words import counted
 
@@ -102,6 +103,19 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if problem is not None:
         raise UserError(f"resume '{resume}': not a complete checkpoint ({problem})")
     return path
+
+
+def _unreadable_state(path: Path, pattern: str = "*") -> str | None:
+    """The first of accelerate's pickled state files in checkpoint `path` (matching `pattern`) that its loader
+    refuses, by name."""
+    from accelerate.utils import load
+
+    for file in sorted(f for f in path.glob(pattern) if f.suffix in (".bin", ".pkl", ".pt", ".pth")):
+        try:
+            load(file, map_location="cpu")
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):
+            return file.name
+    return None
 
 
 def recover(output_dir: Path) -> None:
@@ -341,12 +355,23 @@ class Checkpointer:
         if not rng.is_file():
             raise UserError(f"resume '{path}': written by {counted(len(list(path.glob('generator-*'))), 'process')}, "
                             f"resumed with {acc.num_processes}")
+        # accelerate passes over random states it cannot read (a log line at info level): a resumed run would
+        # then go on from other random streams than the run it continues. They are small: read here first.
+        damaged = _unreadable_state(path, f"random_states_{acc.process_index}.pkl")
+        if damaged:
+            raise UserError(f"resume '{path}': {damaged} is damaged or not written by sdkd (unreadable random "
+                            f"states)")
         try:
             acc.load_state(str(path))
             generator.set_state(load_file(rng)["state"])
             if self.task is not None:
                 state = load_task_state(path / TASK_STATE.format(acc.process_index), self.task.state_dict())
                 self.task.load_state_dict(state)
+        except (pickle.UnpicklingError, EOFError) as err:
+            # accelerate's optimizer, scheduler and random states: read with torch.load(weights_only=True), which
+            # refuses what is not plain tensors and containers (nothing runs); its message names no file.
+            raise UserError(f"resume '{path}': {_unreadable_state(path) or 'a state file'} is damaged or not "
+                            f"written by sdkd ({first_line(err)[:120]})") from None
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
             # A layout other than this run's (size mismatch) or damaged contents of the right size.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]

@@ -32,6 +32,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdkd.cli.errors import ConfigError, first_line, require
+from sdkd.cli.files import write_text
 from sdkd.data.sources.config import Choice, DataConfig, Section, expected_one_of
 
 try:
@@ -323,7 +324,7 @@ def check_config(cfg: Section, at: str = "") -> None:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import write_text
 from sdkd.cli.words import counted
 from sdkd.data.sources.buckets import BucketBatchSampler, sample_buckets
 from sdkd.data.sources.core import collate
@@ -370,4 +371,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))

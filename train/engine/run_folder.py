@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import UserError
-from sdkd.cli.files import check_writable
+from sdkd.cli.files import check_writable, refuse_links
 from sdkd.train.engine.config import RunConfig, save_config
 from sdkd.train.engine.distributed import agree
 
@@ -25,7 +25,8 @@ _held: dict[Path, int] = {}  # folder -> lock file descriptor, open for the life
 
 
 def _lock(folder: Path) -> None:
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a .lock that is a link (to a file inside the folder) is refused, never truncated through.
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -51,6 +52,7 @@ def _check(cfg: RunConfig) -> None:
                         f"(e.g. output_dir=runs/toy)")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output_dir '{folder}': cannot be written (it is a file)")
+    refuse_links(folder, "output_dir")  # before the lock file is opened there
     contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
     if contents and not (folder / "config.yaml").is_file():
         raise UserError(f"output_dir '{folder}' is not empty and holds no sdkd run (no config.yaml): "

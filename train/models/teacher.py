@@ -35,6 +35,10 @@ class PipelineParts:
     """Whose components they are; taken from the U-Net's config when not given."""
     vae_config: Any = None
     """The VAE's config (a dict-like); taken from the VAE when not given."""
+    source: str = ""
+    """Where they were loaded from: a local folder, or a hub id with its revision (`weights_fingerprint`)."""
+    folder: Path | None = None
+    """The local folder of their files (a hub id's cached snapshot); None when unknown."""
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -73,6 +77,13 @@ class PipelineParts:
         """The VAE and the text encoders by name: the models no trainer trains, which a run from a latent
         cache leaves out (None)."""
         return {name: self.components[name] for name in self.family.frozen}
+
+    def weights_fingerprint(self, name: str) -> str:
+        """The fingerprint of the weight files of component `name` (loaded or not: a run from a latent cache
+        checks the cache against the encoders it does not load); without a local folder, of the source's name."""
+        from sdkd.train.formats.fingerprint import files_fingerprint, text_fingerprint
+
+        return files_fingerprint(self.folder / name) if self.folder is not None else text_fingerprint(self.source)
 
     def freeze(self, device: torch.device, mixed: torch.dtype, names: tuple[str, ...] | None = None) -> None:
         """Freeze the models `names` (default: `frozen`'s) on `device`, each in the dtype its family gives it
@@ -158,6 +169,16 @@ def resolve(src: PipelineSource, what: str, pipeline: bool = False) -> ModelRef:
     return ref
 
 
+def _snapshot(repo: str, revision: str | None) -> Path | None:
+    """The local folder of a hub pipeline already downloaded (from_pretrained has just fetched it), else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure leaves the hub id as the only name of its weights
+        return None
+
+
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
                  what: str = "teacher") -> PipelineParts:
     """`source`: a pipeline (train/models/names.py: toy, a hub id, cached or downloaded, a diffusers folder), as a
@@ -191,7 +212,8 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
             cls = vae_cls if name == "vae" else family.components[name].cls
             components[name] = cls.from_pretrained(source, subfolder=name, **(weights if name in family.models else kw))
         vae_config = None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw)
-        return PipelineParts(components, family, vae_config)
+        return PipelineParts(components, family, vae_config, f"{source}@{src.revision or 'main'}",
+                             local if local.exists() else _snapshot(source, src.revision))
     except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
