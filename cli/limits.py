@@ -23,6 +23,8 @@ MAX_SIDE = 8192  # pixels: 8x SDXL's side, 4 GB of float32 latents' activations 
 MAX_WORKERS = 256  # processes or threads of one command
 MAX_BATCH = 4096
 MAX_IMAGES = 1_000_000  # images of one command (evaluation, sampling, caching)
+DEMO_MAX_BODY = 64 * 1024  # bytes of one request to the demo: two prompts at their bound, and the rest
+DEMO_MAX_QUEUE = 16  # requests the demo holds waiting (one runs at a time); more are answered 503 busy
 LOG_CHARS = 80  # of a user's text in a log line
 
 
