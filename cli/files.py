@@ -86,3 +86,20 @@ def save_pretrained(model, folder: str | os.PathLike, **kwargs) -> None:
     files then given the mode the umask gives."""
     with follow_umask(folder):
         model.save_pretrained(str(folder), **kwargs)
+
+
+def report_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file a command writes at its end (a benchmark's --json): checked before the minutes of work, so a
+    mistake costs one line, not the results. A folder, or a file in a folder that does not exist or cannot
+    be written, is a UserError naming `flag`."""
+    from sdkd.cli.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{parent}' cannot be written")
+    return path
