@@ -103,3 +103,20 @@ def report_file(path: str | os.PathLike, flag: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} '{path}': folder '{parent}' cannot be written")
     return path
+
+
+def creatable(path: str | os.PathLike, flag: str) -> Path:
+    """A file or folder a command will create at `path`, with the folders above it that are missing: checked
+    before the command's work, creating nothing. The nearest existing folder above must be a folder this
+    process can write; else a UserError naming `flag`."""
+    from sdkd.cli.errors import UserError
+
+    path = Path(path)
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} '{path}': cannot be written ('{above}' is a file)")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': cannot be written (folder '{above}' is not writable)")
+    return path
