@@ -19,10 +19,11 @@ MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with every image
 MAX_GUIDANCE = 100.0
 MAX_LORA_SCALE = 100.0  # either sign
 MAX_STEPS = 1000  # a diffusion schedule's timesteps
-MAX_SIDE = 8192  # pixels: 8x SDXL's side, 4 GB of float32 latents' activations and more
+MAX_SIDE = 8192  # pixels: four times SDXL's side
 MAX_WORKERS = 256  # processes or threads of one command
 MAX_BATCH = 4096
 MAX_IMAGES = 1_000_000  # images of one command (evaluation, sampling, caching)
+MAX_COUNT = 2**31 - 1  # any other integer of a config: steps to train, counts, intervals
 DEMO_MAX_BODY = 64 * 1024  # bytes of one request to the demo: two prompts at their bound, and the rest
 DEMO_MAX_QUEUE = 16  # requests the demo holds waiting (one runs at a time); more are answered 503 busy
 LOG_CHARS = 80  # of a user's text in a log line
@@ -82,9 +83,6 @@ def check_prompt(text: object, name: str) -> str:
         raise UserError(f"{name}: at most {MAX_PROMPT_CHARS:,} characters (CLIP reads 77 tokens), got "
                         f"{shorten(text, 40)}")
     return text
-
-
-MAX_COUNT = 2**31 - 1  # any other integer of a config: steps to train, counts, intervals
 
 
 def _item(name: str, i: int) -> str:

@@ -302,6 +302,10 @@ def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_
     assert shown[2][0].tobytes() == generate(teacher, "a red circle", seed=3).image.tobytes()
     with pytest.raises(gr.Error, match="prompt"):
         next(handler("  ", "", 3, 2, 7.5, 1, 1.0))
+    with pytest.raises(gr.Error, match=r"prompt: at most 10,000 characters .*\(20,000 characters\)"):
+        next(handler("x" * 20_000, "", 3, 2, 7.5, 1, 1.0))  # once for the page, before any model runs
+    with pytest.raises(gr.Error, match=r"seed: must be an integer from 0 to [\d,]+, got 18446744073709551616"):
+        next(handler("a red circle", "", 2**64, 2, 7.5, 1, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
