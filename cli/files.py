@@ -26,15 +26,15 @@ from pathlib import Path
 from sdkd.cli.errors import UserError
 
 
-def check_writable(folder: str | os.PathLike, flag: str) -> None:
-    """Refuse, in one line naming `flag`, a folder that could not be created or written, without creating it (a
-    command creates its output folder only once it has something to write)."""
-    path = Path(folder).absolute()
+def check_writable(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line naming `flag` and `shown` (default: `folder`), a folder that could not be created or
+    written, without creating it (a command creates its output folder only once it has something to write)."""
+    path, shown = Path(folder).absolute(), folder if shown is None else shown
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"{flag} '{folder}': cannot be written ('{existing}' is a file)")
+        raise UserError(f"{flag} '{shown}': cannot be written ('{existing}' is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} '{folder}': cannot be written (permission denied on '{existing}')")
+        raise UserError(f"{flag} '{shown}': cannot be written (permission denied on '{existing}')")
 
 
 def umask() -> int:
@@ -184,3 +184,26 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     with os.fdopen(fd, "a") as f:
         f.write(text)
+
+
+def report_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file a command writes at its end (a benchmark's --json): checked before the minutes of work, so a
+    mistake costs one line, not the results. A folder, or a file in a folder that does not exist or cannot
+    be written, is a UserError naming `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{parent}' cannot be written")
+    return path
+
+
+def creatable(path: str | os.PathLike, flag: str) -> Path:
+    """A file or folder a command will create at `path`, with the folders above it that are missing: checked
+    before the command's work, creating nothing (`check_writable` on the folder it goes in)."""
+    path = Path(path)
+    check_writable(path.parent, flag, shown=path)
+    return path

@@ -53,6 +53,9 @@ from pathlib import Path
 
 import torch
 
+from sdkd.cli import limits
+from sdkd.cli.errors import run_cli
+from sdkd.cli.files import report_file
 from sdkd.eval.bench.setup import SEED, Bench, build_bench
 from sdkd.train.engine.loop import Loop, build_optimizer
 from sdkd.train.engine.step_random import StepRandom
@@ -264,8 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.latent < 1 or (args.batch is not None and args.batch < 1):
-        parser.error("--repeats, --latent and --batch must be >= 1, --warmup >= 0")
+    limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
+    if args.batch is not None:
+        limits.check_int(args.batch, "--batch", 1, limits.MAX_BATCH)
+    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
+    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
+    if args.json:
+        report_file(args.json, "--json")
 
     names = ["toy", "sd15"] if args.model == "both" else [args.model]  # smallest first: ru_maxrss only grows
     results = {}
@@ -279,4 +287,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

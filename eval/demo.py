@@ -20,6 +20,7 @@ import importlib.util
 import sys
 import tempfile
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.eval.inference.threads import HELP as THREADS_HELP
 
@@ -50,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin (pickle) weights where there are no safetensors; pickle can run code")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.steps is not None:
+        limits.check_steps(args.steps, "--steps")
+    if args.guidance is not None:
+        limits.check_guidance(args.guidance, "--guidance")
+    limits.check_float(args.lora_scale, "--lora-scale", -limits.MAX_LORA_SCALE, limits.MAX_LORA_SCALE)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0 (a free port) or 1-65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:  # before the models load (seconds to minutes)

@@ -21,6 +21,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import check_writable, refuse_links, write_text
 from sdkd.cli.words import counted
@@ -63,8 +64,21 @@ def main(argv: list[str] | None = None) -> None:
     if out.is_dir() and (any(out.glob("image-*.png")) or (out / "samples.json").exists()) and not args.overwrite:
         raise UserError(f"--out '{out}' already holds samples; choose another folder or pass --overwrite")
     refuse_links(out, "--out")
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    limits.check_int(args.num_images, "--num-images", 1, limits.MAX_IMAGES)
+    for prompt in args.prompt:
+        limits.check_prompt(prompt, "--prompt")
+    if args.negative_prompt is not None:
+        limits.check_prompt(args.negative_prompt, "--negative-prompt")
+    limits.check_seed(args.seed, "--seed", len(args.prompt) * args.num_images)
+    for flag, value, check in (("--steps", args.steps, limits.check_steps),
+                               ("--guidance", args.guidance, limits.check_guidance),
+                               ("--height", args.height, limits.check_side),
+                               ("--width", args.width, limits.check_side)):
+        if value is not None:
+            check(value, flag)
+    if args.batch_size is not None:
+        limits.check_int(args.batch_size, "--batch-size", 1, limits.MAX_BATCH)
+    limits.check_float(args.lora_scale, "--lora-scale", -limits.MAX_LORA_SCALE, limits.MAX_LORA_SCALE)
     check_writable(out, "--out")  # created only once there are images to write
 
     from sdkd.eval.inference.pipeline import load_pipeline, save_images  # after argparse: --help stays fast

@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import refuse_links, write_text
+from sdkd.cli.files import creatable, refuse_links, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (lambda_task, lambda_out, lambda_feat)
@@ -49,7 +50,10 @@ def train(out: Path, preset: str, variant: str, seed: int, steps: int) -> dict:
         print(f"training {run.name}: {shlex.join(command[3:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(f"run {run.name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            # The run's own `error:` line, not the launcher's CalledProcessError after it.
+            lines = done.stderr.strip().splitlines() or ["?"]
+            said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            raise UserError(f"run {run.name} failed: {said[-1] if said else lines[-1]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     last = [r for r in rows if "eval/noise_mse" in r][-1]
     return {"run": f"runs/{run.name}", "step": last["step"], "noise_mse": last["eval/noise_mse"]}
@@ -102,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", nargs="+", default=["bk_small", "bk_tiny"])
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier ablation in --out")
     args = parser.parse_args(argv)
-    if args.steps <= 0:
-        raise UserError("--steps must be > 0")
-    out = Path(args.out)
+    limits.check_int(args.steps, "--steps", 1, limits.MAX_COUNT)
+    for seed in args.seeds:
+        limits.check_seed(seed, "--seeds")
+    out = creatable(args.out, "--out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

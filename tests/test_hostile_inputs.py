@@ -369,6 +369,7 @@ class Case:
     code: int = 2
     subprocess: bool = False  # run as `python SCRIPT` (or, script "launch.sh ...", through the launcher)
     absent: tuple[str, ...] = ()  # paths (formatted with ws, root) that must not exist afterwards
+    env: dict[str, str] = field(default_factory=dict)  # environment variables the command runs with
     may_add: tuple[str, ...] = ()  # files (relative to the case root) the case may add: a run that started in
                                    # its new output folder (config.yaml, metrics.jsonl) before the data failed
 
@@ -850,6 +851,26 @@ def convert_lora(out: Callable[[Ctx], Path | str], *extra: str, src: Callable[[C
     return argv
 
 
+# issue 22: bounds, shards, last tracebacks (h4)
+# Every text and number has a bound (sdkd/cli/limits.py), said in one line naming the flag or key, before any
+# model loads; the last tracebacks and messages that named the wrong thing.
+
+MEGA = "a red fox " * 100_000  # a megabyte of prompt
+SEED_OVER = str(2**64)
+
+
+def evaluate(*overrides: str, prompt_file: str | None = None) -> Callable[[Ctx], list[str]]:
+    """eval/evaluate.py on the toy student against the toy teacher, OUT = ws/ev (new); `prompt_file`: the text
+    of ws/prompts.txt, given as the prompt file."""
+
+    def argv(c: Ctx) -> list[str]:
+        extra = [f"prompt_file={write(c.ws / 'prompts.txt', prompt_file)}"] if prompt_file is not None else []
+        return [str(c.assets.student), "--teacher", str(c.assets.teacher_dir), "--out", str(c.ws / "ev"), *extra,
+                *overrides]
+
+    return argv
+
+
 def hub_case(argv: Callable[[Ctx], list[str]]) -> Callable[[Ctx], list[str]]:
     def setup(c: Ctx) -> list[str]:
         offline_hub(c)
@@ -1108,8 +1129,138 @@ H3_CASES = [
          ("LoRA '{ws}/student_lora.safetensors' does not fit this model", "'bk_small'", "'teacher'")),
 ]
 
+
+def yaml_section_as_number(c: Ctx) -> list[str]:
+    return config_file("teacher: toy\ntrain: 5\n", "recipe.yaml", *TINY)(c)
+
+
+def images_without_captions(c: Ctx) -> list[str]:
+    for i in range(3):
+        write(c.ws / "pics" / f"{i}.png", png(i))
+    return [str(c.ws / "pics"), str(c.ws / "shards_out")]
+
+
+def full_model_as_lora(c: Ctx) -> list[str]:
+    model = shutil.copy(c.assets.single_file, c.ws / "model.safetensors")
+    return ["to-sdcpp", str(model), "--out", str(c.ws / "lora_sdcpp.safetensors")]
+
+
+def ablation_run_folder_taken(c: Ctx) -> list[str]:
+    """toy_ablation's first run folder already holds the user's files: its kd.py run refuses it (overwrite=true
+    replaces only an sdkd run), and that line must come through."""
+    write(c.ws / "abl" / "runs" / "bk_small-task_only-seed0" / "notes.txt", "mine")
+    return ["--out", str(c.ws / "abl"), "--steps", "2", "--seeds", "0", "--presets", "bk_small"]
+
+
+BENCH_DATA, BENCH_KD = "eval/bench_data.py", "eval/bench_kd_step.py"
+TOO_LONG = ("at most 10,000 characters", "1,000,000 characters")
+
+BOUNDS_CASES = [
+    # eval/sample.py: checked before the model loads
+    case("sample-prompt-a-megabyte", SAMPLE, sample("--prompt", MEGA), ("--prompt", *TOO_LONG)),
+    case("sample-negative-prompt-a-megabyte", SAMPLE, sample("--negative-prompt", MEGA),
+         ("--negative-prompt", *TOO_LONG)),
+    case("sample-seed-negative", SAMPLE, sample("--seed", "-1"), ("--seed", "got -1")),
+    case("sample-seed-over-64-bits", SAMPLE, sample("--seed", SEED_OVER), ("--seed", f"got {SEED_OVER}")),
+    case("sample-seed-plus-images-over-63-bits", SAMPLE, sample("--seed", str(2**63 - 1), "--num-images", "2"),
+         ("--seed", "seed + 1 for 2 images")),
+    case("sample-guidance-nan", SAMPLE, sample("--guidance", "nan"), ("--guidance", "finite", "got nan")),
+    case("sample-guidance-infinite", SAMPLE, sample("--guidance", "inf"), ("--guidance", "got inf")),
+    case("sample-guidance-a-million", SAMPLE, sample("--guidance", "1e6"), ("--guidance", "from 0 to 100")),
+    case("sample-steps-a-million", SAMPLE, sample("--steps", "1000000"), ("--steps", "got 1000000")),
+    case("sample-height-100k", SAMPLE, sample("--height", "100000"), ("--height", "got 100000")),
+    case("sample-num-images-a-billion", SAMPLE, sample("--num-images", "1000000000"), ("--num-images",)),
+    case("sample-batch-size-a-million", SAMPLE, sample("--batch-size", "1000000"), ("--batch-size", "got 1000000")),
+    case("sample-lora-scale-nan", SAMPLE, sample("--lora-scale", "nan"), ("--lora-scale", "got nan")),
+    case("sample-lora-is-a-full-model", SAMPLE,
+         lambda c: sample_argv(c, c.assets.student, "--lora", full_model_as_lora(c)[1]),
+         ("'{ws}/model.safetensors' holds a full model", "not a LoRA")),
+    # eval/evaluate.py: the prompt set and the sampling settings, before anything loads
+    case("evaluate-prompt-file-a-20mb-line", "eval/evaluate.py",
+         evaluate(prompt_file="a red fox\n" + "x" * 20_000_000 + "\n"),
+         ("config key 'prompt_file'", "prompt 2", "20,000,000 characters"), absent=("{ws}/ev",)),
+    case("evaluate-prompts-too-long", "eval/evaluate.py", evaluate(f"prompts=[{'x' * 20_000}]"),
+         ("config key 'prompts[0]'", "20,000 characters"), absent=("{ws}/ev",)),
+    case("evaluate-seed-over-63-bits", "eval/evaluate.py", evaluate(f"seed={2**63}"), "config key 'seed'",
+         absent=("{ws}/ev",)),
+    case("evaluate-seed-plus-prompts-over-63-bits", "eval/evaluate.py",
+         evaluate(f"seed={2**63 - 1}", prompt_file="one\ntwo\n"), ("config key 'seed'", "seed + 1 for 2 images"),
+         absent=("{ws}/ev",)),
+    case("evaluate-guidance-nan", "eval/evaluate.py", evaluate("guidance_scale=.nan"), "config key 'guidance_scale'",
+         absent=("{ws}/ev",)),
+    case("evaluate-guidance-infinite", "eval/evaluate.py", evaluate("guidance_scale=.inf"),
+         ("config key 'guidance_scale'", "got inf"), absent=("{ws}/ev",)),
+    case("evaluate-steps-a-million", "eval/evaluate.py", evaluate("steps=1000000"), "config key 'steps'",
+         absent=("{ws}/ev",)),
+    case("evaluate-batch-size-a-million", "eval/evaluate.py", evaluate("batch_size=1000000"),
+         "config key 'batch_size'", absent=("{ws}/ev",)),
+    # trainer configs
+    case("config-yaml-section-given-a-number", KD, yaml_section_as_number, ("config key 'train'", "got 5")),
+    case("config-override-section-given-a-number", KD, kd("sample=3"), ("config key 'sample'", "got 3")),
+    case("config-seed-over-64-bits", KD, kd(f"train.seed={SEED_OVER}"), ("config key 'train.seed'", SEED_OVER)),
+    case("config-lr-nan", KD, kd("optim.lr=.nan"), "config key 'optim.lr'"),
+    case("config-grad-norm-infinite", KD, kd("train.max_grad_norm=.inf"),
+         ("config key 'train.max_grad_norm'", "finite")),
+    case("config-betas-nan", KD, kd("optim.betas=[.nan,0.9]"), "config key 'optim.betas"),
+    case("config-batch-size-a-million", KD, kd("train.batch_size=1000000"), "config key 'train.batch_size'"),
+    case("config-num-workers-a-million", KD, kd("train.num_workers=1000000"), "config key 'train.num_workers'"),
+    case("config-resolution-100k", KD, kd("data.resolution=100000"), "config key 'data.resolution'"),
+    case("config-max-steps-over-31-bits", KD, kd(f"train.max_steps={2**40}"), "config key 'train.max_steps'"),
+    case("config-sample-guidance-nan", KD, kd("sample.guidance_scale=.nan"), "config key 'sample.guidance_scale'"),
+    case("config-sample-steps-a-million", KD, kd("sample.steps=1000000"), "config key 'sample.steps'"),
+    case("config-sample-prompt-too-long", KD, kd(f"sample.prompts=[{'x' * 20_000}]"),
+         ("config key 'sample.prompts[0]'", "20,000 characters")),
+    case("kd-world-size-without-launcher", KD, kd(), ("WORLD_SIZE=2", "launch.sh"), env={"WORLD_SIZE": "2"},
+         absent=("{ws}/out",)),
+    # the demo's command line: before Gradio and the models load
+    case("demo-guidance-nan", "eval/demo.py", lambda c: ["--guidance", "nan"], ("--guidance", "got nan")),
+    case("demo-steps-a-million", "eval/demo.py", lambda c: ["--steps", "1000000"], "--steps"),
+    # tools
+    case("make-shards-workers-negative", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                           "--workers", "-1"],
+         ("--workers", "got -1"), absent=("{ws}/sh",)),
+    case("make-shards-quality-500", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                      "--quality", "500"],
+         ("--quality", "from 1 to 100", "got 500"), absent=("{ws}/sh",)),
+    case("make-shards-shard-size-zero", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                          "--shard-size", "0"],
+         ("--shard-size", "got 0"), absent=("{ws}/sh",)),
+    case("make-shards-images-without-captions", "data/make_shards.py", images_without_captions,
+         ("{ws}/pics/metadata.jsonl: not found", "--caption-column"), absent=("{ws}/shards_out",)),
+    case("cache-latents-batch-size-negative", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, f"data.cache={c.ws / 'cache'}", "--batch-size", "-1"],
+         ("--batch-size", "got -1"), absent=("{ws}/cache",)),
+    case("bench-data-workers-negative", BENCH_DATA, lambda c: ["--workers", "-1"], ("--workers", "got -1")),
+    case("bench-data-too-few-images", BENCH_DATA, lambda c: ["--mode", "loader", "--images", "10", "--workers", "2"],
+         ("--images 10 is too few for 2 workers", "at least 64")),
+    case("bench-data-json-in-a-missing-folder", BENCH_DATA,
+         lambda c: ["--json", str(c.ws / "reports" / "data.json")], "folder '{ws}/reports' does not exist"),
+    case("bench-kd-step-repeats-zero", BENCH_KD, lambda c: ["--repeats", "0"], ("--repeats", "got 0")),
+    case("bench-kd-step-latent-a-million", BENCH_KD, lambda c: ["--latent", "1000000"], "--latent"),
+    case("bench-kd-step-json-in-a-missing-folder", BENCH_KD,
+         lambda c: ["--json", str(c.ws / "reports" / "kd.json")], "folder '{ws}/reports' does not exist"),
+    case("export-single-file-under-a-file", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "single-file", "--out",
+                    str(c.ws / "precious" / "thesis.tex" / "student.safetensors")],
+         ("--out '{ws}/precious/thesis.tex/student.safetensors': cannot be written", "is a file")),
+    case("export-diffusers-under-a-file", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "diffusers", "--out",
+                    str(c.ws / "precious" / "thesis.tex" / "x")],
+         "--out '{ws}/precious/thesis.tex/x': cannot be written"),
+    case("convert-lora-given-a-full-model", "train/convert_lora.py", full_model_as_lora,
+         ("'{ws}/model.safetensors' holds a full model", "not a LoRA"), absent=("{ws}/lora_sdcpp.safetensors",)),
+    case("toy-ablation-seed-negative", "eval/toy_ablation.py", lambda c: ["--out", str(c.ws / "abl"), "--seeds", "-1"],
+         ("--seeds", "got -1"), absent=("{ws}/abl",)),
+    case("toy-ablation-out-under-a-file", "eval/toy_ablation.py",
+         lambda c: ["--out", str(c.ws / "precious" / "thesis.tex" / "abl")], "cannot be written"),
+    case("toy-ablation-says-its-runs-error-line", "eval/toy_ablation.py", ablation_run_folder_taken,
+         ("run bk_small-task_only-seed0 failed: output_dir", "holds no sdkd run"),
+         marks=pytest.mark.slow),  # a kd.py process (its Python start, seconds)
+]
+
+
 ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
-    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES
+    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES + BOUNDS_CASES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1125,6 +1276,8 @@ def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tm
     monkeypatch.chdir(ws)
     monkeypatch.setenv("TMPDIR", str(root / "tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
+    for name, value in hostile.env.items():
+        monkeypatch.setenv(name, value)
     try:
         argv = hostile.setup(ctx)
         capfd.readouterr()  # what building the assets printed

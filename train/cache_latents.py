@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import refuse_links, same_file
 from sdkd.cli.words import counted
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_recipe(args.config, args.overrides)
     if cfg.data.cache is None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
-    if args.shard_size <= 0:
-        raise UserError("--shard-size must be > 0")
-    if args.sample_steps <= 0:
-        raise UserError("--sample-steps must be > 0")
+    limits.check_int(args.shard_size, "--shard-size", 1, limits.MAX_IMAGES)
+    limits.check_steps(args.sample_steps, "--sample-steps")
+    if args.batch_size is not None:
+        limits.check_int(args.batch_size, "--batch-size", 1, limits.MAX_BATCH)
     if args.from_samples and cfg.data.buckets != "none":
         raise UserError("config key 'data.buckets': --from-samples samples square latents at data.resolution; "
                         "set data.buckets=none")

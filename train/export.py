@@ -22,7 +22,7 @@ import shlex
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import refuse_links, same_file
+from sdkd.cli.files import creatable, refuse_links, same_file
 from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
 
@@ -45,6 +45,7 @@ def export(src: str, fmt: str, out: str, target: str | None = None, half: bool =
     if not overwrite and (target_path.is_file() or (target_path.is_dir() and any(target_path.iterdir()))):
         raise UserError(f"--out '{out}' already exists; choose another path or pass --overwrite")
     refuse_links(target_path, "--out")
+    creatable(target_path, "--out")  # before the model loads
     source = load_source(src, ema=ema, vae=vae, allow_pickle=allow_pickle)
     if fmt == "diffusers":
         return export_diffusers(source, out, half)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import save_pretrained
 from sdkd.eval.inference.pipeline import Pipeline, load_pipeline
@@ -201,13 +202,13 @@ class Result:
 def generate(model: DemoModel, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0) -> Result:
     """One image of `model`, timed; steps and guidance default to the model's own."""
-    steps = model.default_steps if steps is None else int(steps)
-    guidance = model.default_guidance if guidance is None else float(guidance)
+    steps = model.default_steps if steps is None else limits.check_steps(steps, "steps")
+    guidance = model.default_guidance if guidance is None else limits.check_guidance(guidance, "guidance")
     pipe = model.pipe
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     start = time.perf_counter()
     image = pipe(prompt, negative_prompt=negative_prompt or None, steps=steps, guidance_scale=guidance,
-                 seed=int(seed))[0]  # a PIL image: the GPU work is done when it exists
+                 seed=seed)[0]  # a PIL image: the GPU work is done when it exists
     seconds = time.perf_counter() - start
     return Result(image, seconds, steps, pipe.settings(steps, guidance)["guidance_scale"])

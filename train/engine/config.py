@@ -31,7 +31,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.cli.errors import ConfigError, first_line, require
+from sdkd.cli import limits
+from sdkd.cli.errors import ConfigError, UserError, first_line, require
 from sdkd.cli.files import write_text
 from sdkd.data.sources.config import Choice, DataConfig, Section, expected_one_of
 
@@ -291,12 +292,31 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(_load_yaml(path.parent / str(parent), seen + (path.resolve(),)), node)
 
 
+def _sections_stay_sections(merged: Any, data: Any, at: str = "") -> None:
+    """A value given for a whole section (`train: 5`) as one line naming it: OmegaConf's merge error names no
+    key."""
+    for key, value in data.items():
+        path = f"{at}.{key}" if at else str(key)
+        section = merged._get_node(key) if OmegaConf.is_dict(merged) and key in merged else None
+        if not OmegaConf.is_dict(section):
+            continue
+        if isinstance(value, dict):
+            _sections_stay_sections(section, value, path)
+        elif value is not None:
+            raise ConfigError(f"config key '{path}': a section of keys and values, got {limits.shorten(value)}")
+
+
+def _merge(merged: Any, node: Any) -> Any:
+    _sections_stay_sections(merged, OmegaConf.to_container(node, resolve=False))
+    return OmegaConf.merge(merged, node)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schema: type) -> Any:
     """YAML file + `key=value` overrides -> a checked `schema` instance (`check_config`)."""
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+            merged = _merge(merged, _load_yaml(Path(path)))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
@@ -304,7 +324,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schem
         for override in overrides:
             key, _, text = override.partition("=")
             OmegaConf.update(dots, key, _read_yaml(text, f"override '{override}'"))
-        merged = OmegaConf.merge(merged, dots)
+        merged = _merge(merged, dots)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -320,6 +340,13 @@ def check_config(cfg: Section, at: str = "") -> None:
         if is_dataclass(value):  # a section that is no Section has no check: AttributeError, a programming error
             check_config(value, f"{at}.{f.name}" if at else f.name)
     cfg.check(at)
+    for f in fields(cfg):  # then the bounds every key of its name has (cli/limits.py): upper ones, NaN
+        key = f"{at}.{f.name}" if at else f.name
+        if not is_dataclass(getattr(cfg, f.name)):
+            try:
+                limits.check_key(key, getattr(cfg, f.name), f"config key '{key}'")
+            except UserError as err:
+                raise ConfigError(str(err)) from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -147,6 +147,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if not file.is_file():
         raise UserError(f"LoRA '{path}' not found (expected a .safetensors file or a folder with {LORA_FILE})")
     meta = read_metadata(file)
+    with safe_open(str(file), framework="pt") as f:  # the names only: a full model is not loaded to be refused
+        keys = list(f.keys())
+    if not any(_SUFFIX.search(key) for key in keys):
+        what = f"a full model ({len(keys)} tensors, no LoRA down/up pair)" if keys else "no tensors"
+        raise UserError(f"'{file}' holds {what}, not a LoRA: give a LoRA file, such as OUTPUT/{LORA_FILE} of "
+                        f"train/lora.py")
     return load_file(file), meta
 
 

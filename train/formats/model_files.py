@@ -583,11 +583,13 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     info = card_info(source)
     meta[META + "info"] = json.dumps(info, default=str)
     meta[META + "sampling"] = json.dumps(info["sampling"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file(flat, str(tmp), metadata=meta)
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:  # a read-only file system, a full disk
+        raise UserError(f"--out '{out}': cannot be written ({first_line(err)})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
