@@ -48,6 +48,10 @@ if (( ! dry_run )); then
   for arg in "$@"; do
     case "$arg" in -h|--help|--print-config|--check-config) exit 0 ;; esac
   done
+  if [[ "$strategy" == zero* ]] && ! python -c "import deepspeed" 2>/dev/null; then
+    echo "error: --strategy $strategy: DeepSpeed is not installed (pip install deepspeed; it needs CUDA GPUs)" >&2
+    exit 2
+  fi
 fi
 if [[ -z "$gpus" ]]; then
   gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")

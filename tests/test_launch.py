@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -10,6 +12,8 @@ from accelerate.utils import DistributedType
 
 from conftest import ROOT, run_script
 
+# launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
+PYTHON_ON_PATH = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 STRATEGIES = ["single", "ddp", "fsdp", "fsdp_offload", "zero2", "zero3"]
 
 
@@ -78,3 +82,24 @@ def test_a_wrong_option_is_one_line_and_exit_2(args, error):
     result = dry_run(*args, "train/kd.py")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.splitlines() == [f"error: {error}"]
+
+
+@pytest.mark.slow
+def test_deepspeed_without_its_package_or_a_gpu_stops_in_one_line(tmp_path):
+    """Where DeepSpeed cannot run (not installed; or no CUDA GPU, where accelerate 1.15 would quietly start DDP
+    instead) a zero2 launch stops with one line before training; DeepSpeed training itself is not run here."""
+    import importlib.util
+
+    import torch
+
+    result = run_script(["bash", "launch.sh", "--strategy", "zero2", "--gpus", "1", "train/kd.py", "--config",
+                         "configs/toy.yaml", f"output_dir={tmp_path}"], timeout=300, env=PYTHON_ON_PATH)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    if importlib.util.find_spec("deepspeed") is None:
+        error = "--strategy zero2: DeepSpeed is not installed (pip install deepspeed; it needs CUDA GPUs)"
+    elif not torch.cuda.is_available():
+        error = ("launch.sh --strategy zero2/zero3: DeepSpeed needs CUDA GPUs, and this machine has none; "
+                 "use --strategy ddp or fsdp")
+    else:
+        pytest.skip("DeepSpeed and a CUDA GPU are here: nothing to refuse")
+    assert result.stderr.strip().splitlines()[-1] == f"error: {error}"
