@@ -84,15 +84,17 @@ def test_fsdp_refuses_sample_grids_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("trainer, error", [
-    (("train/lora.py", "configs/lora_toy.yaml"),
+    (("train/lora.py", "configs/lora_toy.yaml", "model=toy"),
      "launch.sh --strategy fsdp: module 'unet' is checkpointed in part (a LoRA adapter), which FSDP here does not "
      "gather; use --strategy ddp"),
-    (("train/one_step.py", "configs/one_step_toy.yaml"),
+    (("train/one_step.py", "configs/one_step_toy.yaml", "pairs.count=2", "pairs.eval_count=1", "pairs.steps=1",
+      "train.batch_size=1"),
      "launch.sh --strategy fsdp: this trainer trains 2 modules (student, online); FSDP here shards one trained "
      "module; use --strategy ddp"),
 ])
 def test_fsdp_refuses_what_it_does_not_shard_in_one_line(tmp_path, trainer, error):
+    script, config, *more = trainer  # one_step: the fewest ODE pairs, made before the refusal
     result = launch_fsdp(tmp_path, 1, "train.max_steps=2", "train.sample_every=0", "eval.every=0",
-                         "log.trackers=[none]", trainer=trainer, check=False)
+                         "log.trackers=[none]", *more, trainer=(script, config), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {error}"

@@ -291,15 +291,18 @@ class Checkpointer:
     A checkpoint resumes in another number of processes when the global batch (`samples_per_step`) is the
     same and the task keeps no per-process state: the step's generator is the same on every process
     (StepRandom), and under FSDP accelerate's sharded files load into any number of shards. `schedules`:
-    the prepared LR schedules, which step once per process per optimizer step (rescaled on such a resume)."""
+    the prepared LR schedules, which step once per process per optimizer step (rescaled on such a resume).
+    `streamed`: the data is a stream each process reads its own part of (WebDataset), which another number
+    of processes would split otherwise."""
 
     def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple],
-                 task=None, schedules: list | None = None, samples_per_step: int | None = None):
+                 task=None, schedules: list | None = None, samples_per_step: int | None = None,
+                 streamed: bool = False):
         from sdkd.train.engine.sharding import is_fsdp
 
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
         self.models, self.task, self.schedules = models, task, schedules or []
-        self.samples_per_step, self.fsdp = samples_per_step, is_fsdp(accelerator)
+        self.samples_per_step, self.streamed, self.fsdp = samples_per_step, streamed, is_fsdp(accelerator)
         if accelerator.is_main_process:
             recover(self.output_dir)
         accelerator.wait_for_everyone()
@@ -312,19 +315,27 @@ class Checkpointer:
     def _save_models(self, models, weights, output_dir):
         from sdkd.train.engine.sharding import full_state_dict, whole_ema
 
+        main = self.accelerator.is_main_process
         for state, ema in self.models:
-            state_dict = full_state_dict(state.model) if self.fsdp else None
-            with whole_ema(ema if self.fsdp else None):
-                if self.accelerator.is_main_process:
-                    state.save(Path(output_dir), ema, **({"state_dict": state_dict} if self.fsdp else {}))
+            if not self.fsdp:
+                if main:
+                    state.save(Path(output_dir), ema)
+                continue
+            state_dict = full_state_dict(state.model)  # every process: the gathers are collective
+            with whole_ema(ema):
+                if main:
+                    state.save(Path(output_dir), ema, state_dict=state_dict)
         weights.clear()
 
     def _load_models(self, models, input_dir):
         from sdkd.train.engine.sharding import reshard_ema
 
         for state, ema in self.models:
-            state.load(Path(input_dir), ema, self.accelerator.device, **({"with_weights": False} if self.fsdp else {}))
-            if self.fsdp and ema is not None:
+            if not self.fsdp:
+                state.load(Path(input_dir), ema, self.accelerator.device)
+                continue
+            state.load(Path(input_dir), ema, self.accelerator.device, with_weights=False)
+            if ema is not None:
                 reshard_ema(ema, list(state.ema_parameters()))
         models.clear()
 
@@ -382,6 +393,9 @@ class Checkpointer:
             raise UserError(f"resume '{path}': {written}, and a global batch of {self.samples_per_step} samples "
                             f"per step instead of {saved.get('samples_per_step')}; set train.batch_size so that "
                             f"batch_size x grad_accum x processes stays the same")
+        if self.streamed:
+            raise UserError(f"resume '{path}': {written}; a streamed data source (webdataset) splits its shards by "
+                            f"process, so another number of processes would read other samples")
         if self.task is not None and self.task.state_dict():
             raise UserError(f"resume '{path}': {written}; this trainer keeps state per process, which cannot "
                             f"move to another number of processes")

@@ -31,7 +31,15 @@ from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolv
 from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
 from sdkd.train.engine.frozen import freeze
-from sdkd.train.engine.sharding import ShardedModule, check_launch, check_task, fsdp_on_cpu, is_deepspeed, is_fsdp
+from sdkd.train.engine.sharding import (
+    ShardedModule,
+    check_config,
+    check_launch,
+    check_task,
+    fsdp_on_cpu,
+    is_deepspeed,
+    is_fsdp,
+)
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 
@@ -56,6 +64,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     fsdp_on_cpu(acc)
+    check_config(acc, cfg)
     run_folder.claim(cfg, acc)
     return acc
 
@@ -118,7 +127,8 @@ class Loop:
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
                                     [(p.spec.state, p.spec.ema) for p in self.modules.values()], task,
-                                    [p.lr_schedule for p in self.modules.values()], samples_per_step)
+                                    [p.lr_schedule for p in self.modules.values()], samples_per_step,
+                                    streamed=isinstance(self.dataset, IterableDataset))
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -183,7 +193,7 @@ class Loop:
         """Freeze the task's frozen models (each in its `frozen_dtype`); give each trained module its optimizer,
         LR schedule and EMA (`TrainedModule.ema`)."""
         acc = self.accelerator
-        check_task(acc, self.task, self.cfg.train.sample_every)
+        check_task(acc, self.task)
         for name, frozen in self.task.frozen.items():
             if frozen is not None:
                 freeze(frozen, acc.device, self.task.frozen_dtype(name, weight_dtype(acc)))

@@ -56,7 +56,18 @@ def is_deepspeed(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED
 
 
-def check_task(acc, task, sample_every: int) -> None:
+def check_config(acc, cfg) -> None:
+    """What this run's strategy cannot do with the run's config, in one line, before any model is built."""
+    if not is_fsdp(acc):
+        return
+    eval_every = getattr(getattr(cfg, "eval", None), "every", 0)
+    for key, every in (("train.sample_every", cfg.train.sample_every), ("eval.every", eval_every)):
+        if every:
+            raise UserError(f"{key}={every}: it runs the trained model on the main process alone, which under FSDP "
+                            f"holds only its shard; set {key}=0 (the exported model samples as usual)")
+
+
+def check_task(acc, task) -> None:
     """What this run's strategy cannot do with `task`, in one line."""
     names = [m.name for m in task.modules]
     several = f"this trainer trains {len(names)} modules ({', '.join(names)})"
@@ -75,10 +86,6 @@ def check_task(acc, task, sample_every: int) -> None:
     if not task.modules[0].state.shardable:
         raise UserError(f"launch.sh --strategy fsdp: module '{names[0]}' is checkpointed in part (a LoRA "
                         f"adapter), which FSDP here does not gather; use --strategy ddp")
-    for key, every in (("train.sample_every", sample_every), ("eval.every", task.eval_every)):
-        if every:
-            raise UserError(f"{key}={every}: it runs the trained model on the main process alone, which under FSDP "
-                            f"holds only its shard; set {key}=0 (the exported model samples as usual)")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
