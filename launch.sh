@@ -31,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --main-addr|--main-ip) main_addr="$2"; shift 2 ;;
     --main-port|--port) port="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
