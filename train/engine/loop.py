@@ -34,6 +34,15 @@ from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolv
 from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
 from sdkd.train.engine.frozen import freeze
+from sdkd.train.engine.sharding import (
+    ShardedModule,
+    check_config,
+    check_launch,
+    check_task,
+    fsdp_on_cpu,
+    is_deepspeed,
+    is_fsdp,
+)
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 
@@ -48,6 +57,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         # A WORLD_SIZE left in the shell: accelerate would wait for, or fail to reach, processes never started.
         raise UserError(f"WORLD_SIZE={limits.shorten(world, 20)} is set, but no launcher started this process: "
                         f"run it with ./launch.sh --gpus N (or accelerate launch), or unset WORLD_SIZE")
+    check_launch()
     out = Path(cfg.output_dir)
     acc = Accelerator(
         # Without this, processes started by `accelerate launch --multi_gpu` on a machine with no
@@ -61,6 +71,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         log_with=tracking.tracker_list(cfg.log.trackers, out),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    fsdp_on_cpu(acc)
+    check_config(acc, cfg)
     run_folder.claim(cfg, acc)
     return acc
 
@@ -96,6 +108,8 @@ class Prepared:
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: object
+    sharded: ShardedModule | None = None
+    """Under FSDP: how to make the module whole again at the end."""
 
 
 class Loop:
@@ -118,8 +132,11 @@ class Loop:
             acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
                       f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
         self.prepare(max_steps)
+        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
-                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task)
+                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task,
+                                    [p.lr_schedule for p in self.modules.values()], samples_per_step,
+                                    streamed=isinstance(self.dataset, IterableDataset))
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -136,7 +153,6 @@ class Loop:
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
         acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
-        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
         if step == 0 and task.eval_every:  # the curve's starting point: the freshly initialised model
@@ -169,6 +185,9 @@ class Loop:
         progress.close()
 
         acc.wait_for_everyone()
+        for p in self.modules.values():
+            if p.sharded is not None:  # every process: the gather is collective
+                p.sharded.unshard(p.spec.ema)
         if acc.is_main_process:
             for p in self.modules.values():
                 if p.spec.ema is not None:
@@ -182,6 +201,7 @@ class Loop:
         """Freeze the task's frozen models (each in its `frozen_dtype`); give each trained module its optimizer,
         LR schedule and EMA (`TrainedModule.ema`)."""
         acc = self.accelerator
+        check_task(acc, self.task)
         for name, frozen in self.task.frozen.items():
             if frozen is not None:
                 freeze(frozen, acc.device, self.task.frozen_dtype(name, weight_dtype(acc)))
@@ -196,11 +216,18 @@ class Loop:
         lr_schedule = get_scheduler(spec.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=spec.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=updates * acc.num_processes)
-        if spec.ema_decay is not None:
+        sharded = ShardedModule(spec.module) if is_fsdp(acc) else None
+        if is_deepspeed(acc):  # what accelerate would otherwise fill in: clipping at 1.0, the loader's batch
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["gradient_clipping"] = spec.max_grad_norm
+            ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
+        if spec.ema_decay is not None and sharded is None:
             spec.ema = spec.state.make_ema(spec.ema_decay)
             spec.ema.to(acc.device)
         wrapped, optimizer, lr_schedule = acc.prepare(spec.module, optimizer, lr_schedule)
-        return Prepared(spec, wrapped, optimizer, lr_schedule)
+        if spec.ema_decay is not None and sharded is not None:  # kept per shard: of the sharded parameters
+            spec.ema = spec.state.make_ema(spec.ema_decay)
+        return Prepared(spec, wrapped, optimizer, lr_schedule, sharded)
 
     def _learning_rates(self) -> dict[str, float]:
         """`lr` of a task with one module, else `lr/NAME` of each."""

@@ -317,6 +317,8 @@ class LoraState(TensorState):
     """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net.
     `text_encoders`: the adapted text encoders by component name."""
 
+    shardable = False
+
     def __init__(self, unet, text_encoders: dict | None = None, base: str | None = None):
         super().__init__(unet)
         self.unet, self.text_encoders, self.base = unet, text_encoders or {}, base
