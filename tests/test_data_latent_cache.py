@@ -156,3 +156,27 @@ def test_teacher_samples_are_stored_exactly_with_a_seed_per_sample(toy):
     scaled = torch.cat([first, second]) * toy.vae.config.scaling_factor
     torch.testing.assert_close(scaled, torch.cat(expected), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(scaled[0], scaled[1])
+
+
+def test_kd_from_the_cache_loads_no_vae_or_text_encoder(cache, tmp_path):
+    """train/kd.py's build with data.cache: the step's encoder is the cache's, and neither the task's parts nor
+    the models the loop freezes (and moves to the device) hold a VAE or text encoder; the student checkpoints."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.kd import build
+    from sdkd.train.tasks.diffusion_config import KDConfig
+
+    cfg = load_config(None, ["teacher=toy", f"output_dir={tmp_path}", f"data.cache={cache}", f"data.resolution={R}",
+                             "train.gradient_checkpointing=true"], schema=KDConfig)
+    try:
+        task, dataset = build(cfg, Accelerator(cpu=True))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert isinstance(dataset, CachedLatents) and isinstance(task.encoder, CachedEncoder)
+    assert not task.parts.has_encoders
+    assert {name: m for name, m in task.parts.frozen.items()} == {"vae": None, "text_encoder": None}
+    assert [name for name, m in task.frozen.items() if m is not None] == ["teacher"]
+    assert task.modules[0].module.is_gradient_checkpointing

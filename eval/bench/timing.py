@@ -172,8 +172,9 @@ def teacher_pipe(teacher: str):
     return load_source(teacher, what="--teacher").pipe
 
 
-def prepare_for_speed(pipe, device, dtype, compile_: bool):
-    """Move a pipeline to `device` / `dtype`, SDPA attention, channels_last U-Net on CUDA, optional torch.compile."""
+def prepare_for_speed(pipe, device, dtype, compile_: bool, backend: str = "inductor"):
+    """Move a pipeline to `device` / `dtype`, SDPA attention, channels_last U-Net on CUDA, optional torch.compile
+    (with `backend`)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(device)
@@ -184,7 +185,7 @@ def prepare_for_speed(pipe, device, dtype, compile_: bool):
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
     if compile_:
-        pipe.unet = torch.compile(pipe.unet)
+        pipe.unet = torch.compile(pipe.unet, backend=backend)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

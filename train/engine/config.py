@@ -16,6 +16,7 @@ import argparse
 import ast
 import enum
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -58,6 +59,11 @@ class AdamWImplementation(Choice):
     fused = enum.auto()
     foreach = enum.auto()
     loop = enum.auto()
+
+
+class OptimizerName(Choice):
+    adamw = auto()
+    adamw_8bit = auto()
 
 
 class LRScheduler(Choice):
@@ -126,6 +132,9 @@ class TrainConfig(Section):
 
 @dataclass
 class OptimConfig(Section):
+    name: OptimizerName = OptimizerName.adamw
+    """adamw: torch's AdamW (fp32 states, 8 bytes per trained parameter); adamw_8bit: bitsandbytes' AdamW8bit
+    (8-bit block-quantised states, 2 bytes per parameter), CUDA only and needs `pip install bitsandbytes`."""
     lr: float = 5e-5
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -135,7 +144,7 @@ class OptimConfig(Section):
     eps: float = 1e-8
     """AdamW epsilon."""
     implementation: AdamWImplementation = AdamWImplementation.auto
-    """AdamW kernel; auto: fused where supported, else foreach."""
+    """torch AdamW's kernel (optim.name=adamw); auto: fused where supported, else foreach."""
     lr_scheduler: LRScheduler = LRScheduler.constant
     """diffusers' learning-rate schedule of that name."""
     warmup_steps: int = 0
@@ -149,6 +158,13 @@ class OptimConfig(Section):
         require(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
         require(self.eps > 0, f"{at}.eps", "must be > 0")
         require(self.warmup_steps >= 0, f"{at}.warmup_steps", "must be >= 0")
+        require(self.name == "adamw" or self.implementation == "auto", f"{at}.implementation",
+                f"chooses torch AdamW's kernel: leave it at auto with {at}.name={self.name}")
+        # Checked here, before any process starts or a model loads (launch.sh's --check-config); find_spec
+        # does not import it.
+        require(self.name != "adamw_8bit" or importlib.util.find_spec("bitsandbytes") is not None, f"{at}.name",
+                "adamw_8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; CUDA only), "
+                "or use adamw")
 
 
 @dataclass

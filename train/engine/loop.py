@@ -84,11 +84,23 @@ def weight_dtype(acc: Accelerator) -> torch.dtype:
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; `auto` takes the fused kernel where the device has one (CPU and CUDA do), else foreach.
+    `optim.name=adamw_8bit`: bitsandbytes' AdamW8bit, refused in one line off CUDA or without bitsandbytes.
 
     The default per-parameter loop costs seconds per step on CPU for an SD-sized U-Net.
     """
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
     params = list(params)
+    if cfg.name == "adamw_8bit":
+        # Asked of the machine, not of the parameters: accelerate moves them to the GPU after this.
+        if not torch.cuda.is_available():
+            raise UserError("optim.name=adamw_8bit: bitsandbytes' 8-bit AdamW needs a CUDA GPU and this machine "
+                            "has none; use optim.name=adamw")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError("optim.name=adamw_8bit needs bitsandbytes (pip install bitsandbytes), "
+                            "or use optim.name=adamw") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kw)
     if cfg.implementation in ("auto", "fused"):
         try:
             return torch.optim.AdamW(params, fused=True, **kw)
