@@ -288,7 +288,7 @@ class _ScriptConfig(KDConfig):
 
 
 @pytest.mark.parametrize("schema, own", [
-    (KDConfig, "\n  teacher = (required)\n      Teacher pipeline"),
+    (KDConfig, "\n  teacher = (required)\n      Teacher: hub id, local diffusers folder"),
     (FinetuneConfig, "\n  model = (required)\n      The pipeline to train"),
     (LoraTrainConfig, "\n  optim.lr = 0.0001\n      Peak learning rate."),
     (_ScriptConfig, "\n  extra = 3\n      A key only this schema has."),

@@ -15,6 +15,7 @@ from sdkd.data.sources.core import SyntheticCaptions, build_dataset, collate
 from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.formats.fingerprint import component_fingerprint
 from sdkd.train.models.teacher import load_teacher
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder, build_encoder
 
@@ -109,7 +110,7 @@ def test_checked_against_the_teachers_weights_not_its_path(tmp_path, toy):
     from sdkd.train.models.toy import toy_teacher_folder
 
     write_cache(source(), BatchEncoder(toy), tmp_path / "cache", batch_size=5, info={
-        "resolution": R, "teacher": "toy", "weights": {name: toy.weights_fingerprint(name)
+        "resolution": R, "teacher": "toy", "weights": {name: component_fingerprint(toy, name)
                                                        for name in ("vae", "text_encoder")}})
     ds, cfg = CachedLatents(tmp_path / "cache"), DataConfig(cache=str(tmp_path / "cache"), resolution=R)
     moved = shutil.copytree(toy_teacher_folder(), tmp_path / "moved")

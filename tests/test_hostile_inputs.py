@@ -794,6 +794,8 @@ def refused_at(out: Callable[[Ctx], str], *overrides: str) -> Callable[[Ctx], li
         c.absent += new_absent(Path(folder or ".").absolute() / LOCK)
         return ["--config", TOY, f"output_dir={folder or repr('')}", *TINY, *overrides]
 
+    return argv
+
 
 # issue 22: links, overwrites, caches (h3)
 

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sdkd.data.sources.core import build_dataset
     from sdkd.data.sources.latent_cache import write_cache
+    from sdkd.train.formats.fingerprint import component_fingerprint
     from sdkd.train.formats.model_files import load_parts
     from sdkd.train.models.teacher import PipelineSource
     from sdkd.train.tasks.objective import BatchEncoder
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
         shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict, buckets=source.bucket_sizes(),
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
-              "weights": {name: teacher.weights_fingerprint(name) for name in teacher.family.models
+              "weights": {name: component_fingerprint(teacher, name) for name in teacher.family.models
                           if name != "unet" or args.from_samples},
               "data": dataclasses.asdict(source),
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -107,8 +107,9 @@ class CachedLatents(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def check_teacher(self, parts, resolution: int) -> None:
-        """The cache must come from this teacher's model family, VAE and text encoder width, at this resolution."""
+    def check_teacher(self, parts, resolution: int, fingerprint: Callable[[str], str] | None = None) -> None:
+        """The cache must come from this teacher's model family, VAE and text encoder width, at this resolution;
+        and, given `fingerprint` (component name -> fingerprint of the teacher's weight files), its weights."""
         m = self.manifest
         if (self.family, self.fields) != (parts.family.name, list(parts.family.fields)):
             raise UserError(f"latent cache {self.root} was made for model family '{self.family}' (tensors "
@@ -124,12 +125,13 @@ class CachedLatents(Dataset):
         if width is not None and m["embed_shape"][-1] != width:
             raise UserError(f"latent cache {self.root}: text embeddings of width {m['embed_shape'][-1]}, the teacher "
                             f"U-Net takes {width} (made with another text encoder)")
-        made = m.get("weights") or {}  # caches written before weights were fingerprinted have none
-        changed = [name for name in sorted(made) if made[name] != parts.weights_fingerprint(name)]
+        # Caches written before weights were fingerprinted have none.
+        made = (m.get("weights") or {}) if fingerprint else {}
+        changed = [name for name in sorted(made) if made[name] != fingerprint(name)]
         if changed:
             raise UserError(f"latent cache {self.root} was made with other weights of the teacher's "
                             f"{' and '.join(changed)} (teacher '{m.get('teacher')}' then) than this run's teacher has "
-                            f"(fingerprint {made[changed[0]]} -> {parts.weights_fingerprint(changed[0])}); write the "
+                            f"(fingerprint {made[changed[0]]} -> {fingerprint(changed[0])}); write the "
                             f"cache again with train/cache_latents.py --overwrite")
 
     def _shard(self, k: int):

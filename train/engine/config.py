@@ -314,7 +314,7 @@ def _sections_stay_sections(merged: Any, data: Any, at: str = "") -> None:
     for key, value in data.items():
         path = f"{at}.{key}" if at else str(key)
         section = merged._get_node(key) if OmegaConf.is_dict(merged) and key in merged else None
-        if not OmegaConf.is_dict(section):
+        if not OmegaConf.is_dict(section) or OmegaConf.get_type(section) is dict:  # a mapping value, not a section
             continue
         if isinstance(value, dict):
             _sections_stay_sections(section, value, path)

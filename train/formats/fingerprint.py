@@ -84,6 +84,13 @@ def what_changed(old: dict, new: dict) -> str:
     return ", ".join(shown + [k for k in keys if isinstance(new[k], (list, tuple))]) or "unreadable"
 
 
+def component_fingerprint(parts, name: str) -> str:
+    """The fingerprint of the weight files of `parts`' component `name` (a `PipelineParts`; loaded or not: a run
+    from a latent cache checks the cache against the encoders it does not load); without a local folder (a hub
+    id not on disk), of the source's name."""
+    return files_fingerprint(parts.folder / name) if parts.folder is not None else text_fingerprint(parts.source)
+
+
 def text_fingerprint(text: str) -> str:
     """For weights known only by a name (a hub id and revision that is not on disk): the name's hash."""
     return hashlib.sha256(text.encode()).hexdigest()[:DIGITS]

@@ -36,7 +36,8 @@ class PipelineParts:
     vae_config: Any = None
     """The VAE's config (a dict-like); taken from the VAE when not given."""
     source: str = ""
-    """Where they were loaded from: a local folder, or a hub id with its revision (`weights_fingerprint`)."""
+    """Where they were loaded from: a local folder, or a hub id with its revision (what train/formats/fingerprint.py
+    `component_fingerprint` hashes when there is no folder)."""
     folder: Path | None = None
     """The local folder of their files (a hub id's cached snapshot); None when unknown."""
 
@@ -77,13 +78,6 @@ class PipelineParts:
         """The VAE and the text encoders by name: the models no trainer trains, which a run from a latent
         cache leaves out (None)."""
         return {name: self.components[name] for name in self.family.frozen}
-
-    def weights_fingerprint(self, name: str) -> str:
-        """The fingerprint of the weight files of component `name` (loaded or not: a run from a latent cache
-        checks the cache against the encoders it does not load); without a local folder, of the source's name."""
-        from sdkd.train.formats.fingerprint import files_fingerprint, text_fingerprint
-
-        return files_fingerprint(self.folder / name) if self.folder is not None else text_fingerprint(self.source)
 
     def freeze(self, device: torch.device, mixed: torch.dtype, names: tuple[str, ...] | None = None) -> None:
         """Freeze the models `names` (default: `frozen`'s) on `device`, each in the dtype its family gives it

@@ -3,6 +3,7 @@ trained against a frozen teacher VAE decoder; its export (an AutoencoderTiny fol
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from dataclasses import replace
@@ -23,6 +24,7 @@ from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
+from sdkd.train.formats.fingerprint import component_fingerprint
 from sdkd.train.formats.model_files import load_parts
 from sdkd.train.formats.weight_files import load_strict, read_weights
 from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
@@ -369,7 +371,7 @@ def build_decoder_task(cfg, acc):
     dataset, held_out = split_held_out(dataset, cfg.decoder.eval_latents)
     encoder = CachedEncoder(teacher, acc.device) if cfg.data.cache else BatchEncoder(teacher)
     if cfg.data.cache:
-        dataset.dataset.check_teacher(teacher, cfg.data.resolution)
+        dataset.dataset.check_teacher(teacher, cfg.data.resolution, functools.partial(component_fingerprint, teacher))
     teacher.vae.to(acc.device)
     # Fixed latents for evaluation and grids: the held-out samples with their own draw.
     held_out_latents = encoder.latents(collate(held_out), StepRandom(cfg.eval.seed, acc.device, len(held_out)))
