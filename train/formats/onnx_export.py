@@ -114,8 +114,8 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output: st
 
 def export_onnx(unet, vae, out: str | Path, external_above: int = PROTOBUF_LIMIT) -> Path:
     """Write `unet`, and `vae`'s decoder when it is an AutoencoderTiny, as ONNX into the folder `out`, with
-    onnx.json; both are moved to the CPU in fp32 (in place) to be traced. `external_above`: weight bytes past which a file's weights go to an external-data
-    file."""
+    onnx.json; both are moved to the CPU in fp32 (in place) to be traced. `external_above`: weight bytes past
+    which a file's weights go to an external-data file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in (UNET_FILE, DECODER_FILE):  # an earlier export's (--overwrite): none may outlive this one
