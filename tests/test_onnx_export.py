@@ -52,7 +52,6 @@ def onnx_unet_error(unet, folder, batch: int, latent: int) -> float:
     return float(np.abs(ours - theirs.numpy()).max())
 
 
-@pytest.mark.slow  # tracing a toy U-Net takes ~20 s on 2 cores
 def test_sdxs_student_and_tiny_decoder_match_pytorch(tmp_path):
     unet = build_student(build_toy_pipeline().unet, PRESETS["sdxs"]).eval()
     vae = tiny_vae().eval()
@@ -71,7 +70,7 @@ def test_sdxs_student_and_tiny_decoder_match_pytorch(tmp_path):
     assert info["files"]["unet"]["external_data"] is None and not (tmp_path / (UNET_FILE + ".data")).exists()
 
 
-@pytest.mark.slow  # tracing a toy SDXL U-Net takes ~30 s on 2 cores
+@pytest.mark.slow  # the toy SDXL U-Net's trace and check: ~3 s
 def test_sdxl_student_with_added_conditioning_matches_pytorch(tmp_path):
     pipe = build_random_pipeline(student_unet_config(TOY_XL_DEPTHS_UNET, PRESETS["vega"]), widths="toy_xl")
     export_onnx(pipe.unet, pipe.vae, tmp_path)  # a KL VAE: no decoder file
