@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                  args.allow_pickle)
     print(f"wrote {out}")
     if args.format == "onnx":
-        print(f"inputs and outputs: {out / 'onnx.json'}; next: python eval/bench_inference.py --model "
-              f"{shlex.quote(args.src)} --onnx  # the ONNX U-Net timed beside PyTorch")
+        print(f"inputs and outputs: {out / 'onnx.json'}; onnxruntime.InferenceSession('{out / 'unet.onnx'}') runs it, "
+              f"and eval/bench_inference.py --onnx times it beside PyTorch (README)")
     elif args.target == "sdcpp":
         print(f"next: sd -m {shlex.quote(str(out))} -p 'a prompt' -o out.png  # stable-diffusion.cpp (README)")
     else:
