@@ -96,8 +96,10 @@ def interleaved(calls: dict[str, Callable[[], object]], device, repeats: int, wa
 
 @torch.inference_mode()
 def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: int, device, dtype,
-                           repeats: int, cpu_time: bool = False) -> dict[str, list[float]]:
+                           repeats: int, cpu_time: bool = False,
+                           extra: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """One U-Net forward per model per round, models taken in turn (`interleaved`), after one warm-up round.
+    `extra`: further calls by name timed in the same rounds (eval/bench_inference.py --onnx: the ONNX U-Nets).
 
     `cpu_time` times with the process CPU clock instead of the wall clock: on a CPU host shared
     with other jobs it counts only this process's own compute (use it with --threads 1, where no
@@ -107,7 +109,7 @@ def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: 
     for name, unet in unets.items():
         sample, t, cond = unet_inputs(unet, batch, resolution, vae_scale, device, dtype)
         calls[name] = functools.partial(unet, sample, t, **cond)
-    return interleaved(calls, device, repeats, warmup=1, clock=clock)
+    return interleaved(calls | (extra or {}), device, repeats, warmup=1, clock=clock)
 
 
 def models(pipe) -> list[torch.nn.Module]:
