@@ -55,7 +55,8 @@ def _check(cfg: RunConfig) -> None:
     refuse_links(folder, "output_dir")  # before the lock file is opened there
     contents = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
     # A run's folder: its config.yaml, or checkpoints alone (a run's checkpoint copied to resume elsewhere).
-    if contents and not ((folder / "config.yaml").is_file() or (cfg.resume is not None and any(folder.glob("checkpoint-*")))):
+    is_run = (folder / "config.yaml").is_file() or (cfg.resume is not None and any(folder.glob("checkpoint-*")))
+    if contents and not is_run:
         raise UserError(f"output_dir '{folder}' is not empty and holds no sdkd run (no config.yaml): "
                         f"choose a new or empty folder")
     if contents and cfg.resume is None and not cfg.overwrite:
