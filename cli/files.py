@@ -186,13 +186,15 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def report_file(path: str | os.PathLike, flag: str) -> Path:
+def report_file(path: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
     """A file a command writes at its end (a benchmark's --json): checked before the minutes of work, so a
-    mistake costs one line, not the results. A folder, or a file in a folder that does not exist or cannot
-    be written, is a UserError naming `flag`."""
+    mistake costs one line, not the results. A folder, an existing file without `overwrite` (--overwrite), or a
+    file in a folder that does not exist or cannot be written, is a UserError naming `flag`."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} '{path}' is a folder; give a file")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UserError(f"{flag} '{path}' exists: pass --overwrite to replace it, or choose another file")
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"{flag} '{path}': folder '{parent}' does not exist")

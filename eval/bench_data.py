@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import report_file
+from sdkd.cli.files import report_file, write_text
 from sdkd.data.sources.core import collate, open_image
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.data.sources.webdataset_source import WebDatasetSource
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     for workers in args.workers:
         limits.check_int(workers, "--workers", 0, limits.MAX_WORKERS)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
     limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
     if args.json:
-        report_file(args.json, "--json")
+        report_file(args.json, "--json", args.overwrite)
     if args.mode in ("loader", "both"):  # the loader benchmark times what is left after every worker's start
         for workers in args.workers:
             if args.images // args.batch - 2 * max(workers, 1) < 4:
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             results[f"cache_{name}"] = bench_cache(name, args.latent, batch, args.repeats, args.warmup)
             print(report_cache(results[f"cache_{name}"]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

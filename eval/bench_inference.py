@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.timing import (
     end_to_end,
     interleaved_step_times,
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--onnx", action="store_true",
                         help="also time each U-Net exported to ONNX (fp32) in onnxruntime, beside PyTorch")
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1 or args.e2e_repeats < 1:
         raise UserError("--steps, --batch, --repeats and --e2e-repeats must be at least 1")
     if args.onnx:  # before any model is built
@@ -181,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_text(args.json, json.dumps(rows, indent=1))
         print(f"\nwrote {args.json}")
 
 

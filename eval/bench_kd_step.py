@@ -55,7 +55,7 @@ import torch
 
 from sdkd.cli import limits
 from sdkd.cli.errors import run_cli
-from sdkd.cli.files import report_file
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.setup import SEED, Bench, build_bench
 from sdkd.train.engine.loop import Loop, build_optimizer
 from sdkd.train.engine.step_random import StepRandom
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed iterations; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
     if args.batch is not None:
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
     limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
     if args.json:
-        report_file(args.json, "--json")
+        report_file(args.json, "--json", args.overwrite)
 
     names = ["toy", "sd15"] if args.model == "both" else [args.model]  # smallest first: ru_maxrss only grows
     results = {}
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = bench_model(name, args.latent, args.batch or DEFAULT_BATCH[name], args.repeats, args.warmup)
         print(report(results[name]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
-                                        indent=2) + "\n")
+        write_text(args.json, json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
+                                         indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

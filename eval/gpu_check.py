@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import creatable, refuse_links, report_file, write_text
 from sdkd.eval.bench.gpu_check import FULL, TINY, deepspeed_zero2, inference, kd_step
 from sdkd.eval.inference.pipeline import resolve_device_dtype
 
@@ -32,9 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json (and the ZeRO-2 run)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (automatic without a CUDA GPU)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier check's gpu_check.json in --out")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out '{args.out}' is a file, not a folder")
+    refuse_links(args.out, "--out")
+    if args.out.is_dir():
+        report_file(args.out / "gpu_check.json", "--out", args.overwrite)
+    else:
+        creatable(args.out, "--out")
     tiny = args.tiny or not torch.cuda.is_available()
     mode = TINY if tiny else FULL
     device, dtype = resolve_device_dtype("auto", "auto")
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     report["deepspeed_zero2"] = deepspeed_zero2(mode, device, args.out)
     report["seconds"] = time.perf_counter() - start
     path = args.out / "gpu_check.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_text(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path} ({report['seconds']:.0f} s)")
 
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.memory import MODELS, PROCESSES, rows
 from sdkd.eval.bench.timing import markdown_table
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("\n".join(sizes_lines(found)))
     if args.json:
-        args.json.write_text(json.dumps(found, indent=1) + "\n")
+        write_text(args.json, json.dumps(found, indent=1) + "\n")
         print(f"\nwrote {args.json}")
 
 

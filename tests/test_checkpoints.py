@@ -181,6 +181,7 @@ def run_saves(tmp_path, accelerator, kill_at=None):
     return saved, ops["n"]
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_a_kill_at_any_point_of_saving_rotating_or_resaving_loses_nothing(tmp_path, accelerator):
     _, total = run_saves(tmp_path / "uninterrupted", accelerator)
     assert total >= 8  # renames into place, rotation and the re-save's moves were all exercised

@@ -68,6 +68,7 @@ def test_models_that_cannot_be_shown_get_one_line_each(toy, tmp_path):
         load_models(specs[:1], tmp_path / "scratch", dtype="fp8")
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_lora_and_tiny_vae_go_to_the_models_they_fit(toy, tmp_path):
     from diffusers import AutoencoderTiny
 
@@ -266,6 +267,7 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
     assert proc.returncode == 0, "".join(output)
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_teacher_dir, tmp_path, capsys):
     """eval/demo.py and its page without a browser: no model to show stops the command before Gradio; each
     model's column starts at its own steps and guidance, the models left out are listed, and a click shows

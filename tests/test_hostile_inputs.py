@@ -1260,9 +1260,22 @@ BOUNDS_CASES = [
          marks=pytest.mark.slow),  # a kd.py process (its Python start, seconds)
 ]
 
+# A benchmark's report replaces an earlier one only with --overwrite: the user's file stays, nothing is measured.
+REPORT_CASES = [
+    case(f"{name}-json-exists", script, lambda c: ["--json", str(c.ws / "precious" / "thesis.tex")],
+         "--json '{ws}/precious/thesis.tex' exists: pass --overwrite")
+    for name, script in [("bench-data", BENCH_DATA), ("bench-kd-step", BENCH_KD),
+                         ("bench-inference", "eval/bench_inference.py"), ("bench-decoder", "eval/bench_decoder.py"),
+                         ("bench-one-step", "eval/bench_one_step.py"), ("bench-students", "eval/bench_students.py"),
+                         ("memory-table", "eval/memory_table.py")]
+] + [
+    case("gpu-check-out-holds-a-report", "eval/gpu_check.py",
+         lambda c: ["--out", str(write(c.ws / "gpu" / "gpu_check.json", "{}").parent)],
+         "--out '{ws}/gpu/gpu_check.json' exists: pass --overwrite"),
+]
 
 ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
-    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES + BOUNDS_CASES
+    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES + BOUNDS_CASES + REPORT_CASES
 
 
 # ---------------------------------------------------------------------------------------------
