@@ -118,12 +118,19 @@ def _outside(link: Path, folder: Path) -> bool:
     return not target.is_relative_to(folder.resolve())
 
 
+# Folders of a run that another library writes and sdkd never writes into: wandb links its run's logs to files
+# under ~/.cache/wandb itself.
+FOREIGN = ("wandb",)
+
+
 def links_out(folder: str | os.PathLike) -> list[Path]:
-    """The symbolic links under `folder` (itself excluded) that lead out of it or nowhere, in walk order.
-    Links that stay inside (wandb's `latest-run`) are the folder's own business."""
+    """The symbolic links under `folder` (itself excluded) that lead out of it or nowhere, in walk order, outside
+    the FOREIGN folders at its top. Links that stay inside (wandb's `latest-run`) are the folder's own business."""
     folder = Path(folder)
     found = []
     for root, dirs, names in os.walk(folder):  # does not descend into linked folders: they are listed in dirs
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if d not in FOREIGN or (folder / d).is_symlink()]
         for name in sorted(dirs + names):
             path = Path(root) / name
             if path.is_symlink() and _outside(path, folder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,10 +181,16 @@ def test_links_out_finds_links_leaving_the_folder_and_keeps_those_inside(tmp_pat
     (run / "wandb" / "latest-run").symlink_to("run-1", target_is_directory=True)  # wandb's own: stays inside
     (run / "config.yaml").symlink_to(outside / "bashrc")
     (run / "samples").symlink_to(outside, target_is_directory=True)
-    (run / "wandb" / "gone").symlink_to(tmp_path / "nowhere")  # dangling: a write would create it outside
+    # wandb's own, to its log under ~/.cache/wandb: its folder is wandb's to write, never sdkd's
+    (run / "wandb" / "debug-core.log").symlink_to(outside / "bashrc")
+    (run / "logs").mkdir()
+    (run / "logs" / "gone").symlink_to(tmp_path / "nowhere")  # dangling: a write would create it outside
     (run / "up").symlink_to("../outside/bashrc")  # relative, out through ..
-    assert links_out(run) == [run / "config.yaml", run / "samples", run / "up", run / "wandb" / "gone"]
+    assert links_out(run) == [run / "config.yaml", run / "samples", run / "up", run / "logs" / "gone"]
     assert links_out(outside) == []
+    shutil.rmtree(run / "wandb")
+    (run / "wandb").symlink_to(outside, target_is_directory=True)  # the folder itself a link out: found
+    assert run / "wandb" in links_out(run)
 
 
 def test_refuse_links_is_one_line_naming_the_first_link(tmp_path):

@@ -1148,10 +1148,11 @@ def full_model_as_lora(c: Ctx) -> list[str]:
 
 
 def ablation_run_folder_taken(c: Ctx) -> list[str]:
-    """toy_ablation's first run folder already holds the user's files: its kd.py run refuses it (overwrite=true
-    replaces only an sdkd run), and that line must come through."""
+    """toy_ablation's first run folder already holds the user's files (--overwrite: an earlier ablation may be
+    replaced): its kd.py run refuses it (overwrite=true replaces only an sdkd run), and that line must come
+    through."""
     write(c.ws / "abl" / "runs" / "bk_small-task_only-seed0" / "notes.txt", "mine")
-    return ["--out", str(c.ws / "abl"), "--steps", "2", "--seeds", "0", "--presets", "bk_small"]
+    return ["--out", str(c.ws / "abl"), "--steps", "2", "--seeds", "0", "--presets", "bk_small", "--overwrite"]
 
 
 BENCH_DATA, BENCH_KD = "eval/bench_data.py", "eval/bench_kd_step.py"
