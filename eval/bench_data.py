@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader
 
 from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import report_file, write_text
+from sdkd.cli.files import write_text
 from sdkd.data.sources.core import collate, open_image
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.data.sources.webdataset_source import WebDatasetSource
+from sdkd.eval.bench.timing import check_run_flags
 
 SEED = 0
 # Samples per second one GPU consumes in the recipes (losses-and-recipes.md section 3, BK-SDM README):
@@ -198,10 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
     if args.step_batch is not None:
         limits.check_int(args.step_batch, "--step-batch", 1, limits.MAX_BATCH)
-    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
-    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
-    if args.json:
-        report_file(args.json, "--json", args.overwrite)
+    check_run_flags(args)
     if args.mode in ("loader", "both"):  # the loader benchmark times what is left after every worker's start
         for workers in args.workers:
             if args.images // args.batch - 2 * max(workers, 1) < 4:

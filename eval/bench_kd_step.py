@@ -55,8 +55,9 @@ import torch
 
 from sdkd.cli import limits
 from sdkd.cli.errors import run_cli
-from sdkd.cli.files import report_file, write_text
+from sdkd.cli.files import write_text
 from sdkd.eval.bench.setup import SEED, Bench, build_bench
+from sdkd.eval.bench.timing import check_run_flags
 from sdkd.train.engine.loop import Loop, build_optimizer
 from sdkd.train.engine.step_random import StepRandom
 
@@ -271,10 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
     if args.batch is not None:
         limits.check_int(args.batch, "--batch", 1, limits.MAX_BATCH)
-    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
-    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
-    if args.json:
-        report_file(args.json, "--json", args.overwrite)
+    check_run_flags(args)
 
     names = ["toy", "sd15"] if args.model == "both" else [args.model]  # smallest first: ru_maxrss only grows
     results = {}

@@ -112,6 +112,13 @@ def test_images_grids_progress_and_skip_lines(evaluated):
         assert line.startswith("skipped ") and f"set {key} to " in line
     report = json.loads((out / "report.json").read_text())
     assert len(report["skipped"]) == 3 and "Skipped:" in (out / "report.md").read_text()
+    # The colour columns are what the judge reads from the very images written, per model.
+    from sdkd.data.sources.colour_check import hits
+
+    for row in report["rows"]:
+        read = [hits(Image.open(out / "images" / row["name"] / f"{i:05d}.png"), p) for i, p in enumerate(given)]
+        assert (row["fg_colour"], row["bg_colour"]) == pytest.approx(
+            (sum(f for f, _ in read) / len(read), sum(b for _, b in read) / len(read)))
 
 
 def test_log_to_run_puts_the_rows_into_the_runs_metrics(evaluated, run):

@@ -155,6 +155,17 @@ def end_to_end(pipeline, args) -> dict:
                 peak_mem_mb=(weight_bytes(pipeline.pipe) + max(mem.peak - before, 0)) / 2**20)
 
 
+def check_run_flags(args) -> None:
+    """A benchmark's --repeats, --warmup and --json (with --overwrite), checked before the minutes of work."""
+    from sdkd.cli import limits
+    from sdkd.cli.files import report_file
+
+    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
+    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
+
+
 def markdown_table(lines: list[list[str]]) -> str:
     """A Markdown table with padded columns; `lines[0]` is the header."""
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]

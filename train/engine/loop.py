@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from sdkd.cli import limits
 from sdkd.cli.errors import UserError
 from sdkd.cli.files import write_text
 from sdkd.cli.words import counted
@@ -52,11 +50,6 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     (train/engine/run_folder.py; the config is saved there when training starts)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world != "1" and not all(os.environ.get(k) for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-        # A WORLD_SIZE left in the shell: accelerate would wait for, or fail to reach, processes never started.
-        raise UserError(f"WORLD_SIZE={limits.shorten(world, 20)} is set, but no launcher started this process: "
-                        f"run it with ./launch.sh --gpus N (or accelerate launch), or unset WORLD_SIZE")
     check_launch()
     out = Path(cfg.output_dir)
     acc = Accelerator(

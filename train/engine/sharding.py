@@ -17,6 +17,7 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError
 
 
@@ -26,8 +27,13 @@ def launched_with(name: str) -> bool:
 
 
 def check_launch() -> None:
-    """Before the accelerator exists: a strategy this machine cannot run stops with one line. accelerate
+    """Before the accelerator exists: a launch this machine cannot run stops with one line. A WORLD_SIZE left in
+    the shell without a launcher: accelerate would wait for, or fail to reach, processes never started. accelerate
     starts DeepSpeed only off the CPU; on a CPU it would run as plain DDP without a word."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and not all(os.environ.get(k) for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise UserError(f"WORLD_SIZE={limits.shorten(world, 20)} is set, but no launcher started this process: "
+                        f"run it with ./launch.sh --gpus N (or accelerate launch), or unset WORLD_SIZE")
     if launched_with("DEEPSPEED") and not torch.cuda.is_available():
         raise UserError("launch.sh --strategy zero2/zero3: DeepSpeed needs CUDA GPUs, and this machine has none; "
                         "use --strategy ddp or fsdp")
