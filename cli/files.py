@@ -6,6 +6,13 @@ exports, checkpoints, LoRAs and caches could be read by their owner only. So eve
 goes through `save_file` here, and every folder a library writes into through `save_pretrained` or
 `follow_umask`. Only the files written then are changed, and a symbolic link is never followed: its target may
 be any file the user can write.
+
+For the same reason nothing is written through a link sdkd did not make: a folder sdkd writes into (a run folder,
+an output, a cache) is refused when a link in it leads out of it (`refuse_links`: a run folder received as a tar
+keeps its links, and `config.yaml -> ~/.bashrc` would have the resumed run's config written there), the files
+sdkd rewrites are replaced (`write_text`, safetensors' own writes), never written in place, and appended files
+are opened without following a link (`append_text`). An existing file is replaced only when the user asked
+(`check_new_file`), and never when it is one of the command's inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +22,19 @@ import os
 import stat
 from contextlib import contextmanager
 from pathlib import Path
+
+from sdkd.cli.errors import UserError
+
+
+def check_writable(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line naming `flag` and `shown` (default: `folder`), a folder that could not be created or
+    written, without creating it (a command creates its output folder only once it has something to write)."""
+    path, shown = Path(folder).absolute(), folder if shown is None else shown
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} '{shown}': cannot be written ('{existing}' is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{shown}': cannot be written (permission denied on '{existing}')")
 
 
 def umask() -> int:
@@ -84,5 +104,115 @@ def save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] |
 def save_pretrained(model, folder: str | os.PathLike, **kwargs) -> None:
     """`model.save_pretrained(folder, **kwargs)` (a diffusers or transformers model or pipeline, an EMA), its
     files then given the mode the umask gives."""
+    refuse_links(folder, "folder")
     with follow_umask(folder):
         model.save_pretrained(str(folder), **kwargs)
+
+
+def _outside(link: Path, folder: Path) -> bool:
+    """Whether the link `link` under `folder` leads out of it (or nowhere)."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling or a loop: a write would create or fail somewhere unknown
+        return True
+    return not target.is_relative_to(folder.resolve())
+
+
+# Folders of a run that another library writes and sdkd never writes into: wandb links its run's logs to files
+# under ~/.cache/wandb itself.
+FOREIGN = ("wandb",)
+
+
+def links_out(folder: str | os.PathLike) -> list[Path]:
+    """The symbolic links under `folder` (itself excluded) that lead out of it or nowhere, in walk order, outside
+    the FOREIGN folders at its top. Links that stay inside (wandb's `latest-run`) are the folder's own business."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, names in os.walk(folder):  # does not descend into linked folders: they are listed in dirs
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if d not in FOREIGN or (folder / d).is_symlink()]
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            if path.is_symlink() and _outside(path, folder):
+                found.append(path)
+    return found
+
+
+def refuse_links(folder: str | os.PathLike, what: str) -> None:
+    """A UserError naming the first link under `folder` that leads out of it: sdkd is about to write there.
+    `what` names the folder for the user ("output_dir", "--out")."""
+    if not Path(folder).is_dir():
+        return
+    found = links_out(folder)
+    if found:
+        link = found[0]
+        raise UserError(f"{what} '{folder}' holds a symbolic link leading out of it: '{link}' -> "
+                        f"'{os.readlink(link)}'; sdkd does not write through links it did not make: replace it "
+                        f"with the file itself{f' ({len(found) - 1} more)' if len(found) > 1 else ''}")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the paths name one file (through links, `..`, hard links); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_new_file(path: str | os.PathLike, what: str, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Check that the output file `path` may be written: never one of `inputs` (the command's input files or
+    folders, any path naming them), and an existing file (or link) only with `overwrite`. `what` names the
+    option for the user ("--out"). Returns the path."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise UserError(f"{what} '{path}' is the command's input '{source}': write to another file")
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder: give the file to write")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UserError(f"{what} '{path}' exists: pass --overwrite to replace it, or choose another file")
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`path` written with `text`, whole: through a temporary file renamed into place, so a link at `path` is
+    replaced and never written through, and an interrupted write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """`text` appended to `path` (created if missing), refused by the OS when `path` is a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
+
+
+def report_file(path: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
+    """A file a command writes at its end (a benchmark's --json): checked before the minutes of work, so a
+    mistake costs one line, not the results. A folder, an existing file without `overwrite` (--overwrite), or a
+    file in a folder that does not exist or cannot be written, is a UserError naming `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UserError(f"{flag} '{path}' exists: pass --overwrite to replace it, or choose another file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{parent}' cannot be written")
+    return path
+
+
+def creatable(path: str | os.PathLike, flag: str) -> Path:
+    """A file or folder a command will create at `path`, with the folders above it that are missing: checked
+    before the command's work, creating nothing (`check_writable` on the folder it goes in)."""
+    path = Path(path)
+    check_writable(path.parent, flag, shown=path)
+    return path

@@ -31,7 +31,9 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import refuse_links, same_file, write_text
 from sdkd.cli.words import counted
 from sdkd.data.sources.core import ImageFolder, is_image_folder, open_image
 from sdkd.data.sources.transforms import (
@@ -55,7 +57,9 @@ class _Rows(Dataset):
         self.src, self.caption_fields, self.resize, self.quality = src, caption_fields, resize, quality
         # The readers only list and read rows here; their preprocessing is never run.
         preprocess = Preprocess(ImageTransform(8), tuple(caption_fields))
-        if is_image_folder(Path(src), preprocess.caption_fields):
+        if is_image_folder(Path(src), preprocess.caption_fields) or _holds_images(Path(src)):
+            # A folder of images without captions is an image folder whose captions are missing (said so by its
+            # reader), not a data set for `datasets` to guess at.
             self.kind = "imagefolder"
             self.records = ImageFolder(src, preprocess, 0, image_column or "file_name")
         else:
@@ -103,6 +107,31 @@ class _Rows(Dataset):
         return {"key": f"{index:09d}", "ext": ext, "bytes": raw, "caption": candidates[0], "meta": meta}
 
 
+def _holds_images(folder: Path) -> bool:
+    """A local folder with image files and no data-set files (parquet, arrow, a saved `datasets` folder)."""
+    if not folder.is_dir() or any(folder.glob("dataset_*.json")):
+        return False
+    suffixes = {p.suffix.lower() for p in folder.rglob("*") if p.is_file()}
+    return not suffixes & {".parquet", ".arrow"} and bool(suffixes & set(Image.registered_extensions()))
+
+
+# The readers are the trainers' (data.source=imagefolder or hf): their messages name the trainers' keys, which
+# this command takes as these.
+_OWN_NAMES = {"config key 'data.caption_column'": "--caption-column", "data.caption_column": "--caption-column",
+              "config key 'data.image_column'": "--image-column", "data.image_column": "--image-column",
+              "data.path": "SRC", "data.split": "--split"}
+
+
+def _rows(*args) -> "_Rows":
+    try:
+        return _Rows(*args)
+    except UserError as err:
+        message = str(err)
+        for key, name in _OWN_NAMES.items():
+            message = message.replace(key, name)
+        raise UserError(message) from None
+
+
 def make_shards(src: str, out: str | Path, *, shard_size: int = 1000, resize: int | None = None,
                 quality: int = 95, image_column: str | None = None, caption_column: str = "text;txt;caption",
                 split: str = "train", workers: int = 0, log=print) -> dict:
@@ -110,10 +139,15 @@ def make_shards(src: str, out: str | Path, *, shard_size: int = 1000, resize: in
     import webdataset as wds
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if list(out.glob("shard-*.tar")):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; give a folder for the shards")
+    if same_file(out, src):
+        raise UserError(f"{out}: is the input '{src}'; give another folder for the shards")
+    if list(out.glob("shard-*.tar")) or (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
         raise UserError(f"{out}: already holds shards; use an empty folder")
-    rows = _Rows(src, image_column, [f for f in caption_column.split(";") if f], split, resize, quality)
+    refuse_links(out, "out")
+    rows = _rows(src, image_column, [f for f in caption_column.split(";") if f], split, resize, quality)
+    out.mkdir(parents=True, exist_ok=True)  # once the source is known to be one
     loader = DataLoader(rows, batch_size=None, num_workers=workers)
     counts: dict[str, int] = {}
     skipped = 0
@@ -137,7 +171,7 @@ def make_shards(src: str, out: str | Path, *, shard_size: int = 1000, resize: in
         "resize": resize,
         "skipped": skipped,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -154,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train", help="data-set split (default train)")
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
     args = parser.parse_args(argv)
-    if args.shard_size <= 0 or (args.resize is not None and args.resize <= 0):
-        raise UserError("--shard-size and --resize must be > 0")
+    limits.check_int(args.shard_size, "--shard-size", 1, limits.MAX_IMAGES)
+    if args.resize is not None:
+        limits.check_int(args.resize, "--resize", 8, limits.MAX_SIDE)
+    limits.check_int(args.quality, "--quality", 1, 100)  # PIL's JPEG quality scale (95: its best useful)
+    limits.check_int(args.workers, "--workers", 0, limits.MAX_WORKERS)
     manifest = make_shards(args.src, args.out, shard_size=args.shard_size, resize=args.resize, quality=args.quality,
                            image_column=args.image_column, caption_column=args.caption_column, split=args.split,
                            workers=args.workers, log=lambda m: print(m, file=sys.stderr))

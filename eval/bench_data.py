@@ -34,6 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from sdkd.cli import limits
+from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.data.sources.core import collate, open_image
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.data.sources.webdataset_source import WebDatasetSource
@@ -99,8 +102,6 @@ def bench_loader(workers_list: list[int], images: int, batch: int, resolution: i
             per_epoch = ds.set_batching(batch, 1, workers)
             warm = max(workers, 1) * 2  # every worker has started and filled its shuffle buffer
             timed = per_epoch - warm
-            if timed < 4:
-                raise SystemExit(f"--images {images} is too few for {workers} workers at batch {batch}")
             loader = DataLoader(ds, batch_size=batch, drop_last=True, collate_fn=collate, num_workers=workers)
             it = iter(loader)
             for _ in range(warm):
@@ -188,7 +189,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    for workers in args.workers:
+        limits.check_int(workers, "--workers", 0, limits.MAX_WORKERS)
+    limits.check_int(args.images, "--images", 1, limits.MAX_IMAGES)
+    limits.check_int(args.batch, "--batch", 1, limits.MAX_BATCH)
+    limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
+    if args.step_batch is not None:
+        limits.check_int(args.step_batch, "--step-batch", 1, limits.MAX_BATCH)
+    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
+    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
+    if args.mode in ("loader", "both"):  # the loader benchmark times what is left after every worker's start
+        for workers in args.workers:
+            if args.images // args.batch - 2 * max(workers, 1) < 4:
+                raise UserError(f"--images {args.images} is too few for {workers} workers at batch {args.batch}: "
+                                f"give at least {(4 + 2 * max(workers, 1)) * args.batch}")
     results = {}
     if args.mode in ("loader", "both"):
         results["loader"] = bench_loader(args.workers, args.images, args.batch)
@@ -199,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             results[f"cache_{name}"] = bench_cache(name, args.latent, batch, args.repeats, args.warmup)
             print(report_cache(results[f"cache_{name}"]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.timing import decode, decode_macs, decoder_params, interleaved, latents_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", help="AutoencoderTiny folder (default: a random default-config one)")
     parser.add_argument("--vae", help="AutoencoderKL or pipeline folder (default: random, SD-1.5's config)")
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
@@ -123,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {report['repeats']} after {report['warmup']} warm-up")
     print(table(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_text(args.json, json.dumps(report, indent=1))
         print(f"\nwrote {args.json}")
 
 

@@ -53,6 +53,9 @@ from pathlib import Path
 
 import torch
 
+from sdkd.cli import limits
+from sdkd.cli.errors import run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.setup import SEED, Bench, build_bench
 from sdkd.train.engine.loop import Loop, build_optimizer
 from sdkd.train.engine.step_random import StepRandom
@@ -263,9 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed iterations; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.latent < 1 or (args.batch is not None and args.batch < 1):
-        parser.error("--repeats, --latent and --batch must be >= 1, --warmup >= 0")
+    limits.check_int(args.latent, "--latent", 1, limits.MAX_SIDE // 8)  # latent pixels
+    if args.batch is not None:
+        limits.check_int(args.batch, "--batch", 1, limits.MAX_BATCH)
+    limits.check_int(args.repeats, "--repeats", 1, limits.MAX_STEPS)
+    limits.check_int(args.warmup, "--warmup", 0, limits.MAX_STEPS)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
 
     names = ["toy", "sd15"] if args.model == "both" else [args.model]  # smallest first: ru_maxrss only grows
     results = {}
@@ -273,10 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = bench_model(name, args.latent, args.batch or DEFAULT_BATCH[name], args.repeats, args.warmup)
         print(report(results[name]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
-                                        indent=2) + "\n")
+        write_text(args.json, json.dumps({"command": sys.argv, "torch": torch.__version__, "models": results},
+                                         indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -39,6 +39,7 @@ from types import SimpleNamespace
 import torch
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.timing import (
     decode,
     decode_macs,
@@ -292,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
                              "--threads 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both U-Nets")
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
     if args.resolution < 8 or args.resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.teacher_steps < 2:
@@ -308,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header(report))
     print(table(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_text(args.json, json.dumps(report, indent=1))
         log(f"wrote {args.json}")
 
 

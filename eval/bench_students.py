@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import torch
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import report_file, write_text
 from sdkd.eval.bench.students import FAMILIES, VAE_SCALE, family_presets, rows, teacher_config
 from sdkd.eval.bench.timing import markdown_table
 
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process CPU clock (robust on a shared host; use with --threads 1)")
     parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        report_file(args.json, "--json", args.overwrite)
 
     presets = family_presets(args.family) if args.presets is None else [p for p in args.presets.split(",") if p]
     wrong = [p for p in presets if p not in family_presets(args.family)]
@@ -86,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(json.dumps(report, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

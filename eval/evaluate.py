@@ -3,7 +3,7 @@
     python eval/evaluate.py RUN_OR_MODEL [--teacher PATH] [--config EVAL.yaml] [--out DIR] [--overwrite] [key=value ...]
 
 RUN_OR_MODEL is a run folder (every checkpoint; `checkpoints=latest` only the newest), a `checkpoint-STEP`
-folder, a diffusers pipeline folder or an sdkd single file. The teacher (default: the run's, from its
+folder, a diffusers pipeline folder, an sdkd single file, `toy` or a hub id. The teacher (default: the run's, from its
 config.yaml; `--teacher none` for none) is sampled once, first. Every model samples the same prompts with the
 same seeds (image i: seed + i) at the config's steps and guidance (null: each model's recorded sampling settings,
 else 25 and 7.5) and resolution, and is scored: parameters,
@@ -26,8 +26,10 @@ import shutil
 from pathlib import Path
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
+from sdkd.cli.files import refuse_links
 from sdkd.cli.words import counted
 from sdkd.eval.evaluation.config import Checkpoints, EvaluateConfig
+from sdkd.eval.inference.threads import HELP as THREADS_HELP
 from sdkd.eval.metrics.config import skipped_lines
 from sdkd.train.engine.config import config_help, load_config, save_config
 
@@ -41,12 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="evaluate.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0], epilog=f"{config_help(EvaluateConfig)}\n\n{OVERRIDES}")
     parser.add_argument("model", metavar="RUN_OR_MODEL",
-                        help="run folder, checkpoint-STEP folder, diffusers pipeline folder or sdkd .safetensors file")
+                        help="run folder, checkpoint-STEP folder, diffusers pipeline folder, sdkd .safetensors file, "
+                             "toy or a hub id")
     parser.add_argument("--teacher", help="teacher to compare with: a model path, toy or a hub id (default: the run's "
                                           "teacher; none: no teacher)")
     parser.add_argument("--config", help="YAML eval config (see configs/eval_*.yaml)")
     parser.add_argument("--out", help="output folder (default for a run: RUN/eval)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=1 num_images=100")
     return parser.parse_intermixed_args(argv)
@@ -60,6 +64,9 @@ def output_folder(args, run: Path | None) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    refuse_links(out, "--out")
+    if run is not None:  # the default --out and log_to_run write into the run folder
+        refuse_links(run, "run folder")
     if held:
         if not (out / MARKER).is_file():
             raise UserError(f"--out '{out}' is not empty and holds no evaluation ({', '.join(held[:3])}"
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         resolve_targets,
         run_of,
     )
+    from sdkd.eval.inference.threads import set_threads
+    from sdkd.train.models.names import resolve_model
 
     src = Path(args.model)
     targets = resolve_targets(args.model, latest_only=cfg.checkpoints == Checkpoints.latest)
@@ -105,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("config key 'log_to_run': the evaluated model belongs to no run folder")
     teacher = (default_teacher(args.model) if args.teacher is None else
                None if args.teacher.lower() == "none" else TeacherSpec(args.teacher))
+    if teacher is not None:  # before --out is made: a teacher that cannot load stops the command with nothing written
+        resolve_model(teacher.path, "--teacher" if args.teacher else "teacher", teacher.revision)
+    threads = set_threads(args.threads)
     for target in targets:  # a model folder named like the teacher's row keeps its own images
         if teacher is not None and target.name == TEACHER:
             target.name = f"{TEACHER}-model"
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                          batch_size=cfg.batch_size, negative_prompt=cfg.negative_prompt,
                          teacher_steps=cfg.teacher_steps or cfg.steps, device=str(evaluation.device),
                          teacher_guidance_scale=cfg.teacher_guidance_scale if cfg.teacher_guidance_scale is not None
-                         else cfg.guidance_scale, dtype=str(evaluation.dtype).removeprefix("torch."), ema=cfg.ema)
+                         else cfg.guidance_scale, dtype=str(evaluation.dtype).removeprefix("torch."), ema=cfg.ema,
+                         threads=threads)
     report = dict(model=str(args.model), teacher=teacher.path if teacher else None, settings=pipe_settings,
                   triples=evaluation.triple_record(), skipped=skipped, rows=rows)
     json_path, md_path = write_report(out, report)

@@ -19,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import creatable, refuse_links, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (lambda_task, lambda_out, lambda_feat)
@@ -48,7 +50,10 @@ def train(out: Path, preset: str, variant: str, seed: int, steps: int) -> dict:
         print(f"training {run.name}: {shlex.join(command[3:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(f"run {run.name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            # The run's own `error:` line, not the launcher's CalledProcessError after it.
+            lines = done.stderr.strip().splitlines() or ["?"]
+            said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            raise UserError(f"run {run.name} failed: {said[-1] if said else lines[-1]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     last = [r for r in rows if "eval/noise_mse" in r][-1]
     return {"run": f"runs/{run.name}", "step": last["step"], "noise_mse": last["eval/noise_mse"]}
@@ -99,10 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps of every run (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--presets", nargs="+", default=["bk_small", "bk_tiny"])
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier ablation in --out")
     args = parser.parse_args(argv)
-    if args.steps <= 0:
-        raise UserError("--steps must be > 0")
-    out = Path(args.out)
+    limits.check_int(args.steps, "--steps", 1, limits.MAX_COUNT)
+    for seed in args.seeds:
+        limits.check_seed(seed, "--seeds")
+    out = creatable(args.out, "--out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not args.overwrite:
+        raise UserError(f"--out '{out}' is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                        f"choose a new folder, or pass --overwrite to replace an earlier ablation there")
+    refuse_links(out, "--out")
     results = {(p, v, s): train(out, p, v, s, args.steps)
                for p in args.presets for v in VARIANTS for s in args.seeds}
     grid = picture(out, args.presets, args.seeds[0])
@@ -115,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
             "(`eval/noise_mse`, lower is closer) at the last step. Made by:", "", f"    {command}", "",
             *table(results, args.presets, args.seeds), "", f"![teacher and students]({grid.name})", "",
             f"Rows of `{grid.name}`: the teacher, then each preset and variant (seed {args.seeds[0]}).", ""]
-    (out / "README.md").write_text("\n".join(text))
-    (out / "results.json").write_text(json.dumps([{"preset": p, "variant": v, "seed": s, **r}
+    write_text(out / "README.md", "\n".join(text))
+    write_text(out / "results.json", json.dumps([{"preset": p, "variant": v, "seed": s, **r}
                                                   for (p, v, s), r in results.items()], indent=1))
     print("\n".join(table(results, args.presets, args.seeds)))
     print(f"wrote {out / 'README.md'}, {grid}")

@@ -225,7 +225,9 @@ def reset_process_state() -> None:
 def run_in_process(script: str, argv: list[str]) -> int:
     """`python SCRIPT ARGV` in this process; returns its exit code. An exception that escapes the script
     is printed as the interpreter would (a traceback, exit code 1)."""
-    old_argv = sys.argv
+    import torch
+
+    old_argv, threads = sys.argv, torch.get_num_threads()  # sampling scripts set the thread count (--threads)
     sys.argv = [str(ROOT / script), *argv]
     reset_process_state()
     try:
@@ -243,4 +245,5 @@ def run_in_process(script: str, argv: list[str]) -> int:
         return 1
     finally:
         sys.argv = old_argv
+        torch.set_num_threads(threads)
         reset_process_state()

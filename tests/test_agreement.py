@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from sdkd.train.engine.config import load_config
+from sdkd.train.formats.fingerprint import teacher_fingerprint
 from sdkd.train.losses import agreement
 from sdkd.train.losses.agreement import Triples, TripleSettings
 from sdkd.train.models.toy import build_toy_pipeline
@@ -60,12 +62,30 @@ def test_saved_triples_load_back_and_are_reused_only_for_their_settings(toy, tri
     assert loaded.settings == SETTINGS
     for name in ("noisy", "timesteps", "teacher_pred"):
         assert torch.equal(getattr(loaded, name), getattr(triples, name))
-    assert agreement.load_or_make(path, toy.unet, toy, SETTINGS).teacher_pred is not None
+    weights = teacher_fingerprint(toy.unet, toy)
+    agreement.load_or_make(path, toy.unet, toy, SETTINGS)  # made again: the stored set records no weights
+    assert Triples.load(path).settings == replace(SETTINGS, teacher_weights=weights)
     changed = TripleSettings(**{**SETTINGS.__dict__, "timesteps": 2})
     remade = agreement.load_or_make(path, toy.unet, toy, changed)
-    assert len(remade) == 4 and Triples.load(path).settings == changed  # replaced, with its settings
+    assert len(remade) == 4 and Triples.load(path).settings == replace(changed, teacher_weights=weights)
     (tmp_path / "broken.safetensors").write_bytes(b"not a file")
     assert Triples.load(tmp_path / "broken.safetensors") is None
+
+
+def test_triples_of_other_teacher_weights_at_the_same_path_are_made_again(toy, tmp_path, capsys):
+    """Stored triples are keyed by the teacher's weights, not its name: new weights under the same `teacher` make
+    them again, with a note naming the fingerprint that changed."""
+    path = tmp_path / agreement.TRIPLES_FILE
+    first = agreement.load_or_make(path, toy.unet, toy, SETTINGS)
+    assert torch.equal(agreement.load_or_make(path, toy.unet, toy, SETTINGS).teacher_pred, first.teacher_pred)
+    assert capsys.readouterr().err == ""  # reused silently
+    other = perturbed(toy.unet, 0.2)
+    again = agreement.load_or_make(path, other, toy, SETTINGS)
+    note = capsys.readouterr().err.strip()
+    assert note.startswith(f"note: held-out triples {path}: made with other settings (teacher_weights ") and \
+        teacher_fingerprint(other, toy) in note and "\n" not in note, note
+    assert not torch.allclose(again.teacher_pred, first.teacher_pred)
+    assert Triples.load(path).settings.teacher_weights == teacher_fingerprint(other, toy)
 
 
 def test_the_teacher_itself_scores_zero_and_a_perturbed_student_more(toy, triples):

@@ -45,3 +45,20 @@ def test_benchmark_toy_json_and_table(tmp_path):
 def test_benchmark_bad_preset():
     r = run_script([sys.executable, "eval/bench_inference.py", "--teacher", "toy", "--presets", "bk_huge"])
     assert r.returncode == 2 and "unknown preset 'bk_huge'" in r.stderr
+
+
+@pytest.mark.slow  # two toy U-Nets exported and timed in both runtimes: ~10 s
+def test_benchmark_times_onnx_unets_beside_pytorch(tmp_path, capsys):
+    from sdkd.eval import bench_inference
+
+    out = tmp_path / "bench.json"
+    bench_inference.main(["--teacher", "toy", "--presets", "bk_tiny", "--resolution", "32", "--steps", "2",
+                          "--repeats", "2", "--e2e-repeats", "1", "--device", "cpu", "--onnx", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["model"] for row in rows] == ["teacher", "bk_tiny"]
+    for row in rows:
+        assert row["onnx_provider"] == "CPUExecutionProvider" and row["onnx_dtype"] == "float32"
+        assert row["onnx_vs_pytorch"] == pytest.approx(row["onnx_ms_per_step"] / row["unet_ms_per_step"])
+        assert row["onnx_ms_per_step"] > 0
+    printed = capsys.readouterr().out
+    assert "ONNX x PyTorch" in printed and "bk_tiny: ONNX U-Net" in printed

@@ -181,6 +181,7 @@ def run_saves(tmp_path, accelerator, kill_at=None):
     return saved, ops["n"]
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_a_kill_at_any_point_of_saving_rotating_or_resaving_loses_nothing(tmp_path, accelerator):
     _, total = run_saves(tmp_path / "uninterrupted", accelerator)
     assert total >= 8  # renames into place, rotation and the re-save's moves were all exercised
@@ -217,3 +218,30 @@ def test_damaged_or_foreign_checkpoint_gives_one_line(tmp_path, accelerator):
     path2 = Checkpointer(accelerator, tmp_path / "wide", None, [(ModelState(wide), None)]).save(1, torch.Generator())
     with pytest.raises(UserError, match="cannot be loaded into this run: .*size"):
         ckpt.load(path2, torch.Generator())
+
+
+def test_resume_in_another_number_of_processes_needs_the_same_global_batch_and_strategy(tmp_path, accelerator):
+    """A checkpoint as 2 processes of batch 4 leave it (the trainer state says so) resumes in this 1 process only
+    at a global batch of 8, and only with the strategy family (FSDP or not) that saved it."""
+    model = accelerator.prepare(tiny_unet())
+    path = Checkpointer(accelerator, tmp_path, None, [(ModelState(model), None)], samples_per_step=8).save(
+        3, torch.Generator())
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert (state["processes"], state["fsdp"], state["samples_per_step"]) == (1, False, 8)
+    (path / "trainer_state.json").write_text(json.dumps({**state, "processes": 2}))
+
+    def resume(samples_per_step):
+        return Checkpointer(accelerator, tmp_path, None, [(ModelState(model), None)],
+                            samples_per_step=samples_per_step).load(path, torch.Generator())
+
+    with pytest.raises(UserError) as err:
+        resume(4)
+    assert str(err.value) == (f"resume '{path}': written by 2 processes, resumed with 1, and a global batch of 4 "
+                              f"samples per step instead of 8; set train.batch_size so that batch_size x grad_accum x "
+                              f"processes stays the same")
+    assert resume(8) == 3
+    (path / "trainer_state.json").write_text(json.dumps({**state, "fsdp": True}))
+    with pytest.raises(UserError) as err:
+        resume(8)
+    assert str(err.value) == (f"resume '{path}': saved under FSDP, resumed without FSDP; launch it with the "
+                              f"strategy that saved it")

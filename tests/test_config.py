@@ -1,4 +1,5 @@
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -85,6 +86,9 @@ def test_yaml_and_overrides_reach_the_dataclasses(tmp_path):
     (["optim.warmup_steps=-5"], "config key 'optim.warmup_steps': must be >= 0"),
     (["optim.eps=0"], "config key 'optim.eps': must be > 0"),
     (["optim.weight_decay=-1"], "config key 'optim.weight_decay': must be >= 0"),
+    (["optim.name=adamw_8bit", "optim.implementation=fused"],
+     "config key 'optim.implementation': chooses torch AdamW's kernel: leave it at auto with optim.name=adamw_8bit"),
+    (["optim.name=adam8"], "config key 'optim.name': expected adamw or adamw_8bit, got 'adam8'"),
     (["ema.decay=1.5"], "config key 'ema.decay': must be in [0, 1]"),
     (["train.max_grad_norm=-1"], "config key 'train.max_grad_norm': must be >= 0"),
     (["train.seed=-3"], "config key 'train.seed': must be >= 0"),
@@ -284,7 +288,7 @@ class _ScriptConfig(KDConfig):
 
 
 @pytest.mark.parametrize("schema, own", [
-    (KDConfig, "\n  teacher = (required)\n      Teacher pipeline"),
+    (KDConfig, "\n  teacher = (required)\n      Teacher: hub id, local diffusers folder"),
     (FinetuneConfig, "\n  model = (required)\n      The pipeline to train"),
     (LoraTrainConfig, "\n  optim.lr = 0.0001\n      Peak learning rate."),
     (_ScriptConfig, "\n  extra = 3\n      A key only this schema has."),
@@ -650,3 +654,11 @@ def test_the_loader_reaches_every_sections_check(schema, recipe, overrides, key)
         load_config(ROOT / "configs" / recipe, overrides, schema=schema)
     assert str(err.value).startswith(f"config key '{key}': "), str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_8bit_adamw_without_bitsandbytes_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), ["optim.name=adamw_8bit"], schema=KDConfig)
+    assert str(err.value) == ("config key 'optim.name': adamw_8bit needs bitsandbytes, which is not installed "
+                              "(pip install bitsandbytes; CUDA only), or use adamw")

@@ -106,6 +106,7 @@ def diffusers_warnings(action) -> list[str]:
     return [r.getMessage() for r in seen]
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_a_tiny_decoder_and_a_unet_lora_load_without_library_warnings(tmp_path, toy_teacher_dir):
     from diffusers import AutoencoderTiny
 

@@ -15,6 +15,7 @@ from sdkd.data.sources.core import SyntheticCaptions, build_dataset, collate
 from sdkd.data.sources.latent_cache import CachedLatents, write_cache
 from sdkd.data.sources.transforms import ImageTransform, Preprocess
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.formats.fingerprint import component_fingerprint
 from sdkd.train.models.teacher import load_teacher
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder, build_encoder
 
@@ -99,6 +100,37 @@ def test_checked_against_the_teacher(cache, toy):
         build_encoder(cfg, parts, ds, torch.device("cpu"))
 
 
+def test_checked_against_the_teachers_weights_not_its_path(tmp_path, toy):
+    """A cache records the fingerprints of the encoders' weight files: the same files under another path pass,
+    another VAE file under the same name is refused naming the VAE."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdkd.train.models.toy import toy_teacher_folder
+
+    write_cache(source(), BatchEncoder(toy), tmp_path / "cache", batch_size=5, info={
+        "resolution": R, "teacher": "toy", "weights": {name: component_fingerprint(toy, name)
+                                                       for name in ("vae", "text_encoder")}})
+    ds, cfg = CachedLatents(tmp_path / "cache"), DataConfig(cache=str(tmp_path / "cache"), resolution=R)
+    moved = shutil.copytree(toy_teacher_folder(), tmp_path / "moved")
+    build_encoder(cfg, load_teacher(str(moved), with_encoders=False), ds, torch.device("cpu"))  # same weights
+    vae = next((moved / "vae").glob("*.safetensors"))
+    save_file({k: v * 1.01 for k, v in load_file(str(vae)).items()}, str(vae), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"was made with other weights of the teacher's vae \(teacher 'toy' then\)"):
+        build_encoder(cfg, load_teacher(str(moved), with_encoders=False), ds, torch.device("cpu"))
+
+
+def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
+    import shutil
+
+    damaged = shutil.copytree(cache, tmp_path / "cache")
+    shard = damaged / "latents-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"^latent cache shard {shard} is damaged or missing"):
+        CachedLatents(damaged)
+
+
 def test_unfinished_cache_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a finished latent cache"):
         CachedLatents(tmp_path)
@@ -125,3 +157,27 @@ def test_teacher_samples_are_stored_exactly_with_a_seed_per_sample(toy):
     scaled = torch.cat([first, second]) * toy.vae.config.scaling_factor
     torch.testing.assert_close(scaled, torch.cat(expected), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(scaled[0], scaled[1])
+
+
+def test_kd_from_the_cache_loads_no_vae_or_text_encoder(cache, tmp_path):
+    """train/kd.py's build with data.cache: the step's encoder is the cache's, and neither the task's parts nor
+    the models the loop freezes (and moves to the device) hold a VAE or text encoder; the student checkpoints."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sdkd.train.engine.config import load_config
+    from sdkd.train.kd import build
+    from sdkd.train.tasks.diffusion_config import KDConfig
+
+    cfg = load_config(None, ["teacher=toy", f"output_dir={tmp_path}", f"data.cache={cache}", f"data.resolution={R}",
+                             "train.gradient_checkpointing=true"], schema=KDConfig)
+    try:
+        task, dataset = build(cfg, Accelerator(cpu=True))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert isinstance(dataset, CachedLatents) and isinstance(task.encoder, CachedEncoder)
+    assert not task.parts.has_encoders
+    assert {name: m for name, m in task.parts.frozen.items()} == {"vae": None, "text_encoder": None}
+    assert [name for name, m in task.frozen.items() if m is not None] == ["teacher"]
+    assert task.modules[0].module.is_gradient_checkpointing

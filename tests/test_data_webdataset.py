@@ -199,3 +199,21 @@ def test_a_resampled_stream_of_unreadable_shards_ends_with_named_skips(tmp_path)
     reasons = [r for b in batches for r in b["skipped"]]
     assert not keys(batches) and len(reasons) >= 4  # 5 skips, the last partial batch dropped
     assert all("shard-000000.tar: cannot read" in r for r in reasons)
+
+
+def test_one_truncated_shard_of_four_is_named_once_and_the_others_fill_the_epoch(tmp_path):
+    """Resampled (the default) with its default shuffle buffer, which draws the bad shard again and again
+    before its first sample comes out: the bad shard is named once, and the epoch's batches hold the good
+    shards' samples."""
+    write_shards(tmp_path, n_shards=4, per_shard=8)
+    data = (tmp_path / "shard-000002.tar").read_bytes()
+    (tmp_path / "shard-000002.tar").write_bytes(data[:700])  # not even its first sample is whole
+    ds = source(tmp_path)
+    per_epoch, batches = read_epoch(ds, batch_size=4)
+    reasons = [r for b in batches for r in b["skipped"]]
+    assert len(batches) == per_epoch == 8
+    assert len(reasons) == 1 and reasons[0].startswith("shard-000002.tar: cannot read"), reasons
+    assert len(keys(batches)) == 8 * 4 - 1 and not any(k in {f"k{i:04d}" for i in range(16, 24)}
+                                                       for k in keys(batches))
+    _, again = read_epoch(ds, batch_size=4, epoch=1)  # warned once: the next epoch is all good samples
+    assert not [r for b in again for r in b["skipped"]] and len(keys(again)) == 8 * 4

@@ -68,6 +68,7 @@ def test_models_that_cannot_be_shown_get_one_line_each(toy, tmp_path):
         load_models(specs[:1], tmp_path / "scratch", dtype="fp8")
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_lora_and_tiny_vae_go_to_the_models_they_fit(toy, tmp_path):
     from diffusers import AutoencoderTiny
 
@@ -111,8 +112,12 @@ def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
     assert again.image.tobytes() == first.image.tobytes() and other.image.tobytes() != first.image.tobytes()
     one = generate(model, "a red circle", steps=1, guidance=7.5, seed=3)
     assert (one.steps, one.guidance) == (1, 0.0)  # one-step mode: the pipeline turns guidance off
-    with pytest.raises(UserError, match="--steps"):
+    with pytest.raises(UserError, match="^steps: must be an integer from 1 to 1,000, got 0$"):
         generate(model, "x", steps=0)
+    with pytest.raises(UserError, match="^guidance: must be a finite number from 0 to 100, got nan$"):
+        generate(model, "x", guidance=float("nan"))  # not run unguided as "guidance nan"
+    with pytest.raises(UserError, match=r"^--seed: must be an integer from 0 to [\d,]+, got 18446744073709551616$"):
+        generate(model, "x", seed=2**64)
 
 
 @pytest.mark.slow  # two Python starts; the page test below checks the same in this process
@@ -143,7 +148,7 @@ def _browser_missing() -> tuple[str | None, str | None, str | None]:
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     driver = shutil.which("chromedriver")
     if chromium is None or driver is None:
-        return None, None, "no Chromium or chromedriver: apt-get install chromium chromium-driver (Debian; README)"
+        return None, None, "no Chromium or chromedriver: apt-get install chromium chromium-driver (docs/testing.md)"
     return chromium, driver, None
 
 
@@ -262,6 +267,7 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
     assert proc.returncode == 0, "".join(output)
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_teacher_dir, tmp_path, capsys):
     """eval/demo.py and its page without a browser: no model to show stops the command before Gradio; each
     model's column starts at its own steps and guidance, the models left out are listed, and a click shows
@@ -298,3 +304,71 @@ def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_
     assert shown[2][0].tobytes() == generate(teacher, "a red circle", seed=3).image.tobytes()
     with pytest.raises(gr.Error, match="prompt"):
         next(handler("  ", "", 3, 2, 7.5, 1, 1.0))
+    with pytest.raises(gr.Error, match=r"prompt: at most 10,000 characters .*\(20,000 characters\)"):
+        next(handler("x" * 20_000, "", 3, 2, 7.5, 1, 1.0))  # once for the page, before any model runs
+    with pytest.raises(gr.Error, match=r"seed: must be an integer from 0 to [\d,]+, got 18446744073709551616"):
+        next(handler("a red circle", "", 2**64, 2, 7.5, 1, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# A flood of requests to the HTTP API
+
+
+def _post(url: str, body: bytes, timeout: float = 120) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _result(url: str, event_id: str) -> str:
+    """The event the API's result stream ends with: complete or error."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/{event_id}", timeout=300) as response:
+        events = re.findall(r"^event: (\w+)", response.read().decode(), re.M)
+    return events[-1]
+
+
+@pytest.mark.slow  # a Python start (imports, Gradio) and some 50 generations
+def test_a_flood_of_requests_leaves_the_demo_serving_with_its_memory_flat(tmp_path):
+    """50 requests at once to the demo's API: the valid ones get an image or 503 (the queue holds 16), the
+    oversize ones 413 (a megabyte of prompt, unread), a prompt over 10,000 characters or a seed over 2**63-1
+    an error event; afterwards it still answers, and its memory grew by less than 100 MB."""
+    import psutil
+
+    proc, output = _start_demo(["--models", "teacher=toy", "--steps", "1"], tmp_path / "gradio")
+    try:
+        call = _address(proc, output).rstrip("/") + "/gradio_api/call/run"
+        server = psutil.Process(proc.pid)
+
+        def request(prompt: str, seed: int = 0) -> tuple[str, ...]:
+            status, body = _post(call, json.dumps({"data": [prompt, "", seed, 1, 4.0]}).encode())
+            return (status, _result(call, json.loads(body)["event_id"])) if status == 200 else (status,)
+
+        assert request("a warm-up circle") == (200, "complete")
+        before = server.memory_info().rss
+        flood = ([("a red circle", 0)] * 34 + [("x" * 1_000_000, 0)] * 10 + [("x" * 20_000, 0)] * 3
+                 + [("a red circle", 2**64)] * 3)
+        with ThreadPoolExecutor(len(flood)) as pool:
+            answers = list(pool.map(lambda args: request(*args), flood))
+        valid, huge, long_prompt, big_seed = answers[:34], answers[34:44], answers[44:47], answers[47:]
+        assert set(valid) <= {(200, "complete"), (503,)} and (200, "complete") in valid, valid
+        assert huge == [(413,)] * 10
+        assert set(long_prompt) | set(big_seed) <= {(200, "error"), (503,)}, long_prompt + big_seed
+        assert request("a blue circle") == (200, "complete")
+        assert server.memory_info().rss - before < 100e6
+        log = "".join(output)
+        assert "x" * 100 not in log and len(log) < 100_000  # no prompt echoed whole
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import launch_trainer, run_script
+from conftest import ROOT, launch_trainer, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -94,16 +95,18 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
 def test_images_grids_progress_and_skip_lines(evaluated):
     out, result, _ = evaluated
     prompts = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    assert [p["seed"] for p in prompts] == [1234, 1235, 1236, 1237]
-    assert prompts[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "seed": 1234}
+    given = yaml.safe_load((ROOT / "configs" / "eval_toy.yaml").read_text())["prompts"]
+    assert [p["seed"] for p in prompts] == [1234 + i for i in range(len(given))]
+    assert [p["prompt"] for p in prompts] == given
+    assert prompts[0] == {"file": "00000.png", "prompt": given[0], "seed": 1234}
     for name in ["teacher", *CHECKPOINTS]:
         files = sorted((out / "images" / name).glob("*.png"))
-        assert [f.name for f in files] == [f"{i:05d}.png" for i in range(4)]
+        assert [f.name for f in files] == [f"{i:05d}.png" for i in range(len(given))]
         assert Image.open(files[0]).size == (32, 32)
         assert (out / "grids" / f"{name}.png").is_file()
     grid = Image.open(out / "grid.png")
     assert grid.height > 3 * 128  # three labelled rows (32 px images drawn at 128 px) under the prompts
-    assert "evaluate: 12/12 (100%)" in result.stderr  # images done, teacher + two checkpoints
+    assert f"evaluate: {3 * len(given)}/{3 * len(given)} (100%)" in result.stderr  # teacher + two checkpoints
     for key in ("metrics.inception_weights", "metrics.clip_model", "metrics.lpips_weights"):
         line = next(line for line in result.stdout.splitlines() if key in line)
         assert line.startswith("skipped ") and f"set {key} to " in line

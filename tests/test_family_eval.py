@@ -119,7 +119,7 @@ def test_evaluate_a_model_folder_against_its_teacher(xl, tmp_path, unet_calls):
     student = save_pipeline(build_student(load_teacher(str(xl)).unet, cut), str(xl), tmp_path / "student")
     out = tmp_path / "eval"
     main([str(student), "--teacher", str(xl), "--config", "configs/eval_toy.yaml", "--out", str(out), "steps=2",
-          "num_images=2", "latency.enabled=false", "agreement.teacher_steps=2", "agreement.timesteps=2"])
+          f"prompts=[{A}, {B}]", "latency.enabled=false", "agreement.teacher_steps=2", "agreement.timesteps=2"])
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["teacher", "student"]
     assert rows[0]["noise_mse"] == 0 and rows[1]["noise_mse"] > 0 and rows[1]["sample_mse"] > 0

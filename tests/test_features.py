@@ -267,6 +267,7 @@ def test_sdxl_pairs_at_full_size():
 
 
 @pytest.mark.parametrize("preset", ["vega", "koala_700m"])
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_sdxl_hooks_capture_paired_shapes_on_a_tiny_teacher(preset):
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(**SDXL_TINY).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,3 +165,87 @@ def test_runs_exports_loras_and_caches_follow_the_umask(mask, tmp_path):
     assert any(cache.glob("*.safetensors")) and any(folder.rglob("*.safetensors")) and any(pairs.rglob("*.safetensors"))
     checked = _outputs_have_modes([student, run, folder, single, lora_run, sdcpp, cache, one_step, pairs], mask)
     assert checked > 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Links and existing files (issue 22): nothing is written through a link sdkd did not make
+
+
+def test_links_out_finds_links_leaving_the_folder_and_keeps_those_inside(tmp_path):
+    from sdkd.cli.files import links_out
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    (run / "wandb" / "run-1").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "bashrc").write_text("mine")
+    (run / "wandb" / "latest-run").symlink_to("run-1", target_is_directory=True)  # wandb's own: stays inside
+    (run / "config.yaml").symlink_to(outside / "bashrc")
+    (run / "samples").symlink_to(outside, target_is_directory=True)
+    # wandb's own, to its log under ~/.cache/wandb: its folder is wandb's to write, never sdkd's
+    (run / "wandb" / "debug-core.log").symlink_to(outside / "bashrc")
+    (run / "logs").mkdir()
+    (run / "logs" / "gone").symlink_to(tmp_path / "nowhere")  # dangling: a write would create it outside
+    (run / "up").symlink_to("../outside/bashrc")  # relative, out through ..
+    assert links_out(run) == [run / "config.yaml", run / "samples", run / "up", run / "logs" / "gone"]
+    assert links_out(outside) == []
+    shutil.rmtree(run / "wandb")
+    (run / "wandb").symlink_to(outside, target_is_directory=True)  # the folder itself a link out: found
+    assert run / "wandb" in links_out(run)
+
+
+def test_refuse_links_is_one_line_naming_the_first_link(tmp_path):
+    from sdkd.cli.errors import UserError
+    from sdkd.cli.files import refuse_links
+
+    (tmp_path / "out").mkdir()
+    refuse_links(tmp_path / "out", "--out")  # none: nothing to say
+    refuse_links(tmp_path / "missing", "--out")  # a folder not made yet holds nothing
+    (tmp_path / "out" / "a.png").symlink_to(tmp_path / "elsewhere.png")
+    (tmp_path / "out" / "b.png").symlink_to("/etc/hostname")
+    with pytest.raises(UserError) as err:
+        refuse_links(tmp_path / "out", "--out")
+    assert str(err.value) == (f"--out '{tmp_path / 'out'}' holds a symbolic link leading out of it: "
+                              f"'{tmp_path / 'out' / 'a.png'}' -> '{tmp_path / 'elsewhere.png'}'; sdkd does not write "
+                              f"through links it did not make: replace it with the file itself (1 more)")
+
+
+def test_write_text_replaces_a_link_and_append_text_refuses_one(tmp_path):
+    from sdkd.cli.files import append_text, write_text
+
+    target, link = tmp_path / "bashrc", tmp_path / "config.yaml"
+    target.write_text("mine\n")
+    link.symlink_to(target)
+    write_text(link, "teacher: toy\n")
+    assert target.read_text() == "mine\n" and not link.is_symlink() and link.read_text() == "teacher: toy\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+    metrics = tmp_path / "metrics.jsonl"
+    append_text(metrics, "1\n")
+    append_text(metrics, "2\n")
+    assert metrics.read_text() == "1\n2\n"
+    metrics.unlink()
+    metrics.symlink_to(target)
+    with pytest.raises(OSError):  # O_NOFOLLOW: the OS refuses, the target is untouched
+        append_text(metrics, "3\n")
+    assert target.read_text() == "mine\n"
+
+
+def test_check_new_file_asks_for_overwrite_and_never_takes_an_input(tmp_path):
+    from sdkd.cli.errors import UserError
+    from sdkd.cli.files import check_new_file
+
+    lora, other = tmp_path / "lora.safetensors", tmp_path / "other.safetensors"
+    lora.write_bytes(b"x")
+    other.write_bytes(b"y")
+    assert check_new_file(tmp_path / "new.safetensors", "--out", False, (lora,)) == tmp_path / "new.safetensors"
+    assert check_new_file(other, "--out", True, (lora,)) == other
+    with pytest.raises(UserError, match=r"^--out '.*other.safetensors' exists: pass --overwrite"):
+        check_new_file(other, "--out", False, (lora,))
+    (tmp_path / "sub").mkdir()
+    for same in (lora, tmp_path / "sub" / ".." / "lora.safetensors"):
+        with pytest.raises(UserError, match="is the command's input"):
+            check_new_file(same, "--out", True, (lora,))
+    (tmp_path / "alias").symlink_to(lora)
+    with pytest.raises(UserError, match="is the command's input"):
+        check_new_file(tmp_path / "alias", "--out", True, (lora,))
+    with pytest.raises(UserError, match="is a folder"):
+        check_new_file(tmp_path / "sub", "--out", True, (lora,))

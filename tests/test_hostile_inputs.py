@@ -170,6 +170,24 @@ class Assets:
         return lora_io.save_lora(self.folder / "teacher_lora", pipe.unet, None, base="toy")
 
     @functools.cached_property
+    def student_lora(self) -> Path:
+        """A LoRA trained on the bk_small toy student: every module it adapts also exists in the teacher."""
+        from sdkd.train.formats import lora_io
+        from sdkd.train.formats.lora_config import LoraSection
+        from sdkd.train.models.teacher import load_teacher
+
+        unet = load_teacher(str(self.student)).unet
+        lora_io.add_adapters(unet, None, LoraSection(rank=2))
+        return lora_io.save_lora(self.folder / "student_lora", unet, None, base="the bk_small toy student")
+
+    @functools.cached_property
+    def cache(self) -> Path:
+        """A latent cache of 8 synthetic samples made with the toy teacher (train/cache_latents.py)."""
+        out = self.folder / "cache"
+        assert run_in_process("train/cache_latents.py", ["--config", TOY, *TINY, f"data.cache={out}"]) == 0
+        return out
+
+    @functools.cached_property
     def shards(self) -> Path:
         """One good webdataset shard of 8 captioned JPEGs, with its manifest."""
         import webdataset as wds
@@ -202,6 +220,7 @@ class Ctx:
     assets: Assets
     holder: subprocess.Popen | None = None
     absent: list[Path] = field(default_factory=list)  # must not exist after the case
+    monkeypatch: pytest.MonkeyPatch | None = None  # the case's environment (HOME, the hub's settings)
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -350,6 +369,7 @@ class Case:
     code: int = 2
     subprocess: bool = False  # run as `python SCRIPT` (or, script "launch.sh ...", through the launcher)
     absent: tuple[str, ...] = ()  # paths (formatted with ws, root) that must not exist afterwards
+    env: dict[str, str] = field(default_factory=dict)  # environment variables the command runs with
     may_add: tuple[str, ...] = ()  # files (relative to the case root) the case may add: a run that started in
                                    # its new output folder (config.yaml, metrics.jsonl) before the data failed
 
@@ -740,8 +760,523 @@ PROCESS_CASES = [
          ("config file {ws}/broken.yaml: YAML syntax error at line ", ", column "), subprocess=True),
 ]
 
+# issue 22: refused starts write nothing (h2)
+HUB_ID = "sdkd-tests/no-such-model"
+
+
+def new_absent(*paths: Path) -> list[Path]:
+    """Nothing to check at a path that exists before the case (a root folder's `.lock` left by something else)."""
+    return [p for p in paths if not p.exists()]
+
+
+def home_folder(c: Ctx) -> Path:
+    """HOME is ROOT/tmp/home for the case, holding a file of the user's; its .lock must not appear."""
+    home = c.root / "tmp" / "home"
+    write(home / "notes.txt", "mine")
+    c.monkeypatch.setenv("HOME", str(home))
+    c.absent += [home / LOCK]
+    return home
+
+
+def offline_hub(c: Ctx) -> None:
+    """The hub switched off (HF_HUB_OFFLINE) and an empty hub cache: a hub id is neither cached nor fetched."""
+    from huggingface_hub import constants
+
+    c.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    c.monkeypatch.setattr(constants, "HF_HUB_CACHE", str(c.root / "tmp" / "hub"))
+
+
+def refused_at(out: Callable[[Ctx], str], *overrides: str) -> Callable[[Ctx], list[str]]:
+    """train/kd.py into output_dir `out(ctx)`; its .lock must not appear."""
+
+    def argv(c: Ctx) -> list[str]:
+        folder = out(c)
+        c.absent += new_absent(Path(folder or ".").absolute() / LOCK)
+        return ["--config", TOY, f"output_dir={folder or repr('')}", *TINY, *overrides]
+
+    return argv
+
+
+# issue 22: links, overwrites, caches (h3)
+
+
+def link(path: Path, target: Path) -> None:
+    """`path` made a symbolic link to `target` (what a run folder received as a tar may hold)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def alias(path: Path, target: Path) -> Path:
+    """A link the user made on purpose: `path` -> `target`; returns `path`."""
+    path.symlink_to(target)
+    return path
+
+
+def link_out(name: str, target: str = "precious/thesis.tex") -> Callable[[Path], None]:
+    """A damage for `with_run`: RUN/NAME becomes a link to WS/TARGET (outside the run)."""
+    return lambda run: link(run / name, run.parent / target)
+
+
+def garbage_state(name: str) -> Callable[[Path], None]:
+    """A damage for `with_run`: the checkpoint's accelerate state file NAME, garbage of its own size."""
+    def damage(run: Path) -> None:
+        f = run / "checkpoint-2" / name
+        f.write_bytes(bytes(range(256)) * (f.stat().st_size // 256) + b"\x80" * (f.stat().st_size % 256))
+
+    return damage
+
+
+def holding_link(folder: str, name: str, target: str = "precious/thesis.tex", files: dict | None = None):
+    """WS/FOLDER made with `files` and NAME a link to WS/TARGET; returns the folder."""
+    def make(c: Ctx) -> Path:
+        out = c.ws / folder
+        out.mkdir(parents=True, exist_ok=True)
+        for file, data in (files or {}).items():
+            write(out / file, data)
+        link(out / name, c.ws / target)
+        return out
+
+    return make
+
+
+def convert_lora(out: Callable[[Ctx], Path | str], *extra: str, src: Callable[[Ctx], Path] | None = None):
+    """train/convert_lora.py to-sdcpp on a copy of the toy teacher's LoRA at ws/lora/ (or `src`)."""
+    def argv(c: Ctx) -> list[str]:
+        lora = c.ws / "lora" / "pytorch_lora_weights.safetensors"
+        lora.parent.mkdir()
+        shutil.copy(c.assets.teacher_lora, lora)
+        return ["to-sdcpp", str(src(c) if src else lora), "--out", str(out(c)), *extra]
+
+    return argv
+
+
+# issue 22: bounds, shards, last tracebacks (h4)
+# Every text and number has a bound (sdkd/cli/limits.py), said in one line naming the flag or key, before any
+# model loads; the last tracebacks and messages that named the wrong thing.
+
+MEGA = "a red fox " * 100_000  # a megabyte of prompt
+SEED_OVER = str(2**64)
+
+
+def evaluate(*overrides: str, prompt_file: str | None = None) -> Callable[[Ctx], list[str]]:
+    """eval/evaluate.py on the toy student against the toy teacher, OUT = ws/ev (new); `prompt_file`: the text
+    of ws/prompts.txt, given as the prompt file."""
+
+    def argv(c: Ctx) -> list[str]:
+        extra = [f"prompt_file={write(c.ws / 'prompts.txt', prompt_file)}"] if prompt_file is not None else []
+        return [str(c.assets.student), "--teacher", str(c.assets.teacher_dir), "--out", str(c.ws / "ev"), *extra,
+                *overrides]
+
+    return argv
+
+
+def hub_case(argv: Callable[[Ctx], list[str]]) -> Callable[[Ctx], list[str]]:
+    def setup(c: Ctx) -> list[str]:
+        offline_hub(c)
+        return argv(c)
+
+    return setup
+
+
+REFUSED_START_CASES = [
+    case("output-dir-empty-string", KD, refused_at(lambda c: ""), "output_dir is empty"),
+    case("output-dir-root", KD, refused_at(lambda c: "/"), "output_dir '/' is the root folder"),
+    case("output-dir-root-resume", KD, refused_at(lambda c: "/", "resume=latest"), "output_dir '/' is the root folder"),
+    case("output-dir-home", KD, refused_at(lambda c: str(home_folder(c))), "is your home folder"),
+    case("output-dir-home-overwrite", KD, refused_at(lambda c: str(home_folder(c)), "overwrite=true"),
+         "is your home folder"),
+    case("output-dir-working-directory-of-user-files", KD, refused_at(lambda c: "."),
+         ("output_dir '.'", "holds no sdkd run")),
+    case("output-dir-user-files", KD, refused_at(lambda c: str(c.ws / "precious")),
+         ("output_dir '{ws}/precious'", "holds no sdkd run")),
+    case("output-dir-user-files-resume", KD, refused_at(lambda c: str(c.ws / "precious"), "resume=latest"),
+         ("output_dir '{ws}/precious'", "holds no sdkd run")),
+    case("output-dir-another-run-no-lock-left", KD, refused_at(lambda c: str(c.ws / "old_run")),
+         ("output_dir '{ws}/old_run' holds another run",)),
+    case("output-dir-under-a-file-no-folder-made", KD,
+         refused_at(lambda c: str(c.ws / "precious" / "thesis.tex" / "r")),
+         "output_dir '{ws}/precious/thesis.tex/r': cannot be written"),
+    case("teacher-missing-no-output-dir", KD, kd("teacher={ws}/no_teacher"), "teacher '{ws}/no_teacher' not found",
+         absent=("{ws}/out",)),
+    case("teacher-hub-offline-no-output-dir", KD, hub_case(kd(f"teacher={HUB_ID}")),
+         (f"teacher '{HUB_ID}'", "HF_HUB_OFFLINE is set", "local diffusers folder"), absent=("{ws}/out",)),
+    case("finetune-model-hub-offline-no-output-dir", "train/finetune.py",
+         hub_case(lambda c: ["--config", PORTRAIT_TOY, f"model={HUB_ID}", f"output_dir={c.ws / 'out'}", *TINY]),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/out",)),
+    case("imagefolder-missing-no-output-dir", KD, kd("data.source=imagefolder", "data.path={ws}/nowhere"),
+         "image folder not found: {ws}/nowhere", absent=("{ws}/out",)),
+    case("cache-missing-no-output-dir", KD, kd("data.cache={ws}/no_cache"),
+         ("config key 'data.cache'", "{ws}/no_cache/manifest.json"), absent=("{ws}/out",)),
+    case("sample-hub-offline-no-out", SAMPLE, hub_case(lambda c: sample_argv(c, HUB_ID)),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/samples",)),
+    case("sample-model-missing-no-out", SAMPLE, lambda c: sample_argv(c, c.ws / "gone"), "'{ws}/gone' not found",
+         absent=("{ws}/samples",)),
+    case("sample-lora-missing-no-out", SAMPLE, sample("--lora", "{ws}/none.safetensors"), "{ws}/none.safetensors",
+         absent=("{ws}/samples",)),
+    case("sample-threads-zero", SAMPLE, sample("--threads", "0"), "--threads must be at least 1, got 0",
+         absent=("{ws}/samples",)),
+    case("sample-out-under-a-file", SAMPLE, sample(out="{ws}/precious/thesis.tex/s"),
+         "--out '{ws}/precious/thesis.tex/s': cannot be written"),
+    case("export-hub-offline-no-out", EXPORT,
+         hub_case(lambda c: [HUB_ID, "--format", "diffusers", "--out", str(c.ws / "export")]),
+         (f"model '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/export",)),
+    case("evaluate-teacher-hub-offline-no-out", "eval/evaluate.py",
+         hub_case(lambda c: [str(c.assets.student), "--teacher", HUB_ID, "--out", str(c.ws / "ev")]),
+         (f"--teacher '{HUB_ID}'", "HF_HUB_OFFLINE is set"), absent=("{ws}/ev",)),
+    case("evaluate-threads-negative", "eval/evaluate.py",
+         lambda c: [str(c.assets.student), "--teacher", "none", "--out", str(c.ws / "ev"), "--threads", "-2"],
+         "--threads must be at least 1, got -2", absent=("{ws}/ev",)),
+    case("show-student-hub-offline", "train/show_student.py",
+         hub_case(lambda c: ["--teacher", HUB_ID, "--preset", "bk_small"]),
+         (f"--teacher '{HUB_ID}'", "HF_HUB_OFFLINE")),
+]
+
+
+
+def sample_with_link(c: Ctx) -> list[str]:
+    out = holding_link("my_samples", "image-000.png", "precious/holiday.png",
+                       {"samples.json": '{"images": []}'})(c)
+    return sample_argv(c, c.assets.student, "--overwrite", out=str(out))
+
+
+def evaluate_with_link(c: Ctx) -> list[str]:
+    out = holding_link("ev", "report.json", files={"evaluate.yaml": "seed: 0\n"})(c)
+    return [str(c.assets.student), "--teacher", "none", "--config", str(ROOT / "configs" / "eval_toy.yaml"),
+            "--out", str(out), "--overwrite"]
+
+
+def make_shards_argv(out: Callable[[Ctx], Path], src: Callable[[Ctx], Path] | None = None):
+    def argv(c: Ctx) -> list[str]:
+        pics = src(c) if src else image_folder(c, "pics", {"a.png": png(1), "b.png": png(2)})
+        return [str(pics), str(out(c))]
+
+    return argv
+
+
+def toy_teacher_at(c: Ctx, name: str = "tt") -> Path:
+    """WS/NAME holding what make_toy_teacher leaves (as far as its checks look: provenance.json, vae/)."""
+    write(c.ws / name / "provenance.json", '{"family": "sd"}\n')
+    write(c.ws / name / "vae" / "config.json", '{"_class_name": "AutoencoderKL"}\n')
+    return c.ws / name
+
+
+def copy_student(c: Ctx) -> Path:
+    return Path(shutil.copytree(c.assets.student, c.ws / "student"))
+
+
+def cached_with_changed_teacher(part: str) -> Callable[[Ctx], list[str]]:
+    """train/kd.py from the toy cache, the teacher being a copy of the toy teacher whose PART weights changed."""
+    def argv(c: Ctx) -> list[str]:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from sdkd.train.models.toy import toy_teacher_folder
+
+        teacher = Path(shutil.copytree(toy_teacher_folder("toy"), c.ws / "teacher"))
+        weights = next((teacher / part).glob("*.safetensors"))
+        tensors = load_file(str(weights))
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first] + torch.full_like(tensors[first], 0.01)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"teacher={teacher}",
+                f"data.cache={c.assets.cache}"]
+
+    return argv
+
+
+def damaged_cache(damage: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        cache = Path(shutil.copytree(c.assets.cache, c.ws / "cache"))
+        damage(cache / "latents-000000.safetensors")
+        return ["--config", TOY, f"output_dir={c.ws / 'out'}", *TINY, f"data.cache={cache}"]
+
+    return argv
+
+
+def bk_small_lora_on_teacher(c: Ctx) -> list[str]:
+    lora = shutil.copy(c.assets.student_lora, c.ws / "student_lora.safetensors")
+    return sample_argv(c, c.assets.teacher_dir, "--lora", str(lora))
+
+
+ONE_STEP = ["--config", str(ROOT / "configs" / "one_step_toy.yaml"), *TINY]
+LINK = "holds a symbolic link leading out of it"
+CONVERT = "train/convert_lora.py"
+SHARDS = "data/make_shards.py"
+TOY_TEACHER = "train/make_toy_teacher.py"
+
+H3_CASES = [
+    # Links in a run folder: refused before anything is written, whatever the run was asked to do.
+    case("resume-config-yaml-links-out", KD, with_run("resume=latest", damage=link_out("config.yaml")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/config.yaml' -> '{ws}/precious/thesis.tex'")),
+    case("resume-metrics-links-out", KD, with_run("resume=latest", damage=link_out("metrics.jsonl")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/metrics.jsonl'")),
+    case("resume-checkpoint-folder-links-out", KD,
+         with_run("resume=latest", damage=lambda run: (shutil.copytree(run / "checkpoint-2", run.parent / "elsewhere"),
+                                                      link(run / "checkpoint-2", run.parent / "elsewhere"))),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/checkpoint-2' -> '{ws}/elsewhere'")),
+    case("resume-samples-folder-links-out", KD, with_run("resume=latest", damage=link_out("samples", "precious")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/samples' -> '{ws}/precious'")),
+    case("resume-file-in-checkpoint-links-out", KD,
+         with_run("resume=latest", damage=link_out("checkpoint-2/trainer_state.json")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/checkpoint-2/trainer_state.json'")),
+    case("resume-dangling-link", KD,
+         with_run("resume=latest", damage=lambda run: (run / "notes.txt").symlink_to(run.parent / "gone" / "x")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/notes.txt'"), absent=("{ws}/gone",)),
+    case("resume-lock-file-links-out", KD, with_run("resume=latest", damage=link_out(LOCK)),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/.lock' -> '{ws}/precious/thesis.tex'")),
+    case("overwrite-run-holding-a-link-out", KD, with_run("overwrite=true", damage=link_out("metrics.jsonl")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/metrics.jsonl'")),
+    case("new-run-into-run-holding-a-link-out", KD, with_run(damage=link_out("config.yaml")),
+         ("output_dir '{ws}/run' " + LINK, "'{ws}/run/config.yaml'")),
+    # Links in the folders the tools write into.
+    case("sample-out-image-links-out", SAMPLE, sample_with_link,
+         ("--out '{ws}/my_samples' " + LINK, "'{ws}/my_samples/image-000.png' -> '{ws}/precious/holiday.png'")),
+    case("evaluate-out-links-out", "eval/evaluate.py", evaluate_with_link,
+         ("--out '{ws}/ev' " + LINK, "'{ws}/ev/report.json'")),
+    case("cache-latents-out-links-out", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, f"data.cache={holding_link('cache', 'manifest.json')(c)}", "--overwrite"],
+         ("data.cache '{ws}/cache' " + LINK, "'{ws}/cache/manifest.json'")),
+    case("make-shards-out-links-out", SHARDS, make_shards_argv(holding_link("shards_out", "notes.txt")),
+         ("out '{ws}/shards_out' " + LINK, "'{ws}/shards_out/notes.txt'")),
+    case("export-diffusers-out-links-out", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "diffusers", "--out",
+                    str(holding_link("export", "model_index.json")(c)), "--overwrite"],
+         ("--out '{ws}/export' " + LINK, "'{ws}/export/model_index.json'")),
+    case("toy-ablation-out-links-out", "eval/toy_ablation.py",
+         lambda c: ["--out", str(holding_link("abl", "results.json")(c)), "--steps", "1", "--overwrite"],
+         ("--out '{ws}/abl' " + LINK, "'{ws}/abl/results.json'")),
+    case("one-step-pairs-cache-links-out", "train/one_step.py",
+         lambda c: [*ONE_STEP, f"output_dir={c.ws / 'os'}", f"teacher={c.assets.teacher_dir}",
+                    f"pairs.cache={holding_link('pairs', 'train.json')(c)}"],
+         ("ODE-pair folder '{ws}/pairs' " + LINK, "'{ws}/pairs/train.json'"), may_add=STARTED),
+    # Existing files replaced only when asked, and never the command's inputs.
+    case("convert-lora-out-is-its-input", CONVERT,
+         convert_lora(lambda c: c.ws / "lora" / "pytorch_lora_weights.safetensors", "--overwrite"),
+         "--out '{ws}/lora/pytorch_lora_weights.safetensors' is the command's input"),
+    case("convert-lora-out-is-the-file-of-its-input-folder", CONVERT,
+         convert_lora(lambda c: c.ws / "lora" / "pytorch_lora_weights.safetensors", "--overwrite",
+                      src=lambda c: c.ws / "lora"),
+         "--out '{ws}/lora/pytorch_lora_weights.safetensors' is the command's input"),
+    case("convert-lora-out-is-its-input-through-a-link", CONVERT,
+         convert_lora(lambda c: alias(c.ws / "alias.safetensors", c.ws / "lora" / "pytorch_lora_weights.safetensors"),
+                      "--overwrite"),
+         "--out '{ws}/alias.safetensors' is the command's input"),
+    case("convert-lora-out-exists", CONVERT, convert_lora(lambda c: c.ws / "precious" / "thesis.tex"),
+         ("--out '{ws}/precious/thesis.tex' exists", "--overwrite")),
+    case("convert-lora-out-is-a-folder", CONVERT, convert_lora(lambda c: c.ws / "precious", "--overwrite"),
+         "--out '{ws}/precious' is a folder"),
+    case("make-shards-out-is-a-file", SHARDS, make_shards_argv(lambda c: c.ws / "precious" / "thesis.tex"),
+         "{ws}/precious/thesis.tex: is a file"),
+    case("make-shards-out-is-its-input", SHARDS, make_shards_argv(lambda c: c.ws / "pics"),
+         "{ws}/pics: is the input '{ws}/pics'"),
+    case("make-shards-out-holds-a-manifest", SHARDS,
+         make_shards_argv(lambda c: write(c.ws / "shards_out" / "manifest.json", "{}").parent),
+         "{ws}/shards_out: already holds shards"),
+    case("make-toy-teacher-out-is-a-file", TOY_TEACHER,
+         lambda c: ["--out", str(c.ws / "precious" / "thesis.tex"), "--work", str(c.ws / "work")],
+         "--out '{ws}/precious/thesis.tex' is a file", absent=("{ws}/work",)),
+    case("make-toy-teacher-out-holds-a-teacher", TOY_TEACHER,
+         lambda c: ["--out", str(toy_teacher_at(c)), "--work", str(c.ws / "work")],
+         ("--out '{ws}/tt' holds a toy teacher", "--overwrite"), absent=("{ws}/work",)),
+    case("make-toy-teacher-vae-inside-out", TOY_TEACHER,
+         lambda c: ["--family", "sdxl", "--out", str(toy_teacher_at(c)), "--vae", str(c.ws / "tt" / "vae"),
+                    "--work", str(c.ws / "work"), "--overwrite"],
+         "--vae '{ws}/tt/vae' is inside --out '{ws}/tt'", absent=("{ws}/work",)),
+    case("export-single-file-out-is-its-input", EXPORT,
+         lambda c: [str(shutil.copy(c.assets.single_file, c.ws / "student.safetensors")), "--format", "single-file",
+                    "--out", str(c.ws / "student.safetensors"), "--overwrite"],
+         "--out '{ws}/student.safetensors' is the model to export"),
+    case("export-diffusers-out-is-its-input", EXPORT,
+         lambda c: [str(copy_student(c)), "--format", "diffusers", "--out", str(c.ws / "student"), "--overwrite"],
+         "--out '{ws}/student' is the model to export"),
+    case("export-single-file-out-exists", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "single-file", "--out",
+                    str(write(c.ws / "models" / "mine.safetensors", b"my model"))],
+         ("--out '{ws}/models/mine.safetensors' already exists", "--overwrite")),
+    case("sample-out-holds-samples-json-only", SAMPLE,
+         lambda c: sample_argv(c, c.assets.student,
+                               out=str(write(c.ws / "shots" / "samples.json", '{"images": []}').parent)),
+         ("--out '{ws}/shots' already holds samples", "--overwrite")),
+    case("cache-latents-cache-is-the-data-folder", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, "data.source=imagefolder",
+                    f"data.path={image_folder(c, 'pics', {'a.png': png(1)})}", f"data.cache={c.ws / 'pics'}",
+                    "--overwrite"],
+         "config key 'data.cache': '{ws}/pics' is the data set's folder"),
+    case("toy-ablation-out-not-empty", "eval/toy_ablation.py",
+         lambda c: ["--out", str(c.ws / "precious"), "--steps", "1"],
+         ("--out '{ws}/precious' is not empty", "--overwrite")),
+    # Caches keyed by the weights they were made with, not the teacher's path.
+    case("cache-made-with-other-vae-weights", KD, cached_with_changed_teacher("vae"),
+         ("latent cache", "was made with other weights of the teacher's vae", "'toy'", "--overwrite")),
+    case("cache-made-with-other-text-encoder-weights", KD, cached_with_changed_teacher("text_encoder"),
+         ("latent cache", "was made with other weights of the teacher's text_encoder")),
+    # Damaged checkpoint state and cache shards: one line naming the file (a damaged state is found only once the
+    # run has built its models: those cases go to the full suite).
+    case("resume-optimizer-state-garbage", KD, with_run("resume=latest", damage=garbage_state("optimizer.bin")),
+         ("resume '{ws}/run/checkpoint-2'", "optimizer.bin is damaged"), marks=pytest.mark.slow),
+    case("resume-random-state-garbage", KD, with_run("resume=latest", damage=garbage_state("random_states_0.pkl")),
+         ("resume '{ws}/run/checkpoint-2'", "random_states_0.pkl is damaged"), marks=pytest.mark.slow),
+    case("resume-scheduler-state-garbage", KD, with_run("resume=latest", damage=garbage_state("scheduler.bin")),
+         ("resume '{ws}/run/checkpoint-2'", "scheduler.bin is damaged"), marks=pytest.mark.slow),
+    case("cache-shard-truncated", KD,
+         damaged_cache(lambda shard: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])),
+         "latent cache shard {ws}/cache/latents-000000.safetensors is damaged"),
+    case("cache-shard-missing", KD, damaged_cache(lambda shard: shard.unlink()),
+         "latent cache shard {ws}/cache/latents-000000.safetensors is damaged or missing"),
+    # A LoRA loads only onto the layout it was trained on.
+    case("sample-bk-small-lora-on-the-teacher", SAMPLE, bk_small_lora_on_teacher,
+         ("LoRA '{ws}/student_lora.safetensors' does not fit this model", "'bk_small'", "'teacher'")),
+]
+
+
+def yaml_section_as_number(c: Ctx) -> list[str]:
+    return config_file("teacher: toy\ntrain: 5\n", "recipe.yaml", *TINY)(c)
+
+
+def images_without_captions(c: Ctx) -> list[str]:
+    for i in range(3):
+        write(c.ws / "pics" / f"{i}.png", png(i))
+    return [str(c.ws / "pics"), str(c.ws / "shards_out")]
+
+
+def full_model_as_lora(c: Ctx) -> list[str]:
+    model = shutil.copy(c.assets.single_file, c.ws / "model.safetensors")
+    return ["to-sdcpp", str(model), "--out", str(c.ws / "lora_sdcpp.safetensors")]
+
+
+def ablation_run_folder_taken(c: Ctx) -> list[str]:
+    """toy_ablation's first run folder already holds the user's files (--overwrite: an earlier ablation may be
+    replaced): its kd.py run refuses it (overwrite=true replaces only an sdkd run), and that line must come
+    through."""
+    write(c.ws / "abl" / "runs" / "bk_small-task_only-seed0" / "notes.txt", "mine")
+    return ["--out", str(c.ws / "abl"), "--steps", "2", "--seeds", "0", "--presets", "bk_small", "--overwrite"]
+
+
+BENCH_DATA, BENCH_KD = "eval/bench_data.py", "eval/bench_kd_step.py"
+TOO_LONG = ("at most 10,000 characters", "1,000,000 characters")
+
+BOUNDS_CASES = [
+    # eval/sample.py: checked before the model loads
+    case("sample-prompt-a-megabyte", SAMPLE, sample("--prompt", MEGA), ("--prompt", *TOO_LONG)),
+    case("sample-negative-prompt-a-megabyte", SAMPLE, sample("--negative-prompt", MEGA),
+         ("--negative-prompt", *TOO_LONG)),
+    case("sample-seed-negative", SAMPLE, sample("--seed", "-1"), ("--seed", "got -1")),
+    case("sample-seed-over-64-bits", SAMPLE, sample("--seed", SEED_OVER), ("--seed", f"got {SEED_OVER}")),
+    case("sample-seed-plus-images-over-63-bits", SAMPLE, sample("--seed", str(2**63 - 1), "--num-images", "2"),
+         ("--seed", "seed + 1 for 2 images")),
+    case("sample-guidance-nan", SAMPLE, sample("--guidance", "nan"), ("--guidance", "finite", "got nan")),
+    case("sample-guidance-infinite", SAMPLE, sample("--guidance", "inf"), ("--guidance", "got inf")),
+    case("sample-guidance-a-million", SAMPLE, sample("--guidance", "1e6"), ("--guidance", "from 0 to 100")),
+    case("sample-steps-a-million", SAMPLE, sample("--steps", "1000000"), ("--steps", "got 1000000")),
+    case("sample-height-100k", SAMPLE, sample("--height", "100000"), ("--height", "got 100000")),
+    case("sample-num-images-a-billion", SAMPLE, sample("--num-images", "1000000000"), ("--num-images",)),
+    case("sample-batch-size-a-million", SAMPLE, sample("--batch-size", "1000000"), ("--batch-size", "got 1000000")),
+    case("sample-lora-scale-nan", SAMPLE, sample("--lora-scale", "nan"), ("--lora-scale", "got nan")),
+    case("sample-lora-is-a-full-model", SAMPLE,
+         lambda c: sample_argv(c, c.assets.student, "--lora", full_model_as_lora(c)[1]),
+         ("'{ws}/model.safetensors' holds a full model", "not a LoRA")),
+    # eval/evaluate.py: the prompt set and the sampling settings, before anything loads
+    case("evaluate-prompt-file-a-20mb-line", "eval/evaluate.py",
+         evaluate(prompt_file="a red fox\n" + "x" * 20_000_000 + "\n"),
+         ("config key 'prompt_file'", "prompt 2", "20,000,000 characters"), absent=("{ws}/ev",)),
+    case("evaluate-prompts-too-long", "eval/evaluate.py", evaluate(f"prompts=[{'x' * 20_000}]"),
+         ("config key 'prompts[0]'", "20,000 characters"), absent=("{ws}/ev",)),
+    case("evaluate-seed-over-63-bits", "eval/evaluate.py", evaluate(f"seed={2**63}"), "config key 'seed'",
+         absent=("{ws}/ev",)),
+    case("evaluate-seed-plus-prompts-over-63-bits", "eval/evaluate.py",
+         evaluate(f"seed={2**63 - 1}", prompt_file="one\ntwo\n"), ("config key 'seed'", "seed + 1 for 2 images"),
+         absent=("{ws}/ev",)),
+    case("evaluate-guidance-nan", "eval/evaluate.py", evaluate("guidance_scale=.nan"), "config key 'guidance_scale'",
+         absent=("{ws}/ev",)),
+    case("evaluate-guidance-infinite", "eval/evaluate.py", evaluate("guidance_scale=.inf"),
+         ("config key 'guidance_scale'", "got inf"), absent=("{ws}/ev",)),
+    case("evaluate-steps-a-million", "eval/evaluate.py", evaluate("steps=1000000"), "config key 'steps'",
+         absent=("{ws}/ev",)),
+    case("evaluate-batch-size-a-million", "eval/evaluate.py", evaluate("batch_size=1000000"),
+         "config key 'batch_size'", absent=("{ws}/ev",)),
+    # trainer configs
+    case("config-yaml-section-given-a-number", KD, yaml_section_as_number, ("config key 'train'", "got 5")),
+    case("config-override-section-given-a-number", KD, kd("sample=3"), ("config key 'sample'", "got 3")),
+    case("config-seed-over-64-bits", KD, kd(f"train.seed={SEED_OVER}"), ("config key 'train.seed'", SEED_OVER)),
+    case("config-lr-nan", KD, kd("optim.lr=.nan"), "config key 'optim.lr'"),
+    case("config-grad-norm-infinite", KD, kd("train.max_grad_norm=.inf"),
+         ("config key 'train.max_grad_norm'", "finite")),
+    case("config-betas-nan", KD, kd("optim.betas=[.nan,0.9]"), "config key 'optim.betas"),
+    case("config-batch-size-a-million", KD, kd("train.batch_size=1000000"), "config key 'train.batch_size'"),
+    case("config-num-workers-a-million", KD, kd("train.num_workers=1000000"), "config key 'train.num_workers'"),
+    case("config-resolution-100k", KD, kd("data.resolution=100000"), "config key 'data.resolution'"),
+    case("config-max-steps-over-31-bits", KD, kd(f"train.max_steps={2**40}"), "config key 'train.max_steps'"),
+    case("config-sample-guidance-nan", KD, kd("sample.guidance_scale=.nan"), "config key 'sample.guidance_scale'"),
+    case("config-sample-steps-a-million", KD, kd("sample.steps=1000000"), "config key 'sample.steps'"),
+    case("config-sample-prompt-too-long", KD, kd(f"sample.prompts=[{'x' * 20_000}]"),
+         ("config key 'sample.prompts[0]'", "20,000 characters")),
+    case("kd-world-size-without-launcher", KD, kd(), ("WORLD_SIZE=2", "launch.sh"), env={"WORLD_SIZE": "2"},
+         absent=("{ws}/out",)),
+    # the demo's command line: before Gradio and the models load
+    case("demo-guidance-nan", "eval/demo.py", lambda c: ["--guidance", "nan"], ("--guidance", "got nan")),
+    case("demo-steps-a-million", "eval/demo.py", lambda c: ["--steps", "1000000"], "--steps"),
+    # tools
+    case("make-shards-workers-negative", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                           "--workers", "-1"],
+         ("--workers", "got -1"), absent=("{ws}/sh",)),
+    case("make-shards-quality-500", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                      "--quality", "500"],
+         ("--quality", "from 1 to 100", "got 500"), absent=("{ws}/sh",)),
+    case("make-shards-shard-size-zero", "data/make_shards.py", lambda c: [str(c.ws / "precious"), str(c.ws / "sh"),
+                                                                          "--shard-size", "0"],
+         ("--shard-size", "got 0"), absent=("{ws}/sh",)),
+    case("make-shards-images-without-captions", "data/make_shards.py", images_without_captions,
+         ("{ws}/pics/metadata.jsonl: not found", "--caption-column"), absent=("{ws}/shards_out",)),
+    case("cache-latents-batch-size-negative", "train/cache_latents.py",
+         lambda c: ["--config", TOY, *TINY, f"data.cache={c.ws / 'cache'}", "--batch-size", "-1"],
+         ("--batch-size", "got -1"), absent=("{ws}/cache",)),
+    case("bench-data-workers-negative", BENCH_DATA, lambda c: ["--workers", "-1"], ("--workers", "got -1")),
+    case("bench-data-too-few-images", BENCH_DATA, lambda c: ["--mode", "loader", "--images", "10", "--workers", "2"],
+         ("--images 10 is too few for 2 workers", "at least 64")),
+    case("bench-data-json-in-a-missing-folder", BENCH_DATA,
+         lambda c: ["--json", str(c.ws / "reports" / "data.json")], "folder '{ws}/reports' does not exist"),
+    case("bench-kd-step-repeats-zero", BENCH_KD, lambda c: ["--repeats", "0"], ("--repeats", "got 0")),
+    case("bench-kd-step-latent-a-million", BENCH_KD, lambda c: ["--latent", "1000000"], "--latent"),
+    case("bench-kd-step-json-in-a-missing-folder", BENCH_KD,
+         lambda c: ["--json", str(c.ws / "reports" / "kd.json")], "folder '{ws}/reports' does not exist"),
+    case("export-single-file-under-a-file", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "single-file", "--out",
+                    str(c.ws / "precious" / "thesis.tex" / "student.safetensors")],
+         ("--out '{ws}/precious/thesis.tex/student.safetensors': cannot be written", "is a file")),
+    case("export-diffusers-under-a-file", EXPORT,
+         lambda c: [str(c.assets.student), "--format", "diffusers", "--out",
+                    str(c.ws / "precious" / "thesis.tex" / "x")],
+         "--out '{ws}/precious/thesis.tex/x': cannot be written"),
+    case("convert-lora-given-a-full-model", "train/convert_lora.py", full_model_as_lora,
+         ("'{ws}/model.safetensors' holds a full model", "not a LoRA"), absent=("{ws}/lora_sdcpp.safetensors",)),
+    case("toy-ablation-seed-negative", "eval/toy_ablation.py", lambda c: ["--out", str(c.ws / "abl"), "--seeds", "-1"],
+         ("--seeds", "got -1"), absent=("{ws}/abl",)),
+    case("toy-ablation-out-under-a-file", "eval/toy_ablation.py",
+         lambda c: ["--out", str(c.ws / "precious" / "thesis.tex" / "abl")], "cannot be written"),
+    case("toy-ablation-says-its-runs-error-line", "eval/toy_ablation.py", ablation_run_folder_taken,
+         ("run bk_small-task_only-seed0 failed: output_dir", "holds no sdkd run"),
+         marks=pytest.mark.slow),  # a kd.py process (its Python start, seconds)
+]
+
+# A benchmark's report replaces an earlier one only with --overwrite: the user's file stays, nothing is measured.
+REPORT_CASES = [
+    case(f"{name}-json-exists", script, lambda c: ["--json", str(c.ws / "precious" / "thesis.tex")],
+         "--json '{ws}/precious/thesis.tex' exists: pass --overwrite")
+    for name, script in [("bench-data", BENCH_DATA), ("bench-kd-step", BENCH_KD),
+                         ("bench-inference", "eval/bench_inference.py"), ("bench-decoder", "eval/bench_decoder.py"),
+                         ("bench-one-step", "eval/bench_one_step.py"), ("bench-students", "eval/bench_students.py"),
+                         ("memory-table", "eval/memory_table.py")]
+] + [
+    case("gpu-check-out-holds-a-report", "eval/gpu_check.py",
+         lambda c: ["--out", str(write(c.ws / "gpu" / "gpu_check.json", "{}").parent)],
+         "--out '{ws}/gpu/gpu_check.json' exists: pass --overwrite"),
+]
+
 ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_CASES + SAMPLE_CASES + TOOL_CASES \
-    + PROCESS_CASES
+    + PROCESS_CASES + REFUSED_START_CASES + H3_CASES + BOUNDS_CASES + REPORT_CASES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,11 +1287,13 @@ ALL_CASES = CONFIG_CASES + OUTPUT_CASES + CHECKPOINT_CASES + DATA_CASES + MODEL_
 def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tmp_path, capfd, monkeypatch, request):
     root = tmp_path
     ws = make_workspace(root)
-    ctx = Ctx(ws, root, assets)
+    ctx = Ctx(ws, root, assets, monkeypatch=monkeypatch)
     # Relative paths and temporary files of the case stay in its root.
     monkeypatch.chdir(ws)
     monkeypatch.setenv("TMPDIR", str(root / "tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
+    for name, value in hostile.env.items():
+        monkeypatch.setenv(name, value)
     try:
         argv = hostile.setup(ctx)
         capfd.readouterr()  # what building the assets printed

@@ -79,6 +79,7 @@ def _torchmetrics_kid(real: torch.Tensor, fake: torch.Tensor) -> float:
 # FID and KID
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_inception_loads_from_safetensors_and_pth(inception):
     one = inception["a"][:1]
     want = inception["net"](one)

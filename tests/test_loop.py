@@ -164,3 +164,16 @@ def test_module_waits_for_its_start_step(tmp_path):
 def test_a_loss_for_a_module_not_due_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="'gen' a loss at step 1, where it is not due"):
         fit(loop_config(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"), wrong_step=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_8bit_adamw_off_cuda_is_one_line_naming_the_key():
+    from sdkd.cli.errors import UserError
+    from sdkd.train.engine.config import OptimConfig
+    from sdkd.train.engine.loop import build_optimizer
+
+    # Built in code, so no config check ran: the optimizer's own refusal.
+    with pytest.raises(UserError) as err:
+        build_optimizer(discriminator().parameters(), OptimConfig(name="adamw_8bit"))
+    assert str(err.value) == ("optim.name=adamw_8bit: bitsandbytes' 8-bit AdamW needs a CUDA GPU and this machine "
+                              "has none; use optim.name=adamw")

@@ -96,6 +96,22 @@ def test_save_load_round_trip_and_metadata(tmp_path):
     assert torch.equal(predict(pipe.unet), predict(fresh.unet))
 
 
+def test_lora_whose_modules_all_exist_in_another_layout_is_refused_by_its_recorded_structure(tmp_path):
+    """Every module of a bk_small LoRA exists in the teacher with the same widths (bk_small only removes blocks),
+    so only the block structure the file records tells: refused in one line naming both layouts."""
+    src = toy_pipe("bk_small")
+    lora_io.add_adapters(src.unet, None, LoraSection(rank=2))
+    file = lora_io.save_lora(tmp_path, src.unet, None, base="the toy bk_small")
+    state, meta = lora_io.read_lora(file)
+    teacher = toy_pipe("teacher")
+    with pytest.raises(UserError) as err:
+        lora_io.check_lora(state, teacher.unet, text_encoders(teacher), str(file), meta)
+    assert str(err.value) == (f"LoRA '{file}' does not fit this model: the LoRA was trained on a 'bk_small' U-Net "
+                              f"(base model the toy bk_small), this U-Net's layout is 'teacher'. Load it into that "
+                              f"model, or train a LoRA on this one")
+    lora_io.check_lora(state, toy_pipe("bk_small").unet, None, str(file), meta)  # its own layout: accepted
+
+
 @pytest.mark.parametrize("trained_on, loaded_into, missing", [
     ("bk_tiny", "teacher", "up_blocks.0.attentions.0"),   # the teacher's first up block has no attention
     ("teacher", "bk_tiny", "down_blocks.0.attentions.1"),  # bk_tiny keeps one attention per level

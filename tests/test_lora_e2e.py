@@ -100,7 +100,7 @@ def test_lora_errors_are_one_line(tmp_path, toy_teacher_dir):
                          f"model={tmp_path / 'missing'}", "lora.target_modules=[to_q,query]"], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: model '{tmp_path / 'missing'}' could not be loaded")
+        f"error: model '{tmp_path / 'missing'}' not found")
     result = run_script([sys.executable, "train/lora.py", "--config", "configs/lora_toy.yaml", f"output_dir={tmp_path}",
                          f"model={toy_teacher_dir}", "lora.target_modules=[to_q,query]"], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 
 from sdkd.cli.errors import ConfigError
 from sdkd.train.engine.config import load_config
+from sdkd.train.formats.fingerprint import teacher_fingerprint
 from sdkd.train.losses.feature_matching import FeatureMatching, UNetEncoder, encoder_layers, ssim
 from sdkd.train.losses.score_distillation import (
     diffusion_loss,
@@ -220,9 +221,10 @@ def test_ode_pairs_are_made_once_remade_on_change_and_never_half_written(toy, tm
     assert {k: manifest[k] for k in ("teacher", "steps", "guidance_scale", "seed", "count")} == dict(
         teacher="toy", steps=2, guidance_scale=4.0, seed=5, count=2)
     assert manifest["prompts"] == list(settings.prompts)
+    assert manifest["teacher_weights"] == teacher_fingerprint(toy.unet, toy)
     # Reused as stored: the teacher is not run again.
     stamp = (tmp_path / "train.safetensors").stat().st_mtime_ns
-    again = ode_pairs.load_or_make(tmp_path, "train", None, toy, settings)
+    again = ode_pairs.load_or_make(tmp_path, "train", toy.unet, toy, settings)
     assert torch.equal(again.latents, made.latents) and (tmp_path / "train.safetensors").stat().st_mtime_ns == stamp
     assert "making them again" not in capsys.readouterr().err
     # Other settings: one notice line naming the change, then made again.
@@ -232,6 +234,20 @@ def test_ode_pairs_are_made_once_remade_on_change_and_never_half_written(toy, tm
     assert notice == [f"note: ode pairs {tmp_path / 'train'}: made with other settings (steps 2 -> 3); "
                       f"making them again"]
     assert not torch.equal(remade.latents, made.latents) and torch.equal(remade.noise, made.noise)
+    # Other weights under the same teacher name: the pairs are keyed by the weights, so made again.
+    was = teacher_fingerprint(toy.unet, toy)
+    with torch.no_grad():
+        toy.unet.conv_out.bias.add_(0.5)  # retrained in place (the module's fixture gets it back below)
+    try:
+        moved = ode_pairs.load_or_make(tmp_path, "train", toy.unet, toy, other)
+        now = teacher_fingerprint(toy.unet, toy)
+    finally:
+        with torch.no_grad():
+            toy.unet.conv_out.bias.sub_(0.5)
+    notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notice == [f"note: ode pairs {tmp_path / 'train'}: made with other settings (teacher_weights "
+                      f"'{was}' -> '{now}'); making them again"]
+    assert not torch.equal(moved.latents, remade.latents)
     # A write killed before its manifest: no manifest, so the tensors are never taken as a complete set.
     (tmp_path / "train.json").unlink()
     assert ode_pairs.load(tmp_path, "train", other) == (None, None)

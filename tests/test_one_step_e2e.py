@@ -102,7 +102,7 @@ def test_score_distillation_is_stable_and_improves_on_the_warm_up(run):
     teacher's multi-step output after 20 more steps, against the warm-up's end (this machine, seed 0): latent MSE
     59.1 -> 32.2 (asserted: lower), PSNR 7.8 -> 8.0 dB (reported, not asserted: the toy images are still far apart
     at 40 steps, and distribution matching does not pull a sample toward its own ODE pair). The toy recipe's full
-    300 steps reach a latent MSE of 3.5 and 10.0 dB (README)."""
+    300 steps reach a latent MSE of 3.5 and 10.0 dB (docs/one_step.md)."""
     out, _ = run
     lines = [line for line in metrics(out) if line["step"] > WARMUP and "online_loss" in line]
     assert [line["step"] for line in lines] == list(range(WARMUP + 1, STEPS + 1))

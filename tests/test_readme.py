@@ -1,4 +1,4 @@
-"""README.md opens with the two commands, and CI runs exactly its test command in a fresh venv."""
+"""README.md opens with the two commands, and CI (and docs/testing.md) give exactly its test command."""
 
 import re
 
@@ -24,6 +24,11 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
     assert commands()[1] in ci_lines
     # The venv is removed first, so a run on a used checkout sees what a newcomer sees.
     assert ci_lines.index("rm -rf .venv") < ci_lines.index(commands()[1])
+
+
+def test_testing_page_shows_the_readme_test_command():
+    page = (ROOT / "docs" / "testing.md").read_text()
+    assert re.findall(r"```bash\n(.+?)\n```", page)[0] == commands()[1]
 
 
 def test_constraints_pin_every_package_exactly_and_agree_with_pyproject():

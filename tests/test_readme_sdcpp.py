@@ -1,4 +1,4 @@
-"""README's toy run for stable-diffusion.cpp: its commands and cyllama snippet, run as written.
+"""The toy run for stable-diffusion.cpp (docs/export.md): its commands and cyllama snippet, run as written.
 
 Two substitutions: a random-weight teacher of SD-1.5 widths (saved locally, in fp16: half the bytes to
 write and read) for the SD-1.5 download, and a temporary folder for runs/toy_sdcpp; the training command
@@ -26,8 +26,8 @@ QUICK = ["train.max_steps=2", "train.batch_size=1", "train.sample_every=0"]
 
 
 def toy_sdcpp_blocks() -> tuple[list[str], str]:
-    """(the commands of the README block that trains the toy student, the cyllama snippet)."""
-    section = (ROOT / "README.md").read_text().split(SECTION)[1].split("\n## ")[0]
+    """(the commands of docs/export.md's block that trains the toy student, the cyllama snippet)."""
+    section = (ROOT / "docs" / "export.md").read_text().split(SECTION)[1].split("\n## ")[0]
     (commands,) = [b for b in re.findall(r"```bash\n(.+?)\n```", section, re.S) if "train/kd.py" in b]
     (snippet,) = re.findall(r"```python\n(.+?)\n```", section, re.S)
     return commands.splitlines(), snippet
@@ -64,7 +64,7 @@ def test_readme_toy_student_generates_in_stable_diffusion_cpp(tmp_path):
         else:
             r = run_script([sys.executable, *args[1:]])
         assert r.returncode == 0, command + "\n" + r.stdout[-2000:] + r.stderr[-3000:]
-    exec(compile(local(snippet), "README.md", "exec"), {})
+    exec(compile(local(snippet), "docs/export.md", "exec"), {})
     for name in ("sd.png", "cyllama.png"):
         pixels = np.asarray(Image.open(tmp_path / "run" / name))
         assert pixels.shape[:2] == (64, 64) and pixels.std() > 0  # a picture, not a blank

@@ -74,6 +74,7 @@ def test_single_file_carries_the_scheduler_and_settings(tmp_path):
     assert source.sampling == TOY_RECORDED and isinstance(source.pipe.scheduler, DPMSolverMultistepScheduler)
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_sample_py_defaults_give_the_plain_diffusers_image(export, plain, tmp_path, capsys):
     from sdkd.eval.sample import main
 

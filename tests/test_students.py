@@ -275,7 +275,7 @@ def run_main(args, capsys) -> tuple[int, str, str]:
 def test_cli_bad_path_is_one_line_exit_2(tmp_path, capsys):
     code, out, err = run_main(["--teacher", str(tmp_path / "nope"), "--preset", "bk_small"], capsys)
     assert code == 2 and out == ""
-    assert err.startswith("error: no U-Net config at") and "Traceback" not in err
+    assert err.startswith(f"error: --teacher '{tmp_path / 'nope'}' not found") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -721,3 +721,35 @@ def test_cli_lists_sub_block_pairs(tmp_path, capsys):
     assert len(listed) == 26  # SSD-1B's sub-block terms
     assert "26. mid_block -> mid_block.resnets.0  (1280, 32, 32)" in listed
     assert "6. down_blocks.1.resnets.1 -> down_blocks.1.resnets.1  (640, 64, 64)" in listed
+
+
+# One student per family in the fast tier (the fast tier is at its time budget); the others in the full suite.
+@pytest.mark.parametrize("preset", [p if p in ("bk_tiny", "vega") else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in PRESETS])
+def test_gradient_checkpointing_recomputes_and_keeps_loss_and_gradients(teacher, sdxl_teacher, preset):
+    """Every preset's student, as the U-Net trainers switch it on (`train.gradient_checkpointing`): backward
+    runs the resnets a second time, and the loss and every gradient are those without checkpointing."""
+    spec = PRESETS[preset]
+    teacher = {SD: teacher, SDXL: sdxl_teacher}[spec.family]
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=g)
+    hidden = torch.randn(2, 5, teacher.config.cross_attention_dim, generator=g)
+    added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g),
+                                   "time_ids": torch.randn(2, 6, generator=g)}} if spec.family is SDXL else {}
+    results = []
+    for checkpointing in (False, True):
+        student = build_student(teacher, spec).train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        assert student.is_gradient_checkpointing == checkpointing
+        calls = []
+        student.down_blocks[0].resnets[0].conv1.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        loss = student(sample, torch.tensor([10, 700]), hidden, **added).sample.square().mean()
+        loss.backward()
+        assert len(calls) == 1 + checkpointing  # recomputed in backward only when checkpointing
+        results.append((loss.detach(), {n: p.grad for n, p in student.named_parameters()}))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from sdkd.train.engine.loop import _truncate_metrics
 from sdkd.train.engine.tracking import JsonlTracker, tracker_list
 
@@ -21,6 +23,7 @@ def test_tracker_list(tmp_path):
     assert len(tracker_list(["none"], tmp_path)) == 1
 
 
+@pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_logged_images_carry_their_prompts(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import refuse_links, same_file
 from sdkd.cli.words import counted
 from sdkd.train.engine.config import CHECK_CONFIG_HELP, _load_yaml, load_config
 from sdkd.train.tasks.diffusion_config import KDConfig
@@ -69,26 +71,32 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_recipe(args.config, args.overrides)
     if cfg.data.cache is None:
         raise UserError("config key 'data.cache': give the output folder, e.g. data.cache=/data/cache")
-    if args.shard_size <= 0:
-        raise UserError("--shard-size must be > 0")
-    if args.sample_steps <= 0:
-        raise UserError("--sample-steps must be > 0")
+    limits.check_int(args.shard_size, "--shard-size", 1, limits.MAX_IMAGES)
+    limits.check_steps(args.sample_steps, "--sample-steps")
+    if args.batch_size is not None:
+        limits.check_int(args.batch_size, "--batch-size", 1, limits.MAX_BATCH)
     if args.from_samples and cfg.data.buckets != "none":
         raise UserError("config key 'data.buckets': --from-samples samples square latents at data.resolution; "
                         "set data.buckets=none")
     out = Path(cfg.data.cache)  # checked before anything loads, and an earlier cache is replaced only when asked
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'data.cache': '{out}' is a file; give a folder for the cache")
+    if cfg.data.path is not None and same_file(out, cfg.data.path):
+        raise UserError(f"config key 'data.cache': '{out}' is the data set's folder (data.path); give another folder "
+                        f"for the cache")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"config key 'data.cache': '{out}' is not empty; choose a new folder or pass --overwrite "
                         f"to replace the cache in it")
+    refuse_links(out, "data.cache")
     if args.check_config:
         return
     import torch
 
     from sdkd.data.sources.core import build_dataset
     from sdkd.data.sources.latent_cache import write_cache
-    from sdkd.train.models.teacher import PipelineSource, load_teacher
+    from sdkd.train.formats.fingerprint import component_fingerprint
+    from sdkd.train.formats.model_files import load_parts
+    from sdkd.train.models.teacher import PipelineSource
     from sdkd.train.tasks.objective import BatchEncoder
     from sdkd.train.tasks.sampled_latents import SampledLatents
 
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     source = dataclasses.replace(cfg.data, cache=None, caption_dropout=0.0, max_train_samples=None, resampled=False,
                                  shuffle_buffer=0)
     dataset = build_dataset(source, cfg.train.seed)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=args.from_samples)
+    teacher = load_parts(PipelineSource.of(cfg), with_unet=args.from_samples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.freeze(device, torch.float32, teacher.family.models)
     encoder = (SampledLatents(teacher, args.sample_steps, cfg.sample.guidance_scale, cfg.data.resolution,
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or cfg.train.batch_size, num_workers=cfg.train.num_workers,
         shard_size=args.shard_size, dtype=args.dtype, strict=cfg.data.strict, buckets=source.bucket_sizes(),
         info={"teacher": cfg.teacher, "resolution": cfg.data.resolution, "seed": cfg.train.seed,
+              "weights": {name: component_fingerprint(teacher, name) for name in teacher.family.models
+                          if name != "unet" or args.from_samples},
               "data": dataclasses.asdict(source),
               "latents": f"teacher samples, {args.sample_steps} steps" if args.from_samples else "VAE posterior"},
         log=lambda m: print(m, file=sys.stderr),

@@ -2,6 +2,7 @@
 
     python train/export.py SRC --format diffusers   --out DEST_FOLDER [--half] [--ema] [--vae FOLDER]
     python train/export.py SRC --format single-file --out DEST.safetensors [--target ldm|sdcpp] [--half] [--ema]
+    python train/export.py SRC --format onnx        --out DEST_FOLDER [--ema] [--vae FOLDER]
 
 SRC is a run folder (config.yaml; its `student/`, or with --ema the newest checkpoint's `unet_ema/`),
 a `checkpoint-STEP` folder (its `unet/` or `unet_ema/`, the other parts from the run's `student/` or
@@ -12,6 +13,8 @@ its `model` / teacher), a diffusers pipeline folder (model_index.json) or an sdk
   metadata. `--target ldm` (default): packed numbering, for diffusers `from_single_file(file,
   config=FOLDER)` and other LDM tools. `--target sdcpp`: teacher-slot numbering, for
   stable-diffusion.cpp; refused for layouts sd.cpp has no model for (no file is written then).
+- onnx: the U-Net (`unet.onnx`), the tiny decoder when the VAE is an AutoencoderTiny (`vae_decoder.onnx`) and
+  `onnx.json` (inputs, outputs, shapes, dtype, opset); fp32, external data past 2 GB (train/formats/onnx_export.py).
 The writing and reading is train/formats/model_files.py.
 """
 
@@ -22,38 +25,58 @@ import shlex
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
+from sdkd.cli.files import creatable, refuse_links, same_file
 from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
+
+FORMATS = ("diffusers", "single-file", "onnx")
 
 
 def export(src: str, fmt: str, out: str, target: str | None = None, half: bool = False, ema: bool = False,
            vae: str | None = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
-    if fmt not in ("diffusers", "single-file"):
-        raise UserError(f"--format must be diffusers or single-file, got '{fmt}'")
-    if fmt == "diffusers" and target is not None:
-        raise UserError("--target applies to --format single-file only (a diffusers folder has one layout)")
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be {', '.join(FORMATS)}, got '{fmt}'")
+    if fmt != "single-file" and target is not None:
+        raise UserError(f"--target applies to --format single-file only (a {fmt} export has one layout)")
+    if fmt == "onnx" and half:
+        raise UserError("--half: --format onnx writes fp32 (fp16 ONNX U-Nets give black images or NaNs in several "
+                        "runtimes); convert the fp32 file with onnxruntime's float16 tools")
     target = target or "ldm"
     if target not in ldm_layout.NUMBERINGS:
         raise UserError(f"--target must be ldm or sdcpp, got '{target}'")
     if fmt == "single-file" and (Path(out).is_dir() or Path(out).suffix != ".safetensors"):
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
     target_path = Path(out)
+    for given, flag in ((src, "the model to export"), (vae, "--vae")):
+        if given is not None and same_file(out, given):
+            raise UserError(f"--out '{out}' is {flag} ('{given}'): write the export elsewhere")
+    if fmt == "onnx" and target_path.is_file():
+        raise UserError(f"--out '{out}' is a file; --format onnx writes a folder")
     if not overwrite and (target_path.is_file() or (target_path.is_dir() and any(target_path.iterdir()))):
         raise UserError(f"--out '{out}' already exists; choose another path or pass --overwrite")
+    refuse_links(target_path, "--out")
+    creatable(target_path, "--out")  # before the model loads
+    if fmt == "onnx":  # onnx is imported only for this format, before the model is loaded
+        from sdkd.train.formats.onnx_export import export_onnx, require
+
+        require("onnx", "--format onnx")
     source = load_source(src, ema=ema, vae=vae, allow_pickle=allow_pickle)
     if fmt == "diffusers":
         return export_diffusers(source, out, half)
+    if fmt == "onnx":
+        return export_onnx(source.pipe.unet, source.pipe.vae, out)
     return export_single_file(source, out, target, half)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a student as a diffusers folder or a single .safetensors "
+    parser = argparse.ArgumentParser(description="Export a student as a diffusers folder, a single .safetensors "
                                                  "file (LDM layout: --target ldm for diffusers/A1111/ComfyUI, "
-                                                 "--target sdcpp for stable-diffusion.cpp).")
+                                                 "--target sdcpp for stable-diffusion.cpp) or ONNX (U-Net and "
+                                                 "tiny decoder).")
     parser.add_argument("src", help="run folder, checkpoint-STEP folder, diffusers pipeline folder or sdkd "
                                     ".safetensors file")
-    parser.add_argument("--format", required=True, choices=["diffusers", "single-file"])
-    parser.add_argument("--out", required=True, help="folder (diffusers) or FILE.safetensors (single-file)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="folder (diffusers, onnx) or FILE.safetensors (single-file)")
     parser.add_argument("--target", choices=list(ldm_layout.NUMBERINGS),
                         help="single-file U-Net numbering: ldm (default; diffusers from_single_file, LDM tools) "
                              "or sdcpp (stable-diffusion.cpp)")
@@ -67,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     out = export(args.src, args.format, args.out, args.target, args.half, args.ema, args.vae, args.overwrite,
                  args.allow_pickle)
     print(f"wrote {out}")
-    if args.target == "sdcpp":
+    if args.format == "onnx":
+        print(f"inputs and outputs: {out / 'onnx.json'}; onnxruntime.InferenceSession('{out / 'unet.onnx'}') runs it, "
+              f"and eval/bench_inference.py --onnx times it beside PyTorch (README)")
+    elif args.target == "sdcpp":
         print(f"next: sd -m {shlex.quote(str(out))} -p 'a prompt' -o out.png  # stable-diffusion.cpp (README)")
     else:
         print(f"next: python eval/sample.py --model {shlex.quote(str(out))} --prompt 'a prompt' --out samples")

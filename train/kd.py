@@ -14,16 +14,16 @@ SCHEMA = KDConfig
 
 def build(cfg: KDConfig, acc):
     # Imported here, after the arguments are read: --help and launch.sh's config check stay fast.
-    from sdkd.train.formats.model_files import save_pipeline
+    from sdkd.train.formats.model_files import load_parts, save_pipeline
     from sdkd.train.models.students import build_student, removal_spec
-    from sdkd.train.models.teacher import PipelineSource, load_teacher
+    from sdkd.train.models.teacher import PipelineSource
     from sdkd.train.tasks.diffusion import DiffusionTask, frozen_parts, load_dataset, trained_module
     from sdkd.train.tasks.objective import build_encoder, kd_objective, set_prediction_type
 
     dataset = load_dataset(cfg, acc)
     # From a latent cache no VAE or text encoder runs in the step: they are not loaded (sample grids
     # load them on the main process when first due).
-    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=cfg.data.cache is None)
+    teacher = load_parts(PipelineSource.of(cfg), with_encoders=cfg.data.cache is None)
     student = build_student(teacher.unet, removal_spec(cfg.student)).float()
     student.train()
     if cfg.train.gradient_checkpointing:

@@ -5,6 +5,8 @@ train/models/toy_sdxl_teacher/), with sdkd's own trainers.
     python train/make_toy_teacher.py --family sdxl   # the SDXL-topology one, on the SD one's trained VAE
     python train/make_toy_teacher.py --from-teacher DIR --out NEW   # only the later U-Net stages, on DIR's
 
+A toy teacher already at --out (the committed ones are at the defaults) is replaced only with --overwrite.
+
 1. the VAE: train/autoencoder.py on synthetic captioned shapes (configs/toy_vae.yaml), from random weights;
    or, with --vae (the default for sdxl: the committed toy teacher's), a trained toy VAE taken as it is;
 2. the U-Net: train/finetune.py with the task loss (configs/toy_teacher_unet.yaml; for sdxl
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
-from sdkd.cli.files import save_pretrained
+from sdkd.cli.files import refuse_links, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_CONFIG = "configs/toy_vae.yaml"
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--from-teacher", type=Path, help="a toy teacher this command made, whose VAE and first "
                         "U-Net stage are taken as trained: only the later stages run (sd)")
     parser.add_argument("--check-images", type=int, default=48, help="captions in the colour check (at most 56)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the toy teacher already at --out")
     parser.add_argument("--resume", action="store_true",
                         help="continue the trainers' runs in --work from their newest checkpoints "
                              "(after an interruption)")
@@ -171,9 +174,18 @@ def main() -> None:
             raise UserError(f"--from-teacher '{args.from_teacher}': no provenance.json (not a toy teacher this "
                             f"command made)")
         given_vae = args.from_teacher / "vae"
-    if out.is_dir() and any(out.iterdir()) and not (out / "provenance.json").is_file():
-        raise UserError(f"--out '{out}' holds something other than a toy teacher (no provenance.json); "
-                        f"choose a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder for the pipeline")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "provenance.json").is_file():
+            raise UserError(f"--out '{out}' holds something other than a toy teacher (no provenance.json); "
+                            f"choose a new or empty folder")
+        if not args.overwrite:
+            raise UserError(f"--out '{out}' holds a toy teacher: pass --overwrite to replace it")
+        if given_vae is not None and given_vae.resolve().is_relative_to(out):
+            raise UserError(f"--vae '{given_vae}' is inside --out '{out}', which is replaced: copy the VAE elsewhere "
+                            f"first")
+    refuse_links(out, "--out")
     start = time.perf_counter()
 
     import diffusers

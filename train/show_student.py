@@ -4,7 +4,8 @@
     python train/show_student.py --teacher SDXL_PATH --preset ssd1b [--json]
     python train/show_student.py --teacher PATH --preset custom --spec student.yaml [--pairs bk|segmind|sub_block]
 
-PATH is a model folder (unet/config.json), a U-Net folder or config.json, `toy` or `toy_sdxl`; no weights are read.
+PATH is any model name (train/models/names.py: `toy`, `toy_sdxl`, a run or checkpoint folder, a diffusers folder, an
+sdkd single file, a hub id), a U-Net folder or its config.json; only the U-Net's config is read.
 The student is train/models/students.py's (`describe`).
 """
 
@@ -22,18 +23,44 @@ from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, describe
 
 
-def _read_teacher_config(path: str) -> dict:
-    """`toy`, `toy_sdxl`, a pipeline folder (unet/config.json), a U-Net folder (config.json) or a config.json file."""
-    if path in ("toy", "toy_sdxl"):
-        from sdkd.train.models.toy import TOY_UNET, TOY_XL_UNET  # imported here: it pulls in transformers
+def _unet_config_file(path: str) -> Path | dict:
+    """Where PATH's U-Net config is: a config.json file or U-Net folder as given, else the model PATH names
+    (train/models/names.py) -> its unet/config.json, or a single file's config (from its metadata)."""
+    from sdkd.train.models.names import resolve_model
 
-        return dict(TOY_UNET if path == "toy" else TOY_XL_UNET)
     p = Path(path)
-    candidates = [p] if p.is_file() else [p / "unet" / "config.json", p / "config.json"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise UserError(f"no U-Net config at '{path}' (expected a model folder with unet/config.json, "
-                        f"or a config.json file)")
+    if p.is_file() and p.suffix == ".json":
+        return p
+    if (p / "config.json").is_file() and not (p / "model_index.json").is_file():
+        return p / "config.json"
+    ref = resolve_model(path, "--teacher")
+    if ref.kind == "file":
+        from sdkd.train.formats.model_files import META, read_metadata
+
+        config = read_metadata(Path(ref.path)).get(META + "unet_config")
+        if config is None:
+            raise UserError(f"--teacher '{path}': no U-Net config in its metadata (not an sdkd single file)")
+        return json.loads(config)
+    if ref.kind == "hub" and not ref.local:  # only the config is fetched
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(ref.path, "unet/config.json"))
+    folder = Path(ref.path)
+    if ref.kind == "run":
+        from sdkd.train.engine.checkpoints import find_latest
+
+        latest = find_latest(folder)
+        folder = folder / "student" if (folder / "student" / "unet").is_dir() or latest is None else latest
+    return folder / "unet" / "config.json"
+
+
+def _read_teacher_config(path: str) -> dict:
+    """The U-Net config of PATH (`_unet_config_file`)."""
+    found = _unet_config_file(path)
+    if isinstance(found, dict):
+        return found
+    if not found.is_file():
+        raise UserError(f"no U-Net config at '{path}' ('{found}' not found)")
     try:
         config = json.loads(found.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -89,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Show a block-removed student of a teacher U-Net "
                                                  "(parameter counts, removed modules, weight map, feature pairs).")
     parser.add_argument("--teacher", required=True,
-                        help="teacher model folder (with unet/config.json), a U-Net config.json, 'toy' or 'toy_sdxl'")
+                        help="teacher: any model (toy, toy_sdxl, run, checkpoint, diffusers folder, sdkd file, hub "
+                             "id), a U-Net folder or its config.json")
     parser.add_argument("--preset", required=True, help=f"{', '.join(PRESETS)} or custom (needs --spec)")
     parser.add_argument("--spec", help="YAML with the student section (or a whole recipe)")
     parser.add_argument("--pairs", choices=["bk", "segmind", "sub_block"],

@@ -420,6 +420,20 @@ def preprocess_from(cfg: DataConfig) -> Preprocess:
                       cfg.min_size)
 
 
+def check_source(cfg: DataConfig) -> None:
+    """What can be checked of `cfg` without reading any data (a trainer does before it creates its output folder):
+    a path where the source needs one, and an image folder's existence. A latent cache stands in for the source."""
+    if cfg.cache is not None:
+        from sdkd.data.sources.latent_cache import check_cache
+
+        check_cache(Path(cfg.cache))
+        return
+    if cfg.source != "synthetic":
+        _require_path(cfg)
+    if cfg.source == "imagefolder" and not Path(cfg.path).is_dir():
+        raise UserError(f"image folder not found: {cfg.path}")
+
+
 def _require_path(cfg: DataConfig) -> str:
     if cfg.path is None:
         raise UserError(f"config key 'data.path': required when data.source={cfg.source}")

@@ -14,8 +14,10 @@ Layout of a cache folder:
 - `manifest.json`: `format`, `samples`, `shards` ([{"name", "samples"}, + "bucket" with buckets]),
   `buckets` (the [height, width] sizes of data.buckets; absent without), `scaling_factor`, `latent_shape`,
   `embed_shape`, `family` and `fields` (the model family and its conditioning tensors' names; a trainer of
-  another family refuses the cache), `dtype`, `teacher`, `resolution`, `data` (the source config it was
-  made from), `skipped`. Written last: a folder without it is incomplete.
+  another family refuses the cache), `dtype`, `teacher`, `weights` (the fingerprints of the teacher's models
+  it was made with, train/formats/fingerprint.py: a trainer whose teacher's weights differ refuses the cache),
+  `resolution`, `data` (the source config it was made from), `skipped`. Written last: a folder without it is
+  incomplete.
 
 Sample `i` of the cache is sample `i` of the source in index order (bad samples left out), and the
 cache is a map-style dataset: the trainer shards, shuffles and resumes it exactly like the source (with
@@ -29,11 +31,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -53,16 +55,22 @@ LEGACY_FAMILY = {"family": "sd", "fields": ["embeds"]}
 # Reading
 
 
+def check_cache(root: Path) -> Path:
+    """The manifest of the finished latent cache at `root`; one line when there is none."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
+                        f"write one with train/cache_latents.py)")
+    return manifest_path
+
+
 class CachedLatents(Dataset):
     """Item `i`: {"latent_mean", "latent_std", the conditioning tensors by name (`fields`; SD: "embeds"),
     "caption", "original_size", "crop_top_left", "key"}."""
 
     def __init__(self, path: str | Path, seed: int = 0, caption_dropout: float = 0.0):
         self.root, self.seed, self.caption_dropout, self.epoch = Path(path), seed, caption_dropout, 0
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"config key 'data.cache': {manifest_path} not found (not a finished latent cache; "
-                            f"write one with train/cache_latents.py)")
+        manifest_path = check_cache(self.root)
         try:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             if self.manifest.get("format") != FORMAT:
@@ -80,9 +88,10 @@ class CachedLatents(Dataset):
         # Where each sample is: shards hold consecutive samples, or (with buckets) each bucket's in turn.
         self.shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         self.row_of = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
-        if self.buckets:
-            for k in range(len(counts)):
-                index = self._shard(k)[0].get_tensor("index").numpy()
+        for k in range(len(counts)):  # every shard opened once here: a damaged one is named before training
+            handle = self._shard(k)[0]
+            if self.buckets:
+                index = handle.get_tensor("index").numpy()
                 self.shard_of[index], self.row_of[index] = k, np.arange(len(index))
 
     def __getstate__(self) -> dict:  # open files stay in the process that opened them
@@ -98,8 +107,9 @@ class CachedLatents(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def check_teacher(self, parts, resolution: int) -> None:
-        """The cache must come from this teacher's model family, VAE and text encoder width, at this resolution."""
+    def check_teacher(self, parts, resolution: int, fingerprint: Callable[[str], str] | None = None) -> None:
+        """The cache must come from this teacher's model family, VAE and text encoder width, at this resolution;
+        and, given `fingerprint` (component name -> fingerprint of the teacher's weight files), its weights."""
         m = self.manifest
         if (self.family, self.fields) != (parts.family.name, list(parts.family.fields)):
             raise UserError(f"latent cache {self.root} was made for model family '{self.family}' (tensors "
@@ -115,12 +125,25 @@ class CachedLatents(Dataset):
         if width is not None and m["embed_shape"][-1] != width:
             raise UserError(f"latent cache {self.root}: text embeddings of width {m['embed_shape'][-1]}, the teacher "
                             f"U-Net takes {width} (made with another text encoder)")
+        # Caches written before weights were fingerprinted have none.
+        made = (m.get("weights") or {}) if fingerprint else {}
+        changed = [name for name in sorted(made) if made[name] != fingerprint(name)]
+        if changed:
+            raise UserError(f"latent cache {self.root} was made with other weights of the teacher's "
+                            f"{' and '.join(changed)} (teacher '{m.get('teacher')}' then) than this run's teacher has "
+                            f"(fingerprint {made[changed[0]]} -> {fingerprint(changed[0])}); write the "
+                            f"cache again with train/cache_latents.py --overwrite")
 
     def _shard(self, k: int):
         if k not in self._open:
-            handle = safe_open(str(self.root / self.names[k]), framework="pt")
-            meta = handle.metadata()
-            self._open[k] = (handle, json.loads(meta["captions"]), json.loads(meta["keys"]))
+            path = self.root / self.names[k]
+            try:
+                handle = safe_open(str(path), framework="pt")
+                meta = handle.metadata() or {}
+                self._open[k] = (handle, json.loads(meta["captions"]), json.loads(meta["keys"]))
+            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+                raise UserError(f"latent cache shard {path} is damaged or missing ({first_line(err)[:120]}); write "
+                                f"the cache again with train/cache_latents.py --overwrite") from None
         return self._open[k]
 
     def _empty_prompt(self) -> dict[str, torch.Tensor]:

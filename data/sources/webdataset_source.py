@@ -107,6 +107,7 @@ class WebDatasetSource(IterableDataset):
         self.image_fields = [f for f in image_fields.split(";") if f]
         self.max_samples = max_samples
         self.epoch, self.resume_batch = 0, 0
+        self.reported: set[str] = set()  # shards whose read error was reported (by this process or worker)
         self.batch_size, self.world_size, self.num_workers = 1, 1, 1
 
     @classmethod
@@ -165,8 +166,8 @@ class WebDatasetSource(IterableDataset):
         else:
             stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker,
                       wds.shuffle(len(self.urls), initial=len(self.urls), rng=random.Random(stream_seed))]
-        errors: list[str] = []
-        stages.append(wds.tarfile_to_samples(handler=_collect(errors, self.max_bad_in_a_row)))
+        errors = _ReadErrors(self.max_bad_in_a_row, self.reported)
+        stages += [wds.tarfile_to_samples(handler=errors.handler), errors.reading]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                       rng=random.Random(make_seed(stream_seed, 1))))
@@ -176,13 +177,11 @@ class WebDatasetSource(IterableDataset):
             pipeline = pipeline.with_epoch(per_worker)
         try:
             for raw in pipeline:
-                while errors:  # shards (or members) that could not be read, named
-                    yield {"skip": errors.pop(0)}
+                yield from errors.markers()  # shards (or members) that could not be read, named
                 yield self.sample(raw)
         except _Unreadable:
-            pass  # the skip markers below make the trainer stop the run, naming them
-        while errors:
-            yield {"skip": errors.pop(0)}
+            errors.give_up()  # the skip markers below make the trainer stop the run, naming them
+        yield from errors.markers()
 
     def sample(self, raw: dict[str, Any]) -> dict[str, Any]:
         """One tar sample (`__key__`, `__url__`, member bytes by extension) -> preprocessed sample or skip marker."""
@@ -225,16 +224,41 @@ class _Unreadable(Exception):
     otherwise retry them forever without yielding a sample."""
 
 
-def _collect(errors: list[str], max_bad_in_a_row: int):
-    """A webdataset handler that keeps going and remembers what went wrong, for a skip marker. `errors`
-    is emptied whenever a sample arrives, so its length counts the errors since the last one."""
+class _ReadErrors:
+    """A webdataset handler that keeps going and remembers what could not be read, for skip markers. A
+    shard's first error is reported; its repeats are not (a resampled stream draws a bad shard again and
+    again, and as many markers would crowd the good shards' samples out of the epoch's batches), unless the
+    stream gives up: `max_bad_in_a_row` errors with no sample read between them (counted as the shards are
+    read, before the shuffle buffer), when every error becomes a marker for the trainer to stop on."""
 
-    def handler(exn: Exception) -> bool:
+    def __init__(self, max_bad_in_a_row: int, reported: set[str]):
+        self.max_bad_in_a_row, self.reported = max_bad_in_a_row, reported
+        self.new: list[str] = []
+        self.repeats: list[str] = []
+        self.in_a_row = 0
+
+    def handler(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and ("/" in a or "." in a)), None)
-        errors.append(f"{Path(where).name if where else 'shard'}: cannot read "
-                      f"({type(exn).__name__}: {exn.args[0] if exn.args else exn})")
-        if len(errors) >= max_bad_in_a_row:
+        shard = Path(where).name if where else "shard"
+        line = f"{shard}: cannot read ({type(exn).__name__}: {exn.args[0] if exn.args else exn})"
+        (self.repeats if shard in self.reported else self.new).append(line)
+        self.reported.add(shard)
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_bad_in_a_row:
             raise _Unreadable
         return True
 
-    return handler
+    def reading(self, raws: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A pipeline stage right after the tar reader: a sample read ends the errors in a row."""
+        for raw in raws:
+            self.in_a_row = 0
+            self.repeats.clear()
+            yield raw
+
+    def markers(self) -> Iterator[dict[str, str]]:
+        while self.new:
+            yield {"skip": self.new.pop(0)}
+
+    def give_up(self) -> None:
+        self.new += self.repeats
+        self.repeats = []

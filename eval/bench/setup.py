@@ -1,9 +1,10 @@
-"""The models and inputs the CPU benchmarks measure (eval/bench_kd_step.py, eval/bench_data.py).
+"""The models and inputs the benchmarks measure (eval/bench_kd_step.py, eval/bench_data.py on the CPU;
+eval/gpu_check.py on a GPU).
 
 `build_bench` sets one model up as train/kd.py does: the teacher (the toy, or SD-1.5 widths at random
 weights), the bk_small student, the real `DiffusionObjective` and default config, on an
-`Accelerator(cpu=True)`, with one collated synthetic batch and the latents and text embeddings a latent
-cache would hand the step.
+`Accelerator(cpu=True)` (or the GPU's), with one collated synthetic batch and the latents and text embeddings
+a latent cache would hand the step.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ class Bench:
                              self.parts, export=None, frozen={})
 
 
-def build_bench(name: str, latent: int, batch_size: int) -> Bench:
+def build_bench(name: str, latent: int, batch_size: int, cpu: bool = True, mixed_precision: str = "no") -> Bench:
+    """`cpu=False`: on the machine's accelerator (eval/gpu_check.py); `mixed_precision` as train.mixed_precision."""
     torch.manual_seed(SEED)
     parts = load_teacher("toy") if name == "toy" else sd15_parts()
     cfg = KDConfig(teacher=name, output_dir="unused")  # the library defaults are what is measured
     cfg.train.batch_size = batch_size
+    cfg.train.mixed_precision = mixed_precision
     cfg.data = DataConfig(source="synthetic", resolution=latent * parts.vae_scale_factor, num_samples=batch_size)
-    acc = Accelerator(cpu=True, mixed_precision="no")
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
     student = build_student(parts.unet, removal_spec(cfg.student)).float()
     student.train()

@@ -96,8 +96,10 @@ def interleaved(calls: dict[str, Callable[[], object]], device, repeats: int, wa
 
 @torch.inference_mode()
 def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: int, device, dtype,
-                           repeats: int, cpu_time: bool = False) -> dict[str, list[float]]:
+                           repeats: int, cpu_time: bool = False,
+                           extra: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """One U-Net forward per model per round, models taken in turn (`interleaved`), after one warm-up round.
+    `extra`: further calls by name timed in the same rounds (eval/bench_inference.py --onnx: the ONNX U-Nets).
 
     `cpu_time` times with the process CPU clock instead of the wall clock: on a CPU host shared
     with other jobs it counts only this process's own compute (use it with --threads 1, where no
@@ -107,7 +109,7 @@ def interleaved_step_times(unets: dict, batch: int, resolution: int, vae_scale: 
     for name, unet in unets.items():
         sample, t, cond = unet_inputs(unet, batch, resolution, vae_scale, device, dtype)
         calls[name] = functools.partial(unet, sample, t, **cond)
-    return interleaved(calls, device, repeats, warmup=1, clock=clock)
+    return interleaved(calls | (extra or {}), device, repeats, warmup=1, clock=clock)
 
 
 def models(pipe) -> list[torch.nn.Module]:
@@ -161,22 +163,20 @@ def markdown_table(lines: list[list[str]]) -> str:
 
 
 def teacher_pipe(teacher: str):
-    """`--teacher`: "sd15" (SD-1.5 widths, random weights), "toy" (the trained toy teacher) or a model path."""
+    """`--teacher`: "sd15" (SD-1.5 widths, random weights) or any model name (train/models/names.py: toy, ...)."""
     from sdkd.train.models.sd_configs import SD15_UNET
-    from sdkd.train.models.teacher import load_pipeline
     from sdkd.train.models.toy import build_random_pipeline
 
     if teacher == "sd15":
         return build_random_pipeline(SD15_UNET, widths="sd15")
-    if teacher == "toy":  # the trained toy teacher, as `teacher: toy` loads it
-        return load_pipeline("toy", what="teacher")
     from sdkd.train.formats.model_files import load_source
 
-    return load_source(teacher).pipe
+    return load_source(teacher, what="--teacher").pipe
 
 
-def prepare_for_speed(pipe, device, dtype, compile_: bool):
-    """Move a pipeline to `device` / `dtype`, SDPA attention, channels_last U-Net on CUDA, optional torch.compile."""
+def prepare_for_speed(pipe, device, dtype, compile_: bool, backend: str = "inductor"):
+    """Move a pipeline to `device` / `dtype`, SDPA attention, channels_last U-Net on CUDA, optional torch.compile
+    (with `backend`)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(device)
@@ -187,7 +187,7 @@ def prepare_for_speed(pipe, device, dtype, compile_: bool):
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
     if compile_:
-        pipe.unet = torch.compile(pipe.unet)
+        pipe.unet = torch.compile(pipe.unet, backend=backend)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from sdkd.cli import limits
 from sdkd.cli.errors import ConfigError, first_line
 
 
@@ -28,6 +29,11 @@ def read_prompt_file(path: str | Path, column: str = "text") -> list[str]:
         prompts = [row[column].strip() for row in rows if (row[column] or "").strip()]
     if not prompts:
         raise ConfigError(f"config key 'prompt_file': '{path}' holds no prompt")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > limits.MAX_PROMPT_CHARS:  # a prompt, not its whole file, in the message
+            raise ConfigError(f"config key 'prompt_file': '{path}', prompt {i + 1}: at most "
+                              f"{limits.MAX_PROMPT_CHARS:,} characters (CLIP reads 77 tokens), got "
+                              f"{limits.shorten(prompt, 40)}")
     return prompts
 
 
@@ -41,4 +47,6 @@ def load_prompts(cfg, run_cfg=None) -> list[str]:
         prompts = list(run_cfg.sample.prompts)
     else:
         raise ConfigError("config key 'prompts': no prompts; set prompts (a list) or prompt_file (a file)")
-    return prompts[:cfg.num_images] if cfg.num_images else prompts
+    prompts = prompts[:cfg.num_images] if cfg.num_images else prompts
+    limits.check_seed(cfg.seed, "config key 'seed'", len(prompts))  # image i is seeded seed + i
+    return prompts

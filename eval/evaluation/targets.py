@@ -1,6 +1,6 @@
 """What eval/evaluate.py evaluates: RUN_OR_MODEL resolved into models (every checkpoint of a run, one
-checkpoint, a diffusers folder or an sdkd single file), the teacher they are compared with, and loading each
-as an inference pipeline (eval/inference/pipeline.py).
+checkpoint, a diffusers folder, an sdkd single file, toy or a hub id: train/models/names.py), the teacher they are
+compared with, and loading each as an inference pipeline (eval/inference/pipeline.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from sdkd.cli.errors import UserError
 from sdkd.eval.inference.pipeline import Pipeline, cast_models, load_pipeline, resolve_device_dtype
 from sdkd.train.engine.checkpoints import list_checkpoints, saved_step
-from sdkd.train.formats.model_files import META, SOURCES, read_metadata, recorded_sampling
+from sdkd.train.formats.model_files import META, read_metadata, recorded_sampling
+from sdkd.train.models.names import PIPELINE_KINDS, resolve_model
 
 TEACHER = "teacher"  # the teacher's row name and image folder
 
@@ -24,7 +25,7 @@ class Target:
     name: str
     """Its row in the report and its folder under images/ (checkpoint-STEP, the folder's or file's name)."""
     path: str
-    """What `load_pipeline` loads: a checkpoint folder, a diffusers folder, an sdkd file, or the teacher's name."""
+    """What `load_pipeline` loads: any model name (train/models/names.py)."""
     step: int | None = None
     """The training step of a checkpoint (where log_to_run logs its row)."""
 
@@ -56,26 +57,23 @@ def read_run_config(run: Path):
 
 def resolve_targets(src: str, latest_only: bool = False) -> list[Target]:
     """RUN_OR_MODEL -> the models to evaluate. A run: each complete checkpoint (or only the newest), else its
-    final student/; a checkpoint folder; a diffusers pipeline folder; an sdkd .safetensors file."""
+    final student/; any other model name (train/models/names.py): that model."""
+    ref = resolve_model(src)
     path = Path(src)
-    if not path.exists():
-        raise UserError(f"'{src}' not found: expected {SOURCES}")
-    if path.is_file():
-        return [Target(path.stem, str(path))]
-    if (path / "model_index.json").is_file():
-        return [Target(path.name, str(path))]
-    if (path / "unet").is_dir() or (path / "unet_ema").is_dir():
-        return [Target(path.name, str(path), saved_step(path))]
-    if (path / "config.yaml").is_file():
-        checkpoints = list_checkpoints(path)
-        if latest_only:
-            checkpoints = checkpoints[-1:]
-        if checkpoints:
-            return [Target(c.name, str(c), saved_step(c)) for c in checkpoints]
-        if (path / "student" / "model_index.json").is_file():
-            return [Target("student", str(path / "student"))]
-        raise UserError(f"run '{src}' has no checkpoint and no student/ yet: nothing to evaluate")
-    raise UserError(f"'{src}' is not {SOURCES}")
+    if ref.kind == "file":
+        return [Target(path.stem, src)]
+    if ref.kind in PIPELINE_KINDS:
+        return [Target(path.name, src)]
+    if ref.kind == "checkpoint":
+        return [Target(path.name, src, saved_step(path))]
+    checkpoints = list_checkpoints(path)
+    if latest_only:
+        checkpoints = checkpoints[-1:]
+    if checkpoints:
+        return [Target(c.name, str(c), saved_step(c)) for c in checkpoints]
+    if (path / "student" / "model_index.json").is_file():
+        return [Target("student", str(path / "student"))]
+    raise UserError(f"run '{src}' has no checkpoint and no student/ yet: nothing to evaluate")
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,9 @@ def default_teacher(src: str) -> TeacherSpec | None:
 
 
 def load_teacher_model(spec: TeacherSpec, device: str, dtype: str, allow_pickle: bool = False) -> Pipeline:
-    """The teacher as eval/inference/pipeline.py's Pipeline: a local model as every model loads, "toy" and hub ids
-    through the trainers' loader."""
-    if Path(spec.path).exists():
+    """The teacher as eval/inference/pipeline.py's Pipeline: as every model loads, but a hub model of a run's
+    `teacher_revision` or `teacher_variant`, through the trainers' loader."""
+    if not (spec.revision or spec.variant):
         return load_pipeline(spec.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     from sdkd.train.models.teacher import PipelineSource
     from sdkd.train.models.teacher import load_pipeline as load_named

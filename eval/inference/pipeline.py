@@ -27,6 +27,7 @@ from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverMultistepSche
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError
 from sdkd.cli.words import counted
 from sdkd.train.engine.frozen import own_dtype
@@ -117,17 +118,19 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UserError("no prompt given")
-        steps = self.default_steps if steps is None else steps
-        if steps < 1:
-            raise UserError(f"--steps must be at least 1, got {steps}")
+        steps = limits.check_steps(self.default_steps if steps is None else steps, "--steps")
         multiple = max(8, self.pipe.vae_scale_factor)  # diffusers' pipelines ask for multiples of 8
         for name, value in (("--height", height), ("--width", width)):
-            if value is not None and (value < multiple or value % multiple):
-                raise UserError(f"{name} must be a positive multiple of {multiple}, got {value}")
-        if batch_size is not None and batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-        if guidance_scale is not None and guidance_scale < 0:
-            raise UserError(f"--guidance must be >= 0, got {guidance_scale}")
+            if value is not None:
+                limits.check_side(value, name, multiple)
+        if batch_size is not None:
+            limits.check_int(batch_size, "--batch-size", 1, limits.MAX_BATCH)
+        if guidance_scale is not None:
+            limits.check_guidance(guidance_scale, "--guidance")
+        limits.check_seed(seed, "--seed", len(prompts))
+        for text in [*prompts, *(negative_prompt if isinstance(negative_prompt, list) else [negative_prompt])]:
+            if text is not None:
+                limits.check_prompt(text, "prompt")
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         if len(negatives) != len(prompts):
             raise UserError(f"{counted(len(negatives), 'negative prompt')} for {counted(len(prompts), 'prompt')}")

@@ -17,6 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or ve
 
 import gradio as gr
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, first_line
 from sdkd.eval.page.models import DemoModel, format_params, generate
 
@@ -73,6 +74,12 @@ def build_page(models: list[DemoModel], problems: list[str] = ()) -> gr.Blocks:
         def run(prompt_text, negative_text, seed_value, *per_model):
             if not (prompt_text or "").strip():
                 raise gr.Error("Type a prompt first.")
+            try:  # said once, not once per model
+                for name, text in (("prompt", prompt_text), ("negative prompt", negative_text or "")):
+                    limits.check_prompt(text, name)
+                seed_value = limits.check_seed(seed_value if seed_value is not None else 0, "seed")
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
             shown = [gr.skip()] * len(outputs)
             for i in range(len(models)):
                 shown[2 * i + 1] = "generating..."
@@ -81,7 +88,7 @@ def build_page(models: list[DemoModel], problems: list[str] = ()) -> gr.Blocks:
                 steps, guidance = per_model[2 * i], per_model[2 * i + 1]
                 try:
                     result = generate(model, prompt_text, negative_text, steps=steps, guidance=guidance,
-                                      seed=int(seed_value or 0))
+                                      seed=seed_value)
                     shown[2 * i] = result.image
                     shown[2 * i + 1] = result_line(model, result.seconds, result.steps, result.guidance)
                 except UserError as err:  # e.g. a size or guidance this model cannot take
@@ -95,16 +102,65 @@ def build_page(models: list[DemoModel], problems: list[str] = ()) -> gr.Blocks:
     return page
 
 
+class BodyLimit:
+    """ASGI middleware: a request whose body is over `max_bytes` is answered 413 unread, so a flood of large
+    requests leaves the server's memory flat (a body without Content-Length is counted as it arrives)."""
+
+    def __init__(self, app, max_bytes: int = limits.DEMO_MAX_BODY):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._too_large(send)
+        seen, started = 0, False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _TooLarge:
+            if not started:
+                await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        body = f"request body over {self.max_bytes:,} bytes".encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def serve(page: gr.Blocks, host: str, port: int, share: bool = False) -> None:
-    """Serve `page` until Ctrl+C (or SIGTERM); prints the address once the server answers."""
+    """Serve `page` until Ctrl+C (or SIGTERM); prints the address once the server answers. One generation
+    at a time, at most DEMO_MAX_QUEUE waiting (more: 503), no request body over DEMO_MAX_BODY (413); the API
+    cannot skip the queue."""
     import signal
 
-    page.queue(default_concurrency_limit=1)  # one generation at a time
+    from starlette.middleware import Middleware
+
+    page.queue(default_concurrency_limit=1, max_size=limits.DEMO_MAX_QUEUE, api_open=False)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a plain stop closes the server like Ctrl+C
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     _, local_url, share_url = page.launch(server_name=host, server_port=port, share=share, quiet=True,
                                           prevent_thread_lock=True, css=CSS, theme=theme,
-                                          footer_links=["settings"])
+                                          footer_links=["settings"], app_kwargs={"middleware": [Middleware(BodyLimit)]})
     print(f"demo: {local_url}" + (f" (public: {share_url})" if share_url else "") + " (Ctrl+C to stop)",
           flush=True)
     page.block_thread()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import save_pretrained
 from sdkd.eval.inference.pipeline import Pipeline, load_pipeline
@@ -112,16 +113,12 @@ def is_one_step(pipe: Pipeline) -> bool:
 
 
 def _toy_source(path: str, scratch: Path) -> Path:
-    """`toy`: the committed toy teacher's folder. `toy:PRESET`: a student built from it, written as a diffusers
-    folder under `scratch`, so that it loads like any model (device, dtype, tiny VAE, LoRA:
-    eval/inference/pipeline.py)."""
+    """`toy:PRESET`: a student built from the toy teacher, written as a diffusers folder under `scratch`, so that it
+    loads like any model (device, dtype, tiny VAE, LoRA: eval/inference/pipeline.py)."""
     from sdkd.train.formats.model_files import recorded_sampling, write_sampling
     from sdkd.train.models.students import PRESETS, build_student
     from sdkd.train.models.teacher import load_pipeline as load_parts
-    from sdkd.train.models.toy import toy_teacher_folder
 
-    if path == "toy":
-        return toy_teacher_folder()
     preset = path.removeprefix(TOY_PREFIX)
     if preset not in PRESETS:
         raise UserError(f"no student preset '{preset}' (one of {', '.join(PRESETS)})")
@@ -142,7 +139,7 @@ def load_model(name: str, path: str, scratch: Path, device: str = "auto", dtype:
     `steps` and `guidance` (None: the model's recorded sampling settings, else 25 and 7.5): its defaults, unless
     it is a one-step model (1 step; guidance as recorded, else 1)."""
     source: str | Path = path
-    if (path == "toy" or path.startswith(TOY_PREFIX)) and not Path(path).exists():
+    if path.startswith(TOY_PREFIX) and not Path(path).exists():
         source = _toy_source(path, scratch)
     pipe = load_pipeline(source, device=device, dtype=dtype, tiny_vae=tiny_vae, lora=lora, lora_scale=lora_scale,
                          allow_pickle=allow_pickle)
@@ -205,13 +202,13 @@ class Result:
 def generate(model: DemoModel, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0) -> Result:
     """One image of `model`, timed; steps and guidance default to the model's own."""
-    steps = model.default_steps if steps is None else int(steps)
-    guidance = model.default_guidance if guidance is None else float(guidance)
+    steps = model.default_steps if steps is None else limits.check_steps(steps, "steps")
+    guidance = model.default_guidance if guidance is None else limits.check_guidance(guidance, "guidance")
     pipe = model.pipe
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     start = time.perf_counter()
     image = pipe(prompt, negative_prompt=negative_prompt or None, steps=steps, guidance_scale=guidance,
-                 seed=int(seed))[0]  # a PIL image: the GPU work is done when it exists
+                 seed=seed)[0]  # a PIL image: the GPU work is done when it exists
     seconds = time.perf_counter() - start
     return Result(image, seconds, steps, pipe.settings(steps, guidance)["guidance_scale"])

@@ -16,6 +16,7 @@ ones rotated out are first renamed to hidden names, so a kill at any point leave
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from sdkd.cli.errors import UserError
+from sdkd.cli.errors import UserError, first_line
 from sdkd.cli.files import follow_umask, save_file
 from sdkd.cli.words import counted
 
@@ -104,6 +105,19 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def _unreadable_state(path: Path, pattern: str = "*") -> str | None:
+    """The first of accelerate's pickled state files in checkpoint `path` (matching `pattern`) that its loader
+    refuses, by name."""
+    from accelerate.utils import load
+
+    for file in sorted(f for f in path.glob(pattern) if f.suffix in (".bin", ".pkl", ".pt", ".pth")):
+        try:
+            load(file, map_location="cpu")
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError):
+            return file.name
+    return None
+
+
 def recover(output_dir: Path) -> None:
     """Undo what a kill left half-done: put back a checkpoint that was being replaced when its
     replacement never arrived, and finish removing rotated-out and half-written ones."""
@@ -128,6 +142,9 @@ class ModelState:
     `TensorState` keeps any other module; train/formats/lora_io.py `LoraState` keeps only an adapter.
     """
 
+    shardable = True
+    """Whether it saves and loads the whole module, which under FSDP is gathered to save (`save(state_dict=)`)."""
+
     def __init__(self, model, subfolder: str = "unet"):
         self.model, self.subfolder = model, subfolder
 
@@ -141,14 +158,22 @@ class ModelState:
         return EMAModel(self.model.parameters(), decay=decay, model_cls=type(self.model),
                         model_config=self.model.config)
 
-    def save(self, folder: Path, ema=None) -> None:
-        self.model.save_pretrained(folder / self.subfolder)
+    def save(self, folder: Path, ema=None, state_dict: dict | None = None) -> None:
+        """`state_dict`: the weights to write in place of the model's own (under FSDP, gathered from its shards)."""
+        if state_dict is None:
+            self.model.save_pretrained(folder / self.subfolder)
+        else:
+            self.model.save_config(folder / self.subfolder)
+            save_file({k: v.contiguous() for k, v in state_dict.items()},
+                      str(folder / self.subfolder / "diffusion_pytorch_model.safetensors"))
         if ema is not None:
             ema.save_pretrained(str(folder / f"{self.subfolder}_ema"))
 
-    def load(self, folder: Path, ema=None, device=None) -> None:
-        self.model.load_state_dict(load_file(folder / self.subfolder / "diffusion_pytorch_model.safetensors"),
-                                   strict=True)
+    def load(self, folder: Path, ema=None, device=None, with_weights: bool = True) -> None:
+        """`with_weights=False`: the EMA alone (under FSDP accelerate loads the weights from its sharded files)."""
+        if with_weights:
+            self.model.load_state_dict(load_file(folder / self.subfolder / "diffusion_pytorch_model.safetensors"),
+                                       strict=True)
         if ema is not None:
             loaded = type(ema).from_pretrained(str(folder / f"{self.subfolder}_ema"), model_cls=type(self.model))
             ema.load_state_dict(loaded.state_dict())
@@ -171,14 +196,15 @@ class TensorState(ModelState):
 
         return EMAModel(self.ema_parameters(), decay=decay)
 
-    def save(self, folder: Path, ema=None) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+    def save(self, folder: Path, ema=None, state_dict: dict | None = None) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.model.state_dict()).items()}
         save_file(state, str(folder / f"{self.subfolder}.safetensors"))
         if ema is not None:
             save_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors")
 
-    def load(self, folder: Path, ema=None, device=None) -> None:
-        self.model.load_state_dict(load_file(folder / f"{self.subfolder}.safetensors"), strict=True)
+    def load(self, folder: Path, ema=None, device=None, with_weights: bool = True) -> None:
+        if with_weights:
+            self.model.load_state_dict(load_file(folder / f"{self.subfolder}.safetensors"), strict=True)
         if ema is not None:
             load_ema(ema, self.named_ema_parameters(), folder / f"{self.subfolder}_ema.safetensors", device)
 
@@ -274,28 +300,57 @@ class Checkpointer:
     `models`: each trained module's `ModelState` with its EMA (or None), in the order the loop prepared
     them (accelerate stores their optimizers and LR schedules in that order). `task`: what keeps state of
     its own (torchtitan's Stateful: `state_dict()` / `load_state_dict(state)`, train/engine/task.py); each
-    process saves its own, so per-process state (a generator per process) stays its process's."""
+    process saves its own, so per-process state (a generator per process) stays its process's.
+
+    A checkpoint resumes in another number of processes when the global batch (`samples_per_step`) is the
+    same and the task keeps no per-process state: the step's generator is the same on every process
+    (StepRandom), and under FSDP accelerate's sharded files load into any number of shards. `schedules`:
+    the prepared LR schedules, which step once per process per optimizer step (rescaled on such a resume).
+    `streamed`: the data is a stream each process reads its own part of (WebDataset), which another number
+    of processes would split otherwise."""
 
     def __init__(self, accelerator, output_dir: str | Path, total_limit: int | None, models: list[tuple],
-                 task=None):
+                 task=None, schedules: list | None = None, samples_per_step: int | None = None,
+                 streamed: bool = False):
+        from sdkd.train.engine.sharding import is_fsdp
+
         self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
-        self.models, self.task = models, task
+        self.models, self.task, self.schedules = models, task, schedules or []
+        self.samples_per_step, self.streamed, self.fsdp = samples_per_step, streamed, is_fsdp(accelerator)
         if accelerator.is_main_process:
             recover(self.output_dir)
         accelerator.wait_for_everyone()
         accelerator.register_save_state_pre_hook(self._save_models)
         accelerator.register_load_state_pre_hook(self._load_models)
 
-    # accelerate hooks: store models ourselves, so accelerate does not pickle them as well.
+    # accelerate hooks: store models ourselves, so accelerate does not pickle them as well. Under FSDP
+    # accelerate has written (and loads) the sharded weights itself; every process gathers them and the
+    # EMA's averages to write them whole.
     def _save_models(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            for state, ema in self.models:
-                state.save(Path(output_dir), ema)
+        from sdkd.train.engine.sharding import full_state_dict, whole_ema
+
+        main = self.accelerator.is_main_process
+        for state, ema in self.models:
+            if not self.fsdp:
+                if main:
+                    state.save(Path(output_dir), ema)
+                continue
+            state_dict = full_state_dict(state.model)  # every process: the gathers are collective
+            with whole_ema(ema):
+                if main:
+                    state.save(Path(output_dir), ema, state_dict=state_dict)
         weights.clear()
 
     def _load_models(self, models, input_dir):
+        from sdkd.train.engine.sharding import reshard_ema
+
         for state, ema in self.models:
-            state.load(Path(input_dir), ema, self.accelerator.device)
+            if not self.fsdp:
+                state.load(Path(input_dir), ema, self.accelerator.device)
+                continue
+            state.load(Path(input_dir), ema, self.accelerator.device, with_weights=False)
+            if ema is not None:
+                reshard_ema(ema, list(state.ema_parameters()))
         models.clear()
 
     def save(self, step: int, generator: torch.Generator) -> Path:
@@ -315,7 +370,9 @@ class Checkpointer:
             acc.wait_for_everyone()
         if acc.is_main_process:
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files}))
+            (tmp / STATE_FILE).write_text(json.dumps({
+                "step": step, "files": files, "processes": acc.num_processes, "fsdp": self.fsdp,
+                "samples_per_step": self.samples_per_step}))
             replaced = self.output_dir / f"{_REPLACED}{final.name}"
             if final.exists():
                 final.rename(replaced)  # `recover` puts it back if we are killed before the next rename
@@ -334,19 +391,55 @@ class Checkpointer:
             doomed = old.rename(self.output_dir / f"{_DELETING}{old.name}")
             shutil.rmtree(doomed)
 
+    def _check_resumable(self, path: Path) -> int:
+        """The number of processes that wrote `path`; a one-line stop when this run cannot continue it."""
+        acc = self.accelerator
+        saved = json.loads((path / STATE_FILE).read_text())
+        processes = saved.get("processes", len(list(path.glob("generator-*"))))
+        if saved.get("fsdp", False) != self.fsdp:
+            how = lambda fsdp: "under FSDP" if fsdp else "without FSDP"  # noqa: E731
+            raise UserError(f"resume '{path}': saved {how(saved.get('fsdp', False))}, resumed {how(self.fsdp)}; "
+                            f"launch it with the strategy that saved it")
+        if processes == acc.num_processes:
+            return processes
+        written = f"written by {counted(processes, 'process')}, resumed with {acc.num_processes}"
+        if saved.get("samples_per_step") != self.samples_per_step:
+            raise UserError(f"resume '{path}': {written}, and a global batch of {self.samples_per_step} samples "
+                            f"per step instead of {saved.get('samples_per_step')}; set train.batch_size so that "
+                            f"batch_size x grad_accum x processes stays the same")
+        if self.streamed:
+            raise UserError(f"resume '{path}': {written}; a streamed data source (webdataset) splits its shards by "
+                            f"process, so another number of processes would read other samples")
+        if self.task is not None and self.task.state_dict():
+            raise UserError(f"resume '{path}': {written}; this trainer keeps state per process, which cannot "
+                            f"move to another number of processes")
+        return processes
+
     def load(self, path: Path, generator: torch.Generator) -> int:
         """Restore everything saved at `path`; returns its step."""
         acc = self.accelerator
-        rng = path / f"generator-{acc.process_index}.safetensors"
-        if not rng.is_file():
-            raise UserError(f"resume '{path}': written by {counted(len(list(path.glob('generator-*'))), 'process')}, "
-                            f"resumed with {acc.num_processes}")
+        processes = self._check_resumable(path)
+        # Every process's step generator is the same (StepRandom): another number of processes takes the first's.
+        rng = path / f"generator-{acc.process_index if processes == acc.num_processes else 0}.safetensors"
+        # accelerate passes over random states it cannot read (a log line at info level): a resumed run would
+        # then go on from other random streams than the run it continues. They are small: read here first.
+        damaged = _unreadable_state(path, f"random_states_{acc.process_index}.pkl")
+        if damaged:
+            raise UserError(f"resume '{path}': {damaged} is damaged or not written by sdkd (unreadable random "
+                            f"states)")
         try:
             acc.load_state(str(path))
             generator.set_state(load_file(rng)["state"])
             if self.task is not None:
                 state = load_task_state(path / TASK_STATE.format(acc.process_index), self.task.state_dict())
                 self.task.load_state_dict(state)
+            for schedule in self.schedules:  # it stepped once per process of the run that saved it
+                schedule.scheduler.last_epoch = schedule.scheduler.last_epoch * acc.num_processes // processes
+        except (pickle.UnpicklingError, EOFError) as err:
+            # accelerate's optimizer, scheduler and random states: read with torch.load(weights_only=True), which
+            # refuses what is not plain tensors and containers (nothing runs); its message names no file.
+            raise UserError(f"resume '{path}': {_unreadable_state(path) or 'a state file'} is damaged or not "
+                            f"written by sdkd ({first_line(err)[:120]})") from None
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
             # A layout other than this run's (size mismatch) or damaged contents of the right size.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]

@@ -16,6 +16,7 @@ import argparse
 import ast
 import enum
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -31,7 +32,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.cli.errors import ConfigError, first_line, require
+from sdkd.cli import limits
+from sdkd.cli.errors import ConfigError, UserError, first_line, require
+from sdkd.cli.files import write_text
 from sdkd.data.sources.config import Choice, DataConfig, Section, expected_one_of
 
 try:
@@ -56,6 +59,11 @@ class AdamWImplementation(Choice):
     fused = enum.auto()
     foreach = enum.auto()
     loop = enum.auto()
+
+
+class OptimizerName(Choice):
+    adamw = auto()
+    adamw_8bit = auto()
 
 
 class LRScheduler(Choice):
@@ -124,6 +132,9 @@ class TrainConfig(Section):
 
 @dataclass
 class OptimConfig(Section):
+    name: OptimizerName = OptimizerName.adamw
+    """adamw: torch's AdamW (fp32 states, 8 bytes per trained parameter); adamw_8bit: bitsandbytes' AdamW8bit
+    (8-bit block-quantised states, 2 bytes per parameter), CUDA only and needs `pip install bitsandbytes`."""
     lr: float = 5e-5
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -133,7 +144,7 @@ class OptimConfig(Section):
     eps: float = 1e-8
     """AdamW epsilon."""
     implementation: AdamWImplementation = AdamWImplementation.auto
-    """AdamW kernel; auto: fused where supported, else foreach."""
+    """torch AdamW's kernel (optim.name=adamw); auto: fused where supported, else foreach."""
     lr_scheduler: LRScheduler = LRScheduler.constant
     """diffusers' learning-rate schedule of that name."""
     warmup_steps: int = 0
@@ -147,6 +158,13 @@ class OptimConfig(Section):
         require(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
         require(self.eps > 0, f"{at}.eps", "must be > 0")
         require(self.warmup_steps >= 0, f"{at}.warmup_steps", "must be >= 0")
+        require(self.name == "adamw" or self.implementation == "auto", f"{at}.implementation",
+                f"chooses torch AdamW's kernel: leave it at auto with {at}.name={self.name}")
+        # Checked here, before any process starts or a model loads (launch.sh's --check-config); find_spec
+        # does not import it.
+        require(self.name != "adamw_8bit" or importlib.util.find_spec("bitsandbytes") is not None, f"{at}.name",
+                "adamw_8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; CUDA only), "
+                "or use adamw")
 
 
 @dataclass
@@ -204,6 +222,13 @@ class RunConfig(Section):
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def check_inputs(self) -> None:
+        """What the run reads, checked before its output folder is made without reading it (run_folder.py): here the
+        data's path; a trainer's config adds its models (train/tasks)."""
+        from sdkd.data.sources.core import check_source
+
+        check_source(self.data)
 
     def check(self, at: str) -> None:
         super().check(at)
@@ -283,12 +308,31 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(_load_yaml(path.parent / str(parent), seen + (path.resolve(),)), node)
 
 
+def _sections_stay_sections(merged: Any, data: Any, at: str = "") -> None:
+    """A value given for a whole section (`train: 5`) as one line naming it: OmegaConf's merge error names no
+    key."""
+    for key, value in data.items():
+        path = f"{at}.{key}" if at else str(key)
+        section = merged._get_node(key) if OmegaConf.is_dict(merged) and key in merged else None
+        if not OmegaConf.is_dict(section) or OmegaConf.get_type(section) is dict:  # a mapping value, not a section
+            continue
+        if isinstance(value, dict):
+            _sections_stay_sections(section, value, path)
+        elif value is not None:
+            raise ConfigError(f"config key '{path}': a section of keys and values, got {limits.shorten(value)}")
+
+
+def _merge(merged: Any, node: Any) -> Any:
+    _sections_stay_sections(merged, OmegaConf.to_container(node, resolve=False))
+    return OmegaConf.merge(merged, node)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schema: type) -> Any:
     """YAML file + `key=value` overrides -> a checked `schema` instance (`check_config`)."""
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+            merged = _merge(merged, _load_yaml(Path(path)))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
@@ -296,7 +340,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schem
         for override in overrides:
             key, _, text = override.partition("=")
             OmegaConf.update(dots, key, _read_yaml(text, f"override '{override}'"))
-        merged = OmegaConf.merge(merged, dots)
+        merged = _merge(merged, dots)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -312,11 +356,18 @@ def check_config(cfg: Section, at: str = "") -> None:
         if is_dataclass(value):  # a section that is no Section has no check: AttributeError, a programming error
             check_config(value, f"{at}.{f.name}" if at else f.name)
     cfg.check(at)
+    for f in fields(cfg):  # then the bounds every key of its name has (cli/limits.py): upper ones, NaN
+        key = f"{at}.{f.name}" if at else f.name
+        if not is_dataclass(getattr(cfg, f.name)):
+            try:
+                limits.check_key(key, getattr(cfg, f.name), f"config key '{key}'")
+            except UserError as err:
+                raise ConfigError(str(err)) from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------

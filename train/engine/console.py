@@ -28,7 +28,23 @@ class _DropMessage(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+class _Shorten(logging.Filter):
+    """Cuts a logger's long messages to their start and length: diffusers' pipelines log the part of a
+    prompt CLIP drops, whole, on every call (a prompt of 10,000 characters, six calls of an evaluation)."""
+
+    def __init__(self, limit: int = 200):
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if len(text) > self.limit:
+            record.msg, record.args = f"{text[:self.limit]}... ({len(text):,} characters)", ()
+        return True
+
+
 _FILTERS = {
+    **{f"diffusers.pipelines.stable_diffusion{xl}.pipeline_stable_diffusion{xl}": _Shorten() for xl in ("", "_xl")},
     # torchvision is deliberately not installed: transformers falls back to the PIL image processors
     # (CLIP's, SigLIP's) that diffusers' pipeline modules import, and we never use either.
     "transformers.utils.import_utils": _DropMessage(re.escape("requires torchvision (not installed)")),

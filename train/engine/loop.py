@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from sdkd.cli import limits
 from sdkd.cli.errors import UserError
+from sdkd.cli.files import write_text
 from sdkd.cli.words import counted
 from sdkd.data.sources.buckets import BucketBatchSampler, sample_buckets
 from sdkd.data.sources.core import collate
@@ -31,6 +34,15 @@ from sdkd.train.engine.checkpoints import Checkpointer, list_checkpoints, resolv
 from sdkd.train.engine.config import OptimConfig, RunConfig, resolve_max_steps
 from sdkd.train.engine.distributed import together
 from sdkd.train.engine.frozen import freeze
+from sdkd.train.engine.sharding import (
+    ShardedModule,
+    check_config,
+    check_launch,
+    check_task,
+    fsdp_on_cpu,
+    is_deepspeed,
+    is_fsdp,
+)
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
 
@@ -40,6 +52,12 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     (train/engine/run_folder.py; the config is saved there when training starts)."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and not all(os.environ.get(k) for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        # A WORLD_SIZE left in the shell: accelerate would wait for, or fail to reach, processes never started.
+        raise UserError(f"WORLD_SIZE={limits.shorten(world, 20)} is set, but no launcher started this process: "
+                        f"run it with ./launch.sh --gpus N (or accelerate launch), or unset WORLD_SIZE")
+    check_launch()
     out = Path(cfg.output_dir)
     acc = Accelerator(
         # Without this, processes started by `accelerate launch --multi_gpu` on a machine with no
@@ -53,6 +71,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         log_with=tracking.tracker_list(cfg.log.trackers, out),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    fsdp_on_cpu(acc)
+    check_config(acc, cfg)
     run_folder.claim(cfg, acc)
     return acc
 
@@ -64,11 +84,23 @@ def weight_dtype(acc: Accelerator) -> torch.dtype:
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; `auto` takes the fused kernel where the device has one (CPU and CUDA do), else foreach.
+    `optim.name=adamw_8bit`: bitsandbytes' AdamW8bit, refused in one line off CUDA or without bitsandbytes.
 
     The default per-parameter loop costs seconds per step on CPU for an SD-sized U-Net.
     """
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
     params = list(params)
+    if cfg.name == "adamw_8bit":
+        # Asked of the machine, not of the parameters: accelerate moves them to the GPU after this.
+        if not torch.cuda.is_available():
+            raise UserError("optim.name=adamw_8bit: bitsandbytes' 8-bit AdamW needs a CUDA GPU and this machine "
+                            "has none; use optim.name=adamw")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError("optim.name=adamw_8bit needs bitsandbytes (pip install bitsandbytes), "
+                            "or use optim.name=adamw") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kw)
     if cfg.implementation in ("auto", "fused"):
         try:
             return torch.optim.AdamW(params, fused=True, **kw)
@@ -88,6 +120,8 @@ class Prepared:
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_schedule: object
+    sharded: ShardedModule | None = None
+    """Under FSDP: how to make the module whole again at the end."""
 
 
 class Loop:
@@ -110,8 +144,11 @@ class Loop:
             acc.print(f"train.max_steps={max_steps}: train.num_epochs={cfg.train.num_epochs} x ceil("
                       f"{self.batches_per_epoch} batches per epoch / train.grad_accum={cfg.train.grad_accum})")
         self.prepare(max_steps)
+        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         checkpointer = Checkpointer(acc, out, cfg.train.checkpoints_total_limit,
-                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task)
+                                    [(p.spec.state, p.spec.ema) for p in self.modules.values()], task,
+                                    [p.lr_schedule for p in self.modules.values()], samples_per_step,
+                                    streamed=isinstance(self.dataset, IterableDataset))
         # One seed on every process: each draws the global batch's noise and keeps its rows (StepRandom).
         rng = StepRandom(cfg.train.seed, acc.device, cfg.train.batch_size, acc.num_processes, acc.process_index)
 
@@ -128,7 +165,6 @@ class Loop:
         if acc.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", step)
         acc.init_trackers(cfg.log.project, config=_flat(cfg), init_kwargs=tracking.init_kwargs(cfg.log.trackers, out))
-        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         progress = console.progress(max_steps, "train", initial=step, unit="step",
                                     disable=not acc.is_local_main_process)
         if step == 0 and task.eval_every:  # the curve's starting point: the freshly initialised model
@@ -161,6 +197,9 @@ class Loop:
         progress.close()
 
         acc.wait_for_everyone()
+        for p in self.modules.values():
+            if p.sharded is not None:  # every process: the gather is collective
+                p.sharded.unshard(p.spec.ema)
         if acc.is_main_process:
             for p in self.modules.values():
                 if p.spec.ema is not None:
@@ -174,6 +213,7 @@ class Loop:
         """Freeze the task's frozen models (each in its `frozen_dtype`); give each trained module its optimizer,
         LR schedule and EMA (`TrainedModule.ema`)."""
         acc = self.accelerator
+        check_task(acc, self.task)
         for name, frozen in self.task.frozen.items():
             if frozen is not None:
                 freeze(frozen, acc.device, self.task.frozen_dtype(name, weight_dtype(acc)))
@@ -188,11 +228,18 @@ class Loop:
         lr_schedule = get_scheduler(spec.optim.lr_scheduler, optimizer,
                                     num_warmup_steps=spec.optim.warmup_steps * acc.num_processes,
                                     num_training_steps=updates * acc.num_processes)
-        if spec.ema_decay is not None:
+        sharded = ShardedModule(spec.module) if is_fsdp(acc) else None
+        if is_deepspeed(acc):  # what accelerate would otherwise fill in: clipping at 1.0, the loader's batch
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["gradient_clipping"] = spec.max_grad_norm
+            ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
+        if spec.ema_decay is not None and sharded is None:
             spec.ema = spec.state.make_ema(spec.ema_decay)
             spec.ema.to(acc.device)
         wrapped, optimizer, lr_schedule = acc.prepare(spec.module, optimizer, lr_schedule)
-        return Prepared(spec, wrapped, optimizer, lr_schedule)
+        if spec.ema_decay is not None and sharded is not None:  # kept per shard: of the sharded parameters
+            spec.ema = spec.state.make_ema(spec.ema_decay)
+        return Prepared(spec, wrapped, optimizer, lr_schedule, sharded)
 
     def _learning_rates(self) -> dict[str, float]:
         """`lr` of a task with one module, else `lr/NAME` of each."""
@@ -370,4 +417,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from accelerate.tracking import GeneralTracker
 
+from sdkd.cli.files import append_text
+
 
 class JsonlTracker(GeneralTracker):
     """One JSON object per logged step, appended (a resumed run continues the same file)."""
@@ -32,8 +34,7 @@ class JsonlTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        append_text(self.path, json.dumps({"step": step, **values}) + "\n")
 
 
 def tracker_list(names: list[str], output_dir: Path) -> list:

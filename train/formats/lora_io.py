@@ -134,13 +134,25 @@ def read_metadata(file: str | Path) -> dict[str, str]:
         raise UserError(f"LoRA '{file}' is not a readable .safetensors file ({err})") from None
 
 
+def lora_file(path: str | Path) -> Path:
+    """The LoRA file `path` names: itself, or FOLDER/pytorch_lora_weights.safetensors."""
+    path = Path(path)
+    return path / LORA_FILE if path.is_dir() else path
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a LoRA file, or of FOLDER/pytorch_lora_weights.safetensors."""
     path = Path(path)
-    file = path / LORA_FILE if path.is_dir() else path
+    file = lora_file(path)
     if not file.is_file():
         raise UserError(f"LoRA '{path}' not found (expected a .safetensors file or a folder with {LORA_FILE})")
     meta = read_metadata(file)
+    with safe_open(str(file), framework="pt") as f:  # the names only: a full model is not loaded to be refused
+        keys = list(f.keys())
+    if not any(_SUFFIX.search(key) for key in keys):
+        what = f"a full model ({len(keys)} tensors, no LoRA down/up pair)" if keys else "no tensors"
+        raise UserError(f"'{file}' holds {what}, not a LoRA: give a LoRA file, such as OUTPUT/{LORA_FILE} of "
+                        f"train/lora.py")
     return load_file(file), meta
 
 
@@ -198,6 +210,15 @@ def _check_family(state: dict, unet, source: str, meta: dict) -> None:
                         f"have: it was trained on another model family")
 
 
+# The U-Net config keys that fix its block structure: a LoRA fits only the structure it was trained on.
+_STRUCTURE_KEYS = ("down_block_types", "up_block_types", "mid_block_type", "layers_per_block", "block_out_channels",
+                   "transformer_layers_per_block", "only_cross_attention", "cross_attention_dim")
+
+
+def _structure(config) -> str:
+    return json.dumps([config.get(key) for key in _STRUCTURE_KEYS], default=list)
+
+
 def check_lora(state: dict, unet, text_encoders: dict | None = None, source: str = "LoRA",
                meta: dict | None = None) -> None:
     """Raise UserError unless the LoRA is of `unet`'s model family and every adapted module exists in `unet` /
@@ -235,6 +256,12 @@ def check_lora(state: dict, unet, text_encoders: dict | None = None, source: str
             side = "inputs" if down else "outputs"
             raise UserError(f"LoRA '{source}' does not fit this model: '{name}' has {expect} {side} in {what}, "
                             f"{have} in the LoRA; {made_for}. Load it into that model, or train a LoRA on this one")
+    if META + "unet_config" in meta and _structure(json.loads(meta[META + "unet_config"])) != _structure(unet.config):
+        # Every module fits, which can happen across layouts (a bk_small LoRA's modules all exist in the teacher, at
+        # other depths): the recorded U-Net's block structure must be this one's.
+        this = f"'{here}'" + (" of another block structure" if here == theirs else "")
+        raise UserError(f"LoRA '{source}' does not fit this model: {made_for}, this U-Net's layout is {this}. Load "
+                        f"it into that model, or train a LoRA on this one")
     if not found:
         raise UserError(f"LoRA '{source}' holds no LoRA tensors in diffusers/peft naming ('unet.*.lora.down.weight')")
 
@@ -267,7 +294,7 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
     state, meta = read_lora(path)
     text_encoders = {name: pipe.components[name] for name in _parts(pipe.unet)[1:]}
     check_lora(state, pipe.unet, text_encoders, str(path), meta)
-    file = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
+    file = lora_file(path)
     # diffusers' load_lora_weights tries every text encoder and warns for each the file has no tensors for:
     # a U-Net LoRA is whole without them (check_lora has matched the file against this model).
     absent = "|".join(re.escape(name) for name in text_encoders if not any(k.startswith(name + ".") for k in state))
@@ -289,6 +316,8 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0) -> None:
 class LoraState(TensorState):
     """A LoRA run's checkpoint: the adapter (pytorch_lora_weights.safetensors) and its EMA; never the U-Net.
     `text_encoders`: the adapted text encoders by component name."""
+
+    shardable = False
 
     def __init__(self, unet, text_encoders: dict | None = None, base: str | None = None):
         super().__init__(unet)

@@ -1,10 +1,11 @@
 """Model files: a student's diffusers folder and single `.safetensors` file (LDM layout, two numberings),
 written and read back.
 
-`load_source` resolves what users name as a model: a run folder (config.yaml; its `student/`, or with
-`ema` the newest checkpoint's `unet_ema/`), a `checkpoint-STEP` folder (its `unet/` or `unet_ema/`, the
-other parts from the run's `student/` or its `model` / teacher), a diffusers pipeline folder
-(model_index.json) or an sdkd single file. train/export.py and eval/inference/pipeline.py load models through it.
+`load_source` loads what users name as a model (train/models/names.py resolves the name): a run folder
+(config.yaml; its `student/`, or with `ema` the newest checkpoint's `unet_ema/`), a `checkpoint-STEP` folder (its
+`unet/` or `unet_ema/`, the other parts from the run's `student/` or its `model` / teacher), a diffusers pipeline
+folder (model_index.json), an sdkd single file, `toy` or a hub id. train/export.py and eval/inference/pipeline.py
+load models through it.
 
 - diffusers: a pipeline folder with contiguous safetensors and a model card `README.md` (train/cards.py).
 - single file: U-Net + VAE (AutoencoderKL or AutoencoderTiny) + text encoder(s) in one flat LDM state
@@ -45,12 +46,13 @@ from sdkd.train.engine import console
 from sdkd.train.engine.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sampling_scheduler
 from sdkd.train.formats import ldm_layout, lora_io
 from sdkd.train.models.families import ModelFamily, family_of
+from sdkd.train.models.names import PIPELINE_KINDS, resolve_model
 from sdkd.train.models.teacher import (
     PipelineParts,
     PipelineSource,
     load_pipeline,
     load_teacher,
-    resolve_toy,
+    resolve,
     safe_weights,
     scheduler_class,
     vae_class,
@@ -100,10 +102,33 @@ def read_sampling(folder: str | Path) -> dict | None:
     return checked_sampling(raw, f"'{file}'")
 
 
+def load_parts(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
+               what: str = "teacher") -> PipelineParts:
+    """train/models/teacher.py's `load_teacher` for any model name (train/models/names.py): a run's, checkpoint's or
+    single file's pipeline (`load_source`) as parts, with its family's training scheduler built from its scheduler's
+    config."""
+    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    ref = resolve(src, what)
+    if ref.kind in PIPELINE_KINDS:
+        return load_teacher(src, with_unet, with_encoders, what)
+    pipe = load_source(ref.path, allow_pickle=src.allow_pickle, what=what).pipe
+    parts = PipelineParts.of(pipe)
+    parts.components["scheduler"] = parts.family.components["scheduler"].cls.from_config(pipe.scheduler.config)
+    parts.vae_config = pipe.vae.config
+    if not with_unet:
+        parts.components["unet"] = None
+    if not with_encoders:
+        parts.components |= dict.fromkeys(parts.family.encoders)
+    return parts
+
+
 def recorded_sampling(teacher: str | PipelineSource) -> dict | None:
-    """The sampling settings a pipeline ("toy", a local folder, a hub id: none) records."""
-    src = resolve_toy(teacher if isinstance(teacher, PipelineSource) else PipelineSource(teacher))
-    return read_sampling(src.path) if Path(src.path).is_dir() else None
+    """The sampling settings a model (any name train/models/names.py resolves; a hub model: none) records."""
+    src = teacher if isinstance(teacher, PipelineSource) else PipelineSource(teacher)
+    ref = resolve(src, "teacher")
+    if ref.kind not in PIPELINE_KINDS:
+        return load_source(ref.path, allow_pickle=src.allow_pickle).sampling
+    return read_sampling(ref.path) if Path(ref.path).is_dir() else None
 
 
 def _contiguous(module: torch.nn.Module) -> torch.nn.Module:
@@ -125,7 +150,7 @@ def save_pipeline(unet, teacher: str | PipelineSource, folder: str | Path, predi
     The frozen parts are read again from the teacher in their stored dtype: during training they
     were cast to the mixed-precision dtype, which must not leak into the export.
     """
-    parts = load_teacher(teacher, with_unet=False)
+    parts = load_parts(teacher, with_unet=False)
     if prediction_type is not None:
         parts.scheduler.register_to_config(prediction_type=prediction_type)
     _contiguous(unet)
@@ -164,9 +189,10 @@ def recorded_or_default(source: Source) -> dict:
     return source.sampling or default_sampling(source.pipe.unet.config)
 
 
-def _load_pipeline_folder(folder: Path, allow_pickle: bool) -> DiffusionPipeline:
+def _load_pipeline_folder(folder: str | Path, allow_pickle: bool, what: str = "pipeline folder") -> DiffusionPipeline:
+    """A diffusers pipeline: a local folder, or a hub id that train/models/names.py found on the hub."""
     console.quiet_third_party()  # now that diffusers is imported: its "Loading pipeline components" bar
-    return load_pipeline(PipelineSource(str(folder), allow_pickle=allow_pickle), what="pipeline folder")
+    return load_pipeline(PipelineSource(str(folder), allow_pickle=allow_pickle), what=what)
 
 
 def _load_unet(folder: Path, allow_pickle: bool) -> UNet2DConditionModel:
@@ -237,7 +263,7 @@ def _other_parts(run: Path, info: dict, allow_pickle: bool) -> tuple[DiffusionPi
     if not base:
         raise UserError(f"'{run}' has neither student/ nor a config.yaml naming the teacher: cannot find the "
                         f"VAE and text encoder to go with the U-Net")
-    parts = load_teacher(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
+    parts = load_parts(PipelineSource(base, allow_pickle=allow_pickle), with_unet=False)
     return parts.family.pipeline(parts, None, parts.scheduler), base
 
 
@@ -259,24 +285,17 @@ def _refuse_lora(path: Path | None) -> None:
                         f"(eval/sample.py --model {base or 'BASE'} --lora {file})")
 
 
-SOURCES = ("a run folder (config.yaml), a checkpoint-STEP folder (unet/), a diffusers pipeline folder "
-           "(model_index.json) or an sdkd .safetensors file (train/export.py)")
-
-
 def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = None,
-                allow_pickle: bool = False) -> Source:
-    """A run folder, a checkpoint folder, a diffusers pipeline folder or an sdkd single file -> one pipeline.
-    Weights that exist only as pickle are refused unless `allow_pickle`."""
-    path = Path(src)
-    if not path.exists():
-        raise UserError(f"'{src}' not found: expected {SOURCES}")
-    if ema and (path.is_file() or (path / "model_index.json").is_file()):
+                allow_pickle: bool = False, what: str = "model") -> Source:
+    """Any model name (train/models/names.py) -> one pipeline. Weights that exist only as pickle are refused unless
+    `allow_pickle`."""
+    ref = resolve_model(src, what)
+    path = Path(ref.path)
+    if ema and ref.kind in (*PIPELINE_KINDS, "file"):
         raise UserError(f"--ema needs a run folder or a checkpoint; '{src}' is a "
-                        f"{'single file' if path.is_file() else 'pipeline folder'}, which holds one set of weights")
-    _refuse_lora(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise UserError(f"'{src}' is not a .safetensors file: expected {SOURCES}")
+                        f"{'single file' if ref.kind == 'file' else 'pipeline'}, which holds one set of weights")
+    _refuse_lora(path if path.exists() else None)
+    if ref.kind == "file":
         meta = read_metadata(path)
         info = json.loads(meta.get(META + "info", "{}"))
         sampling = meta.get(META + "sampling")
@@ -287,17 +306,22 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
             raise UserError(f"'{path}': damaged sdkd.sampling metadata; re-export the model") from None
         source = Source(load_single_file(path), f"single file `{path.name}`", info, str(path), str(path),
                         sampling)
-    elif (path / "model_index.json").is_file():
+    elif ref.kind in ("toy", "hub"):
+        pipe = _load_pipeline_folder(ref.path, allow_pickle, what)
+        source = Source(pipe, f"{'toy teacher' if ref.kind == 'toy' else 'hub model'} `{ref.given}`", {},
+                        str(path / "unet") if path.is_dir() else ref.path, ref.path,
+                        read_sampling(path) if path.is_dir() else None)
+    elif ref.kind == "diffusers":
         run = path.parent if (path.parent / "config.yaml").is_file() else None
         source = Source(_load_pipeline_folder(path, allow_pickle), f"diffusers folder `{path.name}`",
                         _run_info(run) if run else {}, str(path / "unet"), str(path), read_sampling(path))
-    elif (path / "unet").is_dir() or (path / "unet_ema").is_dir():  # a checkpoint
+    elif ref.kind == "checkpoint":
         sub = "unet_ema" if ema else "unet"
         if not (path / sub).is_dir():
             raise UserError(f"checkpoint '{src}' has no {sub}/ (the run was trained without ema.enabled)")
         source = _with_unet(path.parent, path / sub, f"checkpoint `{path.name}` ({sub})",
                             _run_info(path.parent, path), allow_pickle)
-    elif (path / "config.yaml").is_file():  # a run
+    else:  # a run
         from sdkd.train.engine.checkpoints import find_latest
 
         info = _run_info(path)
@@ -317,8 +341,6 @@ def load_source(src: str | Path, ema: bool = False, vae: str | Path | None = Non
             source = _with_unet(path, latest / "unet", f"run `{path.name}`, `{latest.name}`", info, allow_pickle)
         else:
             raise UserError(f"run '{src}' has no student/ and no checkpoint yet: nothing to load")
-    else:
-        raise UserError(f"'{src}' is not {SOURCES}")
     if source.sampling is None:  # a run's or checkpoint's, or a folder's in a run: the run's sample section
         source.sampling = source.info.get("sampling")
     if vae is not None:
@@ -561,11 +583,13 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     info = card_info(source)
     meta[META + "info"] = json.dumps(info, default=str)
     meta[META + "sampling"] = json.dumps(info["sampling"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file(flat, str(tmp), metadata=meta)
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:  # a read-only file system, a full disk
+        raise UserError(f"--out '{out}': cannot be written ({first_line(err)})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -677,7 +701,7 @@ def save_one_step_pipeline(unet, teacher: str | PipelineSource, folder: str | Pa
     its timesteps spaced "trailing", so that a 1-step call (diffusers' num_inference_steps=1, guidance_scale=0, or
     sdkd's steps=1, the recorded settings) samples at t = T-1, where the student was trained. With `run`, its
     model card."""
-    parts = load_teacher(teacher, with_unet=False)
+    parts = load_parts(teacher, with_unet=False)
     if vae is not None:
         parts.components["vae"] = _contiguous(vae)
     pipe = parts.family.pipeline(parts, _contiguous(unet),

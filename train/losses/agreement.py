@@ -9,8 +9,8 @@ eval/evaluate.py:
 - x_t = add_noise(x_0, noise, t) with fixed noise (a generator seeded from `seed`, another stream);
 - the prompt's conditioning from the teacher pipeline's text encoder.
 
-They are made once and stored with the teacher's predictions on them (a run keeps them in
-OUTPUT/eval_triples.safetensors), so a later evaluation only runs the model. The noise-prediction MSE
+They are made once and stored with the teacher's predictions on them and the fingerprint of its weights (a
+run keeps them in OUTPUT/eval_triples.safetensors), so a later evaluation only runs the model. The noise-prediction MSE
 is the mean squared difference between the model's and the teacher's U-Net outputs on the triples
 (lower is closer; 0 for the teacher itself), overall and per timestep.
 
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sdkd.cli.files import save_file
+from sdkd.train.formats.fingerprint import teacher_fingerprint, what_changed
 from sdkd.train.models.families import Conditioning, family_of, prompt_batch
 
 TRIPLES_FILE = "eval_triples.safetensors"  # in a run folder, and in an evaluation's output folder
@@ -54,6 +56,9 @@ class TripleSettings:
     resolution: int
     teacher: str
     """Names the teacher whose latents and predictions they hold (a run's `teacher`, eval/evaluate.py's --teacher)."""
+    teacher_weights: str = ""
+    """The fingerprint of that teacher's U-Net and text encoders (train/formats/fingerprint.py): new weights at the
+    same path make stored triples stale."""
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "prompts": list(self.prompts)}, sort_keys=True)
@@ -177,11 +182,16 @@ def make_triples(teacher_unet, parts, settings: TripleSettings, batch_size: int 
 
 def load_or_make(path: str | Path, teacher_unet, parts, settings: TripleSettings, batch_size: int = 8,
                  autocast=nullcontext, save_to: str | Path | None = None) -> Triples:
-    """The triples stored at `path` when they were made with `settings`; else made now and saved to `save_to`
-    (default: `path`)."""
+    """The triples stored at `path` when they were made with `settings` and this teacher's weights; else made now
+    (with a notice naming what changed, when stored ones differ) and saved to `save_to` (default: `path`)."""
+    settings = replace(settings, teacher_weights=teacher_fingerprint(teacher_unet, parts))
     stored = Triples.load(path) if Path(path).is_file() else None
     if stored is not None and stored.settings == settings:
         return stored
+    if stored is not None:
+        print(f"note: held-out triples {path}: made with other settings "
+              f"({what_changed(json.loads(stored.settings.to_json()), json.loads(settings.to_json()))}); "
+              f"making them again", file=sys.stderr, flush=True)
     triples = make_triples(teacher_unet, parts, settings, batch_size, autocast)
     triples.save(save_to or path)
     return triples

@@ -1,5 +1,6 @@
-"""Loading a pipeline's parts (hub id, local diffusers folder, or the built-in trained toy): the teacher, a model to
-fine-tune, a student to sample or export.
+"""Loading a pipeline's parts (train/models/names.py: toy, a hub id, a diffusers folder; runs, checkpoints and
+single files through train/formats/model_files.py `load_parts`): the teacher, a model to fine-tune, a student to
+sample or export.
 
 Only the classes the pipeline's model family has are built (train/models/families.py: the family comes from the
 U-Net's config), whatever a folder's model_index.json names: its VAE's config may say AutoencoderKL or
@@ -20,6 +21,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPi
 from sdkd.cli.errors import UserError, first_line
 from sdkd.train.engine.frozen import freeze
 from sdkd.train.models.families import ModelFamily, family_of
+from sdkd.train.models.names import PIPELINE_KINDS, ModelRef, resolve_model
 
 
 @dataclass
@@ -33,6 +35,11 @@ class PipelineParts:
     """Whose components they are; taken from the U-Net's config when not given."""
     vae_config: Any = None
     """The VAE's config (a dict-like); taken from the VAE when not given."""
+    source: str = ""
+    """Where they were loaded from: a local folder, or a hub id with its revision (what train/formats/fingerprint.py
+    `component_fingerprint` hashes when there is no folder)."""
+    folder: Path | None = None
+    """The local folder of their files (a hub id's cached snapshot); None when unknown."""
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -82,7 +89,7 @@ class PipelineParts:
 
 @dataclass(frozen=True)
 class PipelineSource:
-    """A pipeline to load: "toy", a local diffusers folder or a hub id, with the hub `revision` (branch, tag or
+    """A model to load (any name train/models/names.py resolves), with the hub `revision` (branch, tag or
     commit) and weight `variant` (fp16: the `*.fp16.safetensors` files) of diffusers' `from_pretrained`."""
 
     path: str
@@ -142,30 +149,47 @@ def _class_name(config_file: Path, what: str) -> str | None:
         raise UserError(f"{what} '{config_file}' is unreadable ({first_line(err)})") from None
 
 
-def resolve_toy(src: PipelineSource) -> PipelineSource:
-    """The trained toy teachers committed with sdkd (train/models/toy.py `TOY_TEACHER`, `TOY_SDXL_TEACHER`), local
-    folders, for "toy" and "toy_sdxl"."""
-    from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
+def resolve(src: PipelineSource, what: str, pipeline: bool = False) -> ModelRef:
+    """`src` resolved (train/models/names.py); a weight variant is a diffusers folder's or a hub model's only.
+    `pipeline`: only those kinds (what this module loads; train/formats/model_files.py `load_parts` loads every
+    kind)."""
+    ref = resolve_model(src.path, what, src.revision)
+    if pipeline and ref.kind not in PIPELINE_KINDS:
+        raise UserError(f"{what} '{src.path}' is a {ref.kind}, not a diffusers pipeline (load it with "
+                        f"train/formats/model_files.py load_parts)")
+    if src.variant and ref.kind not in PIPELINE_KINDS:
+        raise UserError(f"{what}_variant={src.variant}: only a diffusers folder or a hub model has weight variants; "
+                        f"{what} '{src.path}' is a {ref.kind}")
+    return ref
 
-    if src.path not in TOY_NAMES:
-        return src
-    return PipelineSource(str(toy_teacher_folder(src.path)), allow_pickle=False)
+
+def _snapshot(repo: str, revision: str | None) -> Path | None:
+    """The local folder of a hub pipeline already downloaded (from_pretrained has just fetched it), else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure leaves the hub id as the only name of its weights
+        return None
 
 
 def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_encoders: bool = True,
                  what: str = "teacher") -> PipelineParts:
-    """`source`: "toy" or "toy_sdxl" (the committed trained toy teachers), a local diffusers pipeline folder, or a
-    hub id (cached or downloaded), as a path or a `PipelineSource`.
+    """`source`: a pipeline (train/models/names.py: toy, a hub id, cached or downloaded, a diffusers folder), as a
+    path or a `PipelineSource`; train/formats/model_files.py `load_parts` takes runs, checkpoints and single files
+    too.
 
     `with_encoders=False` leaves out the VAE, text encoders and tokenizers (only the VAE's config is read).
     The scheduler is the family's training one (DDPM) built from the folder's scheduler config, whatever class it
     names: sdkd's exports ship DPM-Solver++, whose config keeps the training betas and prediction type.
     `what` names the pipeline in errors (the fine-tune and LoRA trainers load their `model` with it)."""
-    src = resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
-    source = src.path
+    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    ref = resolve(src, what, pipeline=True)
+    source = ref.path
     local = Path(source)
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise UserError(f"{what} '{source}': folder has no model_index.json (expected a diffusers pipeline folder)")
+    if local.exists() and not (local / "model_index.json").is_file():  # a partly cached hub model
+        raise UserError(f"{what} '{ref.given}': '{local}' has no model_index.json (expected a diffusers pipeline "
+                        f"folder)")
     try:
         kw = dict(local_files_only=local.exists(), revision=src.revision)
         # The U-Net's config says which family, and so which components, there are.
@@ -182,7 +206,8 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
             cls = vae_cls if name == "vae" else family.components[name].cls
             components[name] = cls.from_pretrained(source, subfolder=name, **(weights if name in family.models else kw))
         vae_config = None if with_encoders else vae_cls.load_config(source, subfolder="vae", **kw)
-        return PipelineParts(components, family, vae_config)
+        return PipelineParts(components, family, vae_config, f"{source}@{src.revision or 'main'}",
+                             local if local.exists() else _snapshot(source, src.revision))
     except (OSError, ValueError, RuntimeError) as err:
         variant = f" ({what}_variant={src.variant})" if src.variant else ""
         raise UserError(f"{what} '{source}'{variant} could not be loaded: {first_line(err)}") from None
@@ -191,7 +216,9 @@ def load_teacher(source: str | PipelineSource, with_unet: bool = True, with_enco
 def load_pipeline(source: str | PipelineSource, what: str = "model") -> DiffusionPipeline:
     """A whole pipeline of its family's class (a student folder, a teacher) with its own scheduler class, for
     sampling and export."""
-    src = resolve_toy(source if isinstance(source, PipelineSource) else PipelineSource(source))
+    src = source if isinstance(source, PipelineSource) else PipelineSource(source)
+    ref = resolve(src, what, pipeline=True)
+    src = PipelineSource(ref.path, src.revision, src.variant, src.allow_pickle)
     parts = load_teacher(src, what=what)
     local = Path(src.path)
     name = _class_name(local / "scheduler" / "scheduler_config.json", what)

@@ -31,9 +31,10 @@ def load_vae_to_train(model: str | None, seed: int, allow_pickle: bool = False) 
 
         vae = load_vae(model, allow_pickle)
     else:
-        from sdkd.train.models.teacher import PipelineSource, load_teacher
+        from sdkd.train.formats.model_files import load_parts
+        from sdkd.train.models.teacher import PipelineSource
 
-        vae = load_teacher(PipelineSource(model, allow_pickle=allow_pickle), with_unet=False,
+        vae = load_parts(PipelineSource(model, allow_pickle=allow_pickle), with_unet=False,
                            what="autoencoder.model").vae
     if not isinstance(vae, AutoencoderKL):
         raise UserError(f"autoencoder.model '{model}': its VAE is a {type(vae).__name__}; this trainer trains an "

@@ -7,6 +7,7 @@ Nothing heavy is imported here: config loading and --help stay fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from sdkd.cli.errors import require
@@ -50,6 +51,14 @@ class AutoencoderTrainConfig(RunConfig):
     """train/autoencoder.py: a VAE on its own data."""
 
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        model = self.autoencoder.model
+        if model and not Path(model).exists():  # a local VAE folder is this trainer's own form
+            from sdkd.train.models.names import resolve_model
+
+            resolve_model(model, "autoencoder.model")
 
     def check(self, at: str) -> None:
         super().check(at)

@@ -3,6 +3,7 @@ trained against a frozen teacher VAE decoder; its export (an AutoencoderTiny fol
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from dataclasses import replace
@@ -23,9 +24,11 @@ from sdkd.data.sources.core import collate
 from sdkd.train.engine.checkpoints import ModelState
 from sdkd.train.engine.step_random import StepRandom
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
+from sdkd.train.formats.fingerprint import component_fingerprint
+from sdkd.train.formats.model_files import load_parts
 from sdkd.train.formats.weight_files import load_strict, read_weights
 from sdkd.train.losses.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource
 from sdkd.train.tasks.diffusion import load_dataset
 from sdkd.train.tasks.objective import BatchEncoder, CachedEncoder
 
@@ -306,21 +309,15 @@ class DecoderTask(Task):
         return "\n".join(lines)
 
     def _teacher_folder(self) -> str:
-        """The teacher as a local folder (what eval/sample.py --model takes): itself, the toy teacher's folder,
-        or a hub id's snapshot in the local cache."""
-        teacher = self.cfg.teacher
-        from sdkd.train.models.toy import TOY_NAMES, toy_teacher_folder
+        """The teacher as diffusers' `from_pretrained` takes it: a pipeline folder (toy's, a hub id's snapshot in the
+        local cache) or a hub id; a placeholder for a teacher that is no pipeline (a run, a single file)."""
+        from sdkd.train.models.names import PIPELINE_KINDS, resolve_model
 
-        if teacher in TOY_NAMES:
-            return str(toy_teacher_folder(teacher))
-        if Path(teacher).exists():
-            return teacher
         try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(teacher, revision=self.cfg.teacher_revision, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure: say what to put there
+            ref = resolve_model(self.cfg.teacher, "teacher", self.cfg.teacher_revision)
+        except UserError:  # the hub gone since the run started: say what to put there
             return "TEACHER_FOLDER"
+        return ref.path if ref.kind in PIPELINE_KINDS else "TEACHER_FOLDER"
 
     def next_steps(self, exported: list[Path]) -> list[tuple[str, str]]:
         folder, taesd = exported
@@ -367,14 +364,14 @@ class _Training(Subset):
 
 def build_decoder_task(cfg, acc):
     dataset = load_dataset(cfg, acc)
-    teacher = load_teacher(PipelineSource.of(cfg), with_unet=False)
+    teacher = load_parts(PipelineSource.of(cfg), with_unet=False)
     if teacher.vae is None or not hasattr(teacher.vae, "encode") or "block_out_channels" not in teacher.vae.config:
         raise UserError(f"teacher '{cfg.teacher}': its VAE is no AutoencoderKL to distil from")
     teacher.components |= dict.fromkeys(teacher.family.text_encoders)  # only the VAE is used
     dataset, held_out = split_held_out(dataset, cfg.decoder.eval_latents)
     encoder = CachedEncoder(teacher, acc.device) if cfg.data.cache else BatchEncoder(teacher)
     if cfg.data.cache:
-        dataset.dataset.check_teacher(teacher, cfg.data.resolution)
+        dataset.dataset.check_teacher(teacher, cfg.data.resolution, functools.partial(component_fingerprint, teacher))
     teacher.vae.to(acc.device)
     # Fixed latents for evaluation and grids: the held-out samples with their own draw.
     held_out_latents = encoder.latents(collate(held_out), StepRandom(cfg.eval.seed, acc.device, len(held_out)))

@@ -21,9 +21,10 @@ from sdkd.train.engine.distributed import main_process_first
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.engine.sampling import sample_images
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule
+from sdkd.train.formats.model_files import load_parts
 from sdkd.train.losses import agreement
 from sdkd.train.losses.kd import KDLoss
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource
 from sdkd.train.tasks.diffusion_config import FinetuneConfig, KDConfig
 from sdkd.train.tasks.objective import DiffusionObjective, kd_objective, set_prediction_type
 
@@ -86,7 +87,7 @@ class DiffusionTask(Task):
         """The frozen VAE and text encoder for sampling. A run from a latent cache left them out; the main
         process loads them from `frozen_source` the first time a sample grid is due."""
         if not self.parts.has_encoders:
-            loaded = load_teacher(self.frozen_source, with_unet=False)
+            loaded = load_parts(self.frozen_source, with_unet=False)
             loaded.freeze(self.accelerator.device, weight_dtype(self.accelerator))
             self.parts = dataclasses.replace(self.parts, components=self.parts.components | {
                 name: loaded.components[name] for name in loaded.family.encoders})
@@ -166,10 +167,10 @@ def load_finetune_parts(cfg: FinetuneConfig, acc) -> FinetuneParts:
     """Load `model` and the teacher (only when a KD term is on). The U-Net is returned as loaded (fp32 on
     CPU); the caller makes it trainable or puts an adapter on it."""
     # From a latent cache no VAE or text encoder runs in the step (sample grids load them when due).
-    parts = load_teacher(PipelineSource.of(cfg, "model"), with_encoders=cfg.data.cache is None, what="model")
+    parts = load_parts(PipelineSource.of(cfg, "model"), with_encoders=cfg.data.cache is None, what="model")
     # In-loop evaluation (eval.every) compares with the teacher even when no loss term uses it.
     needs_teacher = KDLoss.from_config(cfg.loss).needs_teacher or (cfg.eval.every > 0 and cfg.teacher is not None)
-    teacher = load_teacher(PipelineSource.of(cfg), with_encoders=False) if needs_teacher else None
+    teacher = load_parts(PipelineSource.of(cfg), with_encoders=False) if needs_teacher else None
     set_prediction_type(parts.scheduler, cfg.loss.prediction_type, teacher.scheduler if teacher else None, cfg.teacher)
     if teacher is not None:
         ours, theirs = parts.scheduler.config.prediction_type, teacher.scheduler.config.prediction_type

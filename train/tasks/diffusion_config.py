@@ -26,8 +26,8 @@ class TeacherRunConfig(RunConfig):
     """A run that learns from a teacher pipeline, and writes a model card (every trainer's but the VAE's)."""
 
     teacher: str = MISSING
-    """Teacher pipeline: hub id, local diffusers folder, or "toy" / "toy_sdxl" (the trained toy teachers committed
-    with sdkd)."""
+    """Teacher: hub id, local diffusers folder, "toy" / "toy_sdxl" (the trained toy teachers committed with sdkd), or
+    any other model name (train/models/names.py: a run, a checkpoint, an sdkd single file)."""
     teacher_revision: Optional[str] = None
     """Hub revision of the teacher (branch, tag or commit); null: the default branch."""
     teacher_variant: Optional[str] = None
@@ -36,6 +36,16 @@ class TeacherRunConfig(RunConfig):
     """License named in the model card of what the run writes (a Hugging Face license id). Default: SD-1.x's
     CreativeML OpenRAIL-M, whose use restrictions carry over to derivatives such as distilled students,
     fine-tunes and LoRAs; openrail++ for an SD-2.x teacher or model; your base model's license otherwise."""
+
+    def check_inputs(self) -> None:
+        """The data's path, and the models the config names (`teacher`, and `model` where a trainer has one),
+        resolved without loading them (train/models/names.py: a hub id not in the cache is looked up once)."""
+        super().check_inputs()
+        from sdkd.train.models.names import resolve_model
+
+        for key in ("teacher", "model"):
+            if name := getattr(self, key, None):
+                resolve_model(name, key, getattr(self, f"{key}_revision", None))
 
 
 @dataclass

@@ -6,12 +6,14 @@ without a teacher (then only the task term remains).
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
 
 from sdkd.cli.errors import UserError
 from sdkd.train.engine.step_random import StepRandom
+from sdkd.train.formats.fingerprint import component_fingerprint
 from sdkd.train.losses.kd import KDLoss, diffusion_target, min_snr_weights
 from sdkd.train.models.families import Conditioning
 from sdkd.train.models.features import FeatureHooks, check_pairs, feature_pairs
@@ -85,10 +87,10 @@ class CachedEncoder:
 
 def build_encoder(data_cfg, parts, dataset, device: torch.device):
     """The trainer's encoder: the teacher's VAE and text encoders, or the latent cache's when `data.cache`
-    is set (then checked against the teacher: model family, resolution, VAE scaling factor, text width)."""
+    is set (then checked against the teacher: model family, resolution, VAE scaling factor, text width, weights)."""
     if data_cfg.cache is None:
         return BatchEncoder(parts)
-    dataset.check_teacher(parts, data_cfg.resolution)
+    dataset.check_teacher(parts, data_cfg.resolution, functools.partial(component_fingerprint, parts))
     return CachedEncoder(parts, device)
 
 

@@ -7,7 +7,8 @@ made), its prompt, and the clean latents x_0 the teacher's multi-step solver (DP
 spaced "trailing", so its first step is at t = T-1, where the one-step student reads the same noise.
 
 A set NAME lives in a cache folder as NAME.safetensors (noise, latents) and NAME.json, the manifest of
-what made it (teacher, prompts, solver, steps, guidance, seed, count, resolution). A set whose manifest
+what made it (teacher and its weights' fingerprint, prompts, solver, steps, guidance, seed, count,
+resolution). A set whose manifest
 matches is reused; another is made again, with a one-line notice naming what changed. The manifest is
 removed first and written last, each file renamed into place whole, so a run killed while making a set
 never leaves one that a later run takes as complete.
@@ -19,7 +20,7 @@ import json
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from sdkd.cli.files import save_file
+from sdkd.cli.files import refuse_links, save_file, write_text
 from sdkd.train.engine import console
+from sdkd.train.formats.fingerprint import teacher_fingerprint, what_changed
 
 SOLVERS = {"dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}), "ddim": (DDIMScheduler, {})}
 HELD_OUT_STREAM = 2 ** 32
@@ -48,6 +50,9 @@ class PairSettings:
     guidance_scale: float
     seed: int
     resolution: int
+    teacher_weights: str = ""
+    """The fingerprint of the teacher's U-Net and text encoders (train/formats/fingerprint.py): new weights at
+    the same path make the set stale."""
 
     @property
     def count(self) -> int:
@@ -106,13 +111,6 @@ def make_pairs(unet, parts, settings: PairSettings, batch_size: int = 8, autocas
     return Pairs(noise, torch.cat(out), settings)
 
 
-def _changed(old: dict, new: dict) -> str:
-    """What differs between two manifests, briefly."""
-    keys = [k for k in new if old.get(k) != new[k]]
-    shown = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in keys if k != "prompts"]
-    return ", ".join(shown + ["prompts"] * ("prompts" in keys)) or "unreadable"
-
-
 def load(folder: str | Path, name: str, settings: PairSettings) -> tuple[Pairs | None, str | None]:
     """(the stored set, None) when its manifest matches `settings`; else (None, why not), or (None, None) when
     there is none."""
@@ -126,7 +124,7 @@ def load(folder: str | Path, name: str, settings: PairSettings) -> tuple[Pairs |
         stored = {}
     wanted = settings.manifest()
     if stored != wanted:
-        return None, _changed(stored if isinstance(stored, dict) else {}, wanted)
+        return None, what_changed(stored if isinstance(stored, dict) else {}, wanted)
     try:
         data = load_file(str(tensors))
         pairs = Pairs(data["noise"], data["latents"], settings)
@@ -145,14 +143,15 @@ def save(pairs: Pairs, folder: str | Path, name: str) -> None:
     tmp = folder / f".{name}.safetensors.tmp"
     save_file({"noise": pairs.noise.contiguous(), "latents": pairs.latents.contiguous()}, str(tmp))
     os.replace(tmp, tensors)
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(pairs.settings.manifest(), indent=1))
-    os.replace(tmp, manifest)
+    write_text(manifest, json.dumps(pairs.settings.manifest(), indent=1))
 
 
 def load_or_make(folder: str | Path, name: str, unet, parts, settings: PairSettings, batch_size: int = 8,
                  autocast=nullcontext) -> Pairs:
-    """The set NAME in `folder` when it was made with `settings`, else made now (with a notice) and saved."""
+    """The set NAME in `folder` when it was made with `settings` and this teacher's weights, else made now (with a
+    notice) and saved."""
+    refuse_links(folder, "ODE-pair folder")
+    settings = replace(settings, teacher_weights=teacher_fingerprint(unet, parts))
     pairs, why = load(folder, name, settings)
     if pairs is not None:
         return pairs

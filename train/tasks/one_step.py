@@ -34,6 +34,7 @@ from sdkd.train.engine.frozen import freeze
 from sdkd.train.engine.loop import weight_dtype
 from sdkd.train.engine.task import SampleSink, StepContext, Task, TrainedModule, every
 from sdkd.train.formats.lora_config import LoraSection
+from sdkd.train.formats.model_files import load_parts
 from sdkd.train.losses import agreement
 from sdkd.train.losses.adversarial import discriminator_loss, generator_loss
 from sdkd.train.losses.feature_matching import DinoFeatures, FeatureMatching, UNetEncoder, VggFeatures, encoder_layers
@@ -47,7 +48,7 @@ from sdkd.train.losses.score_distillation import (
     x0_from_prediction,
 )
 from sdkd.train.models.families import Conditioning, prompt_batch
-from sdkd.train.models.teacher import PipelineParts, PipelineSource, load_teacher
+from sdkd.train.models.teacher import PipelineParts, PipelineSource
 from sdkd.train.tasks import ode_pairs
 
 GRID = 8
@@ -383,7 +384,7 @@ def load_student(cfg, teacher: PipelineParts):
     if cfg.model is None:
         unet = build_student(teacher.unet, removal_spec(cfg.student))
     else:
-        unet = load_teacher(PipelineSource(cfg.model, allow_pickle=cfg.allow_pickle), with_encoders=False,
+        unet = load_parts(PipelineSource(cfg.model, allow_pickle=cfg.allow_pickle), with_encoders=False,
                             what="model").unet
         for key in ("in_channels", "out_channels", "cross_attention_dim"):
             if unet.config[key] != teacher.unet.config[key]:
@@ -411,7 +412,7 @@ def load_pairs(cfg, acc, teacher: PipelineParts) -> tuple[ode_pairs.Pairs, ode_p
 
 def build_one_step_task(cfg, acc):
     device, dtype = acc.device, weight_dtype(acc)
-    teacher = load_teacher(PipelineSource.of(cfg))
+    teacher = load_parts(PipelineSource.of(cfg))
     if teacher.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"teacher '{cfg.teacher}': prediction_type '{teacher.scheduler.config.prediction_type}' "
                         f"(epsilon or v_prediction)")
