@@ -100,10 +100,10 @@ def test_prediction_type_unlike_the_teacher_stops_kd_with_one_line(tmp_path):
     import sys
 
     result = run_script([sys.executable, "train/kd.py", "--config", "configs/toy.yaml", f"output_dir={tmp_path}",
-                         "loss.prediction_type=v_prediction"], timeout=300)
+                         "loss.prediction_type=epsilon"], timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: config key 'loss.prediction_type': v_prediction, but teacher 'toy' predicts epsilon; output and "
+        "error: config key 'loss.prediction_type': epsilon, but teacher 'toy' predicts v_prediction; output and "
         "feature KD (loss.lambda_out, loss.lambda_feat) need the same")
 
 

@@ -121,9 +121,9 @@ def test_training_takes_the_ddpm_schedule_from_a_dpm_solver_folder():
 
     scheduler = load_teacher("toy", with_unet=False, with_encoders=False).scheduler
     assert type(scheduler) is DDPMScheduler
-    # the toy teacher's training scheduler as it shipped before (DDPM, SD-1.5's)
+    # the toy teacher's training scheduler as a DDPM folder would carry it (SD-1.5's betas; v-prediction)
     before = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                           beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+                           beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction",
                            steps_offset=1, timestep_spacing="leading", variance_type="fixed_small")
     for key, value in before.config.items():
         if not key.startswith("_"):

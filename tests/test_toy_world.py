@@ -5,7 +5,7 @@ The judge is independent of the training code: data/sources/colour_check.py read
 and PIL only (background: median of the border pixels; foreground: median of the pixels farthest from it),
 matched to the nearest of the synthetic source's 8 named colours. The teacher is loaded by diffusers itself
 from the folder and sampled at fixed seeds. Measured when the weights were made (48 captions, 20 DPM-Solver++
-steps, guidance 4, seeds 0-47): foreground 90%, background 40%, both 40%; the toy SDXL teacher foreground 65%,
+steps, guidance 4, seeds 0-47): foreground 96%, background 85%, both 85%; the toy SDXL teacher foreground 65%,
 background 31%, both 23% (15 of 48: 3 images above the 2x-chance line); chance 12.5% each.
 """
 
@@ -55,10 +55,15 @@ def samples(teacher):
 
 
 @pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core per teacher
-def test_teacher_draws_the_captioned_colours_at_least_twice_as_often_as_chance(samples):
+# Foreground and background hit rates each teacher must reach: `toy`, the README's first run's teacher, 9 in 10 and
+# 3 in 4; the SDXL-topology one (smaller text encoders, one training stage) twice chance.
+LEAST = {"toy": (0.9, 0.75), "toy_sdxl": (2 * CHANCE, 2 * CHANCE)}
+
+
+def test_teacher_draws_the_captioned_colours(teacher, samples):
     rates = match_rates(*samples)
-    print(rates)
-    assert rates["fg"] >= 2 * CHANCE and rates["bg"] >= 2 * CHANCE, rates
+    fg, bg = LEAST[next(name for name, folder in TEACHERS.items() if folder == teacher)]
+    assert rates["fg"] >= fg and rates["bg"] >= bg, rates
 
 
 @pytest.mark.slow
@@ -128,7 +133,8 @@ def test_toy_sdxl_is_the_sdxl_toy_trained_on_the_toy_teachers_vae():
     made = json.loads((folder / "provenance.json").read_text())
     toy_made = json.loads((TEACHERS["toy"] / "provenance.json").read_text())
     assert made["family"] == "sdxl" and made["vae"]["reused"] == "train/models/toy_teacher/vae"
-    assert made["vae"]["made"] == toy_made["vae"]  # the provenance says how the reused VAE was made
+    # the provenance says how the reused VAE was made (the toy teacher's own may be a reuse record itself)
+    assert made["vae"]["made"] == toy_made["vae"].get("made", toy_made["vae"])
     assert made["vae"]["scaling_factor"] == parts.vae.config.scaling_factor == toy_made["vae"]["scaling_factor"]
 
 

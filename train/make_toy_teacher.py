@@ -3,6 +3,7 @@ train/models/toy_sdxl_teacher/), with sdkd's own trainers.
 
     python train/make_toy_teacher.py [--family sd] --out train/models/toy_teacher [--work runs/toy_teacher_build]
     python train/make_toy_teacher.py --family sdxl   # the SDXL-topology one, on the SD one's trained VAE
+    python train/make_toy_teacher.py --from-teacher DIR --out NEW   # only the later U-Net stages, on DIR's
 
 A toy teacher already at --out (the committed ones are at the defaults) is replaced only with --overwrite.
 
@@ -10,7 +11,10 @@ A toy teacher already at --out (the committed ones are at the defaults) is repla
    or, with --vae (the default for sdxl: the committed toy teacher's), a trained toy VAE taken as it is;
 2. the U-Net: train/finetune.py with the task loss (configs/toy_teacher_unet.yaml; for sdxl
    configs/toy_sdxl_teacher_unet.yaml) on a pipeline of that VAE, the toy text encoders and tokenizers (frozen,
-   as `build_toy_pipeline` / `build_toy_xl_pipeline` make them) and a random toy U-Net;
+   as `build_toy_pipeline` / `build_toy_xl_pipeline` make them) and a random toy U-Net; for sd then a second
+   stage from the first's result (configs/toy_teacher_unet_v.yaml: v-prediction, which weights the noisiest
+   steps, where a caption's colours are placed). --from-teacher takes the VAE and the first stage from a toy
+   teacher this command made and runs the later stages only;
 3. the pipeline folder (safetensors only) goes to --out with `provenance.json` (the commands, seeds, steps,
    wall times, versions and the colour check below), a model card and a grid of its samples. It carries the
    scheduler sdkd samples with (DPM-Solver++) and the colour check's steps and guidance as its recorded sampling
@@ -41,10 +45,11 @@ from sdkd.cli.files import refuse_links, save_pretrained
 ROOT = Path(__file__).resolve().parents[1]
 VAE_CONFIG = "configs/toy_vae.yaml"
 MODELS = ROOT / "train" / "models"
-FAMILIES = {  # --family -> its U-Net's config, --out, --work and --vae defaults (None: trained from random weights)
-    "sd": dict(unet_config="configs/toy_teacher_unet.yaml", out=MODELS / "toy_teacher",
-               work=ROOT / "runs" / "toy_teacher_build", vae=None),
-    "sdxl": dict(unet_config="configs/toy_sdxl_teacher_unet.yaml", out=MODELS / "toy_sdxl_teacher",
+FAMILIES = {  # --family -> its U-Net's configs (stages, each from the last's result), --out, --work and --vae
+    # defaults (None: trained from random weights)
+    "sd": dict(unet_configs=("configs/toy_teacher_unet.yaml", "configs/toy_teacher_unet_v.yaml"),
+               out=MODELS / "toy_teacher", work=ROOT / "runs" / "toy_teacher_build", vae=None),
+    "sdxl": dict(unet_configs=("configs/toy_sdxl_teacher_unet.yaml",), out=MODELS / "toy_sdxl_teacher",
                  work=ROOT / "runs" / "toy_sdxl_teacher_build", vae=MODELS / "toy_teacher" / "vae"),
 }
 CHECK = dict(steps=20, guidance_scale=4.0, seed=0, caption_seed=0)
@@ -96,7 +101,9 @@ CARDS = {
 
 A 32 px, SD-1.5-shaped pipeline (2-level AutoencoderKL, 3.2M-parameter U-Net, 32-wide CLIP text encoder)
 trained by sdkd's own trainers on its synthetic captioned shapes ("a red circle on a blue background"):
-what `teacher: toy` loads. The text encoder is `build_toy_pipeline`'s random one, frozen (as SD's is).""",
+what `teacher: toy` loads. The text encoder is `build_toy_pipeline`'s random one, frozen (as SD's is). The U-Net
+learnt in two stages: to predict the noise (min-SNR weighted), then to predict v, which weights the noisiest
+steps, where the sampler settles which colour is the shape's and which the background's.""",
     "sdxl": """# sdkd toy SDXL teacher
 
 A 32 px pipeline of SDXL's topology (3-level U-Net of 3.0M parameters, no attention at the highest level, two
@@ -139,7 +146,9 @@ def main() -> None:
     parser.add_argument("--vae", type=Path, help="a trained toy VAE folder to use instead of training one "
                         "(default for sdxl: train/models/toy_teacher/vae; sd trains its own)")
     parser.add_argument("--vae-steps", type=int, help="override configs/toy_vae.yaml's train.max_steps")
-    parser.add_argument("--unet-steps", type=int, help="override the U-Net config's train.max_steps")
+    parser.add_argument("--unet-steps", type=int, help="override each U-Net stage's train.max_steps")
+    parser.add_argument("--from-teacher", type=Path, help="a toy teacher this command made, whose VAE and first "
+                        "U-Net stage are taken as trained: only the later stages run (sd)")
     parser.add_argument("--check-images", type=int, default=48, help="captions in the colour check (at most 56)")
     parser.add_argument("--overwrite", action="store_true", help="replace the toy teacher already at --out")
     parser.add_argument("--resume", action="store_true",
@@ -155,6 +164,16 @@ def main() -> None:
         raise UserError(f"--vae '{given_vae}': no config.json (expected a diffusers AutoencoderKL folder)")
     if given_vae is not None and args.vae_steps:
         raise UserError("--vae-steps: no VAE is trained with --vae (or --family sdxl, which reuses the toy one)")
+    stages = defaults["unet_configs"]
+    if args.from_teacher is not None:
+        if len(stages) == 1:
+            raise UserError(f"--from-teacher: --family {args.family} trains its U-Net in one stage; nothing is left")
+        if args.vae is not None or args.vae_steps:
+            raise UserError("--from-teacher: takes the teacher's VAE; leave out --vae and --vae-steps")
+        if not (args.from_teacher / "provenance.json").is_file():
+            raise UserError(f"--from-teacher '{args.from_teacher}': no provenance.json (not a toy teacher this "
+                            f"command made)")
+        given_vae = args.from_teacher / "vae"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder for the pipeline")
     if out.is_dir() and any(out.iterdir()):
@@ -180,6 +199,14 @@ def main() -> None:
     from sdkd.train.models.families import SD, SDXL
     from sdkd.train.models.toy import TOY_SEED, toy_pipeline_with
 
+    common = ("train.seed", "train.max_steps", "train.batch_size", "optim.lr", "optim.lr_scheduler",
+              "data.num_samples", "data.resolution")
+
+    def trained(run: Path, command: str, seconds: float, keys: tuple[str, ...]) -> dict:
+        cfg = OmegaConf.load(run / "config.yaml")
+        return {"command": command, "wall_seconds": round(seconds),
+                **{k: OmegaConf.select(cfg, k) for k in common + keys}}
+
     xl = args.family == "sdxl"
     # 1. the VAE, from random weights (or the trained one given)
     vae_folder = given_vae
@@ -188,13 +215,35 @@ def main() -> None:
         vae_cmd, vae_seconds = launch("train/autoencoder.py", VAE_CONFIG, vae_run,
                                       [f"train.max_steps={args.vae_steps}"] if args.vae_steps else [], args.resume)
         vae_folder = vae_run / "vae"
-    # 2. the U-Net, from random weights, on the trained VAE and the toy text encoders
-    init = work / "init"
-    pipe = toy_pipeline_with(AutoencoderKL.from_pretrained(vae_folder), TOY_SEED, xl=xl)
-    save_pretrained(pipe, init, safe_serialization=True)
-    unet_run = work / "unet"
-    unet_cmd, unet_seconds = launch("train/finetune.py", defaults["unet_config"], unet_run, [
-        f"model={_shown(init)}"] + ([f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)
+    # 2. the U-Net, from random weights, on the trained VAE and the toy text encoders, in stages (each from the
+    # last's result); with --from-teacher from that teacher's first stage
+    unet_keys = ("loss.prediction_type", "loss.snr_gamma", "loss.noise_offset", "ema.enabled", "ema.decay",
+                 "data.caption_dropout")
+    if args.from_teacher is None:
+        model = work / "init"
+        save_pretrained(toy_pipeline_with(AutoencoderKL.from_pretrained(vae_folder), TOY_SEED, xl=xl), model,
+                        safe_serialization=True)
+        unet_records, first = [], 0
+    else:
+        made = json.loads((args.from_teacher / "provenance.json").read_text())["unet"]
+        model, first = args.from_teacher, 1
+        unet_records = [{"reused": _shown(args.from_teacher), "made": made[0] if isinstance(made, list) else made}]
+    for stage, config in enumerate(stages[first:], first):
+        unet_run = work / ("unet" if stage == 0 else f"unet{stage + 1}")
+        command, seconds = launch("train/finetune.py", config, unet_run, [f"model={_shown(model)}"] + (
+            [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []), args.resume)
+        unet_records.append(trained(unet_run, command, seconds, unet_keys))
+        model = unet_run / "student"
+
+    if given_vae is not None:  # reused as trained: where from, and how that folder's provenance says it was made
+        made = vae_folder.resolve().parent / "provenance.json"
+        made = json.loads(made.read_text())["vae"] if made.is_file() else None
+        vae = {"reused": _shown(vae_folder), **({"made": made.get("made", made)} if made else {})}
+        init_vae = f"the VAE is {_shown(vae_folder)}, reused as trained"
+    else:
+        vae = trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
+                                                      "autoencoder.kl_weight"))
+        init_vae = "the VAE's initial weights are drawn from its train.seed"
 
     # 3. the pipeline folder: the trained parts only, then the check, the grid, the card, the provenance
     if out.exists():
@@ -211,23 +260,6 @@ def main() -> None:
           f"of {rates['n']} images (chance {rates['chance']:.1%})", flush=True)
     make_grid([images[:8]], captions[:8]).save(out / "samples.png")
 
-    common = ("train.seed", "train.max_steps", "train.batch_size", "optim.lr", "optim.lr_scheduler",
-              "data.num_samples", "data.resolution")
-
-    def trained(run: Path, command: str, seconds: float, keys: tuple[str, ...]) -> dict:
-        cfg = OmegaConf.load(run / "config.yaml")
-        return {"command": command, "wall_seconds": round(seconds),
-                **{k: OmegaConf.select(cfg, k) for k in common + keys}}
-
-    if given_vae is not None:  # reused as trained: where from, and how that folder's provenance says it was made
-        made = vae_folder.resolve().parent / "provenance.json"
-        vae = {"reused": _shown(vae_folder),
-               **({"made": json.loads(made.read_text())["vae"]} if made.is_file() else {})}
-        init_vae = f"the VAE is {_shown(vae_folder)}, reused as trained"
-    else:
-        vae = trained(vae_run, vae_cmd, vae_seconds, ("autoencoder.l1_weight", "autoencoder.mse_weight",
-                                                      "autoencoder.kl_weight"))
-        init_vae = "the VAE's initial weights are drawn from its train.seed"
     builder = "build_toy_xl_pipeline" if xl else "build_toy_pipeline"
     command = shlex.join(["python", "train/make_toy_teacher.py", *sys.argv[1:]])
     provenance = {
@@ -236,8 +268,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start),
         "resumed": args.resume,  # a resumed make's wall times count only what ran after the interruption
         "vae": {**vae, "scaling_factor": json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]},
-        "unet": trained(unet_run, unet_cmd, unet_seconds, ("loss.snr_gamma", "loss.noise_offset", "ema.enabled",
-                                                           "ema.decay", "data.caption_dropout")),
+        "unet": unet_records,
         "init": f"{builder}(seed={TOY_SEED}): the U-Net's random initial weights, the text encoders and "
                 f"tokenizers (frozen: never trained); {init_vae}",
         "colour_check": {**rates, **CHECK, "captions": "data/sources/colour_check.py check_captions"},
