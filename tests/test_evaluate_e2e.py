@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 
 STEPS, EVERY, CHECKPOINT_EVERY = 12, 4, 6
 CHECKPOINTS = ["checkpoint-6", "checkpoint-12"]
-FAST = ["steps=4", "latency.repeats=1"]  # configs/eval_toy.yaml, a little lighter
+IMAGES = 16
+FAST = ["steps=4", "latency.repeats=1", f"num_images={IMAGES}"]  # configs/eval_toy.yaml, a little lighter
 
 
 def evaluate(*args):
@@ -95,7 +96,7 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
 def test_images_grids_progress_and_skip_lines(evaluated):
     out, result, _ = evaluated
     prompts = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    given = yaml.safe_load((ROOT / "configs" / "eval_toy.yaml").read_text())["prompts"]
+    given = yaml.safe_load((ROOT / "configs" / "eval_toy.yaml").read_text())["prompts"][:IMAGES]
     assert [p["seed"] for p in prompts] == [1234 + i for i in range(len(given))]
     assert [p["prompt"] for p in prompts] == given
     assert prompts[0] == {"file": "00000.png", "prompt": given[0], "seed": 1234}

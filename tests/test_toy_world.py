@@ -54,12 +54,12 @@ def samples(teacher):
     return images, captions
 
 
-@pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core per teacher
 # Foreground and background hit rates each teacher must reach: `toy`, the README's first run's teacher, 9 in 10 and
 # 3 in 4; the SDXL-topology one (smaller text encoders, one training stage) twice chance.
 LEAST = {"toy": (0.9, 0.75), "toy_sdxl": (2 * CHANCE, 2 * CHANCE)}
 
 
+@pytest.mark.slow  # `samples`: 48 images of 20 steps, about 30 s of one core per teacher
 def test_teacher_draws_the_captioned_colours(teacher, samples):
     rates = match_rates(*samples)
     fg, bg = LEAST[next(name for name, folder in TEACHERS.items() if folder == teacher)]
