@@ -207,8 +207,11 @@ class Worker:
         """(pytest's exit code or "timeout", the tail of its output) for `tests` in the copy."""
         args = ["-q", "-x", "-p", "no:cacheprovider", *tests]
         job = {"cwd": str(self.tree), "shim": str(self.shim), "args": args, "log": str(self.log), "timeout": timeout}
-        self.process.stdin.write(json.dumps(job) + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(json.dumps(job) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return "worker died", ""
         answer = self.process.stdout.readline()
         if not answer:
             return "worker died", ""
@@ -229,7 +232,10 @@ class Worker:
         return Result(mutation, outcome, time.monotonic() - start, detail)
 
     def close(self) -> None:
-        self.process.stdin.close()
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died: nothing left to end
         self.process.wait(timeout=60)
 
 

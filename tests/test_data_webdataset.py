@@ -124,7 +124,7 @@ def test_resampled_epoch_length_and_seeded_streams(tmp_path):
 
 def test_a_resumed_epoch_is_another_stream_of_the_same_epoch(tmp_path):
     """set_epoch(epoch, resume_batch): the same epoch read twice gives the same keys in the same order; resumed at
-    batch 3 it is reseeded, so a resumed run does not read the epoch's first batches again."""
+    batch 3 (reseeded) it gives another order."""
     write_shards(tmp_path)
     ds = source(tmp_path, resampled=True, shuffle_buffer=4)
 

@@ -171,7 +171,7 @@ def test_a_loss_for_a_module_not_due_is_refused(tmp_path):
 
 
 def test_the_optimizer_steps_on_gradients_clipped_to_max_grad_norm(tmp_path):
-    """The generator's gradient reaches AdamW clipped to its max_grad_norm (0.01 here, below its raw norm)."""
+    """The generator's gradient reaches AdamW with its max_grad_norm as its norm (0.01 here)."""
     norms = []
 
     def record(optimizer, args, kwargs):
