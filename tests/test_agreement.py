@@ -96,6 +96,18 @@ def test_the_teacher_itself_scores_zero_and_a_perturbed_student_more(toy, triple
     assert 0 < slightly < more
 
 
+def test_noise_mse_of_each_timestep_is_over_its_own_triples(toy, triples):
+    """noise_mse_tT: the mean squared prediction error over the triples at timestep T only (the three timesteps'
+    values differ here)."""
+    student = perturbed(toy.unet, 0.2)
+    result = agreement.noise_mse(student, triples)
+    err = (agreement.predict(student, triples) - triples.teacher_pred).pow(2).flatten(1).mean(1)
+    per_timestep = [result[f"noise_mse_t{t}"] for t in (166, 500, 833)]
+    for t, value in zip((166, 500, 833), per_timestep):
+        assert value == pytest.approx(err[triples.timesteps == t].mean().item(), rel=1e-5)
+    assert len({round(v, 6) for v in per_timestep}) == 3
+
+
 def test_image_mse_and_psnr():
     a = np.random.default_rng(0).random((8, 8, 3))
     assert agreement.image_mse(a, a) == 0 and agreement.psnr(0.0) == agreement.MAX_PSNR

@@ -190,3 +190,14 @@ def test_caption_dropout_rate_and_own_stream():
         b = plain(image, "c", rng(i), dropout_rng(0, 0, i), "k")["pixel_values"]
         assert torch.equal(a, b)
     assert Preprocess(ImageTransform(8), caption_dropout=1.0)(image, "c", rng(0), rng(0), "k")["caption"] == ""
+
+
+def test_caption_dropout_draws_anew_each_epoch():
+    """Which of 200 captions are dropped depends on the epoch: epoch 1 drops others than epoch 0, and epoch 0
+    the same ones again."""
+    p, image = Preprocess(ImageTransform(8), caption_dropout=0.5), halves(8)
+
+    def dropped(epoch: int) -> list[int]:
+        return [i for i in range(200) if p(image, "c", rng(i), dropout_rng(0, epoch, i), "k")["caption"] == ""]
+
+    assert dropped(0) == dropped(0) and dropped(0) != dropped(1)

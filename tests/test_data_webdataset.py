@@ -122,6 +122,19 @@ def test_resampled_epoch_length_and_seeded_streams(tmp_path):
     assert [k for b in DataLoader(ds, batch_size=4, collate_fn=collate) for k in b["keys"]] != keys(batches)
 
 
+def test_a_resumed_epoch_is_another_stream_of_the_same_epoch(tmp_path):
+    """set_epoch(epoch, resume_batch): the same epoch read twice gives the same keys in the same order; resumed at
+    batch 3 (reseeded) it gives another order."""
+    write_shards(tmp_path)
+    ds = source(tmp_path, resampled=True, shuffle_buffer=4)
+
+    def stream(resume_batch: int) -> list[str]:
+        ds.set_epoch(0, resume_batch)
+        return [k for b in DataLoader(ds, batch_size=4, collate_fn=collate) for k in b["keys"]]
+
+    assert stream(0) == stream(0) and stream(3) != stream(0)
+
+
 @pytest.mark.parametrize("resampled", [True, False])
 def test_max_train_samples_shortens_the_epoch(tmp_path, resampled):
     write_shards(tmp_path)

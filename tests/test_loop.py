@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sdkd.train.engine.task import StepContext, Task, TrainedModule, every
 
@@ -37,11 +38,13 @@ class GanTask(Task):
     """The generator turns noise into 4-channel 'images' (the batch's pixels, pooled, with their mean as a
     fourth channel); the discriminator tells them apart. Generator at even steps, discriminator at odd ones."""
 
-    def __init__(self, cfg, gen_lr: float = 1e-3, disc_lr: float = 3e-3, disc_from: int = 0, wrong_step=False):
+    def __init__(self, cfg, gen_lr: float = 1e-3, disc_lr: float = 3e-3, disc_from: int = 0, wrong_step=False,
+                 gen_clip: float = 1.0):
         self.gen, self.disc = small_unet(), discriminator()
         self.cond = torch.zeros(1, 1, 8)
+        self.gen_losses = []  # each micro-batch's generator loss
         self.modules = [
-            TrainedModule("gen", self.gen, replace(cfg.optim, lr=gen_lr), max_grad_norm=1.0, ema_decay=0.9,
+            TrainedModule("gen", self.gen, replace(cfg.optim, lr=gen_lr), max_grad_norm=gen_clip, ema_decay=0.9,
                           due=every(2)),
             TrainedModule("disc", self.disc, replace(cfg.optim, lr=disc_lr), due=every(2, 1, start=disc_from)),
         ]
@@ -59,6 +62,7 @@ class GanTask(Task):
             adversarial = F.softplus(-self.disc(fake)).mean()  # the plain discriminator: it gets no loss now
             loss = adversarial + F.mse_loss(fake, real)
             ctx.backward("gen", loss)
+            self.gen_losses.append(loss.item())
             return {"loss": loss.detach(), "gen_adv": adversarial.detach()}
         if not self.modules[1].due(ctx.step):
             return {}
@@ -164,6 +168,50 @@ def test_module_waits_for_its_start_step(tmp_path):
 def test_a_loss_for_a_module_not_due_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="'gen' a loss at step 1, where it is not due"):
         fit(loop_config(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"), wrong_step=True)
+
+
+def test_the_optimizer_steps_on_gradients_clipped_to_max_grad_norm(tmp_path):
+    """The generator's gradient reaches AdamW with its max_grad_norm as its norm (0.01 here)."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        fit(loop_config(tmp_path / "run", "train.max_steps=1", "train.checkpoint_every=0"), gen_clip=0.01)
+    finally:
+        hook.remove()
+    assert norms == [pytest.approx(0.01, rel=1e-3)]
+
+
+def test_the_exported_generator_is_its_ema(tmp_path):
+    """At the end the EMA's weights go into the model the task exports: final.safetensors holds the generator's
+    EMA of the last checkpoint, not its raw weights (which differ from it)."""
+    out = tmp_path / "run"
+    fit(loop_config(out, "train.max_steps=2", "train.checkpoint_every=2"))
+    final = load_file(out / "final.safetensors")
+    ema = load_file(out / "checkpoint-2" / "gen_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(out / "checkpoint-2" / "gen" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[f"gen.{k}"], v) for k, v in ema.items())
+    assert not all(torch.equal(raw[k], v) for k, v in ema.items())
+
+
+def test_the_last_step_is_checkpointed_between_checkpoint_steps(tmp_path):
+    """train.checkpoint_every=2 over 3 steps: checkpoints at step 2 and at the last step, 3."""
+    out = tmp_path / "run"
+    fit(loop_config(out, "train.max_steps=3", "train.checkpoint_every=2"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_logged_loss_is_the_mean_over_the_accumulated_micro_batches(tmp_path):
+    """train.grad_accum=2: step 1's logged loss is the mean of its two micro-batches' (different) losses."""
+    out = tmp_path / "run"
+    task = fit(loop_config(out, "train.max_steps=1", "train.checkpoint_every=0", "train.grad_accum=2"))
+    first, second = task.gen_losses
+    assert first != pytest.approx(second)
+    assert metrics(out)[0]["loss"] == pytest.approx((first + second) / 2, rel=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")

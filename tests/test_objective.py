@@ -186,3 +186,22 @@ def test_sub_block_pairs_that_disagree_in_shape_stop_in_one_line_naming_the_pair
         sub_block_objective(teacher, student, "student.preset=bk_small")
     assert str(err.value) == ("feature pair 7 (teacher down_blocks.3.resnets.0 -> student "
                               "down_blocks.3.resnets.0): shapes (64, 1, 1) vs (96, 1, 1) differ")
+
+
+def test_snr_gamma_weights_each_sample_of_the_objectives_loss():
+    """loss.snr_gamma: the objective's task term is the per-sample MSE weighted by min-SNR-γ of each sample's
+    timestep (γ = 0.02, below the SNR of the timesteps drawn here), more than 10% off the plain mean."""
+    from sdkd.train.losses.kd import min_snr_weights
+
+    unet = UNet2DConditionModel(**TOY_UNET).eval()
+    cond = Conditioning(torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        plain = DiffusionObjective(scheduler(), KDLoss())(unet, LATENTS, cond, StepRandom(1, "cpu", 3))["task"]
+        weighted = DiffusionObjective(scheduler(), KDLoss(), snr_gamma=0.02)(unet, LATENTS, cond,
+                                                                             StepRandom(1, "cpu", 3))["task"]
+        noisy, t, target = draw()
+        per_sample = (unet(noisy, t, cond.hidden_states).sample - target).pow(2).flatten(1).mean(1)
+    assert plain.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    expected = (per_sample * min_snr_weights(scheduler(), t, 0.02)).mean()
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(weighted.item() - plain.item()) > 0.1 * plain.item()

@@ -107,6 +107,23 @@ def test_lora(models, toy_teacher_dir, tmp_path):
         load_pipeline(models["ldm"], lora=other)
 
 
+def _to_q_weight(pipe) -> torch.Tensor:
+    """The first self-attention query weight of `pipe`'s U-Net (the LoRA-wrapped layer's own weight, fused)."""
+    module = next(m for name, m in pipe.pipe.unet.named_modules() if name.endswith("attn1.to_q"))
+    return getattr(module, "base_layer", module).weight.detach().clone()
+
+
+def test_lora_scale_multiplies_the_fused_change(models, tmp_path):
+    """The LoRA moves the fused weights by `lora_scale` times its change: 0 leaves the plain weights, 0.5 half of
+    what 1 moves them."""
+    lora = _lora(models["folder"] / "unet", tmp_path / "lora")
+    plain = _to_q_weight(load_pipeline(models["ldm"]))
+    moved = {s: _to_q_weight(load_pipeline(models["ldm"], lora=lora, lora_scale=s)) - plain for s in (0.0, 0.5, 1.0)}
+    assert moved[1.0].abs().max() > 1e-2
+    assert moved[0.0].abs().max() < 1e-6
+    assert torch.allclose(moved[0.5], 0.5 * moved[1.0], atol=1e-5)
+
+
 def test_bad_inputs(models, tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_pipeline(tmp_path / "nope.safetensors")

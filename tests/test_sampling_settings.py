@@ -152,3 +152,15 @@ def test_trainer_exports_carry_the_sampling_scheduler_and_settings(tmp_path):
     scheduler = load_pipeline(str(one)).scheduler
     assert isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.timestep_spacing == "trailing"
     assert read_sampling(one) == {"steps": 1, "guidance_scale": 0.0}
+
+
+@pytest.mark.parametrize("preset, settings", [("sdxs", {"steps": 1, "guidance_scale": 0.0}),
+                                              ("bk_tiny", {"steps": 25, "guidance_scale": 7.5})])
+def test_a_model_that_records_no_settings_samples_as_its_layout_asks(preset, settings):
+    """Without recorded settings, a student of the SDXS layout (a one-step student) samples 1 step without
+    guidance, a bk_tiny student 25 steps at guidance 7.5 (sdkd's defaults)."""
+    from sdkd.train.formats.model_files import default_sampling
+    from sdkd.train.models.students import PRESETS, student_unet_config
+    from sdkd.train.models.toy import TOY_UNET
+
+    assert default_sampling(student_unet_config(TOY_UNET, PRESETS[preset])) == settings
