@@ -26,7 +26,9 @@ are the teacher's minus its student's.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -47,6 +49,7 @@ from sdkd.train.models.students import (
     module_sources,
     normalized,
     removal_spec,
+    removed_modules,
     student_unet_config,
 )
 
@@ -242,8 +245,8 @@ def candidate_units(teacher_config: dict) -> list[Removal]:
     return units
 
 
-def size(unet_config: dict, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """(parameters, MACs of one forward at batch 1 and this latent size) of a U-Net config, on the meta device.
+def _counted(unet_config: dict, latent_hw: tuple[int, int]) -> tuple[UNet2DConditionModel, FlopCounterMode]:
+    """A U-Net of the config on the meta device and the FLOPs of its one forward at batch 1 and this latent size.
     Attention runs in SDPA's math backend, whose products FlopCounterMode counts."""
     meta = torch.device("meta")
     with meta:
@@ -253,7 +256,33 @@ def size(unet_config: dict, latent_hw: tuple[int, int]) -> tuple[int, int]:
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         unet(sample, torch.full((1,), 500, device=meta), **cond.unet_kwargs())
+    return unet, counter
+
+
+def size(unet_config: dict, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(parameters, MACs of one forward at batch 1 and this latent size) of a U-Net config."""
+    unet, counter = _counted(unet_config, latent_hw)
     return sum(p.numel() for p in unet.parameters()), counter.get_total_flops() // 2
+
+
+@functools.lru_cache(maxsize=4)
+def _module_sizes(config_json: str, latent_hw: tuple[int, int]) -> tuple[tuple[int, int], dict, dict]:
+    """The teacher's (parameters, MACs) and both per module, from one forward."""
+    unet, counter = _counted(json.loads(config_json), latent_hw)
+    top = type(unet).__name__ + "."
+    macs = {name.removeprefix(top): sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()
+            if name.startswith(top)}
+    params = {name: sum(p.numel() for p in module.parameters()) for name, module in unet.named_modules()}
+    return (params[""], counter.get_total_flops() // 2), params, macs
+
+
+def removed_size(teacher_config: dict, removal: Removal, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(parameters, MACs) of the teacher modules the removal takes away, at the teacher's resolutions: exact
+    sizes of the removed modules (the deepest stage's also moves the mid block to a finer level, which is not
+    counted here; `removal_size` builds the student)."""
+    _, params, macs = _module_sizes(json.dumps(normalized(teacher_config), sort_keys=True), latent_hw)
+    gone = removed_modules(teacher_config, removal_spec(student_config(teacher_config, removal)))
+    return sum(params[name] for name in gone), sum(macs.get(name, 0) for name in gone)
 
 
 def native_latent(teacher_config: dict) -> tuple[int, int]:
@@ -376,11 +405,9 @@ def sized_units(config: dict) -> Ranking:
     """Every unit with the parameters and MACs it removes; damages not measured yet (NaN)."""
     levels = len(config["down_block_types"])
     latent = native_latent(config)
-    teacher_params, teacher_macs = size(normalized(config), latent)
-    rows = []
-    for unit in candidate_units(config):
-        params, macs = removal_size(config, unit, latent)
-        rows.append(Row(unit, label(unit, levels), teacher_params - params, teacher_macs - macs, float("nan")))
+    (teacher_params, teacher_macs), _, _ = _module_sizes(json.dumps(normalized(config), sort_keys=True), latent)
+    rows = [Row(unit, label(unit, levels), *removed_size(config, unit, latent), float("nan"))
+            for unit in candidate_units(config)]
     return Ranking(teacher_params, teacher_macs, latent, rows, levels)
 
 
