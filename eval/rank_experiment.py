@@ -3,7 +3,7 @@ parameter budget, after the same KD steps, by noise-prediction MSE against the t
 
     python eval/rank_experiment.py --out docs/rank_experiment [--against bk_small] [--steps 100] [--seeds 0 1]
 
-The toy teacher's units are ranked (train/models/ranking.py, as `train/show_student.py --teacher toy --rank`
+The toy teacher's units are ranked (train/tasks/ranking.py, as `train/show_student.py --teacher toy --rank`
 does) and the least-damage custom student with at most the preset's parameters is proposed; both students are
 trained by train/kd.py on configs/toy.yaml (the ranked one from OUT/ranked.yaml, that recipe with the proposal's
 `student:` section), each from the teacher by its weight map. OUT/README.md holds the ranking and the table:
@@ -27,9 +27,9 @@ from sdkd.eval.experiments.toy_runs import TOY_RECIPE, kd_run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sdkd.train.models import ranking
     from sdkd.train.models.students import PRESETS, count_params, student_unet_config
     from sdkd.train.models.teacher import load_teacher
+    from sdkd.train.tasks import ranking
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the runs, the recipe and the table")

@@ -1,4 +1,4 @@
-"""Block ranking (train/models/ranking.py, `train/show_student.py --rank`): the units and their specs, the damage
+"""Block ranking (train/tasks/ranking.py, `train/show_student.py --rank`): the units and their specs, the damage
 of each removal, the additivity check, the budget proposal, and the CLI's flags."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 
 from sdkd.cli.errors import run_cli
 from sdkd.train.engine.config import load_config
-from sdkd.train.models import ranking as R
-from sdkd.train.models.ranking import Removal
 from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, count_params, describe, removed_modules, student_unet_config
 from sdkd.train.models.teacher import load_teacher
 from sdkd.train.show_student import main
+from sdkd.train.tasks import ranking as R
 from sdkd.train.tasks.diffusion_config import KDConfig
+from sdkd.train.tasks.ranking import Removal
 
 from conftest import ROOT, launch_trainer, run_script
 

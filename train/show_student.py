@@ -9,7 +9,7 @@ PATH is any model name (train/models/names.py: `toy`, `toy_sdxl`, a run or check
 sdkd single file, a hub id), a U-Net folder or its config.json; only the U-Net's config is read.
 The student is train/models/students.py's (`describe`). `--rank` loads the whole teacher and ranks its removable
 units by how much removing each alone changes its noise prediction; with a budget it proposes a custom student
-section (train/models/ranking.py, `report`).
+section (train/tasks/ranking.py, `report`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, describe
 
 if TYPE_CHECKING:
-    from sdkd.train.models.ranking import Ranking
+    from sdkd.train.tasks.ranking import Ranking
 
 RANK_SIDE = 256  # px: the probe's default cap (SD-1.5 at a quarter of 512 px's cost)
 
@@ -195,7 +195,7 @@ def _check_flags(args) -> None:
 
 def _rank(args) -> Ranking:
     from sdkd.train.formats.model_files import load_parts
-    from sdkd.train.models.ranking import DEFAULT_PROMPTS, native_latent, report
+    from sdkd.train.tasks.ranking import DEFAULT_PROMPTS, native_latent, report
 
     prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
     parts = load_parts(args.teacher)
