@@ -64,22 +64,26 @@ def main(argv: list[str] | None = None) -> None:
                 "ranked": (recipe.resolve(), [], found.proposal)}
     results = {(name, seed): kd_run(out / "runs" / f"{name}-seed{seed}", args.steps, seed, overrides, path)
                for name, (path, overrides, _) in students.items() for seed in args.seeds}
-    lines = [["student", "U-Net params", "removes", "damage at init", *(f"seed {s}" for s in args.seeds), "mean"]]
+    lines = [["student", "U-Net params", "removes", "damage", "noise MSE, step 0",
+              *(f"seed {s}, step {args.steps}" for s in args.seeds), "mean"]]
     for name, (_, _, measured) in students.items():
         values = [results[name, s]["noise_mse"] for s in args.seeds]
-        lines.append([name, f"{measured['params']:,}", ", ".join(measured["units"]), f"{measured['measured']:.4f}",
-                      *(f"{v:.4f}" for v in values), f"{sum(values) / len(values):.4f}"])
+        lines.append([name, f"{measured['params']:,}", ", ".join(measured["units"]),
+                      ranking.shown(measured["measured"]),
+                      f"{results[name, args.seeds[0]]['initial_noise_mse']:.4f}", *(f"{v:.4f}" for v in values),
+                      f"{sum(values) / len(values):.4f}"])
     command = "python eval/rank_experiment.py " + shlex.join(
         ["--out", str(args.out), "--against", args.against, "--steps", str(args.steps), "--seeds",
          *map(str, args.seeds)])
-    units = [["rank", "unit", "params", "damage"]] + [[str(i), r.name, f"{r.params:,}", f"{r.damage:.4f}"]
+    units = [["rank", "unit", "params", "damage"]] + [[str(i), r.name, f"{r.params:,}", ranking.shown(r.damage)]
                                                        for i, r in enumerate(found.rows, 1)]
     text = ["# Toy-world ranking experiment", "",
             f"The toy teacher's units ranked by damage (noise-prediction MSE of the teacher without the unit over the "
             f"teacher's mean square; 16 prompts x 3 timesteps), then `{args.against}` against the ranked student of "
             f"at most its {budget:,} U-Net parameters (`{recipe.name}`), both trained {args.steps} steps by "
             f"`configs/toy.yaml` from the teacher's weights. Noise-prediction MSE against the teacher on the "
-            f"held-out triples (`eval/noise_mse`, lower is closer) at the last step. Made by:", "",
+            f"held-out triples (`eval/noise_mse`, lower is closer) before training (step 0, the same for every seed) "
+            f"and at the last step. Made by:", "",
             f"    {command}", "", markdown_table(lines), "", "Units, least damage first:", "",
             markdown_table(units), ""]
     write_text(out / "README.md", "\n".join(text))

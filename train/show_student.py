@@ -31,7 +31,10 @@ from sdkd.train.models.students import PRESETS, describe
 if TYPE_CHECKING:
     from sdkd.train.tasks.ranking import Ranking
 
-RANK_SIDE = 256  # px: the probe's default cap (SD-1.5 at a quarter of 512 px's cost)
+# The default probe: 8 prompts x 1 seed x 2 timesteps at most 256 px, 16 forwards per unit (SD-1.5 at a quarter of
+# 512 px's cost), so that ranking an SD-1.5-width teacher takes minutes on two CPU cores.
+RANK_SIDE = 256
+RANK_PROMPTS = 8
 
 
 def _unet_config_file(path: str) -> Path | dict:
@@ -123,11 +126,9 @@ def _print_report(r: dict, teacher_path: str) -> None:
         print(f"  {i}. {p['teacher']} -> {p['student']}  {tuple(p['shape'])}")
 
 
-def _damage(value: float) -> str:
-    return f"{value:.4f}" if value >= 1e-3 or value == 0 else f"{value:.1e}"  # a tiny damage is not shown as 0
-
-
 def _print_ranking(r: Ranking, teacher_path: str) -> None:
+    from sdkd.train.tasks.ranking import shown
+
     h, w = r.latent_hw
     p = r.probe
     print(f"teacher  {teacher_path}: {r.teacher_params:,} parameters, {r.teacher_macs / 1e9:.3f} GMACs per forward "
@@ -136,7 +137,7 @@ def _print_ranking(r: Ranking, teacher_path: str) -> None:
           f"{p['seeds']} seeds x {p['timesteps']} timesteps at {p['resolution']} px\n")
     rows = [["rank", "unit", "params", "% params", "MMACs", "% MACs", "damage"]]
     rows += [[str(i), x.name, f"{x.params:,}", f"{x.params / r.teacher_params:.1%}", f"{x.macs / 1e6:,.1f}",
-              f"{x.macs / r.teacher_macs:.1%}", _damage(x.damage)] for i, x in enumerate(r.rows, 1)]
+              f"{x.macs / r.teacher_macs:.1%}", shown(x.damage)] for i, x in enumerate(r.rows, 1)]
     print(markdown_table(rows))
     for title, sets in (("additivity (measured damage of two units together against the sum of theirs)",
                          r.additivity), ("presets as sets of units", r.presets)):
@@ -144,13 +145,13 @@ def _print_ranking(r: Ranking, teacher_path: str) -> None:
             print(f"\n{title}:")
             for s in sets:
                 size = f", {s['params']:,} parameters" if "params" in s else ""
-                print(f"  {s['name']}: predicted {_damage(s['predicted'])}, measured {_damage(s['measured'])} "
+                print(f"  {s['name']}: predicted {shown(s['predicted'])}, measured {shown(s['measured'])} "
                       f"(x{s['ratio']:.2f}){size}")
     if r.proposal:
         q = r.proposal
         print(f"\nproposal for --budget-{q['by']} {q['budget']:,}: {q['params']:,} parameters, "
               f"{q['macs'] / 1e9:.3f} GMACs; removes {', '.join(q['units'])}; damage predicted "
-              f"{_damage(q['predicted'])}, measured {_damage(q['measured'])}")
+              f"{shown(q['predicted'])}, measured {shown(q['measured'])}")
         print("student section (a recipe takes it as is):\n")
         print(OmegaConf.to_yaml({"student": q["student"]}))
 
@@ -197,13 +198,13 @@ def _rank(args) -> Ranking:
     from sdkd.train.formats.model_files import load_parts
     from sdkd.train.tasks.ranking import DEFAULT_PROMPTS, native_latent, report
 
-    prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS[:RANK_PROMPTS])
     parts = load_parts(args.teacher)
     side = max(native_latent(dict(parts.unet.config))) * parts.vae_scale_factor
     resolution = args.resolution or min(side, RANK_SIDE)
     by = "params" if args.budget_params is not None else "macs" if args.budget_macs is not None else None
     budget = args.budget_params if by == "params" else args.budget_macs
-    return report(parts, prompts, args.seeds or 1, args.timesteps or 3, resolution, budget, by)
+    return report(parts, prompts, args.seeds or 1, args.timesteps or 2, resolution, budget, by)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,13 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     rank = parser.add_argument_group("ranking (--rank: loads the whole teacher)")
     rank.add_argument("--rank", action="store_true",
                       help="rank every removable unit by how much removing it alone changes the noise prediction")
-    rank.add_argument("--prompts", help="probe prompts, one a line (default: the toy world's 16 held-out captions)")
+    rank.add_argument("--prompts", help=f"probe prompts, one a line (default: {RANK_PROMPTS} of the toy world's "
+                                        f"held-out captions)")
     rank.add_argument("--budget-params", type=int, help="propose a custom student of at most N U-Net parameters")
     rank.add_argument("--budget-macs", type=int, help="propose a custom student of at most N MACs per forward "
                                                       "(batch 1, the teacher's native size)")
     rank.add_argument("--seeds", type=int, help="noise seeds per prompt (default 1)")
     rank.add_argument("--timesteps", type=int, help="timesteps per prompt and seed, spread over the schedule "
-                                                    "(default 3)")
+                                                    "(default 2)")
     rank.add_argument("--resolution", type=int, help=f"probe image size in px (default: the teacher's native size, "
                                                      f"at most {RANK_SIDE})")
     args = parser.parse_args(argv)

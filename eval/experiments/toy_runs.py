@@ -1,5 +1,6 @@
-"""One train/kd.py run on the toy world, launched as a user would (`accelerate launch`), and its last in-loop
-noise-prediction MSE against the teacher (`eval/noise_mse` on the held-out triples, train/losses/agreement.py)."""
+"""One train/kd.py run on the toy world, launched as a user would (`accelerate launch`), and its first (step 0)
+and last in-loop noise-prediction MSE against the teacher (`eval/noise_mse` on the held-out triples,
+train/losses/agreement.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ TOY_RECIPE = ROOT / "configs/toy.yaml"
 
 
 def kd_run(run: Path, steps: int, seed: int, overrides: list[str], recipe: Path = TOY_RECIPE) -> dict:
-    """`recipe` trained `steps` steps with `overrides` into `run` (reused when it finished before): its last
-    eval/noise_mse, no samples, checkpoints or trackers."""
+    """`recipe` trained `steps` steps with `overrides` into `run` (reused when it finished before), no samples,
+    checkpoints or trackers: its last eval/noise_mse, and its first (the student before training)."""
     run = run.resolve()
     if not (run / "student").is_dir():
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -33,5 +34,6 @@ def kd_run(run: Path, steps: int, seed: int, overrides: list[str], recipe: Path 
             said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
             raise UserError(f"run {run.name} failed: {said[-1] if said else lines[-1]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    last = [r for r in rows if "eval/noise_mse" in r][-1]
-    return {"run": f"runs/{run.name}", "step": last["step"], "noise_mse": last["eval/noise_mse"]}
+    evals = [r for r in rows if "eval/noise_mse" in r]
+    return {"run": f"runs/{run.name}", "step": evals[-1]["step"], "noise_mse": evals[-1]["eval/noise_mse"],
+            "initial_noise_mse": evals[0]["eval/noise_mse"]}

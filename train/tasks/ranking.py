@@ -364,6 +364,11 @@ def damage(parts, probe: Probe, teacher_config: dict, removal: Removal) -> float
 # Ranking, additivity, budget
 
 
+def shown(damage_value: float) -> str:
+    """A damage as tables print it: four decimals, a tiny one in exponent notation rather than as 0."""
+    return f"{damage_value:.4f}" if damage_value >= 1e-3 or damage_value == 0 else f"{damage_value:.1e}"
+
+
 @dataclass
 class Row:
     unit: Removal
