@@ -31,10 +31,10 @@ import torch
 
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import report_file, write_text
+from sdkd.cli.words import markdown_table
 from sdkd.eval.bench.timing import (
     end_to_end,
     interleaved_step_times,
-    markdown_table,
     prepare_for_speed,
     teacher_pipe,
     unet_macs,

@@ -40,6 +40,7 @@ import torch
 
 from sdkd.cli.errors import ConfigError, UserError, run_cli
 from sdkd.cli.files import report_file, write_text
+from sdkd.cli.words import markdown_table
 from sdkd.eval.bench.timing import (
     decode,
     decode_macs,
@@ -47,7 +48,6 @@ from sdkd.eval.bench.timing import (
     e2e_call,
     interleaved,
     latents_for,
-    markdown_table,
     pixels_per_latent,
     prepare_for_speed,
     teacher_pipe,

@@ -25,8 +25,8 @@ import torch
 
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import report_file, write_text
+from sdkd.cli.words import markdown_table
 from sdkd.eval.bench.students import FAMILIES, VAE_SCALE, family_presets, rows, teacher_config
-from sdkd.eval.bench.timing import markdown_table
 
 
 def _gmacs(value: float) -> str:

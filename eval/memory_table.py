@@ -16,8 +16,8 @@ from pathlib import Path
 
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import report_file, write_text
+from sdkd.cli.words import markdown_table
 from sdkd.eval.bench.memory import MODELS, PROCESSES, rows
-from sdkd.eval.bench.timing import markdown_table
 
 STRATEGY_NAMES = {"ddp": "DDP", "fsdp": "FSDP", "fsdp_offload": "FSDP + CPU offload", "zero2": "ZeRO-2",
                   "zero3": "ZeRO-3"}

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from sdkd.cli import limits
 from sdkd.cli.errors import UserError, run_cli
 from sdkd.cli.files import creatable, refuse_links, write_text
+from sdkd.eval.experiments.toy_runs import TOY_RECIPE, kd_run
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (lambda_task, lambda_out, lambda_feat)
     "task only": (1.0, 0.0, 0.0),
     "+ output KD": (1.0, 1.0, 0.0),
@@ -37,26 +35,10 @@ def run_name(preset: str, variant: str, seed: int) -> str:
 
 def train(out: Path, preset: str, variant: str, seed: int, steps: int) -> dict:
     """One kd.py run (reused when it finished before); its last eval/noise_mse."""
-    run = (out / "runs" / run_name(preset, variant, seed)).resolve()
     task, output, feat = VARIANTS[variant]
-    if not (run / "student").is_dir():
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "train/kd.py", "--config", str(ROOT / "configs/toy.yaml"),
-                   f"output_dir={run}", "overwrite=true", f"student.preset={preset}", f"train.seed={seed}",
-                   f"train.max_steps={steps}", f"eval.every={steps}", "train.sample_every=0",
-                   "train.checkpoint_every=0", "log.trackers=[none]", f"loss.lambda_task={task}",
-                   f"loss.lambda_out={output}", f"loss.lambda_feat={feat}"]
-        print(f"training {run.name}: {shlex.join(command[3:])}", flush=True)
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            # The run's own `error:` line, not the launcher's CalledProcessError after it.
-            lines = done.stderr.strip().splitlines() or ["?"]
-            said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-            raise UserError(f"run {run.name} failed: {said[-1] if said else lines[-1]}")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    last = [r for r in rows if "eval/noise_mse" in r][-1]
-    return {"run": f"runs/{run.name}", "step": last["step"], "noise_mse": last["eval/noise_mse"]}
+    return kd_run(out / "runs" / run_name(preset, variant, seed), steps, seed,
+                  [f"student.preset={preset}", f"loss.lambda_task={task}", f"loss.lambda_out={output}",
+                   f"loss.lambda_feat={feat}"])
 
 
 def table(results: dict, presets: list[str], seeds: list[int]) -> list[str]:
@@ -81,7 +63,7 @@ def picture(out: Path, presets: list[str], seed: int) -> Path:
     from sdkd.train.models.teacher import load_pipeline, load_teacher
     from sdkd.train.tasks.diffusion_config import KDConfig
 
-    cfg = load_config(ROOT / "configs/toy.yaml", ["output_dir=unused"], schema=KDConfig)
+    cfg = load_config(TOY_RECIPE, ["output_dir=unused"], schema=KDConfig)
     s = cfg.sample
     teacher = load_teacher("toy")
     draw = lambda unet: sample_images(unet, teacher, s.prompts, s.seed, s.steps, s.guidance_scale,  # noqa: E731

@@ -22,7 +22,7 @@ from conftest import ROOT
 LAYERS = ("cli",
           "data/sources", "data",
           "train/engine", "train/models", "train/formats", "train/losses", "train/tasks", "train",
-          "eval/metrics", "eval/inference", "eval/bench", "eval/evaluation", "eval/page", "eval")
+          "eval/metrics", "eval/inference", "eval/bench", "eval/experiments", "eval/evaluation", "eval/page", "eval")
 PACKAGES = ("cli", "data", "train", "eval")
 FILES = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
 

@@ -166,13 +166,6 @@ def check_run_flags(args) -> None:
         report_file(args.json, "--json", args.overwrite)
 
 
-def markdown_table(lines: list[list[str]]) -> str:
-    """A Markdown table with padded columns; `lines[0]` is the header."""
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
-
-
 def teacher_pipe(teacher: str):
     """`--teacher`: "sd15" (SD-1.5 widths, random weights) or any model name (train/models/names.py: toy, ...)."""
     from sdkd.train.models.sd_configs import SD15_UNET

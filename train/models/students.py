@@ -143,7 +143,7 @@ def _fail(spec: RemovalSpec, key: str, message: str):
 # Configs
 
 
-def _normalized(config: Mapping) -> dict:
+def normalized(config: Mapping) -> dict:
     """Every `UNet2DConditionModel` argument, defaults filled in, lists not tuples, private keys dropped."""
     given = {k: v for k, v in dict(config).items() if k in UNET_DEFAULTS}
     return json.loads(json.dumps({**UNET_DEFAULTS, **given}))
@@ -360,7 +360,7 @@ def _check_depths(t: dict, s: dict, spec: RemovalSpec) -> None:
 
 def student_unet_config(teacher_config: Mapping, spec: RemovalSpec) -> dict:
     """The student's complete `UNet2DConditionModel` config; every other setting inherited from the teacher."""
-    t = _normalized(teacher_config)
+    t = normalized(teacher_config)
     _check_spec(t, spec)
     s = _derive(t, spec)
     _check_channels(t, s, spec)
@@ -416,7 +416,7 @@ def _layers(rule, depth: int, teacher_depth: int) -> list[int]:
 def layer_sources(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, tuple[str, list[int]]]:
     """Student attention shallower than its teacher source -> (that source, the teacher layers seeding its
     layers in order), by `spec.layer_init`; an explicit one must name each such attention with a fitting list."""
-    t = _normalized(teacher_config)
+    t = normalized(teacher_config)
     s = student_unet_config(t, spec)
     mapping, teacher, student = _block_map(t, spec), attention_depths(t), attention_depths(s)
     explicit = {} if isinstance(spec.layer_init, str) else {k: list(v) for k, v in spec.layer_init}
@@ -451,7 +451,7 @@ def weight_map(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, str]:
     themselves; they are listed from the student's own state dict, so optional embeddings are included.
     Each layer of a shallower attention maps to the teacher layer `layer_sources` chooses.
     """
-    t = _normalized(teacher_config)
+    t = normalized(teacher_config)
     with torch.device("meta"):
         skeleton = UNet2DConditionModel.from_config(student_unet_config(t, spec))
     tops = list(dict.fromkeys(key.split(".")[0] for key in skeleton.state_dict()))
@@ -467,7 +467,7 @@ def weight_map(teacher_config: Mapping, spec: RemovalSpec) -> dict[str, str]:
 def module_sources(teacher_config: Mapping, spec: RemovalSpec, kinds: tuple[type, ...]) -> dict[str, str]:
     """Student module -> the teacher module its weights were copied from (through `weight_map`), for every
     student module of one of `kinds`, in the student's module order."""
-    t = _normalized(teacher_config)
+    t = normalized(teacher_config)
     mapping = weight_map(t, spec)
     with torch.device("meta"):
         student = UNet2DConditionModel.from_config(student_unet_config(t, spec))
@@ -482,7 +482,7 @@ def _prefixes(keys) -> set[str]:
 def removed_modules(teacher_config: Mapping, spec: RemovalSpec) -> list[str]:
     """Teacher modules no student weight is copied from, each named once at the largest such module (a
     resnet, attention or transformer layer by its index)."""
-    t = _normalized(teacher_config)
+    t = normalized(teacher_config)
     mapping = weight_map(t, spec)
     with torch.device("meta"):
         teacher = UNet2DConditionModel.from_config(t)
