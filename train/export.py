@@ -49,12 +49,11 @@ def export(src: str, fmt: str, out: str, target: str | None = None, half: bool =
         from sdkd.train.formats import gguf_export
 
         quant = quant or GGUF_DEFAULT
-        if quant not in gguf_export.QUANTS:
-            raise UserError(f"--quant must be one of {', '.join(gguf_export.QUANTS)}, got '{quant}'")
+        gguf_export.check_quant(quant)
         if half:
             raise UserError("--half: --format gguf sets its tensor types with --quant (f16: half precision)")
-        if compare_size < 0 or compare_size % 8:
-            raise UserError(f"--compare-size must be 0 (no comparison) or a positive multiple of 8, got "
+        if compare_size < 0 or compare_size % 64:  # every U-Net level halves the latent: whole sizes at each
+            raise UserError(f"--compare-size must be 0 (no comparison) or a positive multiple of 64, got "
                             f"{compare_size}")
         if Path(out).is_dir() or Path(out).suffix != ".gguf":
             raise UserError(f"--out '{out}': --format gguf writes one file; give a path ending in .gguf")
@@ -111,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                                         "or f16; convolutions, biases, norms and embeddings stay unquantised, "
                                         "as in stable-diffusion.cpp's own converter")
     parser.add_argument("--compare-size", type=int, default=256, metavar="PX",
-                        help="gguf: generate one PX x PX image in stable-diffusion.cpp from the file and from its "
-                             "f16 version at one seed and print how far apart they are (default 256; 0: skip)")
+                        help="gguf: generate one PX x PX image (a multiple of 64) in stable-diffusion.cpp from the "
+                             "file and from its f16 version at one seed and print how far apart they are (default "
+                             "256; 0: skip)")
     parser.add_argument("--half", action="store_true", help="store every tensor as fp16")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (run folder or checkpoint)")
     parser.add_argument("--vae", help="replace the VAE: a diffusers AutoencoderKL or AutoencoderTiny folder")

@@ -47,6 +47,11 @@ COMPARE_SEED = 0
 ARCH = "sdkd"  # GGUF's required general.architecture; sd.cpp reads no metadata
 
 
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise UserError(f"--quant must be one of {', '.join(QUANTS)}, got '{quant}'")
+
+
 def require() -> None:
     """The `gguf` package, or one line saying how to install it."""
     require_package("gguf", "--format gguf", "gguf")
@@ -177,8 +182,7 @@ def export_gguf(source: Source, out: str | Path, quant: str = "q8_0", compare_si
     line (nothing written) for a model sd.cpp has no model for. With `compare_size` > 0 and quant not f16, the
     image sd.cpp generates from it is compared with that of the f16 file (`compare_with_f16`); without cyllama,
     or when sd.cpp cannot load the file, `not_compared` says why."""
-    if quant not in QUANTS:
-        raise UserError(f"--quant must be one of {', '.join(QUANTS)}, got '{quant}'")
+    check_quant(quant)
     out = Path(out)
     try:
         flat, meta = single_file_tensors(source, "sdcpp", what="--format gguf")
