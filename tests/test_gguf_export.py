@@ -119,9 +119,9 @@ def model_dirs(toy_teacher_dir, tmp_path_factory):
 
 def test_export_gguf_command_prints_size_and_checks_its_flags(model_dirs, tmp_path, capsys):
     """The command: size and types printed; without a comparison it says why (--compare-size 0, or an sd.cpp that
-    cannot load toy widths). Refused in one line, nothing written: an unknown --quant, --quant on another format,
-    a --compare-size not a multiple of 64, --half, a path not ending .gguf, a layout sd.cpp has no model for, an
-    existing file without --overwrite."""
+    cannot load toy widths). Refused in one line, nothing written: an unknown --quant, --quant or --compare-size
+    on another format, a --compare-size not a multiple of 64, --half, a path not ending .gguf, a layout sd.cpp has
+    no model for, an existing file without --overwrite."""
     src, out = str(model_dirs / "bk_tiny"), tmp_path / "m.gguf"
     E.main([src, "--format", "gguf", "--quant", "q4_0", "--out", str(out), "--compare-size", "0"])
     printed = capsys.readouterr().out
@@ -132,6 +132,7 @@ def test_export_gguf_command_prints_size_and_checks_its_flags(model_dirs, tmp_pa
     cases = [
         (["--quant", "q3_k"], "--quant must be one of q8_0, q5_0, q5_1, q4_0, f16, got 'q3_k'"),
         (["--quant", "q8_0", "--format", "single-file"], "--quant applies to --format gguf only"),
+        (["--compare-size", "64", "--format", "single-file"], "--compare-size applies to --format gguf only"),
         (["--half"], "--half: --format gguf sets its tensor types with --quant"),
         (["--compare-size", "100"], "--compare-size must be 0 (no comparison) or a positive multiple of 64"),
         (["--out", str(tmp_path / "x.safetensors")], "give a path ending in .gguf"),

@@ -34,21 +34,22 @@ from sdkd.train.formats import ldm_layout
 from sdkd.train.formats.model_files import export_diffusers, export_single_file, load_source
 
 FORMATS = ("diffusers", "single-file", "onnx", "gguf")
-GGUF_DEFAULT = "q8_0"
+GGUF_DEFAULT, GGUF_COMPARE_SIZE = "q8_0", 256
 
 
 def export(src: str, fmt: str, out: str, target: str | None = None, half: bool = False, ema: bool = False,
            vae: str | None = None, overwrite: bool = False, allow_pickle: bool = False, quant: str | None = None,
-           compare_size: int = 256):
+           compare_size: int | None = None):
     """The written folder or file; for gguf, train/formats/gguf_export.py's GgufExport (file, size, comparison)."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be {', '.join(FORMATS)}, got '{fmt}'")
-    if fmt != "gguf" and quant is not None:
-        raise UserError(f"--quant applies to --format gguf only (a {fmt} export is not quantised)")
+    if fmt != "gguf" and (quant, compare_size) != (None, None):
+        flag = "--quant" if quant is not None else "--compare-size"
+        raise UserError(f"{flag} applies to --format gguf only (a {fmt} export is not quantised)")
     if fmt == "gguf":
         from sdkd.train.formats import gguf_export
 
-        quant = quant or GGUF_DEFAULT
+        quant, compare_size = quant or GGUF_DEFAULT, GGUF_COMPARE_SIZE if compare_size is None else compare_size
         gguf_export.check_quant(quant)
         if half:
             raise UserError("--half: --format gguf sets its tensor types with --quant (f16: half precision)")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quant", help="gguf: the type of the Linear weights, q8_0 (default), q5_0, q5_1, q4_0 "
                                         "or f16; convolutions, biases, norms and embeddings stay unquantised, "
                                         "as in stable-diffusion.cpp's own converter")
-    parser.add_argument("--compare-size", type=int, default=256, metavar="PX",
+    parser.add_argument("--compare-size", type=int, metavar="PX",
                         help="gguf: generate one PX x PX image (a multiple of 64) in stable-diffusion.cpp from the "
                              "file and from its f16 version at one seed and print how far apart they are (default "
                              "256; 0: skip)")
