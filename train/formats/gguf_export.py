@@ -19,7 +19,7 @@ file's key/value metadata (which sd.cpp ignores) holds the single file's sdkd me
 sampling settings included.
 
 sd.cpp's converter itself is not used: the one in cyllama 0.2.18 (`cyllama.sd.convert_model`) aborts the process
-(std::logic_error from a null string) on every call tried, whatever its optional arguments.
+(std::logic_error from a null string) on every call tried, its optional arguments left out or given as "".
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from sdkd.train.formats.ldm_layout import UnsupportedLayout
 from sdkd.train.formats.model_files import Source, recorded_or_default, single_file_tensors
 
 QUANTS = ("q8_0", "q5_0", "q5_1", "q4_0", "f16")
-"""`--quant` values: ggml's legacy 32-value block types (gguf-py quantises these exactly as ggml does; the K-quants
-it can only read), and F16."""
+"""`--quant` values: ggml's 32-value block types that gguf-py quantises (its K-quants it can only read), and F16."""
 KEEP_NAMES = ("time_embed.", "label_emb.", "embedding")  # sd.cpp's converter leaves names containing these alone
 KEEP_SUFFIXES = (".bias", ".scale")
 COMPARE_PROMPT = "a photo of a cat"
