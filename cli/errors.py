@@ -11,6 +11,7 @@ and config checks.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -36,6 +37,16 @@ def require(ok: bool, key: str, expected: str) -> None:
     """A config check: unless `ok`, a ConfigError naming `key` and what was `expected` of it."""
     if not ok:
         raise ConfigError(f"config key '{key}': {expected}")
+
+
+def require_package(module: str, what: str, extra: str):
+    """The optional package `module` (in sdkd's pyproject extra `extra`), imported; else a UserError saying that
+    `what` needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"{what} needs {module} ({err.name or err} is missing): "
+                        f"pip install -c constraints.txt -e \".[{extra}]\"") from None
 
 
 class ReportedElsewhere(UserError):

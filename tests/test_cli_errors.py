@@ -19,6 +19,7 @@ from sdkd.cli.errors import (
     UserError,
     first_line,
     require,
+    require_package,
     run_cli,
 )
 from sdkd.train.launch import user_mistake
@@ -47,6 +48,13 @@ def test_require_names_the_key():
     require(True, "train.lr", "must be > 0")
     with pytest.raises(ConfigError, match=r"^config key 'train.lr': must be > 0$"):
         require(False, "train.lr", "must be > 0")
+
+
+def test_a_missing_optional_package_says_how_to_install_it():
+    assert require_package("json", "--format gguf", "gguf").dumps([]) == "[]"
+    with pytest.raises(UserError, match=r"^--format gguf needs sdkd_no_such_package \(sdkd_no_such_package is "
+                                        r"missing\): pip install -c constraints.txt -e \"\.\[gguf\]\"$"):
+        require_package("sdkd_no_such_package", "--format gguf", "gguf")
 
 
 def test_a_mistake_reported_by_another_process_is_not_repeated(capsys):

@@ -568,12 +568,13 @@ def single_file_state(pipe: DiffusionPipeline, target: str) -> tuple[dict, dict]
     return flat, meta
 
 
-def export_single_file(source: Source, out: str | Path, target: str = "ldm", half: bool = False) -> Path:
-    out = Path(out)
-    if out.is_dir() or out.suffix != ".safetensors":
-        raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
+def single_file_tensors(source: Source, target: str, half: bool = False,
+                        what: str = "--format single-file") -> tuple[dict, dict]:
+    """(flat LDM state dict, metadata with the model card's info and the sampling settings) of `source` in the
+    numbering `target`; checked first (`what` names the export in the one-line refusals): its family must have a
+    single-file layout, and for `sdcpp` sd.cpp must have a model for its layout (warnings go to stderr)."""
     pipe = source.pipe
-    _single_file_family(pipe.unet.config, "--format single-file")  # before anything is written, as below
+    _single_file_family(pipe.unet.config, what)
     if target == "sdcpp":  # before anything is written: never a file that fails later
         for warning in ldm_layout.check_sdcpp(dict(pipe.unet.config), isinstance(pipe.vae, AutoencoderTiny)):
             print(f"warning: {warning}", file=sys.stderr)
@@ -583,6 +584,14 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     info = card_info(source)
     meta[META + "info"] = json.dumps(info, default=str)
     meta[META + "sampling"] = json.dumps(info["sampling"])
+    return flat, meta
+
+
+def export_single_file(source: Source, out: str | Path, target: str = "ldm", half: bool = False) -> Path:
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
+    flat, meta = single_file_tensors(source, target, half)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ its weights in one external-data file beside it (`unet.onnx.data`).
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
 import warnings
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderTiny
 
-from sdkd.cli.errors import UserError
+from sdkd.cli.errors import require_package
 from sdkd.cli.files import user_mode
 from sdkd.train.models.families import HIDDEN, random_conditioning
 
@@ -32,15 +31,11 @@ OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 2**26
 UNET_FILE, DECODER_FILE, INFO_FILE = "unet.onnx", "vae_decoder.onnx", "onnx.json"
 HIDDEN_INPUT = "encoder_hidden_states"
-INSTALL = 'pip install -c constraints.txt -e ".[onnx]"'
 
 
 def require(module: str, what: str):
     """The optional package `module` (onnx, onnxruntime: the `onnx` extra), or one line saying how to get it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise UserError(f"{what} needs {module} ({err.name or err} is missing): {INSTALL}") from None
+    return require_package(module, what, "onnx")
 
 
 class _UNetGraph(torch.nn.Module):
