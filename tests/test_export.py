@@ -454,8 +454,10 @@ def test_sdxl_sdcpp_export_refused_in_one_line(layout, tmp_path):
 @pytest.mark.parametrize("layout, version", [("ssd1b", "SDXL (SSD1B)"), ("vega", "SDXL (Vega)")])
 def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_path):
     """SSD-1B and Vega at SDXL's widths (random fp16 weights, CLIP-L and OpenCLIP-bigG: about 4.5 GB for SSD-1B)
-    in the sd.cpp of cyllama: detected as what they are, one 64 px image in one step; for SSD-1B also a LoRA on the
-    U-Net and both text encoders, converted for sd.cpp, of which sd.cpp applies every tensor."""
+    in the sd.cpp of cyllama: the single file and its q4_0 GGUF (`--format gguf`, under 60% of the fp16 weights'
+    bytes) each detected as what they are, one 64 px image in one step; for SSD-1B also a LoRA on the U-Net and
+    both text encoders, converted for sd.cpp, of which sd.cpp applies every tensor. (One test for both files: the
+    model is built once.)"""
     sd = pytest.importorskip("cyllama.sd", reason="cyllama (stable-diffusion.cpp binding) not installed: "
                                                   "pip install -e '.[sdcpp]'")
     from sdkd.train.formats import lora_io
@@ -467,6 +469,12 @@ def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_pat
     assert sum(p.numel() for p in pipe.unet.parameters()) == {"ssd1b": 1_331_334_404, "vega": 745_225_604}[layout]
     file = M.export_single_file(M.Source(pipe, "test"), tmp_path / f"{layout}.safetensors", target="sdcpp",
                                 half=True)
+    pytest.importorskip("gguf", reason="gguf not installed: pip install -e '.[gguf]'")
+    from sdkd.train.formats import gguf_export
+
+    q4 = gguf_export.export_gguf(M.Source(pipe, "test"), tmp_path / "q4_0.gguf", "q4_0", compare_size=0)
+    f16_bytes = sum(p.numel() * 2 for name in XL_PARTS for p in getattr(pipe, name).parameters())
+    assert q4.file_bytes < 0.6 * f16_bytes  # Vega's: 50% of its f16 file
     loras = []
     if layout == "ssd1b":
         text = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")}
@@ -482,8 +490,9 @@ def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_pat
     sd.set_log_callback(lambda level, message: logs.append(str(message)))
     try:
         images = []
-        for applied in ([], loras) if loras else ([],):  # a context each (two generations in one segfaulted)
-            params = sd.SDContextParams(model_path=str(file), n_threads=2, vae_decode_only=True)
+        runs = [(file, []), *([(file, loras)] if loras else []), (q4.path, [])]
+        for model, applied in runs:  # a context each (two generations in one segfaulted)
+            params = sd.SDContextParams(model_path=str(model), n_threads=2, vae_decode_only=True)
             with sd.SDContext(params) as ctx:
                 gen = sd.SDImageGenParams(prompt="a red fox", width=64, height=64, seed=1, sample_steps=1,
                                           cfg_scale=1.0)
@@ -492,9 +501,9 @@ def test_sdxl_students_generate_in_stable_diffusion_cpp(layout, version, tmp_pat
                 images.append(ctx.generate_with_params(gen)[0].to_numpy().astype(np.float32))
     finally:
         sd.set_log_callback(None)
-    assert images[0].shape == (64, 64, 3)
-    detected = [m for m in logs if "Version:" in m]
-    assert detected and detected[0].split("Version:")[1].strip() == version, detected
+    assert images[0].shape == images[-1].shape == (64, 64, 3)
+    detected = [m.split("Version:")[1].strip() for m in logs if "Version:" in m]
+    assert detected == [version] * len(runs), detected
     if loras:
         n = len(names)
         applied = [m for m in logs if "LoRA tensors have been applied" in m]
