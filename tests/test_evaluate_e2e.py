@@ -212,7 +212,32 @@ def test_given_weights_add_fid_kid_clip_score_and_lpips(run, weights, tmp_path):
     teacher, student = json.loads((out / "report.json").read_text())["rows"]
     assert student["name"] == "checkpoint-12" and student["step"] == 12
     for row in (teacher, student):
-        assert row["fid"] >= 0 and "kid" in row and row["clip_score"] >= 0 and "noise_mse" not in row
-    assert "lpips" not in teacher and student["lpips"] > 0  # LPIPS: against the teacher's image of each prompt
+        assert "kid" in row and "noise_mse" not in row
+        # FID and CLIP score of the very images written, recomputed here (KID draws random subsets: left out).
+        recomputed = recomputed_metrics(out, row["name"], weights)
+        assert row["fid"] == pytest.approx(recomputed["fid"], rel=1e-4), row["name"]
+        assert row["clip_score"] == pytest.approx(recomputed["clip_score"], rel=1e-4), row["name"]
+    # LPIPS: of each student image against the teacher's image of its prompt.
+    assert "lpips" not in teacher and student["lpips"] == pytest.approx(recomputed["lpips"], rel=1e-4)
+    assert student["fid"] != pytest.approx(teacher["fid"])  # the two models' images are measured apart
     md = (out / "report.md").read_text()
     assert "| FID | KID | CLIP |" in md and "LPIPS" in md
+
+
+def recomputed_metrics(out, name: str, weights: dict) -> dict:
+    """FID against the reference folder, CLIP score, and LPIPS against the teacher's images, of the images the
+    evaluation wrote for model `name`, by eval/metrics/image_metrics.py fed as evaluate feeds it."""
+    from sdkd.eval.evaluation.runner import square, to_uint8
+    from sdkd.eval.metrics.image_metrics import image_metrics
+
+    metrics = image_metrics(dict(inception_weights=weights["inception"], clip_model=weights["clip"],
+                                 lpips_weights=weights["lpips"], kid_subset_size=2))
+    prompts = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    images = [Image.open(out / "images" / name / p["file"]).convert("RGB") for p in prompts]
+    real = [square(Image.open(f), images[0].width) for f in sorted(weights["reference"].glob("*.png"))]
+    metrics.fid_kid.update(to_uint8(real), real=True)
+    metrics.fid_kid.update(to_uint8(images), real=False)
+    metrics.clip.update(to_uint8(images), [p["prompt"] for p in prompts])
+    teacher = [Image.open(out / "images" / "teacher" / p["file"]).convert("RGB") for p in prompts]
+    metrics.lpips.update(to_uint8(images), to_uint8(teacher))
+    return metrics.compute()

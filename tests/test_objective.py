@@ -1,4 +1,5 @@
-"""The objective's noise, input and target: diffusers' noise_offset, input_perturbation and prediction_type."""
+"""The objective's noise, input and target (diffusers' noise_offset, input_perturbation and prediction_type), the
+loss weights of a trainer's config, and sub-block feature KD."""
 
 import json
 
