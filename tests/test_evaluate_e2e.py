@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,6 +23,12 @@ FAST = ["steps=4", "latency.repeats=1"]  # configs/eval_toy.yaml, a little light
 
 def evaluate(*args):
     return run_script([sys.executable, "eval/evaluate.py", *map(str, args)])
+
+
+def pixel_mse(a, b) -> float:
+    """Mean squared difference of two image files, pixel values in [0, 1]."""
+    x, y = (np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) / 255 for f in (a, b))
+    return float(((x - y) ** 2).mean())
 
 
 def metrics(run) -> list[dict]:
@@ -77,7 +84,12 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
     # teacher agreement: the teacher against itself is 0; the students from the same initial noise are close, not equal
     assert teacher["noise_mse"] == pytest.approx(0, abs=1e-9) and "sample_mse" not in teacher
     for name in CHECKPOINTS:
-        assert rows[name]["noise_mse"] > 0 and rows[name]["sample_mse"] > 0 and 0 < rows[name]["sample_psnr"] < 100
+        # Sample MSE and PSNR: of each student image against the teacher's of its prompt, from the images written.
+        teacher_images, images = (sorted((out / "images" / n).glob("*.png")) for n in ("teacher", name))
+        mses = [pixel_mse(a, b) for a, b in zip(images, teacher_images, strict=True)]
+        assert rows[name]["noise_mse"] > 0 and min(mses) > 0
+        assert rows[name]["sample_mse"] == pytest.approx(np.mean(mses), rel=1e-6)
+        assert rows[name]["sample_psnr"] == pytest.approx(np.mean([10 * np.log10(1 / e) for e in mses]), rel=1e-6)
     # the run's own triples (agreement.from_run): the same number the in-loop evaluation logged at step 12
     logged = next(line for line in in_loop if line["step"] == 12 and "eval/noise_mse" in line)
     assert student["noise_mse"] == pytest.approx(logged["eval/noise_mse"], rel=1e-4)
