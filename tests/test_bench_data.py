@@ -28,3 +28,7 @@ def test_loader_and_cache_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== loader: 12 JPEGs" in printed and "in the main process" in printed
     assert "== cache, toy: 16 px (latent 8), batch 2" in printed and f"wrote {out}" in printed
+    # The printed figures are the JSON's, and derived from them as they say.
+    d, p = loader["decode_ms"], loader["preprocess_ms"]
+    assert f"decode {d:.1f} ms + preprocess {p:.1f} ms per sample = {1e3 / (d + p):.1f} samples/s" in printed
+    assert f"saved {cache['without cache'] - cache['with cache']:.3f} s per step" in printed

@@ -103,9 +103,13 @@ def test_one_step_models_start_at_one_step_and_guidance_one(toy_teacher_dir, tmp
 
 
 def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
+    """The seconds a result reports are the generation's: within the wall time of the call, and most of it (the
+    pipeline is all the call does); the seed decides the image."""
     model = load_model("teacher", str(toy_teacher_dir), tmp_path, steps=2)
+    start = time.perf_counter()
     first = generate(model, "a red circle", seed=3)
-    assert first.image.size == (32, 32) and first.seconds > 0
+    wall = time.perf_counter() - start
+    assert first.image.size == (32, 32) and 0.5 * wall < first.seconds <= wall, (first.seconds, wall)
     assert (first.steps, first.guidance) == (2, 7.5)
     again = generate(model, "a red circle", seed=3)
     other = generate(model, "a red circle", negative_prompt="blue", seed=4)
@@ -239,8 +243,10 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
         steps.clear()
         steps.send_keys("1")
         prompt.send_keys("a red circle on a blue background")
+        clicked = time.perf_counter()
         driver.find_element(By.ID, "generate").click()
         infos = wait.until(lambda d: _results(d, 2))
+        shown = time.perf_counter() - clicked  # the models generate one after the other within it
         images = [driver.find_element(By.CSS_SELECTOR, f"#image-{i} img") for i in range(2)]
         wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im)
                                  for im in images))
@@ -251,11 +257,11 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
         with capsys.disabled():
             print(f"\nscreenshot of the demo page: {shot}")
         assert sizes[0] == sizes[1] and sizes[0][0] >= 32  # the student makes the teacher's size
-        assert all(float(m.group(1)) > 0 for m in infos)
+        seconds = [float(m.group(1)) for m in infos]
+        assert min(seconds) > 0 and sum(seconds) <= shown + 0.01, (seconds, shown)  # 0.01: the 2 decimals shown
         # --steps 2 as given; the guidance the toy teacher records (its sdkd_sampling.json: 4)
         assert [(m.group(2), m.group(3)) for m in infos] == [("2", "4"), ("1", "0")]
         assert infos[0].group(5) == infos[1].group(5) and float(infos[1].group(4)) < float(infos[0].group(4))
-        assert shot.stat().st_size > 10_000
     finally:
         if driver is not None:
             driver.quit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,6 +24,12 @@ FAST = ["steps=4", "latency.repeats=1", f"num_images={IMAGES}"]  # configs/eval_
 
 def evaluate(*args):
     return run_script([sys.executable, "eval/evaluate.py", *map(str, args)])
+
+
+def pixel_mse(a, b) -> float:
+    """Mean squared difference of two image files, pixel values in [0, 1]."""
+    x, y = (np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) / 255 for f in (a, b))
+    return float(((x - y) ** 2).mean())
 
 
 def metrics(run) -> list[dict]:
@@ -78,7 +85,12 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
     # teacher agreement: the teacher against itself is 0; the students from the same initial noise are close, not equal
     assert teacher["noise_mse"] == pytest.approx(0, abs=1e-9) and "sample_mse" not in teacher
     for name in CHECKPOINTS:
-        assert rows[name]["noise_mse"] > 0 and rows[name]["sample_mse"] > 0 and 0 < rows[name]["sample_psnr"] < 100
+        # Sample MSE and PSNR: of each student image against the teacher's of its prompt, from the images written.
+        teacher_images, images = (sorted((out / "images" / n).glob("*.png")) for n in ("teacher", name))
+        mses = [pixel_mse(a, b) for a, b in zip(images, teacher_images, strict=True)]
+        assert rows[name]["noise_mse"] > 0 and min(mses) > 0
+        assert rows[name]["sample_mse"] == pytest.approx(np.mean(mses), rel=1e-6)
+        assert rows[name]["sample_psnr"] == pytest.approx(np.mean([10 * np.log10(1 / e) for e in mses]), rel=1e-6)
     # the run's own triples (agreement.from_run): the same number the in-loop evaluation logged at step 12
     logged = next(line for line in in_loop if line["step"] == 12 and "eval/noise_mse" in line)
     assert student["noise_mse"] == pytest.approx(logged["eval/noise_mse"], rel=1e-4)
@@ -213,7 +225,32 @@ def test_given_weights_add_fid_kid_clip_score_and_lpips(run, weights, tmp_path):
     teacher, student = json.loads((out / "report.json").read_text())["rows"]
     assert student["name"] == "checkpoint-12" and student["step"] == 12
     for row in (teacher, student):
-        assert row["fid"] >= 0 and "kid" in row and row["clip_score"] >= 0 and "noise_mse" not in row
-    assert "lpips" not in teacher and student["lpips"] > 0  # LPIPS: against the teacher's image of each prompt
+        assert "kid" in row and "noise_mse" not in row
+        # FID and CLIP score of the very images written, recomputed here (KID draws random subsets: left out).
+        recomputed = recomputed_metrics(out, row["name"], weights)
+        assert row["fid"] == pytest.approx(recomputed["fid"], rel=1e-4), row["name"]
+        assert row["clip_score"] == pytest.approx(recomputed["clip_score"], rel=1e-4), row["name"]
+    # LPIPS: of each student image against the teacher's image of its prompt.
+    assert "lpips" not in teacher and student["lpips"] == pytest.approx(recomputed["lpips"], rel=1e-4)
+    assert student["fid"] != pytest.approx(teacher["fid"])  # the two models' images are measured apart
     md = (out / "report.md").read_text()
     assert "| FID | KID | CLIP |" in md and "LPIPS" in md
+
+
+def recomputed_metrics(out, name: str, weights: dict) -> dict:
+    """FID against the reference folder, CLIP score, and LPIPS against the teacher's images, of the images the
+    evaluation wrote for model `name`, by eval/metrics/image_metrics.py fed as evaluate feeds it."""
+    from sdkd.eval.evaluation.runner import square, to_uint8
+    from sdkd.eval.metrics.image_metrics import image_metrics
+
+    metrics = image_metrics(dict(inception_weights=weights["inception"], clip_model=weights["clip"],
+                                 lpips_weights=weights["lpips"], kid_subset_size=2))
+    prompts = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    images = [Image.open(out / "images" / name / p["file"]).convert("RGB") for p in prompts]
+    real = [square(Image.open(f), images[0].width) for f in sorted(weights["reference"].glob("*.png"))]
+    metrics.fid_kid.update(to_uint8(real), real=True)
+    metrics.fid_kid.update(to_uint8(images), real=False)
+    metrics.clip.update(to_uint8(images), [p["prompt"] for p in prompts])
+    teacher = [Image.open(out / "images" / "teacher" / p["file"]).convert("RGB") for p in prompts]
+    metrics.lpips.update(to_uint8(images), to_uint8(teacher))
+    return metrics.compute()

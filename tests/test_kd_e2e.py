@@ -21,16 +21,20 @@ from conftest import free_port, launch_trainer, run_script, same_state, selected
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 20  # the toy run: KD has more than halved the student's gap to the teacher by then (measured: to 0.24)
+STEPS = 20  # the toy run, KD alone: it has cut the student's gap to the teacher to 0.6x by then
 
 
 def launch_kd(out, *overrides, num_processes=1):
     return launch_trainer("train/kd.py", "configs/toy.yaml", out, *overrides, num_processes=num_processes)
 
 
-# The toy run; sample grids at 2 sampler steps: the grids are what is checked, not the pictures.
-TOY_RUN = [f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 4}", "train.checkpoints_total_limit=2",
-           f"train.sample_every={STEPS // 2}", "sample.steps=2", "log.trackers=[tensorboard,wandb]"]
+# The toy run, output and feature KD (both 1, at a constant 1e-3: its own recipe, not the README's) without the
+# task loss (which alone shrinks the toy student's gap to the teacher as well): what the run learns is KD's. Sample
+# grids at 2 sampler steps: the grids are what is checked, not the pictures.
+TOY_RUN = ["loss.lambda_task=0", "loss.lambda_out=1", "loss.lambda_feat=1", "optim.lr=1e-3",
+           "optim.lr_scheduler=constant", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 4}",
+           "train.checkpoints_total_limit=2", f"train.sample_every={STEPS // 2}", "sample.steps=2",
+           "log.trackers=[tensorboard,wandb]"]
 
 
 def resume_recipe(teacher_dir) -> list[str]:
@@ -86,7 +90,7 @@ def test_num_epochs_on_max_train_samples_gives_the_steps(tmp_path):
     # 12 of 32 samples in batches of 4: 3 batches per epoch; grad_accum 2: ceil(3 / 2) = 2 steps per epoch.
     result = launch_kd(tmp_path, "train.max_steps=null", "train.num_epochs=2", "data.num_samples=32",
                        "data.max_train_samples=12", "train.batch_size=4", "train.grad_accum=2",
-                       "optim.lr_scheduler=linear", "train.checkpoint_every=0", "train.sample_every=0",
+                       "optim.lr=1e-3", "optim.lr_scheduler=linear", "train.checkpoint_every=0", "train.sample_every=0",
                        "log.trackers=[none]", "loss.noise_offset=0.1", "loss.input_perturbation=0.1")
     assert "data: 12 samples per epoch" in result.stdout
     assert "train.max_steps=4: train.num_epochs=2 x ceil(3 batches per epoch / train.grad_accum=2)" in result.stdout
@@ -127,10 +131,12 @@ def test_two_processes_through_launch_sh(tmp_path):
 
 def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     """2 gloo processes of batch 4 end with the weights 1 process of batch 8 ends with (same samples, same
-    noise: objective.StepRandom), up to float summation order; gradients that were not averaged, or
-    averaged wrong, would move the weights apart by far more than that."""
+    noise: objective.StepRandom), up to float summation order. The runs step as SGD does, so that a constant
+    gradient scale shows (plain AdamW's update ignores one): AdamW with eps = 10, far above every gradient entry,
+    divides each by about eps alone; no weight decay, no clipping (which rescales to the threshold). Gradients
+    summed over the 2 processes instead of averaged would double every update."""
     common = ["train.max_steps=4", "train.checkpoint_every=0", "train.sample_every=0", "log.trackers=[none]",
-              "data.num_samples=32"]
+              "data.num_samples=32", "optim.eps=10", "optim.lr=0.1", "optim.weight_decay=0", "train.max_grad_norm=0"]
     with ThreadPoolExecutor(2) as pool:  # independent runs, side by side (each spends seconds importing)
         runs = [pool.submit(launch_kd, tmp_path / "one", *common, "train.batch_size=8"),
                 pool.submit(launch_kd, tmp_path / "two", *common, "train.batch_size=4", num_processes=2)]
@@ -141,8 +147,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     start = build_student(load_teacher("toy").unet, removal_spec(StudentConfig(preset="bk_small"))).state_dict()
     mean_abs = lambda a, b: sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(v.numel() for v in a.values())  # noqa: E731
     moved, apart = mean_abs(one, start), mean_abs(one, two)
-    # Measured: moved 1e-3, apart 5e-9; another seed for the two processes (other noise) gives 1e-3 apart.
-    assert moved > 1e-4 and apart < moved * 1e-4, (moved, apart)
+    # Measured: moved 4e-4, apart 2e-10; gradients summed, not averaged: apart about as much as moved.
+    assert moved > 1e-4 and apart < moved * 1e-3, (moved, apart)
 
 
 def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
@@ -189,9 +195,9 @@ def test_run_writes_every_output(toy_run):
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     for key in ("loss", "task", "out", "feat", "lr", "sec_per_step", "samples_per_sec"):
         assert all(isinstance(line[key], float) for line in lines), key
-    # toy.yaml: lambda_task, lambda_out and lambda_feat all 1.
-    assert all(abs(line["loss"] - (line["task"] + line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
-    assert all(line["task"] > 0 for line in lines)
+    # lambda_task 0, lambda_out and lambda_feat 1 (TOY_RUN): the task term is logged, not trained on.
+    assert all(abs(line["loss"] - (line["out"] + line["feat"])) < 1e-4 * line["loss"] for line in lines)
+    assert all(line["task"] > 1e-3 * line["loss"] for line in lines)  # large enough for the sum above to show it
     assert "output_dir" in (out / "config.yaml").read_text()
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS * 3 // 4}", f"checkpoint-{STEPS}"]
@@ -221,12 +227,15 @@ def test_exported_student_loads_and_generates(toy_run):
 
 
 def test_kd_shrinks_the_student_teacher_gap(toy_run):
+    """The toy run trains on output and feature KD alone (no task loss): after it the student's output gap to the
+    teacher is under 0.75x the starting one (measured: 0.58 -> 0.35, 0.60x; a run whose KD terms train nothing
+    stays at 1x)."""
     out, _ = toy_run
     teacher = load_teacher("toy").unet.eval()  # the trained toy teacher the run distilled
     initial = build_student(teacher, removal_spec(StudentConfig(preset="bk_small"))).eval()
     trained = UNet2DConditionModel.from_pretrained(out / "student" / "unet").eval()
     before, after = output_gap(initial, teacher), output_gap(trained, teacher)
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.75 * before, (before, after)
 
 
 def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run, tmp_path):

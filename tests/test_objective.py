@@ -1,4 +1,5 @@
-"""The objective's noise, input and target: diffusers' noise_offset, input_perturbation and prediction_type."""
+"""The objective's noise, input and target (diffusers' noise_offset, input_perturbation and prediction_type), the
+loss weights of a trainer's config, and sub-block feature KD."""
 
 import json
 
@@ -170,6 +171,27 @@ def test_sub_block_feature_kd_is_zero_exactly_where_the_student_computes_what_th
     assert len(mses) == 21 and all(mses[n] == 0.0 for n in first)
     assert all(v > 1e-6 for n, v in mses.items() if n not in first), mses
     assert terms["feat"].item() == pytest.approx(sum(mses.values()), rel=1e-5)
+
+
+def test_the_loss_config_weights_each_term_of_the_trainers_objective():
+    """kd_objective from a config with three different weights: the loss is 0.3·task + 5·out + 0.2·feat of its
+    own terms, each weighted term at least 5% of it (so a weight ignored, or one term's weight used for another,
+    changes the loss)."""
+    from sdkd.train.models.student_config import StudentConfig
+    from sdkd.train.models.students import build_student, removal_spec
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**TOY_UNET).eval()
+    weights = ["loss.lambda_task=0.3", "loss.lambda_out=5", "loss.lambda_feat=0.2"]
+    cond = Conditioning(torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(2)))
+    student = build_student(teacher, removal_spec(StudentConfig(preset="bk_small")))
+    with torch.no_grad():
+        # The trainers' objective with BK-SDM's feature pairs (the helper's sub-block pairs overridden).
+        terms = sub_block_objective(teacher, student, "student.preset=bk_small", "student.feature_pairs=bk",
+                                    *weights)(student, LATENTS, cond, StepRandom(1, "cpu", len(LATENTS)))
+    parts = {"task": 0.3 * terms["task"].item(), "out": 5 * terms["out"].item(), "feat": 0.2 * terms["feat"].item()}
+    assert terms["loss"].item() == pytest.approx(sum(parts.values()), rel=1e-5)
+    assert all(v > 0.05 * terms["loss"].item() for v in parts.values()), parts  # no term too small to tell
 
 
 def test_sub_block_pairs_that_disagree_in_shape_stop_in_one_line_naming_the_pair():
