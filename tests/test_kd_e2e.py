@@ -136,7 +136,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     divides each by about eps alone; no weight decay, no clipping (which rescales to the threshold). Gradients
     summed over the 2 processes instead of averaged would double every update."""
     common = ["train.max_steps=4", "train.checkpoint_every=0", "train.sample_every=0", "log.trackers=[none]",
-              "data.num_samples=32", "optim.eps=10", "optim.lr=0.1", "optim.weight_decay=0", "train.max_grad_norm=0"]
+              "data.num_samples=32", "optim.eps=10", "optim.lr=0.1", "optim.lr_scheduler=constant",
+              "optim.weight_decay=0", "train.max_grad_norm=0", "loss.lambda_feat=1"]
     with ThreadPoolExecutor(2) as pool:  # independent runs, side by side (each spends seconds importing)
         runs = [pool.submit(launch_kd, tmp_path / "one", *common, "train.batch_size=8"),
                 pool.submit(launch_kd, tmp_path / "two", *common, "train.batch_size=4", num_processes=2)]
