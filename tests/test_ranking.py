@@ -11,33 +11,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sdkd.cli.errors import run_cli
 from sdkd.train.engine.config import load_config
 from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, count_params, describe, removed_modules, student_unet_config
 from sdkd.train.models.teacher import load_teacher
-from sdkd.train.show_student import main
 from sdkd.train.tasks import ranking as R
 from sdkd.train.tasks.diffusion_config import KDConfig
 from sdkd.train.tasks.ranking import Removal
 
 from conftest import ROOT, launch_trainer, run_script
+from test_students import run_main  # show_student's CLI in-process
 
 PROMPTS = list(R.DEFAULT_PROMPTS[:2])
 
 
 def toy_config(name: str) -> dict:
     return json.loads((ROOT / f"train/models/{name}_teacher/unet/config.json").read_text())
-
-
-def run_main(args, capsys) -> tuple[int, str, str]:
-    try:
-        run_cli(lambda: main(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------------
