@@ -31,9 +31,9 @@ from sdkd.train.models.students import PRESETS, describe
 if TYPE_CHECKING:
     from sdkd.train.tasks.ranking import Ranking
 
-# The default probe: 8 prompts x 1 seed x 2 timesteps at most 256 px, 16 forwards per unit (SD-1.5 at a quarter of
-# 512 px's cost), so that ranking an SD-1.5-width teacher takes minutes on two CPU cores.
-RANK_SIDE = 256
+# The default probe: 8 prompts x 1 seed x 2 timesteps at most 128 px, 16 forwards per unit (SD-1.5 at a sixteenth of
+# 512 px's cost), so that ranking an SD-1.5-width teacher takes minutes on two CPU cores; --resolution for more.
+RANK_SIDE = 128
 RANK_PROMPTS = 8
 
 
