@@ -177,7 +177,9 @@ def same_state(a, b) -> bool:
 
 @pytest.fixture
 def unet_calls(monkeypatch) -> list[dict]:
-    """What every U-Net forward of the test is called with: its sample's shape and its conditioning, on the CPU."""
+    """What every U-Net forward of the test is called with: its sample's shape, timestep and conditioning, on the
+    CPU."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     calls = []
@@ -186,6 +188,7 @@ def unet_calls(monkeypatch) -> list[dict]:
     def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
         added = kwargs.get("added_cond_kwargs") or {}
         calls.append(dict(shape=tuple(sample.shape), hidden=encoder_hidden_states.detach().float().cpu(),
+                          timestep=torch.as_tensor(timestep).detach().float().cpu(),
                           **{name: t.detach().float().cpu() for name, t in added.items()}))
         return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
 

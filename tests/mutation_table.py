@@ -12,6 +12,8 @@ SCORE = "train/losses/score_distillation.py"
 TRANSFORMS = "data/sources/transforms.py"
 LOOP = "train/engine/loop.py"
 
+ALPHA_RAMP = ("tests/test_one_step.py::test_score_timesteps_are_drawn_from_t_min_to_the_alpha_ramp",)
+
 MUTATIONS: list[Mutation] = [
     # ---- the losses
     Mutation("kd-out-weight-ignored", KD, '"out": self.lambda_out', '"out": 1.0',
@@ -215,6 +217,17 @@ MUTATIONS: list[Mutation] = [
              'terms["l1"] = F.l1_loss(fake, fake.detach())',
              ("tests/test_tasks.py::test_tiny_decoder_terms_compare_its_image_with_the_teacher_decoders",),
              "the tiny decoder's L1 term compares it with itself"),
+    # ---- the SDXS schedule of the one-step trainer
+    Mutation("sdxs-alpha-ignored", "train/tasks/one_step.py",
+             "hi = min(max(int(alpha * self.T), lo), self.T - 1)", "hi = self.T - 1",
+             ALPHA_RAMP, "score timesteps drawn over the whole range, not below alpha's ramp"),
+    Mutation("sdxs-alpha-never-ramps", "train/tasks/one_step.py",
+             "ramp(d.alpha.start, d.alpha.end, length(d.alpha), s)",
+             "ramp(d.alpha.start, d.alpha.end, length(d.alpha), 0)",
+             ALPHA_RAMP, "alpha stays at its start: the high-noise segment is never left to feature matching"),
+    Mutation("sdxs-t-min-ignored", "train/tasks/one_step.py",
+             "lo = int(d.t_min * self.T)", "lo = 0",
+             ALPHA_RAMP, "score timesteps reach below distill.t_min"),
     # ---- config checks
     Mutation("caption-dropout-range-unchecked", "data/sources/config.py",
              "require(0.0 <= self.caption_dropout <= 1.0", "require(0.0 <= self.caption_dropout <= 9.0",

@@ -338,3 +338,38 @@ def test_the_prompt_conditions_the_student_and_every_score_model_of_a_step(tmp_p
         reset_process_state()
     # Measured: the two captions' samples differ by 0.83x the samples' mean size.
     assert (x0[0] - x0[1]).abs().mean() > 0.2 * x0.abs().mean(), ((x0[0] - x0[1]).abs().mean(), x0.abs().mean())
+
+
+def test_score_timesteps_are_drawn_from_t_min_to_the_alpha_ramp(tmp_path, unet_calls):
+    """SDXS's segmented score distillation: OneStepTask.student_loss at score-distillation step s queries the
+    teacher's real score and the online fake score at timesteps in [t_min T, alpha(s) T], alpha ramping here from
+    0.9 to 0.3 over 4 steps: at step 4 and after every timestep of 64 samples is in [20, 300]; at step 0 some
+    are above 300 (their range reaches 900)."""
+    from sdkd.train.engine.loop import make_accelerator
+    from sdkd.train.engine.step_random import StepRandom
+    from sdkd.train.one_step import OneStepConfig
+    from sdkd.train.tasks.one_step import build_one_step_task
+
+    cfg = load_config(TOY_CONFIG, [f"output_dir={tmp_path}", "pairs.count=2", "pairs.eval_count=1", "pairs.steps=2",
+                                   "data.resolution=16", "distill.warmup_steps=0", "distill.t_min=0.02",
+                                   "distill.alpha.start=0.9", "distill.alpha.end=0.3", "distill.alpha.steps=4",
+                                   # no feature matching or classifier: their forwards (at t = 0) are not queries
+                                   "distill.lambda_fm.start=0", "distill.lambda_fm.end=0", "gan.weight=0",
+                                   "log.trackers=[none]"], schema=OneStepConfig)
+    try:
+        task, _ = build_one_step_task(cfg, make_accelerator(cfg))
+        n = 64
+        cond = task.encode(["a red circle on a blue background"] * n)
+        x0, target = torch.randn(2, n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        drawn = {}
+        for s in (0, 4, 9):
+            unet_calls.clear()
+            with torch.no_grad():
+                task.student_loss(x0, target, cond, s, StepRandom(s, "cpu", n))
+            assert {c["shape"][0] for c in unet_calls} == {n, 2 * n}  # the fake score, the guided real score
+            drawn[s] = torch.cat([c["timestep"].flatten() for c in unet_calls])
+    finally:
+        reset_process_state()
+    for s in (4, 9):
+        assert drawn[s].min() >= 20 and drawn[s].max() <= 300, (s, drawn[s].min(), drawn[s].max())
+    assert drawn[0].min() >= 20 and drawn[0].max() > 300 and drawn[0].max() <= 900, drawn[0].max()
