@@ -160,7 +160,8 @@ def test_a_hub_id_without_the_hub_is_one_line_and_writes_nothing(no_hub, command
 
 @pytest.mark.slow  # a new Python process
 def test_the_hub_at_a_closed_port_answers_at_once_in_a_real_process(tmp_path):
-    """No retries: the real command, HF_HUB_OFFLINE unset, ends in seconds with one line and leaves nothing."""
+    """The real command, HF_HUB_OFFLINE unset, against a closed port: exit 2 within the 60 s timeout, one line, and
+    nothing left in its working folder."""
     env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "HF_HUB_CACHE": str(tmp_path / "cache")}
     work = tmp_path / "work"
