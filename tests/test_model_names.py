@@ -67,8 +67,9 @@ def test_what_is_no_model_is_refused_naming_it(tmp_path):
 @pytest.mark.slow  # every form loaded by every loader: about 20 s
 @pytest.mark.parametrize("form", FORMS)
 def test_every_loader_takes_every_form(forms, form, toy_conv_in, tmp_path):
-    """The trainers' loader (`load_parts`: U-Net and training scheduler), the inference pipeline (sample, evaluate,
-    demo), export and evaluate's targets and teacher each load the toy teacher's U-Net from every form."""
+    """From every form, the trainers' loader (`load_parts`, with a DDPM training scheduler), evaluate's teacher, the
+    demo and export each load the toy teacher's U-Net (its conv_in weight compared); evaluate's targets resolve to
+    the form (a run to its checkpoint), and eval/sample.py runs on it."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from sdkd.eval.evaluation.targets import TeacherSpec, load_teacher_model, resolve_targets
