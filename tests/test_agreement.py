@@ -41,6 +41,8 @@ def perturbed(unet, scale=0.05, seed=0):
 
 
 def test_triples_are_deterministic_and_identical_across_calls(toy, triples):
+    """Made again at another batch size: the same noisy latents, timesteps and conditioning, and teacher predictions
+    within 1e-5; another seed gives other noisy latents."""
     again = agreement.make_triples(toy.unet, toy, SETTINGS, batch_size=2)  # another batch size
     assert len(triples) == 2 * 3 and triples.noisy.shape == (6, 4, 16, 16)
     assert triples.timesteps.tolist() == [166, 500, 833] * 2  # prompt-major, spread over 1000 steps

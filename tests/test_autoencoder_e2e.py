@@ -50,7 +50,7 @@ def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
     assert vae.config.scaling_factor != 0.18215
     latents = vae.encode(pixels[:64]).latent_dist.mean * vae.config.scaling_factor
     assert latents.std().item() == pytest.approx(1.0, rel=0.1)
-    # Grids: 8 inputs above their reconstructions, one per sample step.
+    # Grids: one per sample step, both of one size, wider than tall.
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step-20.png", "step-40.png"]
     first, last = (Image.open(tmp_path / "samples" / f"step-{s}.png") for s in (20, 40))
     assert first.size == last.size and first.width > first.height
@@ -58,6 +58,8 @@ def test_a_short_run_lowers_the_reconstruction_error(tmp_path):
 
 @pytest.mark.e2e
 def test_resumed_run_matches_uninterrupted(tmp_path, toy_teacher_dir):
+    """Resumed from checkpoint-3, the run logs steps 4 to 6, and its checkpoint-6 VAE and EMA VAE and its exported VAE
+    equal the uninterrupted run's (same_state)."""
     # From a given pipeline's VAE; EMA, accumulation and a cosine schedule are part of the state.
     common = [f"autoencoder.model={toy_teacher_dir}", "train.max_steps=6", "train.checkpoint_every=3",
               "train.sample_every=0", "train.grad_accum=2", "train.batch_size=4", "data.num_samples=32",

@@ -79,8 +79,9 @@ def test_a_peer_that_ended_is_its_own_exit_code_only_with_several_processes(monk
 
 @pytest.mark.parametrize("err", [UserError("bad"), ReportedElsewhere()])
 def test_the_process_group_is_closed_before_exit(err, tmp_path, capsys):
-    """Left open to the interpreter's teardown, gloo's threads sometimes abort the process (SIGABRT, exit -6):
-    launch.sh then exits 1 instead of 2 (seen 4 times in 30 two-process launches with a missing image folder)."""
+    """run_cli exits 2 with the process group destroyed. Left open to the interpreter's teardown, gloo's threads
+    sometimes abort the process (SIGABRT, exit -6): launch.sh then exits 1 instead of 2 (seen 4 times in 30
+    two-process launches with a missing image folder)."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         assert ending(fail(err), capsys)[0] == 2

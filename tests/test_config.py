@@ -424,7 +424,8 @@ def test_a_binary_config_file_is_one_line(tmp_path):
 
 
 def test_sdxs_recipes_are_bk_sdms_and_toys_with_the_sdxs_student_and_no_task_loss():
-    """configs/sdxs.yaml: SDXS's U-Net KD (no denoising loss, output + feature KD); sdxs_toy.yaml: its toy scale."""
+    """configs/sdxs.yaml is tiny.yaml (BK-SDM's) but for the sdxs preset, output dir and no denoising loss (output and
+    feature KD at 1); sdxs_toy.yaml: the toy teacher, the sdxs preset, no task loss, synthetic data."""
     def resolved(name):
         return OmegaConf.to_container(OmegaConf.structured(load_config(ROOT / "configs" / name, ["data.path=/d"],
                                                                        schema=KDConfig)))

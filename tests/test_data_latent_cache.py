@@ -161,7 +161,8 @@ def test_teacher_samples_are_stored_exactly_with_a_seed_per_sample(toy):
 
 def test_kd_from_the_cache_loads_no_vae_or_text_encoder(cache, tmp_path):
     """train/kd.py's build with data.cache: the step's encoder is the cache's, and neither the task's parts nor
-    the models the loop freezes (and moves to the device) hold a VAE or text encoder; the student checkpoints."""
+    the models the loop freezes (and moves to the device) hold a VAE or text encoder; the student has gradient
+    checkpointing on."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 

@@ -143,7 +143,7 @@ def test_interpolation_modes_resize_differently():
     resized = {mode: ImageTransform(16, interpolation=mode)(image, rng(0)).pixel_values for mode in INTERPOLATIONS}
     assert all(not torch.equal(resized[a], resized[b]) for a in INTERPOLATIONS for b in INTERPOLATIONS if a < b)
     assert torch.equal(ImageTransform(16)(image, rng(0)).pixel_values, resized["bilinear"])  # today's default
-    # nearest copies source pixels; the others blend them.
+    # nearest only copies source pixels.
     source = {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
     assert {tuple(p) for p in np.asarray(resize_shorter_side(image, 16, "nearest")).reshape(-1, 3)} <= source
     with pytest.raises(ValueError, match="interpolation must be one of nearest, bilinear"):

@@ -199,7 +199,8 @@ def test_corrupt_shard_is_counted_not_fatal(tmp_path):
 
 
 def test_a_resampled_stream_of_unreadable_shards_ends_with_named_skips(tmp_path):
-    """Resampling retries broken shards forever unless the reader gives up after max_bad_in_a_row errors."""
+    """Resampled, a source of one unreadable shard ends (max_bad_in_a_row=5) with no sample, its skips naming the
+    shard."""
     import signal
 
     write_shards(tmp_path, n_shards=1)

@@ -103,8 +103,9 @@ def test_one_step_models_start_at_one_step_and_guidance_one(toy_teacher_dir, tmp
 
 
 def test_generate_is_timed_and_seeded(toy_teacher_dir, tmp_path):
-    """The seconds a result reports are the generation's: within the wall time of the call, and most of it (the
-    pipeline is all the call does); the seed decides the image."""
+    """The seconds a result reports are the generation's: within the wall time of the call, and more than half of it
+    (the pipeline is all the call does); the same seed gives the same image, another seed (and negative prompt)
+    another."""
     model = load_model("teacher", str(toy_teacher_dir), tmp_path, steps=2)
     start = time.perf_counter()
     first = generate(model, "a red circle", seed=3)
@@ -345,7 +346,8 @@ def _result(url: str, event_id: str) -> str:
 def test_a_flood_of_requests_leaves_the_demo_serving_with_its_memory_flat(tmp_path):
     """50 requests at once to the demo's API: the valid ones get an image or 503 (the queue holds 16), the
     oversize ones 413 (a megabyte of prompt, unread), a prompt over 10,000 characters or a seed over 2**63-1
-    an error event; afterwards it still answers, and its memory grew by less than 100 MB."""
+    an error event or 503; afterwards it still answers, its memory grew by less than 100 MB, and its log holds no
+    prompt whole."""
     import psutil
 
     proc, output = _start_demo(["--models", "teacher=toy", "--steps", "1"], tmp_path / "gradio")

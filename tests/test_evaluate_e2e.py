@@ -82,7 +82,7 @@ def test_report_has_the_teacher_and_a_row_per_checkpoint(evaluated, run):
         assert row["unet_macs"] > 0 and row["sec_per_image"] > 0
     # bk_small: fewer parameters and MACs than the teacher
     assert student["unet_params"] < teacher["unet_params"] and student["unet_macs"] < teacher["unet_macs"]
-    # teacher agreement: the teacher against itself is 0; the students from the same initial noise are close, not equal
+    # teacher agreement: the teacher against itself is 0; each student's is above 0, as is each image's sample MSE
     assert teacher["noise_mse"] == pytest.approx(0, abs=1e-9) and "sample_mse" not in teacher
     for name in CHECKPOINTS:
         # Sample MSE and PSNR: of each student image against the teacher's of its prompt, from the images written.

@@ -426,7 +426,7 @@ def test_sdxl_single_file_reads_back_in_diffusers(layout, tmp_path):
 @pytest.mark.parametrize("layout", ["teacher", "ssd1b", "vega"])
 def test_sdxl_sdcpp_file_has_the_names_sdcpp_detects(layout, tmp_path):
     """--target sdcpp for the SDXL layouts sd.cpp runs: upsamplers after the attention (as the SDXL script writes
-    them), one-resnet mid blocks at middle_block.0, the names sd.cpp tells SSD-1B from Vega by; ours reads it back."""
+    them), the names sd.cpp tells SDXL, SSD-1B and Vega apart by; ours reads every tensor back."""
     pipe = xl_pipeline(layout)
     file = M.export_single_file(M.Source(pipe, "test"), tmp_path / "m.safetensors", target="sdcpp")
     with safe_open(str(file), framework="pt") as st:

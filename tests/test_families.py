@@ -95,7 +95,7 @@ def test_a_unet_of_no_family_is_refused_in_one_line(toy_teacher_dir, tmp_path):
     shutil.copytree(toy_teacher_dir, folder)
     config = folder / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **UNKNOWN}))
-    for with_unet in (True, False):  # refused from the U-Net's config, before any weights load
+    for with_unet in (True, False):  # refused from the U-Net's config: also when the U-Net is not loaded
         with pytest.raises(UserError, match=f"^teacher '{folder}': a U-Net with addition_embed_type 'image'"):
             load_teacher(str(folder), with_unet=with_unet)
 

@@ -1,8 +1,8 @@
-"""SDXL at toy widths (train/models/toy.py `build_toy_xl_pipeline`) through the code SD runs, with no branch
-for it anywhere: KD with feature KD (train/kd.py's task on the shared loop) trains, evaluates against the teacher
-and draws sample grids; a latent cache is written (train/cache_latents.py) and a run from it trains exactly as the
-run without it; the student exports as a diffusers folder its family's pipeline class loads, samples through
-eval's pipeline, has its MACs counted, and a single file is refused in one line naming the family."""
+"""SDXL at toy widths (train/models/toy.py `build_toy_xl_pipeline`) through the code SD runs: KD with feature KD
+(train/kd.py's task on the shared loop) trains, evaluates against the teacher and draws sample grids; a latent cache
+is written (train/cache_latents.py) and a run from it trains exactly as the run without it; the student exports as
+a diffusers folder its family's pipeline class loads and as an SGM single file, samples through eval's pipeline,
+has its MACs counted, and the stable-diffusion.cpp target is refused in one line."""
 
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_di
     assert "license: creativeml-openrail-m" in card and "![samples](samples.png)" in card
     assert (full / "student" / "samples.png").is_file() and f"model        {full / 'student'}" in result.stdout
 
+    # Resumed from checkpoint-3: its checkpoint-6 U-Net and EMA U-Net equal the uninterrupted run's (same_state).
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
     result = launch_finetune(resumed, *common, "resume=latest")

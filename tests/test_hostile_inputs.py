@@ -1,7 +1,7 @@
 """Hostile inputs to every entry point: bad configs, data, checkpoints, output folders, model files and
 command lines. Each must stop with exit code 2 and exactly one `error:` line on stderr that names the
-culprit (no traceback), and leave everything already on disk as it was, writing nothing outside the case's
-workspace.
+culprit (no traceback, no other line but known harmless ones), leave every file under the case's root as it was
+(but those a case may add: a run's new output folder), and write none of the paths the case names.
 
 Most cases run the entry script in this process (`runpy`, as `python SCRIPT ARGS` would run it: a Python
 start costs 5-10 s here); a few run as real processes where the process boundary is the point (launch.sh,

@@ -2,7 +2,7 @@
 
 No real weights here: each network is built with random weights, saved in the formats users have, and
 loaded back through the public API. The statistics are checked against torchmetrics' own given the same
-features; a missing path skips its metric with one line, a bad file is one ConfigError line.
+features; a missing path skips its metric with one line, a bad file is one error line naming its key and file.
 """
 
 from __future__ import annotations

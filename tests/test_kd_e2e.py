@@ -174,6 +174,8 @@ def test_sdxs_toy_recipe_distils_the_sdxs_student(tmp_path, toy_teacher_dir):
 
 
 def test_resumed_run_matches_uninterrupted(tmp_path, uninterrupted, toy_teacher_dir):
+    """Resumed from checkpoint-4 (beside a checkpoint-8 killed mid-write), the run says so, logs steps 5 to 8, and its
+    checkpoint-8 U-Net and EMA U-Net weights equal the uninterrupted run's (same_state)."""
     full, resumed = uninterrupted, tmp_path / "resumed"
     # The state a run stopped after step 4 leaves behind, plus a checkpoint killed mid-write.
     resumed.mkdir()
@@ -240,8 +242,8 @@ def test_kd_shrinks_the_student_teacher_gap(toy_run):
 
 
 def test_a_finished_run_is_never_touched_by_a_refused_start(toy_run, tmp_path):
-    """Starting into the run's folder without resume, or resuming it with another student layout, stops
-    with one line (exit 2) and leaves every file of the run as it was, config.yaml included."""
+    """Starting into the run's folder without resume, or resuming it with another student layout, exits 2 with one
+    error line and leaves every file of the run but .lock byte for byte as it was, config.yaml included."""
     import sys
 
     def files(folder):

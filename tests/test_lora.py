@@ -62,7 +62,7 @@ def test_default_targets_fit_every_layout(layout):
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
     assert adapted and all(any(n.endswith(t) for t in LoraSection().target_modules) for n in adapted)
     assert any(".lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
-    # only the adapter trains; a fresh adapter leaves the model unchanged (B = 0)
+    # only the adapter's parameters require gradients
     assert all(".lora_" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
 
 

@@ -84,6 +84,8 @@ def test_lora_changes_the_output_and_diffusers_matches_our_pipeline(lora_run, st
 
 
 def test_lora_resume_matches_uninterrupted(lora_run, student_dir, tmp_path):
+    """Resumed from checkpoint-3: its checkpoint-6 LoRA and EMA files and its final LoRA file equal the
+    uninterrupted run's (same_state)."""
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(lora_run / "checkpoint-3", resumed / "checkpoint-3")

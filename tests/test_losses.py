@@ -50,6 +50,8 @@ def test_min_snr_weights_match_the_formula():
 
 
 def test_snr_weighting_keeps_every_term_with_gradient():
+    """With min-SNR weights the feature term (the only one weighted above 0 here) has a nonzero gradient, and its
+    value is the per-sample squared error weighted and averaged, unlike the unweighted term's."""
     pred = torch.randn(3, 4, requires_grad=True)
     feat = torch.randn(3, 6, requires_grad=True)
     weights = min_snr_weights(scheduler(), torch.tensor([5, 400, 990]), 5.0)

@@ -67,8 +67,9 @@ def test_what_is_no_model_is_refused_naming_it(tmp_path):
 @pytest.mark.slow  # every form loaded by every loader: about 20 s
 @pytest.mark.parametrize("form", FORMS)
 def test_every_loader_takes_every_form(forms, form, toy_conv_in, tmp_path):
-    """The trainers' loader (`load_parts`: U-Net and training scheduler), the inference pipeline (sample, evaluate,
-    demo), export and evaluate's targets and teacher each load the toy teacher's U-Net from every form."""
+    """From every form, the trainers' loader (`load_parts`, with a DDPM training scheduler), evaluate's teacher, the
+    demo and export each load the toy teacher's U-Net (its conv_in weight compared); evaluate's targets resolve to
+    the form (a run to its checkpoint), and eval/sample.py runs on it."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from sdkd.eval.evaluation.targets import TeacherSpec, load_teacher_model, resolve_targets
@@ -160,7 +161,8 @@ def test_a_hub_id_without_the_hub_is_one_line_and_writes_nothing(no_hub, command
 
 @pytest.mark.slow  # a new Python process
 def test_the_hub_at_a_closed_port_answers_at_once_in_a_real_process(tmp_path):
-    """No retries: the real command, HF_HUB_OFFLINE unset, ends in seconds with one line and leaves nothing."""
+    """The real command, HF_HUB_OFFLINE unset, against a closed port: exit 2 within the 60 s timeout, one line, and
+    nothing left in its working folder."""
     env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "HF_HUB_CACHE": str(tmp_path / "cache")}
     work = tmp_path / "work"

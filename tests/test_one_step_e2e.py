@@ -97,8 +97,8 @@ def test_warm_up_lowers_the_distance_to_the_teachers_ode_output(run):
 
 
 def test_score_distillation_is_stable_and_improves_on_the_warm_up(run):
-    """(b) Score distillation: every logged term finite, the online model updated every step and the student every
-    2nd with the distribution-matching and feature-matching terms and the falling α and λ_FM. Agreement with the
+    """(b) Score distillation: every logged term finite, the online model's loss logged every step and the student's
+    distribution-matching and feature-matching terms every 2nd, with α and λ_FM falling. Agreement with the
     teacher's multi-step output after 20 more steps, against the warm-up's end (this machine, seed 0): latent MSE
     59.1 -> 32.2 (asserted: lower), PSNR 7.8 -> 8.0 dB (reported, not asserted: the toy images are still far apart
     at 40 steps, and distribution matching does not pull a sample toward its own ODE pair). The toy recipe's full
@@ -206,8 +206,9 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
 def test_exported_folder_samples_in_one_step(run, tmp_path):
     """(f) OUTPUT/student/ holds the one-step U-Net with the tiny decoder of `decoder`; diffusers'
     StableDiffusionPipeline (1 step, guidance 0) and sdkd's pipeline (steps=1) both sample the student's own
-    image: x0 of its one epsilon prediction at t=999 from the same noise, decoded. The printed next steps run:
-    the one-step sample command and the stable-diffusion.cpp single-file export."""
+    image: x0 of its one epsilon prediction at t=999 from the same noise, decoded. Of the printed next steps, the
+    one-step sample command's arguments are checked and the stable-diffusion.cpp single-file export is run and read
+    back with the student's U-Net."""
     out, result = run
     folder = out / "student"
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")

@@ -38,6 +38,8 @@ def kd_run(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_summary_comes_last_and_its_sample_command_runs(kd_run, tmp_path):
+    """The summary, from "trained 4 steps; wrote:" on, names the student, the newest checkpoint and the tensorboard
+    command, then the next commands; the first, eval/sample.py, runs quietly and writes one image."""
     out, result = kd_run
     assert_quiet(result)
     assert "feature pairs; on 1 process\n" in result.stdout  # not "1 processes"

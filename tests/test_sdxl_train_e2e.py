@@ -195,6 +195,8 @@ def test_wrong_family_inputs_are_refused_in_one_line(runs, xl_teacher, xl_studen
 
 
 def test_sdxl_lora_resume_matches_uninterrupted(runs, resumed):
+    """Resumed from checkpoint-2: its checkpoint-4 LoRA and EMA files and its final LoRA file equal the
+    uninterrupted run's (same_state)."""
     _, out = runs
     resumed, launched = resumed
     result = launched.result()

@@ -103,7 +103,8 @@ def assert_same_checkpoint(a, b, names):
 
 def test_task_state_and_ema_resume_bit_identical(tmp_path):
     """Six steps straight, or three, a checkpoint, and three more in a new run: the same weights, EMA and
-    task state (counter, tensor, both generators), which every step changed."""
+    task state (counter, tensor, both generators); the step-3 state differs from a fresh task's, and its
+    generators from the final ones."""
     whole = tmp_path / "whole"
     task = fit(loop_config(whole))
     resumed = tmp_path / "resumed"
@@ -183,7 +184,8 @@ def test_task_state_of_another_layout_is_refused_and_a_task_without_any_writes_n
 @pytest.mark.slow  # two launched processes
 def test_two_processes_each_resume_their_own_task_state(tmp_path):
     """Each process has its own generators and data shard, so its own state: a two-process run resumed
-    from step 3 ends as the uninterrupted one, each process's state file as that process left it."""
+    from step 3 writes the uninterrupted run's checkpoint-6 (weights, EMA and each process's state file), and
+    the two processes' states differ in every tensor."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
 
     def launch(out, *overrides):

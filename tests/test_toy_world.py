@@ -77,7 +77,7 @@ def test_the_rates_are_those_the_provenance_reports(teacher, samples):
 
 
 def test_the_judge_reads_the_synthetic_source_exactly():
-    # On the very images the teacher learnt from, the colour reading is never wrong.
+    # On 200 images of the source the teacher learnt from, the colour reading is right every time.
     source = SyntheticCaptions(200, ImageTransform(32), seed=7)
     images, captions = zip(*(source.load(i, None)[:2] for i in range(len(source))))
     assert match_rates(list(images), list(captions)) | {"chance": 0} == {"fg": 1.0, "bg": 1.0, "both": 1.0,
