@@ -39,10 +39,11 @@ def student_dir(tmp_path_factory):
     return save_toy_student(tmp_path_factory.mktemp("student"), "bk_small")
 
 
-def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_dir, toy_teacher_dir):
+def test_finetune_continued_kd_resume_matches_uninterrupted(tmp_path, student_dir):
     # A distilled student fine-tuned with the task loss plus continued output and feature KD from its teacher,
     # min-SNR weighting, EMA, accumulation and a cosine schedule: all part of the resumed state.
-    common = [f"model={student_dir}", f"teacher={toy_teacher_dir}", "loss.lambda_out=1.0", "loss.lambda_feat=0.5",
+    # The teacher its student folder was saved with (save_toy_student: the shipped toy's parts and scheduler).
+    common = [f"model={student_dir}", "teacher=toy", "loss.lambda_out=1.0", "loss.lambda_feat=0.5",
               "student.preset=bk_small", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=6",
               "train.batch_size=2", "data.num_samples=16", "optim.lr_scheduler=cosine", "optim.warmup_steps=1",
               "log.trackers=[none]"]
