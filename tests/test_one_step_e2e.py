@@ -78,11 +78,10 @@ def evals(out) -> dict[int, dict]:
 
 
 def test_warm_up_lowers_the_distance_to_the_teachers_ode_output(run):
-    """(a) On the 8 held-out pairs, the one-step student's latents move toward the teacher's 6-step DPM-Solver++
-    output during the 20 feature-matching steps. Measured (this machine, seed 0): latent MSE 101.8 -> 59.1 (the
-    assertion: below 0.8x), L_FM 0.924 -> 0.905, PSNR of the decoded images 7.6 -> 7.8 dB (both reported, not
-    asserted: small moves). The student starts far off: cut from the teacher without KD, its one-step x0 has
-    about ten times the latents' spread."""
+    """(a) On the 8 held-out pairs, the one-step student's latents and images move toward the teacher's 6-step
+    DPM-Solver++ output during the 20 feature-matching steps: latent MSE below 0.9x its start and the decoded
+    images' PSNR up by more than 0.5 dB. Measured (this machine, seed 0, the v-prediction toy teacher): latent MSE
+    1.32 -> 1.07 (0.81x), PSNR 7.2 -> 8.9 dB, L_FM 0.926 -> 0.872 (reported, not asserted)."""
     out, result = run
     e = evals(out)
     assert sorted(e) == [0, 10, 20, 30, 40]
@@ -90,7 +89,8 @@ def test_warm_up_lowers_the_distance_to_the_teachers_ode_output(run):
     print(f"warm-up: ode_mse {before['eval/ode_mse']:.2f} -> {after['eval/ode_mse']:.2f}, "
           f"fm {before['eval/fm']:.3f} -> {after['eval/fm']:.3f}, "
           f"psnr {before['eval/psnr']:.2f} -> {after['eval/psnr']:.2f} dB")
-    assert after["eval/ode_mse"] < 0.8 * before["eval/ode_mse"], (before, after)
+    assert after["eval/ode_mse"] < 0.9 * before["eval/ode_mse"], (before, after)
+    assert after["eval/psnr"] > before["eval/psnr"] + 0.5, (before, after)
     warm = [line for line in metrics(out) if 0 < line["step"] <= WARMUP]
     assert all(set(line) >= {"fm", "loss", "lr/student"} and "online_loss" not in line for line in warm)
     assert "ode pairs (train): 24/24" in result.stderr and (out / "samples" / f"step-{WARMUP}.png").is_file()
@@ -206,7 +206,7 @@ def test_each_optimizer_touches_only_its_own_module_with_the_online_lora(run, sh
 def test_exported_folder_samples_in_one_step(run, tmp_path):
     """(f) OUTPUT/student/ holds the one-step U-Net with the tiny decoder of `decoder`; diffusers'
     StableDiffusionPipeline (1 step, guidance 0) and sdkd's pipeline (steps=1) both sample the student's own
-    image: x0 of its one epsilon prediction at t=999 from the same noise, decoded. Of the printed next steps, the
+    image: x0 of its one v prediction at t=999 from the same noise, decoded. Of the printed next steps, the
     one-step sample command's arguments are checked and the stable-diffusion.cpp single-file export is run and read
     back with the student's U-Net."""
     out, result = run
@@ -222,9 +222,10 @@ def test_exported_folder_samples_in_one_step(run, tmp_path):
         noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
         cond = pipe.text_encoder(pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True,
                                                 return_tensors="pt").input_ids)[0]
-        eps = unet(noise, torch.tensor([999]), encoder_hidden_states=cond).sample
+        v = unet(noise, torch.tensor([999]), encoder_hidden_states=cond).sample
+        assert pipe.scheduler.config.prediction_type == "v_prediction"  # the toy teacher's, kept by its student
         alpha = pipe.scheduler.alphas_cumprod[999]
-        x0 = (noise - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        x0 = alpha.sqrt() * noise - (1 - alpha).sqrt() * v
         expected = (vae.decode(x0).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     images = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(0),
                   output_type="np").images

@@ -66,7 +66,7 @@ def test_model_card_beside_the_student(kd_run):
     card = (out / "student" / "README.md").read_text()
     assert "license: openrail++" in card and "| license | `openrail++` |" in card  # the config's, not the default
     assert "| teacher | `toy` |" in card and "| trained | 4 steps with `train/kd.py` |" in card
-    assert "| preset | `bk_small`" in card and "| `loss.lambda_feat` | 1.0 |" in card
+    assert "| preset | `bk_small`" in card and "| `loss.lambda_feat` | 0.01 |" in card
     assert "| `data.source` | synthetic |" in card
     assert "![samples](samples.png)" in card and "`step-4.png`" in card
     assert Image.open(out / "student" / "samples.png").size == Image.open(out / "samples" / "step-4.png").size
