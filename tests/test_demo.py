@@ -276,9 +276,9 @@ def test_page_in_headless_chromium_shows_one_image_per_model(page_demo, tmp_path
 
 @pytest.mark.slow  # seconds of its own: the full suite runs it
 def test_the_page_has_a_column_per_model_and_its_handler_fills_them_in_turn(toy_teacher_dir, tmp_path, capsys):
-    """eval/demo.py and its page without a browser: no model to show stops the command before Gradio; each
-    model's column starts at its own steps and guidance, the models left out are listed, and a click shows
-    "generating..." everywhere, then each image with its line."""
+    """eval/demo.py and its page without a browser: no model to show stops the command in one line after a warning
+    per model; each model's column starts at its own steps and guidance, the models left out are listed, and a
+    click shows "generating..." everywhere, then each image with its line."""
     import dataclasses
 
     import gradio as gr

@@ -87,7 +87,8 @@ def test_a_wrong_option_is_one_line_and_exit_2(args, error):
 @pytest.mark.slow
 def test_deepspeed_without_its_package_or_a_gpu_stops_in_one_line(tmp_path):
     """Where DeepSpeed cannot run (not installed; or no CUDA GPU, where accelerate 1.15 would quietly start DDP
-    instead) a zero2 launch stops with one line before training; DeepSpeed training itself is not run here."""
+    instead) a zero2 launch exits 2 without a traceback, its error line naming why; DeepSpeed training itself is not
+    run here."""
     import importlib.util
 
     import torch

@@ -203,7 +203,8 @@ def test_openclip_layout_round_trips():
 
 
 def test_openclip_layout_matches_diffusers_converter():
-    """diffusers' reader of real SD-2 single files (an independent implementation) gets every tensor back."""
+    """diffusers' reader of real SD-2 single files (an independent implementation) gets every tensor back but
+    `position_ids` (a buffer, not a weight)."""
     text = CLIPTextModel(CLIPTextConfig(**TOY_SD2_TEXT))
     state = text.state_dict()
     flat = L.to_ldm({}, {}, "sdcpp", texts={"cond_stage_model": (state, text.config.to_dict())})
