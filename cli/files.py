@@ -23,7 +23,7 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from sdkd.cli.errors import UserError
+from sdkd.cli.errors import UserError, first_line
 
 
 def check_writable(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> None:
@@ -91,6 +91,23 @@ def follow_umask(folder: str | os.PathLike):
     for path, ident in _files(folder).items():
         if before.get(path) != ident:
             user_mode(path)
+
+
+@contextmanager
+def written_whole(path: str | os.PathLike, flag: str = "--out", errors: tuple[type[Exception], ...] = ()):
+    """A temporary name beside `path` to write the file under, renamed to `path` when the block ends: a failed or
+    interrupted write leaves the old file (or none). OSError (a read-only file system, a full disk) and `errors`
+    stop in one line naming `flag` and the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, *errors) as err:
+        raise UserError(f"{flag} '{path}': cannot be written ({first_line(err)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -9,10 +9,12 @@ above a hundred only burns the image. Nothing heavy is imported here (config mod
 
 from __future__ import annotations
 
+import csv
 import math
 from numbers import Real
+from pathlib import Path
 
-from sdkd.cli.errors import UserError
+from sdkd.cli.errors import UserError, first_line
 
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens (a few hundred characters); the rest is dropped anyway
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with every image's seed + i
@@ -83,6 +85,35 @@ def check_prompt(text: object, name: str) -> str:
         raise UserError(f"{name}: at most {MAX_PROMPT_CHARS:,} characters (CLIP reads 77 tokens), got "
                         f"{shorten(text, 40)}")
     return text
+
+
+def read_prompt_file(path: str | Path, name: str, column: str = "text", column_name: str = "",
+                     error: type[UserError] = UserError) -> list[str]:
+    """The prompts of a .txt file (one a line, blank lines skipped) or of a .csv file's `column`, at least one, each
+    held to `check_prompt`'s bound. The messages name the file as `name` gives it ("--prompts", "config key
+    'prompt_file'") and a missing column as `column_name` does; `error` is what they are raised as."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise error(f"{name}: '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{name}: '{path}' cannot be read as text ({first_line(err)})") from None
+    if path.suffix.lower() != ".csv":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        rows = csv.DictReader(text.splitlines())
+        if column not in (rows.fieldnames or []):
+            raise error(f"{column_name or name}: '{path}' has no column '{column}' "
+                        f"(its columns: {', '.join(rows.fieldnames or []) or 'none'})")
+        prompts = [row[column].strip() for row in rows if (row[column] or "").strip()]
+    if not prompts:
+        raise error(f"{name}: '{path}' holds no prompt")
+    for i, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise error(f"{name}: '{path}', prompt {i}: at most {MAX_PROMPT_CHARS:,} characters (CLIP reads 77 "
+                        f"tokens), got {shorten(prompt, 40)}")
+    return prompts
 
 
 def _item(name: str, i: int) -> str:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file as library_save_file
 
-from sdkd.cli.files import follow_umask, save_file, umask, user_mode
+from sdkd.cli.errors import UserError
+from sdkd.cli.files import follow_umask, save_file, umask, user_mode, written_whole
 
 from conftest import ROOT, run_in_process, save_toy_student
 
@@ -249,3 +250,20 @@ def test_check_new_file_asks_for_overwrite_and_never_takes_an_input(tmp_path):
         check_new_file(tmp_path / "alias", "--out", True, (lora,))
     with pytest.raises(UserError, match="is a folder"):
         check_new_file(tmp_path / "sub", "--out", True, (lora,))
+
+
+def test_written_whole_replaces_the_file_only_when_the_write_completes(tmp_path):
+    """written_whole: a completed block renames its temporary file onto the path; a block that raises leaves the old
+    file and no temporary one; an OSError inside stops in one line naming the flag and the file."""
+    out = tmp_path / "sub" / "model.bin"
+    with written_whole(out) as tmp:
+        tmp.write_bytes(b"old")
+    assert out.read_bytes() == b"old" and [p.name for p in out.parent.iterdir()] == ["model.bin"]
+    with pytest.raises(RuntimeError), written_whole(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert out.read_bytes() == b"old" and [p.name for p in out.parent.iterdir()] == ["model.bin"]
+    with pytest.raises(UserError, match=rf"^--to '{out}': cannot be written \(disk full\)$"), \
+            written_whole(out, "--to") as tmp:
+        raise OSError("disk full")
+    assert out.read_bytes() == b"old"

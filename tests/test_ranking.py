@@ -94,7 +94,7 @@ def test_an_empty_prompt_file_is_refused(tmp_path, capsys):
     file = tmp_path / "prompts.txt"
     file.write_text("\n  \n")
     code, _, err = run_main(["--teacher", "toy", "--rank", "--prompts", str(file)], capsys)
-    assert code == 2 and "its number of prompts: must be an integer from 1" in err
+    assert code == 2 and err.strip() == f"error: --prompts: '{file}' holds no prompt"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdkd.cli.errors import ConfigError, UserError, first_line, run_cli
-from sdkd.cli.limits import MAX_BATCH, MAX_STEPS, check_int, check_prompt, check_side
+from sdkd.cli.errors import ConfigError, UserError, run_cli
+from sdkd.cli.limits import MAX_BATCH, MAX_STEPS, check_int, check_side, read_prompt_file
 from sdkd.cli.words import markdown_table
 from sdkd.train.models.student_config import StudentConfig
 from sdkd.train.models.students import PRESETS, describe
@@ -157,17 +157,9 @@ def _print_ranking(r: Ranking, teacher_path: str) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
-    """--prompts: one prompt a line, blank lines skipped, each and their count within cli/limits.py's bounds."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--prompts: '{path}' does not exist")
-    try:
-        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--prompts: '{path}' cannot be read as text ({first_line(err)})") from None
+    """--prompts: cli/limits.py's prompt file, at most MAX_BATCH prompts (the probe encodes them at once)."""
+    prompts = read_prompt_file(path, "--prompts")
     check_int(len(prompts), f"--prompts '{path}': its number of prompts", 1, MAX_BATCH)
-    for i, prompt in enumerate(prompts, 1):
-        check_prompt(prompt, f"--prompts '{path}' line {i}")
     return prompts
 
 

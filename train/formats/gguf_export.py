@@ -24,8 +24,8 @@ sd.cpp's converter itself is not used: the one in cyllama 0.2.18 (`cyllama.sd.co
 
 from __future__ import annotations
 
-import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from sdkd.cli.errors import UserError, first_line, require_package
-from sdkd.cli.files import user_mode
+from sdkd.cli.files import user_mode, written_whole
 from sdkd.train.formats.ldm_layout import UnsupportedLayout
 from sdkd.train.formats.model_files import Source, recorded_or_default, single_file_tensors
 
@@ -70,18 +70,16 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str):
     return qtype
 
 
-def write_gguf(flat: dict[str, torch.Tensor], meta: dict[str, str], out: str | Path, quant: str) -> Path:
+def write_gguf(flat: dict[str, torch.Tensor], meta: dict[str, str], out: str | Path, quant: str) -> dict[str, int]:
     """`flat` (a single file's tensors, by name) as the GGUF file `out` in the types of `tensor_type`, `meta` as
     string metadata; written whole (a temporary file renamed into place), with the mode the umask gives. Tensors
-    are converted one at a time as they are written, so the file is never held in memory."""
+    are converted one at a time as they are written, so the file is never held in memory. Returns how many tensors
+    it holds of each GGML type (by name: F32, F16, Q8_0, ...)."""
     from gguf import GGML_QUANT_SIZES, GGUFWriter
     from gguf.quants import quantize
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
     types = {name: tensor_type(name, tuple(t.shape), quant) for name, t in flat.items()}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(out) as tmp:
         writer = GGUFWriter(tmp, ARCH)
         for key, value in meta.items():
             writer.add_string(key, value)
@@ -97,13 +95,8 @@ def write_gguf(flat: dict[str, torch.Tensor], meta: dict[str, str], out: str | P
             data = tensor.detach().float().reshape(tuple(tensor.shape) or (1,)).numpy()
             writer.write_tensor_data(quantize(data, types[name]))
         writer.close()
-        os.replace(tmp, out)
-    except OSError as err:  # a read-only file system, a full disk
-        raise UserError(f"--out '{out}': cannot be written ({first_line(err)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     user_mode(out)
-    return out
+    return dict(Counter(t.name for t in types.values()))
 
 
 @dataclass
@@ -167,7 +160,8 @@ def compare_with_f16(flat: dict, meta: dict, file: Path, sampling: dict, size: i
     sd.cpp's cfg scale 1, no guidance)."""
     steps, cfg_scale = sampling["steps"], max(float(sampling["guidance_scale"]), 1.0)
     with tempfile.TemporaryDirectory(dir=file.parent, prefix=".f16-") as tmp:
-        reference = write_gguf(flat, meta, Path(tmp) / "f16.gguf", "f16")
+        reference = Path(tmp) / "f16.gguf"
+        write_gguf(flat, meta, reference, "f16")
         reference_image = sdcpp_image(reference, size, steps, cfg_scale, n_threads=n_threads)
         image = sdcpp_image(file, size, steps, cfg_scale, n_threads=n_threads)
         f16_bytes = reference.stat().st_size
@@ -187,12 +181,7 @@ def export_gguf(source: Source, out: str | Path, quant: str = "q8_0", compare_si
         flat, meta = single_file_tensors(source, "sdcpp", what="--format gguf")
     except UnsupportedLayout as err:
         raise UnsupportedLayout(f"--format gguf (a stable-diffusion.cpp file): {err}") from None
-    write_gguf(flat, meta, out, quant)
-    from gguf import GGUFReader
-
-    types: dict[str, int] = {}
-    for tensor in GGUFReader(out).tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    types = write_gguf(flat, meta, out, quant)
     result = GgufExport(out, quant, out.stat().st_size, types)
     if compare_size <= 0 or quant == "f16":
         result.not_compared = "this is the f16 file" if quant == "f16" else "not asked for (--compare-size 0)"

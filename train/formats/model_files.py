@@ -29,7 +29,6 @@ trainers still load the training (DDPM) scheduler from that config (train/models
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 
 from sdkd.cli.errors import UserError, first_line
-from sdkd.cli.files import save_file, save_pretrained
+from sdkd.cli.files import save_file, save_pretrained, written_whole
 from sdkd.train.engine import console
 from sdkd.train.engine.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sampling_scheduler
 from sdkd.train.formats import ldm_layout, lora_io
@@ -592,15 +591,8 @@ def export_single_file(source: Source, out: str | Path, target: str = "ldm", hal
     if out.is_dir() or out.suffix != ".safetensors":
         raise UserError(f"--out '{out}': --format single-file writes one file; give a path ending in .safetensors")
     flat, meta = single_file_tensors(source, target, half)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(out, errors=(SafetensorError,)) as tmp:
         save_file(flat, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as err:  # a read-only file system, a full disk
-        raise UserError(f"--out '{out}': cannot be written ({first_line(err)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
