@@ -75,10 +75,12 @@ def toy_teacher_dir(tmp_path_factory) -> Path:
 
 
 def script_env(env: dict | None = None) -> dict:
-    """The environment of a script the tests start: offline, unbuffered, `env` on top."""
+    """The environment of a script the tests start: offline, unbuffered, this interpreter's folder first on PATH
+    (launch.sh's `python` is the venv's, whether or not the venv was activated), `env` on top."""
     # One torch thread per script, as `accelerate launch` gives each process: with a thread per core, a script
     # on a 2-core machine shared with the test process spends most of its time waiting for descheduled threads.
-    return {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PATH": path, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
 
 

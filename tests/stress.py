@@ -43,7 +43,7 @@ TESTS = [
     "tests/test_tracking.py::test_logged_images_carry_their_prompts",
     "tests/test_demo.py::test_page_in_headless_chromium_shows_one_image_per_model",
     "tests/test_demo.py::test_a_flood_of_requests_leaves_the_demo_serving_with_its_memory_flat",
-    "tests/test_fsdp_e2e.py",
+    "tests/test_fsdp_e2e.py::test_fsdp_matches_one_process_and_resumes_in_another_number_of_processes",
 ]
 
 # One busy loop per core; it ends by itself if this script dies without stopping it.

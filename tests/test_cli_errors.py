@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import sys
 
@@ -133,9 +132,7 @@ def launch_two(*args: str, launcher: str = "python"):
         command = [sys.executable, "-m", "sdkd.train.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), *script]
-    # launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
-    return run_script(command, cwd=ROOT,
-                      env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    return run_script(command, cwd=ROOT)
 
 
 # Two launched processes each (seconds of imports): in the full suite and tests/stress.py, not the fast tier.

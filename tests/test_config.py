@@ -1,7 +1,6 @@
 import ast
 import importlib.util
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -229,10 +228,6 @@ def test_finetune_and_lora_recipes_load_with_their_schemas():
                     schema=LoraTrainConfig)
 
 
-# launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
-PYTHON_ON_PATH = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-
-
 @pytest.mark.parametrize("override, error", [
     ("train.max_steps=zero",
      "config key 'train.max_steps': Value 'zero' of type 'str' could not be converted to Integer"),
@@ -240,7 +235,7 @@ PYTHON_ON_PATH = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.envi
 ])
 def test_launch_sh_checks_the_config_before_starting_processes(tmp_path, override, error):
     result = run_script(["./launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml",
-                         f"output_dir={tmp_path}", override], timeout=120, env=PYTHON_ON_PATH)
+                         f"output_dir={tmp_path}", override], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {error}"]
     assert not (tmp_path / "config.yaml").exists()  # no process started
@@ -380,13 +375,12 @@ def test_print_config_from_the_trainer_starts_nothing(tmp_path):
 def test_launch_sh_answers_print_config_and_help_once(tmp_path):
     out = tmp_path / "run"
     launch = ["bash", "launch.sh", "--gpus", "2", "train/kd.py", "--config", "configs/toy.yaml"]
-    result = run_script(launch + ["--print-config", "train.max_steps=7", f"output_dir={out}"], timeout=120,
-                        env=PYTHON_ON_PATH)
+    result = run_script(launch + ["--print-config", "train.max_steps=7", f"output_dir={out}"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"^teacher: toy$", result.stdout, re.M)) == 1
     assert load_config(write(tmp_path, result.stdout, "printed.yaml"), schema=KDConfig).train.max_steps == 7
     assert not out.exists()  # no process started
-    result = run_script(launch + ["--help"], timeout=120, env=PYTHON_ON_PATH)
+    result = run_script(launch + ["--help"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("usage: kd.py") == 1 and "\n  train.batch_size = 4\n" in result.stdout
 

@@ -201,7 +201,13 @@ def weights(tmp_path_factory):
     config = CLIPConfig(text_config=dict(**small, vocab_size=len(tokenizer), max_position_embeddings=77,
                                          bos_token_id=0, eos_token_id=1, pad_token_id=1),
                         vision_config=dict(**small, image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(config).save_pretrained(folder / "clip")
+    clip = CLIPModel(config)
+    with torch.no_grad():  # a random CLIP scores nearly every pair 0 (cosine clamped): one projection for both
+        # towers and a shared offset after their last norms give scores well above 0 that depend on the pairing
+        clip.visual_projection.weight.copy_(clip.text_projection.weight)
+        clip.text_model.final_layer_norm.bias.fill_(1.0)
+        clip.vision_model.post_layernorm.bias.fill_(1.0)
+    clip.save_pretrained(folder / "clip")
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(folder / "clip")
     reference = folder / "reference"
@@ -230,11 +236,21 @@ def test_given_weights_add_fid_kid_clip_score_and_lpips(run, weights, tmp_path):
         recomputed = recomputed_metrics(out, row["name"], weights)
         assert row["fid"] == pytest.approx(recomputed["fid"], rel=1e-4), row["name"]
         assert row["clip_score"] == pytest.approx(recomputed["clip_score"], rel=1e-4), row["name"]
+        # ... of each image against its own prompt: against the prompts reversed the same images score at least
+        # 10 times the tolerance above away (measured: 64.3 against 64.5)
+        mispaired = mispaired_clip_score(out, row["name"], weights)
+        assert row["clip_score"] > 10 and abs(mispaired - row["clip_score"]) > 10 * 1e-4 * row["clip_score"]
     # LPIPS: of each student image against the teacher's image of its prompt.
     assert "lpips" not in teacher and student["lpips"] == pytest.approx(recomputed["lpips"], rel=1e-4)
     assert student["fid"] != pytest.approx(teacher["fid"])  # the two models' images are measured apart
     md = (out / "report.md").read_text()
     assert "| FID | KID | CLIP |" in md and "LPIPS" in md
+
+
+def written(out, model: str) -> tuple[list[str], list[Image.Image]]:
+    """The prompts evaluate listed in OUT/images.jsonl and the images it wrote for them for `model`, in order."""
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    return [r["prompt"] for r in rows], [Image.open(out / "images" / model / r["file"]).convert("RGB") for r in rows]
 
 
 def recomputed_metrics(out, name: str, weights: dict) -> dict:
@@ -245,12 +261,21 @@ def recomputed_metrics(out, name: str, weights: dict) -> dict:
 
     metrics = image_metrics(dict(inception_weights=weights["inception"], clip_model=weights["clip"],
                                  lpips_weights=weights["lpips"], kid_subset_size=2))
-    prompts = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    images = [Image.open(out / "images" / name / p["file"]).convert("RGB") for p in prompts]
+    prompts, images = written(out, name)
     real = [square(Image.open(f), images[0].width) for f in sorted(weights["reference"].glob("*.png"))]
     metrics.fid_kid.update(to_uint8(real), real=True)
     metrics.fid_kid.update(to_uint8(images), real=False)
-    metrics.clip.update(to_uint8(images), [p["prompt"] for p in prompts])
-    teacher = [Image.open(out / "images" / "teacher" / p["file"]).convert("RGB") for p in prompts]
-    metrics.lpips.update(to_uint8(images), to_uint8(teacher))
+    metrics.clip.update(to_uint8(images), prompts)
+    metrics.lpips.update(to_uint8(images), to_uint8(written(out, "teacher")[1]))
     return metrics.compute()
+
+
+def mispaired_clip_score(out, name: str, weights: dict) -> float:
+    """CLIP score of the images evaluate wrote for model `name` against the prompts in reverse order."""
+    from sdkd.eval.evaluation.runner import to_uint8
+    from sdkd.eval.metrics.image_metrics import ClipScore
+
+    prompts, images = written(out, name)
+    clip = ClipScore(weights["clip"], "cpu")
+    clip.update(to_uint8(images), prompts[::-1])
+    return clip.compute()["clip_score"]

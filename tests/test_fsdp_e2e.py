@@ -3,9 +3,7 @@ ordinary process of the same global batch, checkpoints that resume in another nu
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,8 +13,6 @@ from conftest import free_port, launch_trainer, run_script
 
 pytestmark = pytest.mark.e2e
 
-# launch.sh's `python`: this interpreter (the venv's), whatever PATH the tests were started with.
-PYTHON_ON_PATH = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 # 16 samples, a global batch of 4: 4 steps an epoch, so steps 5 and 6 read the second epoch.
 RUN = ["train.max_steps=6", "train.checkpoint_every=2", "train.sample_every=0", "data.num_samples=16",
        "ema.enabled=true", "ema.decay=0.5", "optim.lr_scheduler=cosine", "optim.warmup_steps=1", "log.trackers=[none]"]
@@ -26,7 +22,7 @@ def launch_fsdp(out, processes: int, *overrides, trainer=("train/kd.py", "config
     script, config = trainer
     result = run_script(["bash", "launch.sh", "--strategy", "fsdp", "--gpus", str(processes),
                          "--main-port", str(free_port()), script, "--config", config, f"output_dir={out}",
-                         *overrides], env=PYTHON_ON_PATH)
+                         *overrides])
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

@@ -108,11 +108,6 @@ def assert_unchanged(before: dict[str, bytes], after: dict[str, bytes], may_add:
 # Running an entry point
 
 
-def subprocess_env() -> dict:
-    # `python` in launch.sh must be this interpreter (the venv's), whatever PATH the tests were started with.
-    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Assets built once per module (lazily: `-k` on one case builds only what it needs)
 
@@ -1301,7 +1296,7 @@ def test_hostile_input_is_one_line_and_changes_nothing(hostile: Case, assets, tm
         if hostile.subprocess or ALL_AS_PROCESSES:
             launcher = argv[0].startswith("./")
             command = argv if launcher else [sys.executable, str(ROOT / hostile.script), *argv]
-            result = run_script(command, cwd=ROOT if launcher else ws, timeout=300, env=subprocess_env())
+            result = run_script(command, cwd=ROOT if launcher else ws, timeout=300)
             code, stdout, stderr = result.returncode, result.stdout, result.stderr
         else:
             code = run_in_process(hostile.script, argv)

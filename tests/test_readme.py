@@ -14,6 +14,8 @@ def commands():
 
 def test_readme_opens_with_run_and_test_commands():
     run, test = commands()[:2]
+    readme = (ROOT / "README.md").read_text()
+    assert readme.index(test) < readme.index("\n## ")  # both before the first section
     assert run.startswith(VENV + INSTALL + ". && ")
     assert run.endswith("train/kd.py --config configs/toy.yaml")
     assert test.startswith(VENV + INSTALL + '".[dev]" && ') and "pytest" in test

@@ -150,5 +150,6 @@ def test_make_toy_teacher_checks_its_arguments_before_it_trains(tmp_path):
                         (["--vae", str(other)], f"error: --vae '{other}': no config.json"),
                         (["--family", "sdxl", "--vae-steps", "5"], "error: --vae-steps: no VAE is trained")]:
         result = run_script([sys.executable, "train/make_toy_teacher.py", "--work", str(work), *args], timeout=120)
-        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(error), result.stderr
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(error), result.stderr
     assert [p.name for p in other.iterdir()] == ["notes.txt"] and not work.exists()
