@@ -4,6 +4,7 @@ passes and failures. Exit code 0 when none failed.
 
     python tests/stress.py              # the full check: 30 rounds under load
     python tests/stress.py -n 3         # a quick one
+    python tests/stress.py -j 2         # two rounds at a time beside the burner (more load, fewer minutes)
     python tests/stress.py -n 5 tests/test_cli_errors.py   # other tests (pytest node ids)
 
 Each round is one pytest session over all the tests (as CI runs them: one process, in file order); the output
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,50 +62,62 @@ def outcomes(junit: Path) -> dict[str, str]:
     return found
 
 
+def play(round_: int, tests: list[str], work: Path) -> tuple[int, dict[str, str], Path | None, float]:
+    """One round: a pytest session over `tests`; (round, {node id: outcome}, its output if a test failed, seconds)."""
+    junit, log = work / f"round-{round_}.xml", work / f"round-{round_}.log"
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        # -p no:cacheprovider: no --last-failed reordering between rounds.
+        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                               *tests], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    got = outcomes(junit) if junit.exists() else {}
+    junit.unlink(missing_ok=True)
+    if code not in (0, 5) and "failed" not in got.values():
+        got[f"pytest exit code {code}"] = "failed"  # a collection error or an interrupted session
+    if "failed" not in got.values():
+        log.unlink()
+        log = None
+    return round_, got, log, time.monotonic() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--rounds", type=int, default=30, help="rounds (pytest sessions) in a row (default 30)")
+    parser.add_argument("-j", "--jobs", type=int, default=1,
+                        help="rounds run at once (default 1); the burner keeps every core busy all the same, and each "
+                             "round's tests then also share the cores with another round's")
     parser.add_argument("--no-load", action="store_true", help="no CPU burner (to compare)")
     parser.add_argument("tests", nargs="*", default=TESTS, help="pytest node ids (default: TESTS above)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.jobs < 1:
+        parser.error("--rounds and --jobs must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="sdkd-stress-"))
     burners = [] if args.no_load else [subprocess.Popen([sys.executable, "-c", BURN])
                                        for _ in range(os.cpu_count() or 1)]
-    print(f"{len(burners)} CPU burner(s) running; {args.rounds} round(s) of {len(args.tests)} test path(s); "
-          f"round output in {work}", flush=True)
+    print(f"{len(burners)} CPU burner(s) running; {args.rounds} round(s) of {len(args.tests)} test path(s), "
+          f"{args.jobs} at a time; round output in {work}", flush=True)
     counts: dict[str, dict[str, list[int]]] = {}
     kept, started = [], time.monotonic()
     try:
-        for round_ in range(1, args.rounds + 1):
-            junit, log = work / f"round-{round_}.xml", work / f"round-{round_}.log"
-            t0 = time.monotonic()
-            with open(log, "w") as out:
-                # -p no:cacheprovider: no --last-failed reordering between rounds.
-                code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                       f"--junitxml={junit}", *args.tests], cwd=ROOT, stdout=out,
-                                      stderr=subprocess.STDOUT).returncode
-            got = outcomes(junit) if junit.exists() else {}
-            for nodeid, state in got.items():
-                counts.setdefault(nodeid, {"passed": [], "failed": [], "skipped": []})[state].append(round_)
-            failed = [n for n, s in got.items() if s == "failed"]
-            if code not in (0, 5) and not failed:
-                failed = [f"pytest exit code {code}"]  # a collection error or an interrupted session
-                counts.setdefault(failed[0], {"passed": [], "failed": [], "skipped": []})["failed"].append(round_)
-            if failed:
-                kept.append(log)
-            else:
-                log.unlink()
-            junit.unlink(missing_ok=True)
-            print(f"round {round_}/{args.rounds}: {len(got) - len(failed)} passed or skipped, {len(failed)} failed, "
-                  f"{time.monotonic() - t0:.0f} s" + (f"; output: {log}" if failed else ""), flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            rounds = [pool.submit(play, r, args.tests, work) for r in range(1, args.rounds + 1)]
+            for done in as_completed(rounds):
+                round_, got, log, seconds = done.result()
+                for nodeid, state in got.items():
+                    counts.setdefault(nodeid, {"passed": [], "failed": [], "skipped": []})[state].append(round_)
+                failed = sum(state == "failed" for state in got.values())
+                if log is not None:
+                    kept.append(log)
+                print(f"round {round_}/{args.rounds}: {len(got) - failed} passed or skipped, {failed} failed, "
+                      f"{seconds:.0f} s" + (f"; output: {log}" if log else ""), flush=True)
     finally:
         for burner in burners:
             burner.kill()
             burner.wait()
     print(f"\n{'passed':>6} {'failed':>6} {'skipped':>7}  test  ({time.monotonic() - started:.0f} s in all, "
-          f"{'with' if burners else 'without'} {len(burners)} CPU burner(s))")
+          f"{'with' if burners else 'without'} {len(burners)} CPU burner(s), {args.jobs} round(s) at a time)")
     for nodeid, states in counts.items():
-        rounds = f"  failed in rounds {states['failed']}" if states["failed"] else ""
+        rounds = f"  failed in rounds {sorted(states['failed'])}" if states["failed"] else ""
         print(f"{len(states['passed']):>6} {len(states['failed']):>6} {len(states['skipped']):>7}  {nodeid}{rounds}")
     if not kept and work.exists() and not any(work.iterdir()):
         work.rmdir()
