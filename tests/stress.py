@@ -98,19 +98,20 @@ def main() -> int:
           f"{args.jobs} at a time; round output in {work}", flush=True)
     counts: dict[str, dict[str, list[int]]] = {}
     kept, started = [], time.monotonic()
+    pool = ThreadPoolExecutor(args.jobs)
     try:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            rounds = [pool.submit(play, r, args.tests, work) for r in range(1, args.rounds + 1)]
-            for done in as_completed(rounds):
-                round_, got, log, seconds = done.result()
-                for nodeid, state in got.items():
-                    counts.setdefault(nodeid, {"passed": [], "failed": [], "skipped": []})[state].append(round_)
-                failed = sum(state == "failed" for state in got.values())
-                if log is not None:
-                    kept.append(log)
-                print(f"round {round_}/{args.rounds}: {len(got) - failed} passed or skipped, {failed} failed, "
-                      f"{seconds:.0f} s" + (f"; output: {log}" if log else ""), flush=True)
+        rounds = [pool.submit(play, r, args.tests, work) for r in range(1, args.rounds + 1)]
+        for done in as_completed(rounds):
+            round_, got, log, seconds = done.result()
+            for nodeid, state in got.items():
+                counts.setdefault(nodeid, {"passed": [], "failed": [], "skipped": []})[state].append(round_)
+            failed = sum(state == "failed" for state in got.values())
+            if log is not None:
+                kept.append(log)
+            print(f"round {round_}/{args.rounds}: {len(got) - failed} passed or skipped, {failed} failed, "
+                  f"{seconds:.0f} s" + (f"; output: {log}" if log else ""), flush=True)
     finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C no further round starts (the running ones got it too)
         for burner in burners:
             burner.kill()
             burner.wait()
