@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -302,7 +303,36 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The task's step: the prompt reaches every model
+# The task's step: the prompt reaches every model, the online model learns the student's samples
+
+
+@contextmanager
+def toy_one_step_task(tmp_path, *overrides: str):
+    """OneStepTask of configs/one_step_toy.yaml with its fewest ODE pairs, 16 px, no warm-up and `overrides`, built
+    in this process (which is reset after)."""
+    from sdkd.train.engine.loop import make_accelerator
+    from sdkd.train.one_step import OneStepConfig
+    from sdkd.train.tasks.one_step import build_one_step_task
+
+    cfg = load_config(TOY_CONFIG, [f"output_dir={tmp_path}", "pairs.count=2", "pairs.eval_count=1", "pairs.steps=2",
+                                   "data.resolution=16", "distill.warmup_steps=0", "log.trackers=[none]", *overrides],
+                      schema=OneStepConfig)
+    try:
+        yield build_one_step_task(cfg, make_accelerator(cfg))[0]
+    finally:
+        reset_process_state()
+
+
+def train_step(task, captions: list[str], noise: torch.Tensor):
+    """One OneStepTask.train_step on `captions` and `noise` (random ODE targets), gradients left in place; its
+    StepContext."""
+    from sdkd.train.engine.step_random import StepRandom
+    from sdkd.train.engine.task import StepContext
+
+    batch = {"noise": noise, "latents": torch.randn(noise.shape), "captions": captions}
+    ctx = StepContext(0, {m.name: m.module for m in task.modules}, lambda name, loss: loss.backward())
+    task.train_step(ctx, batch, StepRandom(0, "cpu", len(captions)))
+    return ctx
 
 
 def test_the_prompt_conditions_the_student_and_every_score_model_of_a_step(tmp_path, unet_calls):
@@ -310,34 +340,35 @@ def test_the_prompt_conditions_the_student_and_every_score_model_of_a_step(tmp_p
     (the student's sample, the teacher's guided real score, the online fake score and its own loss, the feature
     matching) gets the captions' text embeddings (the guided one after the empty prompt's); and the one-step
     student's samples of one noise under the two captions differ by a clear part of their size."""
-    from sdkd.train.engine.loop import make_accelerator
-    from sdkd.train.engine.step_random import StepRandom
-    from sdkd.train.engine.task import StepContext
-    from sdkd.train.one_step import OneStepConfig
-    from sdkd.train.tasks.one_step import build_one_step_task
-
-    cfg = load_config(TOY_CONFIG, [f"output_dir={tmp_path}", "pairs.count=2", "pairs.eval_count=1", "pairs.steps=2",
-                                   "data.resolution=16", "distill.warmup_steps=0", "distill.student_every=1",
-                                   "log.trackers=[none]"], schema=OneStepConfig)
-    try:
-        acc = make_accelerator(cfg)
-        task, _ = build_one_step_task(cfg, acc)
-        captions = ["a red circle on a blue background", "a yellow square on a black background"]
+    captions = ["a red circle on a blue background", "a yellow square on a black background"]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    with toy_one_step_task(tmp_path, "distill.student_every=1") as task:
         text = task.encode(captions).hidden_states
-        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
-        batch = {"noise": noise, "latents": torch.randn(2, 4, 8, 8), "captions": captions}
         unet_calls.clear()
-        modules = {m.name: m.module for m in task.modules}
-        ctx = StepContext(0, modules, lambda name, loss: loss.backward())
-        task.train_step(ctx, batch, StepRandom(0, "cpu", 2))
+        ctx = train_step(task, captions, noise)
         assert ctx.updated == {"student", "online"} and len(unet_calls) >= 4
         assert all(torch.equal(call["hidden"][-2:], text) for call in unet_calls)
         with torch.no_grad():
             x0 = task.generate(task.student, noise, task.encode(captions))
-    finally:
-        reset_process_state()
     # Measured: the two captions' samples differ by 0.83x the samples' mean size.
     assert (x0[0] - x0[1]).abs().mean() > 0.2 * x0.abs().mean(), ((x0[0] - x0[1]).abs().mean(), x0.abs().mean())
+
+
+def test_the_online_model_learns_the_students_samples_detached(tmp_path):
+    """A score-distillation step trains the online (fake) score model on the student's one-step samples of the
+    batch's noise (DMD2), not on the teacher's ODE outputs, and on them detached: no graph leads from the online
+    loss back to the student."""
+    captions = ["a red circle on a blue background", "a yellow square on a black background"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with toy_one_step_task(tmp_path, "distill.student_every=1", "gan.weight=0") as task:
+        with torch.no_grad():
+            samples = task.generate(task.student, noise, task.encode(captions))
+        seen, online_loss = [], task.online_loss
+        task.online_loss = lambda online, x0, cond, rng: seen.append(x0) or online_loss(online, x0, cond, rng)
+        ctx = train_step(task, captions, noise)
+    assert ctx.updated == {"student", "online"} and len(seen) == 1
+    torch.testing.assert_close(seen[0], samples)
+    assert not seen[0].requires_grad
 
 
 def test_score_timesteps_are_drawn_from_t_min_to_the_alpha_ramp(tmp_path, unet_calls):
@@ -345,19 +376,12 @@ def test_score_timesteps_are_drawn_from_t_min_to_the_alpha_ramp(tmp_path, unet_c
     teacher's real score and the online fake score at timesteps in [t_min T, alpha(s) T], alpha ramping here from
     0.9 to 0.3 over 4 steps: at step 4 and after every timestep of 64 samples is in [20, 300]; at step 0 some
     are above 300 (their range reaches 900)."""
-    from sdkd.train.engine.loop import make_accelerator
     from sdkd.train.engine.step_random import StepRandom
-    from sdkd.train.one_step import OneStepConfig
-    from sdkd.train.tasks.one_step import build_one_step_task
 
-    cfg = load_config(TOY_CONFIG, [f"output_dir={tmp_path}", "pairs.count=2", "pairs.eval_count=1", "pairs.steps=2",
-                                   "data.resolution=16", "distill.warmup_steps=0", "distill.t_min=0.02",
-                                   "distill.alpha.start=0.9", "distill.alpha.end=0.3", "distill.alpha.steps=4",
-                                   # no feature matching or classifier: their forwards (at t = 0) are not queries
-                                   "distill.lambda_fm.start=0", "distill.lambda_fm.end=0", "gan.weight=0",
-                                   "log.trackers=[none]"], schema=OneStepConfig)
-    try:
-        task, _ = build_one_step_task(cfg, make_accelerator(cfg))
+    # No feature matching or classifier: their forwards (at t = 0) are not queries.
+    with toy_one_step_task(tmp_path, "distill.t_min=0.02", "distill.alpha.start=0.9", "distill.alpha.end=0.3",
+                           "distill.alpha.steps=4", "distill.lambda_fm.start=0", "distill.lambda_fm.end=0",
+                           "gan.weight=0") as task:
         n = 64
         cond = task.encode(["a red circle on a blue background"] * n)
         x0, target = torch.randn(2, n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -368,8 +392,6 @@ def test_score_timesteps_are_drawn_from_t_min_to_the_alpha_ramp(tmp_path, unet_c
                 task.student_loss(x0, target, cond, s, StepRandom(s, "cpu", n))
             assert {c["shape"][0] for c in unet_calls} == {n, 2 * n}  # the fake score, the guided real score
             drawn[s] = torch.cat([c["timestep"].flatten() for c in unet_calls])
-    finally:
-        reset_process_state()
     for s in (4, 9):
         assert drawn[s].min() >= 20 and drawn[s].max() <= 300, (s, drawn[s].min(), drawn[s].max())
     assert drawn[0].min() >= 20 and drawn[0].max() > 300 and drawn[0].max() <= 900, drawn[0].max()
