@@ -15,8 +15,6 @@ ALPHA_RAMP = ("tests/test_one_step.py::test_score_timesteps_are_drawn_from_t_min
 
 MUTATIONS: list[Mutation] = [
     # ---- the losses
-    Mutation("kd-out-weight-ignored", KD, '"out": self.lambda_out', '"out": 1.0',
-             ("tests/test_losses.py::test_terms_and_weighted_sum",), "loss.lambda_out never reaches the sum"),
     Mutation("kd-feature-pairs-averaged", KD, "teacher_feats, strict=True)]\n            ).sum()",
              "teacher_feats, strict=True)]\n            ).mean()",
              ("tests/test_losses.py::test_terms_and_weighted_sum",), "feature KD averaged over pairs, not summed"),
